@@ -1,0 +1,634 @@
+"""Configuration: one TOML file read with tomllib into frozen dataclasses.
+
+Every error names the file and the key path (``mailrelayd.toml: listeners[1].tls: must be one
+of starttls, implicit, none``). Relative paths resolve against the config file's directory.
+Durations are ``"500ms"``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"`` (or a number of seconds);
+sizes are ``"512KB"``, ``"25MB"``, ``"1GB"`` (binary multiples: 1 MB = 1024 KB = 1048576 bytes).
+
+The loader is driven by the dataclass annotations below, so a new key is one typed field with a
+default and a docstring comment; nothing else has to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file and key path."""
+
+    def __init__(self, file: Path | str, key: str, message: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.message = message
+        where = f"{Path(self.file).name}: {key}: " if key else f"{Path(self.file).name}: "
+        super().__init__(where + message)
+
+
+# --- value kinds ------------------------------------------------------------------------
+class _Duration:
+    """Marker: a duration string parsed to float seconds."""
+
+
+class _Size:
+    """Marker: a size string parsed to int bytes."""
+
+
+class _Path:
+    """Marker: a path resolved against the config file's directory."""
+
+
+Duration = Annotated[float, _Duration]
+Size = Annotated[int, _Size]
+ConfPath = Annotated[Path, _Path]
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A ``host:port`` or ``[v6]:port`` endpoint."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class _DefaultPort:
+    """Marker: HostPort where the port may be omitted (defaults to the number given)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|K|MB|MIB|M|GB|GIB|G)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
+               "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+_DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Parse ``"30s"``-style durations (or a plain number of seconds) into seconds."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration like \"30s\", \"5m\", \"4h\" or \"5d\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ValueError(f"bad duration {value!r}: use a number with a unit, like \"30s\", \"5m\", \"4h\" or \"5d\"")
+
+
+def parse_size(value: Any) -> int:
+    """Parse ``"25MB"``-style sizes (or a plain number of bytes) into bytes."""
+    if isinstance(value, bool):
+        raise ValueError("must be a size like \"25MB\"")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+    raise ValueError(f"bad size {value!r}: use a number with a unit, like \"512KB\" or \"25MB\"")
+
+
+def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
+    """Parse ``host:port``, ``[v6]:port`` (and ``host`` alone when a default port is given)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a string \"host:port\" (IPv6 as \"[::1]:port\")")
+    value = value.strip()
+    host: str
+    port_s: str | None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise ValueError(f"bad address {value!r}: missing ']'")
+        host, rest = value[1:end], value[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"bad address {value!r}")
+        port_s = rest[1:] if rest else None
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"bad address {value!r}: {host!r} is not an IPv6 address") from None
+    elif value.count(":") > 1:
+        raise ValueError(f"bad address {value!r}: write IPv6 addresses as \"[{value}]:port\"")
+    else:
+        host, sep, port_s = value.partition(":")
+        if not sep:
+            port_s = None
+    if port_s is None:
+        if default_port is None:
+            raise ValueError(f"bad address {value!r}: a port is required (\"host:port\")")
+        port = default_port
+    else:
+        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+            raise ValueError(f"bad address {value!r}: port must be a number from 0 to 65535")
+        port = int(port_s)
+    if not host:
+        raise ValueError(f"bad address {value!r}: missing host")
+    return HostPort(host, port)
+
+
+def normalize_domain(value: str) -> str:
+    """Lowercase, strip a trailing dot, IDNA-encode; raise ValueError if not a valid domain."""
+    d = value.strip().rstrip(".").lower()
+    try:
+        d = d.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"bad domain {value!r}") from None
+    if not _DOMAIN_RE.match(d):
+        raise ValueError(f"bad domain {value!r}")
+    return d
+
+
+# --- the schema -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    """Name used in the banner, EHLO, Received and Message-ID."""
+    spool_dir: ConfPath = Path("spool")
+    state_dir: ConfPath = Path("state")
+    shutdown_timeout: Duration = 30.0
+    """How long SIGTERM waits for in-flight SMTP sessions and deliveries before exiting."""
+    min_free_space: Size = 100 * 1024**2
+    """Below this much free space on the spool file system new mail gets 452 4.3.1 and /ready fails."""
+    admin_socket: ConfPath | None = None
+    """UNIX socket for the queue CLI; default: <state_dir>/admin.sock."""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: ConfPath | None = None
+    key_file: ConfPath | None = None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    address: HostPort
+    mode: Literal["submission", "relay"]
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    auth: bool = False
+    """Relay listeners only: also offer AUTH (after TLS); authenticated clients may relay."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    address: HostPort = HostPort("127.0.0.1", 9025)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    users_file: ConfPath | None = None
+    max_failures: int = 5
+    """AUTH failures from one IP within failure_window before that IP is locked out."""
+    failure_window: Duration = 300.0
+    lockout: Duration = 900.0
+    received_show_user: bool = False
+    """Name the authenticated user in the Received header (off: it leaks account names)."""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    local_domains: list[str] = field(default_factory=list)
+    trusted_networks: list[Network] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: Size = 25 * 1024**2
+    max_recipients: int = 100
+    max_line_length: int = 1000
+    """RFC 5321 §4.5.3.1.6: 1000 octets including CRLF."""
+    command_timeout: Duration = 300.0
+    """RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command."""
+    data_timeout: Duration = 600.0
+    """Longest a client may take to send the whole DATA payload."""
+    tls_handshake_timeout: Duration = 30.0
+    """A client that connects to an implicit-TLS port and says nothing (or plaintext) is closed after this."""
+    max_connections: int = 1000
+    max_connections_per_ip: int = 50
+    max_errors: int = 10
+    """Error replies in one session before it is closed with 421."""
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    domain: str
+    selector: str
+    key_file: ConfPath
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+
+
+DEFAULT_SIGNED_HEADERS = [
+    "From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version", "Content-Type",
+    "Content-Transfer-Encoding", "Reply-To", "In-Reply-To", "References",
+    "List-Unsubscribe", "List-Unsubscribe-Post",
+]
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    headers: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNED_HEADERS))
+    parent_domains: bool = True
+    """Mail from sub.example.com uses the example.com key when sub.example.com has none."""
+    expire: Duration = 0.0
+    """x= tag: signature lifetime; 0 = no expiry."""
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    port: int = 25
+    max_concurrency: int = 200
+    """Outbound SMTP transactions at once, all destinations together."""
+    domain_concurrency: int = 20
+    """Outbound connections at once to one destination (domain or route)."""
+    max_messages_per_connection: int = 100
+    idle_timeout: Duration = 5.0
+    """How long an idle outbound connection is kept for reuse."""
+    retry_initial: Duration = 300.0
+    retry_max: Duration = 4000.0
+    """Ceiling of the exponential backoff (Postfix: maximal_backoff_time = 4000s)."""
+    retry_jitter: float = 0.2
+    max_queue_lifetime: Duration = 5 * 86400.0
+    bounce_queue_lifetime: Duration = 5 * 86400.0
+    """Lifetime of our own DSNs (null sender) in the queue."""
+    delay_warning: Duration = 0.0
+    """Send a 'delayed' DSN once a recipient has been deferred this long; 0 = never."""
+    tls: Literal["may", "none"] = "may"
+    tls_fallback_plaintext: bool = False
+    """After a failed STARTTLS handshake, retry the same host in plaintext (opportunistic TLS only)."""
+    connect_timeout: Duration = 30.0
+    greeting_timeout: Duration = 300.0
+    mail_timeout: Duration = 300.0
+    rcpt_timeout: Duration = 300.0
+    data_init_timeout: Duration = 120.0
+    data_block_timeout: Duration = 180.0
+    data_done_timeout: Duration = 600.0
+    """RFC 5321 §4.5.3.2: 5 min greeting/MAIL/RCPT, 2 min DATA initiation, 3 min per block, 10 min after '.'."""
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: list[Annotated[HostPort, _DefaultPort(53)]] = field(default_factory=list)
+    timeout: Duration = 10.0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    domain: str
+    """Recipient domain this route applies to, or "*" for every domain (smarthost)."""
+    host: Annotated[HostPort, _DefaultPort(25)]
+    tls: Literal["may", "require", "verify", "none"] = "may"
+    username: str | None = None
+    password: str | None = None
+    password_file: ConfPath | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    bounce_domain: str | None = None
+    """VERP return-path domain; its mail (bounces, complaints) is parsed into the suppression list."""
+    verp_secret: str | None = None
+    verp_secret_file: ConfPath | None = None
+    """File whose first line is the current VERP secret and further lines previous ones."""
+    verp_previous_secrets: list[str] = field(default_factory=list)
+    verp_retention: Duration = 30 * 86400.0
+    """How long the recipient behind a VERP token is remembered after delivery."""
+    soft_bounce_threshold: int = 3
+    soft_bounce_window: Duration = 7 * 86400.0
+    case_insensitive_local_part: bool = False
+    keep_unparsable: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    listeners: list[ListenerConfig] = field(default_factory=list)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dkim: list[DkimConfig] = field(default_factory=list)
+    signing: SigningConfig = field(default_factory=SigningConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    routes: list[RouteConfig] = field(default_factory=list)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: Path = field(default=Path("mailrelayd.toml"), metadata={"internal": True})
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.server.admin_socket or (self.server.state_dir / "admin.sock")
+
+    def verp_secrets(self) -> list[bytes]:
+        """Current VERP secret first, then previous ones (rotation)."""
+        fb = self.feedback
+        secrets: list[str] = []
+        if fb.verp_secret:
+            secrets.append(fb.verp_secret)
+        if fb.verp_secret_file is not None:
+            lines = [ln.strip() for ln in fb.verp_secret_file.read_text().splitlines()]
+            secrets.extend(ln for ln in lines if ln and not ln.startswith("#"))
+        secrets.extend(fb.verp_previous_secrets)
+        return [s.encode() for s in secrets]
+
+    def route_for(self, domain: str) -> RouteConfig | None:
+        """The route for a recipient domain: exact match, then parent domains, then "*"."""
+        by_domain = {r.domain: r for r in self.routes}
+        d = domain.lower().rstrip(".")
+        while d:
+            if d in by_domain:
+                return by_domain[d]
+            _, _, d = d.partition(".")
+        return by_domain.get("*")
+
+
+# --- the loader -------------------------------------------------------------------------
+class _Loader:
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.base = file.parent
+
+    def err(self, key: str, message: str) -> ConfigError:
+        return ConfigError(self.file, key, message)
+
+    def build(self, cls: type, data: Any, key: str) -> Any:
+        if not isinstance(data, dict):
+            raise self.err(key, f"must be a table, not {_tname(data)}")
+        hints = get_type_hints(cls, include_extras=True)
+        fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            k = _join(key, unknown[0])
+            raise self.err(k, f"unknown key (known keys here: {', '.join(sorted(fields))})")
+        kwargs: dict[str, Any] = {}
+        for name, f in fields.items():
+            k = _join(key, name)
+            if name in data:
+                kwargs[name] = self.convert(hints[name], data[name], k)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise self.err(k, "missing required key")
+        return cls(**kwargs)
+
+    def convert(self, tp: Any, value: Any, key: str) -> Any:
+        marker = None
+        if get_origin(tp) is Annotated:
+            tp, *extras = get_args(tp)
+            marker = extras[0]
+        origin = get_origin(tp)
+        try:
+            if marker is _Duration:
+                return parse_duration(value)
+            if marker is _Size:
+                return parse_size(value)
+            if origin in (typing.Union, types.UnionType):
+                args = [a for a in get_args(tp) if a is not type(None)]
+                if tp == Network or set(args) == {ipaddress.IPv4Network, ipaddress.IPv6Network}:
+                    return self._network(value)
+                return self.convert(args[0] if len(args) == 1 else tp, value, key)
+            if marker is _Path or tp is Path:
+                if not isinstance(value, str) or not value:
+                    raise ValueError(f"must be a path string, not {_tname(value)}")
+                p = Path(os.path.expanduser(value))
+                return p if p.is_absolute() else (self.base / p)
+            if isinstance(marker, _DefaultPort):
+                return parse_hostport(value, marker.port)
+            if tp is HostPort:
+                return parse_hostport(value)
+            if origin is Literal:
+                choices = get_args(tp)
+                if value not in choices:
+                    raise ValueError(f"must be one of {', '.join(choices)}")
+                return value
+            if origin is list:
+                if not isinstance(value, list):
+                    raise ValueError(f"must be an array, not {_tname(value)}")
+                (item,) = get_args(tp)
+                return [self.convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            if dataclasses.is_dataclass(tp):
+                return self.build(tp, value, key)
+            if tp is bool:
+                if not isinstance(value, bool):
+                    raise ValueError(f"must be true or false, not {_tname(value)}")
+                return value
+            if tp is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"must be an integer, not {_tname(value)}")
+                if value < 0:
+                    raise ValueError("must not be negative")
+                return value
+            if tp is float:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"must be a number, not {_tname(value)}")
+                return float(value)
+            if tp is str:
+                if not isinstance(value, str):
+                    raise ValueError(f"must be a string, not {_tname(value)}")
+                return value
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise self.err(key, str(e)) from None
+        raise self.err(key, f"unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+    @staticmethod
+    def _network(value: Any) -> Network:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a network string like \"10.0.0.0/8\", not {_tname(value)}")
+        try:
+            return ipaddress.ip_network(value.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"bad network {value!r}: use CIDR like \"10.0.0.0/8\" or \"::1/128\"") from None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _tname(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, parse and validate a config file. Raises :class:`ConfigError`."""
+    file = Path(path).absolute()
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found") from None
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(file, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, "", f"TOML syntax error: {e}") from None
+    return parse_config(data, file)
+
+
+def parse_config(data: dict[str, Any], file: Path) -> Config:
+    """Build a :class:`Config` from already-parsed TOML data; validate cross-key rules."""
+    loader = _Loader(file)
+    cfg: Config = loader.build(Config, data, "")
+    cfg = dataclasses.replace(cfg, source=file)
+    _validate(cfg, loader)
+    return cfg
+
+
+def _validate(cfg: Config, ld: _Loader) -> None:
+    if not cfg.server.hostname.strip():
+        raise ld.err("server.hostname", "must not be empty")
+    try:
+        normalize_domain(cfg.server.hostname)
+    except ValueError:
+        raise ld.err("server.hostname", f"{cfg.server.hostname!r} is not a valid host name") from None
+    if not cfg.listeners:
+        raise ld.err("listeners", "at least one [[listeners]] entry is required")
+    names: set[str] = set()
+    addrs: set[HostPort] = set()
+    need_tls = False
+    for i, lst in enumerate(cfg.listeners):
+        key = f"listeners[{i}]"
+        if not lst.name or not re.match(r"^[A-Za-z0-9_.-]+$", lst.name):
+            raise ld.err(f"{key}.name", "must be a short name of letters, digits, '_', '-', '.'")
+        if lst.name in names:
+            raise ld.err(f"{key}.name", f"duplicate listener name {lst.name!r}")
+        names.add(lst.name)
+        if lst.address in addrs and lst.address.port != 0:
+            raise ld.err(f"{key}.address", f"{lst.address} is used by another listener")
+        addrs.add(lst.address)
+        if lst.tls != "none":
+            need_tls = True
+            if cfg.tls.cert_file is None or cfg.tls.key_file is None:
+                raise ld.err(f"{key}.tls", f"tls = \"{lst.tls}\" needs [tls] cert_file and key_file")
+        if lst.mode == "submission":
+            if lst.tls == "none":
+                raise ld.err(f"{key}.tls", "submission listeners need TLS (starttls or implicit): "
+                             "AUTH is never offered over plaintext")
+            if cfg.auth.users_file is None:
+                raise ld.err("auth.users_file", f"required by submission listener {lst.name!r}")
+        if lst.auth and lst.mode == "relay" and lst.tls == "none":
+            raise ld.err(f"{key}.auth", "AUTH on a relay listener needs TLS (starttls or implicit)")
+        if lst.auth and cfg.auth.users_file is None:
+            raise ld.err("auth.users_file", f"required by listener {lst.name!r} (auth = true)")
+    if need_tls:
+        for k in ("cert_file", "key_file"):
+            p: Path = getattr(cfg.tls, k)
+            if not p.is_file():
+                raise ld.err(f"tls.{k}", f"file not found: {p}")
+    if cfg.auth.users_file is not None and not cfg.auth.users_file.is_file():
+        raise ld.err("auth.users_file", f"file not found: {cfg.auth.users_file} "
+                     "(create it with `mailrelayd user add NAME`)")
+    if cfg.auth.max_failures < 1:
+        raise ld.err("auth.max_failures", "must be at least 1")
+    for i, d in enumerate(cfg.relay.local_domains):
+        _check_domain(ld, f"relay.local_domains[{i}]", d)
+    lim = cfg.limits
+    if lim.max_message_size < 1024:
+        raise ld.err("limits.max_message_size", "must be at least 1KB")
+    if lim.max_recipients < 1:
+        raise ld.err("limits.max_recipients", "must be at least 1")
+    if not 512 <= lim.max_line_length <= 100_000:
+        raise ld.err("limits.max_line_length", "must be between 512 and 100000")
+    for k in ("max_connections", "max_connections_per_ip", "max_errors"):
+        if getattr(lim, k) < 1:
+            raise ld.err(f"limits.{k}", "must be at least 1")
+    for k in ("command_timeout", "data_timeout", "tls_handshake_timeout"):
+        if getattr(lim, k) <= 0:
+            raise ld.err(f"limits.{k}", "must be greater than 0")
+    seen_keys: set[tuple[str, str]] = set()
+    for i, d in enumerate(cfg.dkim):
+        _check_domain(ld, f"dkim[{i}].domain", d.domain)
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", d.selector):
+            raise ld.err(f"dkim[{i}].selector", f"bad selector {d.selector!r}")
+        k2 = (d.domain.lower().rstrip("."), d.selector.lower())
+        if k2 in seen_keys:
+            raise ld.err(f"dkim[{i}].selector", f"duplicate selector {d.selector!r} for {d.domain}")
+        seen_keys.add(k2)
+        if not d.key_file.is_file():
+            raise ld.err(f"dkim[{i}].key_file", f"file not found: {d.key_file}")
+    for i, h in enumerate(cfg.signing.headers):
+        if not re.match(r"^[!-9;-~]+$", h):
+            raise ld.err(f"signing.headers[{i}]", f"bad header name {h!r}")
+    dl = cfg.delivery
+    if not 1 <= dl.port <= 65535:
+        raise ld.err("delivery.port", "must be a port number from 1 to 65535")
+    for k in ("max_concurrency", "domain_concurrency", "max_messages_per_connection"):
+        if getattr(dl, k) < 1:
+            raise ld.err(f"delivery.{k}", "must be at least 1")
+    if dl.retry_initial <= 0:
+        raise ld.err("delivery.retry_initial", "must be greater than 0")
+    if dl.retry_max < dl.retry_initial:
+        raise ld.err("delivery.retry_max", "must not be less than delivery.retry_initial")
+    if not 0 <= dl.retry_jitter < 1:
+        raise ld.err("delivery.retry_jitter", "must be at least 0 and less than 1")
+    if dl.max_queue_lifetime <= 0:
+        raise ld.err("delivery.max_queue_lifetime", "must be greater than 0")
+    route_domains: set[str] = set()
+    for i, r in enumerate(cfg.routes):
+        if r.domain != "*":
+            _check_domain(ld, f"routes[{i}].domain", r.domain)
+        if r.domain.lower() in route_domains:
+            raise ld.err(f"routes[{i}].domain", f"duplicate route for {r.domain!r}")
+        route_domains.add(r.domain.lower())
+        if r.host.port == 0:
+            raise ld.err(f"routes[{i}].host", "port must not be 0")
+        if (r.password is not None or r.password_file is not None) and r.username is None:
+            raise ld.err(f"routes[{i}].username", "required when a password is set")
+        if r.username is not None and r.password is None and r.password_file is None:
+            raise ld.err(f"routes[{i}].password", "username is set but neither password nor password_file")
+        if r.username is not None and r.tls in ("none", "may"):
+            raise ld.err(f"routes[{i}].tls", "AUTH to a route needs tls = \"require\" or \"verify\" "
+                         "(never send a password in plaintext)")
+        if r.password_file is not None and not r.password_file.is_file():
+            raise ld.err(f"routes[{i}].password_file", f"file not found: {r.password_file}")
+    fb = cfg.feedback
+    if fb.bounce_domain is not None:
+        _check_domain(ld, "feedback.bounce_domain", fb.bounce_domain)
+        if not fb.verp_secret and fb.verp_secret_file is None:
+            raise ld.err("feedback.verp_secret", "required when feedback.bounce_domain is set "
+                         "(or set feedback.verp_secret_file)")
+    if fb.verp_secret is not None and len(fb.verp_secret) < 16:
+        raise ld.err("feedback.verp_secret", "must be at least 16 characters")
+    if fb.verp_secret_file is not None and not fb.verp_secret_file.is_file():
+        raise ld.err("feedback.verp_secret_file", f"file not found: {fb.verp_secret_file}")
+    if fb.soft_bounce_threshold < 1:
+        raise ld.err("feedback.soft_bounce_threshold", "must be at least 1")
+
+
+def _check_domain(ld: _Loader, key: str, value: str) -> None:
+    try:
+        normalize_domain(value)
+    except ValueError:
+        raise ld.err(key, f"{value!r} is not a valid domain name") from None

@@ -1,0 +1,70 @@
+"""Structured logging: one JSON object per line on stdout (journald keeps it), or console text.
+
+Secrets never reach the log: keys that name secrets are redacted by a processor, and the
+libraries that log protocol lines (aiosmtpd logs every command, AUTH payloads included, at INFO)
+are capped at WARNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import structlog
+
+# Keys whose values are never logged, whatever the caller passes.
+_SECRET_KEYS = frozenset({
+    "password", "passwd", "secret", "auth_data", "auth_payload", "login_data", "private_key",
+    "key_pem", "verp_secret", "token", "credentials", "authorization",
+})
+REDACTED = "[redacted]"
+
+# Libraries that would log protocol traffic or noisy tracebacks on their own.
+_QUIET_LOGGERS = {"mail.log": logging.WARNING, "aiosmtplib": logging.WARNING, "asyncio": logging.WARNING,
+                  "aiohttp.access": logging.WARNING}
+
+
+def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for k in event.keys() & _SECRET_KEYS:
+        event[k] = REDACTED
+    return event
+
+
+def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """Set up structlog (and route stdlib ``logging`` through the same renderer)."""
+    stream = stream or sys.stdout
+    lvl = getattr(logging, level.upper())
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        _redact,
+    ]
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer(default=str)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # stdlib logging (asyncio, aiohttp, aiosmtpd warnings) goes through the same pipeline.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(lvl)
+    for name, minimum in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(minimum, lvl))
+
+
+def get_logger(**context: Any) -> Any:
+    """A structlog logger bound to ``context``."""
+    return structlog.get_logger().bind(**context)

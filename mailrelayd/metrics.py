@@ -1,0 +1,206 @@
+"""Every Prometheus metric mailrelayd exports, defined once.
+
+The default prometheus-client registry is the only global mutable state in the
+daemon (see DEVELOPERS.md). Label values are kept bounded: listener names come
+from the config, domains go through :class:`BoundedLabel`.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from mailrelayd import __version__
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_SIGN_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class BoundedLabel:
+    """Maps an unbounded value (a domain) onto a bounded label set.
+
+    The first ``limit`` distinct values seen keep their own label; later ones
+    become ``"other"``. ``always`` values (e.g. configured domains) never fall
+    into ``"other"``.
+    """
+
+    OTHER = "other"
+
+    def __init__(self, limit: int = 50) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+        self._always: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def set_always(self, values: set[str] | frozenset[str]) -> None:
+        """Declare values that always get their own label (configured domains)."""
+        self._always = frozenset(v.lower() for v in values)
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return "none"
+        value = value.lower().rstrip(".")
+        if value in self._always or value in self._seen:
+            return value
+        with self._lock:
+            if len(self._seen) < self._limit:
+                self._seen.add(value)
+                return value
+        return self.OTHER
+
+
+destination_domain_label = BoundedLabel(50)
+sender_domain_label = BoundedLabel(50)
+
+BUILD_INFO = Info("mailrelayd_build", "Version of mailrelayd and its Python runtime.")
+BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
+
+# --- lifecycle / config -----------------------------------------------------------------
+UP_SINCE = Gauge("mailrelayd_start_time_seconds", "Unix time the daemon started.")
+READY = Gauge("mailrelayd_ready", "1 when every readiness check passes, else 0.")
+READY_CHECK = Gauge("mailrelayd_ready_check", "Per readiness check: 1 ok, 0 failing.", ["check"])
+CONFIG_RELOADS = Counter("mailrelayd_config_reloads_total", "Successful configuration reloads (SIGHUP).")
+CONFIG_RELOAD_FAILURES = Counter(
+    "mailrelayd_config_reload_failures_total", "Configuration reloads rejected because the new config was invalid."
+)
+CONFIG_LAST_RELOAD_SUCCESS = Gauge(
+    "mailrelayd_config_last_reload_successful", "1 if the last reload attempt succeeded (or none was made), else 0."
+)
+TLS_CERT_NOT_AFTER = Gauge(
+    "mailrelayd_tls_certificate_expiry_timestamp_seconds",
+    "notAfter of the loaded server certificate, as a Unix time.",
+)
+
+# --- inbound SMTP -----------------------------------------------------------------------
+CONNECTIONS = Counter(
+    "mailrelayd_connections_total",
+    "Inbound SMTP connections by listener and result "
+    "(accepted, rejected_limit, rejected_per_ip, tls_failed, draining).",
+    ["listener", "result"],
+)
+CONNECTIONS_ACTIVE = Gauge("mailrelayd_connections_active", "Open inbound SMTP connections.", ["listener"])
+MESSAGES_RECEIVED = Counter(
+    "mailrelayd_messages_received_total", "Messages accepted into the spool (250 after DATA).", ["listener"]
+)
+RECIPIENTS_RECEIVED = Counter(
+    "mailrelayd_recipients_received_total", "Recipients accepted into the spool.", ["listener"]
+)
+MESSAGE_SIZE = Histogram(
+    "mailrelayd_message_size_bytes",
+    "Size of accepted messages.",
+    ["listener"],
+    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
+)
+SMTP_REPLIES = Counter(
+    "mailrelayd_smtp_replies_total",
+    "SMTP replies sent to clients, by listener, command and reply code class (2xx, 4xx, 5xx).",
+    ["listener", "command", "class"],
+)
+AUTH_ATTEMPTS = Counter("mailrelayd_auth_attempts_total", "AUTH attempts by result.", ["listener", "result"])
+AUTH_FAILURES = Counter("mailrelayd_auth_failures_total", "Failed AUTH attempts (535 5.7.8).", ["listener"])
+AUTH_THROTTLED = Counter(
+    "mailrelayd_auth_throttled_total", "AUTH attempts refused (421 4.7.0) because the client IP is cooling down.",
+    ["listener"],
+)
+TLS_HANDSHAKE_FAILURES = Counter(
+    "mailrelayd_tls_handshake_failures_total", "Failed inbound TLS handshakes (implicit TLS or STARTTLS).",
+    ["listener"],
+)
+ACCEPT_DURATION = Histogram(
+    "mailrelayd_accept_duration_seconds",
+    "From the end of DATA to the 250 reply (policy, signing, durable spool commit).",
+    ["listener"],
+    buckets=_LATENCY_BUCKETS,
+)
+
+# --- spool ------------------------------------------------------------------------------
+SPOOL_COMMIT_SECONDS = Histogram(
+    "mailrelayd_spool_commit_duration_seconds", "Duration of one durable spool commit (a group of writes).",
+    buckets=_LATENCY_BUCKETS,
+)
+SPOOL_COMMIT_BATCH = Histogram(
+    "mailrelayd_spool_commit_batch_size", "Writes made durable together by one commit (group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+SPOOL_WRITE_ERRORS = Counter(
+    "mailrelayd_spool_write_errors_total", "Spool writes that failed (disk full, I/O error); the client got 4xx."
+)
+SPOOL_FREE_BYTES = Gauge("mailrelayd_spool_free_bytes", "Free bytes on the spool file system.")
+QUEUE_RECIPIENTS = Gauge(
+    "mailrelayd_queue_recipients", "Recipients in the queue by state (pending, inflight, deferred).", ["state"]
+)
+QUEUE_MESSAGES = Gauge("mailrelayd_queue_messages", "Messages in the queue (not yet finished for every recipient).")
+QUEUE_OLDEST_AGE = Gauge(
+    "mailrelayd_queue_oldest_message_age_seconds", "Age of the oldest message still in the queue (0 when empty)."
+)
+
+# --- delivery ---------------------------------------------------------------------------
+DELIVERY_ATTEMPTS = Counter(
+    "mailrelayd_delivery_attempts_total",
+    "Per-recipient delivery attempts by result (delivered, deferred, bounced, expired, suppressed) "
+    "and destination domain (top domains only; the rest are 'other').",
+    ["result", "domain"],
+)
+DELIVERY_DURATION = Histogram(
+    "mailrelayd_delivery_duration_seconds",
+    "Duration of one SMTP delivery transaction (connect or reuse through the final reply).",
+    ["result"],
+    buckets=_DELIVERY_BUCKETS,
+)
+DELIVERY_LATENCY = Histogram(
+    "mailrelayd_delivery_latency_seconds",
+    "From acceptance to final outcome (delivered or bounced), per recipient.",
+    ["result"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 14400, 86400, 432000),
+)
+SENT_RECIPIENTS = Counter(
+    "mailrelayd_sent_recipients_total",
+    "Final per-recipient outcomes by sending (header From) domain: delivered, bounced, expired, suppressed. "
+    "Bounce rate = bounced / (delivered + bounced).",
+    ["sender_domain", "result"],
+)
+DELIVERY_CONNECTIONS = Counter(
+    "mailrelayd_delivery_connections_total",
+    "Outbound SMTP connections by result (ok, refused, timeout, tls_failed, error).",
+    ["result"],
+)
+OUTBOUND_TLS = Counter(
+    "mailrelayd_delivery_tls_total", "Outbound sessions by TLS outcome (starttls, plaintext, verified).", ["tls"]
+)
+DNS_FAILURES = Counter(
+    "mailrelayd_dns_lookup_failures_total",
+    "Failed DNS lookups by record type and reason (nxdomain, servfail, timeout, nodata, error).",
+    ["type", "reason"],
+)
+DSN_SENT = Counter("mailrelayd_dsn_generated_total", "Delivery status notifications generated.", ["action"])
+
+# --- DKIM -------------------------------------------------------------------------------
+DKIM_SIGN_SECONDS = Histogram(
+    "mailrelayd_dkim_sign_seconds", "Time to DKIM-sign one message (all its signatures).", buckets=_SIGN_BUCKETS
+)
+DKIM_SIGNATURES = Counter(
+    "mailrelayd_dkim_signatures_total", "DKIM signatures by signing domain, algorithm and result (ok, error).",
+    ["domain", "algorithm", "result"],
+)
+DKIM_UNSIGNED = Counter(
+    "mailrelayd_dkim_unsigned_messages_total",
+    "Messages sent unsigned because no key is configured for their header From domain.",
+)
+DKIM_KEYS_LOADED = Gauge("mailrelayd_dkim_keys_loaded", "DKIM keys currently loaded.")
+
+# --- feedback ---------------------------------------------------------------------------
+FEEDBACK_RECEIVED = Counter(
+    "mailrelayd_feedback_received_total",
+    "Inbound feedback messages by kind (hard_bounce, soft_bounce, complaint, not_feedback, unparsable) "
+    "and the sending domain they refer to (when known).",
+    ["kind", "sender_domain"],
+)
+SUPPRESSIONS = Gauge("mailrelayd_suppressions", "Addresses on the suppression list by kind.", ["kind"])
+SUPPRESSED_REJECTIONS = Counter(
+    "mailrelayd_suppressed_rejections_total",
+    "Recipients refused or skipped because they are suppressed, by stage (rcpt, delivery).",
+    ["stage"],
+)

@@ -1,0 +1,125 @@
+"""Who may send what to whom: the decisions taken at MAIL, RCPT and end of DATA.
+
+Pure functions of the session facts and the config; no I/O. The rules (Postfix's
+``smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination``
+plus per-user sender ownership, like ``reject_sender_login_mismatch``):
+
+- submission listeners: AUTH is required before MAIL; an authenticated user may send as the
+  senders their ``allowed_from`` patterns allow, in the envelope and in the header From/Sender;
+- relay listeners: mail for our own domains (``relay.local_domains`` and the feedback bounce
+  domain) is accepted from anyone and goes to the feedback pipeline; mail for any other domain
+  only from ``relay.trusted_networks`` or an authenticated user (when the listener offers AUTH).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailrelayd.config import Config, ListenerConfig, Network
+from mailrelayd.errors import Reply
+from mailrelayd.smtp.address import Mailbox
+from mailrelayd.smtp.headers import HeaderScan
+from mailrelayd.users import User
+
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+STARTTLS_FIRST = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+RELAY_DENIED = Reply(554, "5.7.1", "Relaying denied")
+SENDER_NOT_OWNED = Reply(550, "5.7.1", "Sender address not allowed for this user")
+HEADER_FROM_NOT_OWNED = Reply(550, "5.7.1", "From header address not allowed for this user")
+SUPPRESSED = Reply(550, "5.7.1", "Recipient suppressed (previous hard bounce or complaint)")
+TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+LITERAL_RCPT = Reply(550, "5.1.2", "Address literals are not accepted as recipients")
+MULTIPLE_FROM = Reply(550, "5.7.1", "More than one From header field, or several authors without a Sender")
+NO_FROM = Reply(550, "5.6.0", "Message has no From header field (RFC 5322 §3.6.2)")
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the policy knows about the client."""
+
+    peer_ip: str
+    tls: bool
+    user: User | None
+
+
+class Policy:
+    """Decisions for one listener under one config (rebuilt on reload)."""
+
+    def __init__(self, cfg: Config, listener: ListenerConfig, is_suppressed: Callable[[str], bool]) -> None:
+        self.cfg = cfg
+        self.listener = listener
+        self.submission = listener.mode == "submission"
+        self.auth_offered = self.submission or listener.auth
+        local = {d.lower().rstrip(".") for d in cfg.relay.local_domains}
+        if cfg.feedback.bounce_domain:
+            local.add(cfg.feedback.bounce_domain.lower().rstrip("."))
+        self.local_domains = frozenset(local)
+        self._trusted: tuple[Network, ...] = tuple(cfg.relay.trusted_networks)
+        self._is_suppressed = is_suppressed
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._trusted)
+
+    def is_local(self, domain: str) -> bool:
+        return domain in self.local_domains
+
+    def may_relay(self, facts: Facts, trusted: bool) -> bool:
+        return facts.user is not None or (not self.submission and trusted)
+
+    # --- MAIL ---------------------------------------------------------------------------
+    def check_mail(self, facts: Facts, sender: Mailbox | None, size: int | None) -> Reply | None:
+        if self.submission and facts.user is None:
+            return AUTH_REQUIRED
+        if size is not None and size > self.cfg.limits.max_message_size:
+            return TOO_BIG
+        if facts.user is not None and not facts.user.may_send_as(str(sender) if sender else ""):
+            # An authenticated user may use the null sender only if allowed ("*"), like Postfix's
+            # reject_sender_login_mismatch: bounces come from the MTA, not from applications.
+            return SENDER_NOT_OWNED
+        return None
+
+    # --- RCPT ---------------------------------------------------------------------------
+    def check_rcpt(self, facts: Facts, trusted: bool, rcpt: Mailbox, count: int) -> tuple[Reply | None, bool]:
+        """(refusal or None, is_local) for one recipient; ``count`` is how many are already accepted."""
+        if count >= self.cfg.limits.max_recipients:
+            return TOO_MANY_RCPTS, False
+        if rcpt.is_literal:
+            return LITERAL_RCPT, False
+        if not self.submission and self.is_local(rcpt.domain):
+            return None, True
+        if not self.may_relay(facts, trusted):
+            return RELAY_DENIED, False
+        if self._is_suppressed(str(rcpt)):
+            return SUPPRESSED, False
+        return None, False
+
+    # --- end of DATA --------------------------------------------------------------------
+    def check_headers(self, facts: Facts, scan: HeaderScan, outbound: bool) -> Reply | None:
+        """Header From/Sender rules for outbound mail: exactly one From field (RFC 5322 §3.6;
+        a second From is the classic DKIM replay trick) and, for authenticated users, every
+        author and sender address must be theirs (no spoofing across users)."""
+        if not outbound:
+            return None
+        if len(scan.from_values) > 1:
+            return MULTIPLE_FROM
+        from_addrs = scan.from_addresses()
+        sender_addrs = scan.sender_addresses()
+        if len(from_addrs) > 1 and not sender_addrs:
+            return MULTIPLE_FROM
+        if facts.user is None:
+            return None
+        for a in (*from_addrs, *sender_addrs):
+            if not facts.user.may_send_as(a):
+                return HEADER_FROM_NOT_OWNED
+        return None

@@ -1,0 +1,159 @@
+"""The users file: submission accounts with scrypt password hashes and allowed sender patterns.
+
+Written only by the CLI (``mailrelayd user add/del``) with tomli-w, atomically; read by the daemon
+at start and on SIGHUP. Format::
+
+    [users.alice]
+    password = "$scrypt$ln=15,r=8,p=1$<salt>$<hash>"
+    allowed_from = ["@example.com", "alerts@example.org"]
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+# scrypt cost: 2**15 * 8 * 128 = 32 MiB and ~50-100 ms per verification (OWASP minimum is 2**17
+# for interactive logins with r=8; SMTP clients re-authenticate on every connection, so verified
+# credentials are cached in memory by smtp.auth, which keeps the per-connection cost low).
+_LN, _R, _P = 15, 8, 1
+_MAXMEM = 128 * 1024 * 1024
+
+
+class UsersFileError(Exception):
+    """The users file is unreadable or malformed; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password_hash: str
+    allowed_from: tuple[str, ...]
+
+    def may_send_as(self, address: str) -> bool:
+        """True if ``address`` matches one of the user's allowed sender patterns.
+
+        A pattern ``@example.com`` allows any local part at exactly that domain; any other
+        pattern is a whole address. Comparison ignores the case of the domain (RFC 5321 §2.4)
+        and of the local part (no one runs case-sensitive mailboxes for sending).
+        """
+        addr = address.strip().lower()
+        if not addr:
+            return False
+        domain = addr.rpartition("@")[2].rstrip(".")
+        for pat in self.allowed_from:
+            p = pat.strip().lower()
+            if p == "*":
+                return True
+            if p.startswith("@"):
+                if domain == p[1:].rstrip("."):
+                    return True
+            elif p == addr:
+                return True
+        return False
+
+
+def hash_password(password: str, *, ln: int = _LN) -> str:
+    """Hash a password with scrypt, in a self-describing modular-crypt-style string."""
+    salt = secrets.token_bytes(16)
+    dk = hashlib.scrypt(password.encode(), salt=salt, n=2**ln, r=_R, p=_P, maxmem=_MAXMEM, dklen=32)
+    b64 = lambda b: base64.b64encode(b).decode().rstrip("=")  # noqa: E731
+    return f"$scrypt$ln={ln},r={_R},p={_P}${b64(salt)}${b64(dk)}"
+
+
+def verify_password(password: bytes | str, encoded: str) -> bool:
+    """Constant-time check of ``password`` against a hash from :func:`hash_password`. CPU-heavy:
+    call it from a thread, never on the event loop."""
+    pw = password.encode() if isinstance(password, str) else password
+    try:
+        _, scheme, params, salt_b64, dk_b64 = encoded.split("$")
+        if scheme != "scrypt":
+            return False
+        kv = dict(p.split("=", 1) for p in params.split(","))
+        ln, r, p = int(kv["ln"]), int(kv["r"]), int(kv["p"])
+        if not (1 <= ln <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
+            return False
+        unb64 = lambda s: base64.b64decode(s + "=" * (-len(s) % 4))  # noqa: E731
+        salt, want = unb64(salt_b64), unb64(dk_b64)
+    except (ValueError, KeyError):
+        return False
+    got = hashlib.scrypt(pw, salt=salt, n=2**ln, r=r, p=p, maxmem=_MAXMEM, dklen=len(want))
+    return hmac.compare_digest(got, want)
+
+
+# A fixed, valid hash used to spend the same time on unknown users as on known ones.
+DUMMY_HASH = "$scrypt$ln=15,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+
+
+def load_users(path: Path) -> dict[str, User]:
+    """Read the users file. Raises :class:`UsersFileError` naming the file and the bad key."""
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise UsersFileError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsersFileError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsersFileError(f"{path}: TOML syntax error: {e}") from None
+    unknown = set(data) - {"users"}
+    if unknown:
+        raise UsersFileError(f"{path}: {sorted(unknown)[0]}: unknown key (expected [users.NAME] tables)")
+    users: dict[str, User] = {}
+    table = data.get("users", {})
+    if not isinstance(table, dict):
+        raise UsersFileError(f"{path}: users: must be a table")
+    for name, entry in table.items():
+        key = f"users.{name}"
+        if not isinstance(entry, dict):
+            raise UsersFileError(f"{path}: {key}: must be a table")
+        extra = set(entry) - {"password", "allowed_from"}
+        if extra:
+            raise UsersFileError(f"{path}: {key}.{sorted(extra)[0]}: unknown key")
+        pw = entry.get("password")
+        if not isinstance(pw, str) or not pw.startswith("$scrypt$"):
+            raise UsersFileError(f"{path}: {key}.password: must be a scrypt hash written by `mailrelayd user add`")
+        allowed = entry.get("allowed_from", [])
+        if not isinstance(allowed, list) or not all(isinstance(a, str) and a for a in allowed):
+            raise UsersFileError(f"{path}: {key}.allowed_from: must be an array of patterns like \"@example.com\"")
+        users[name] = User(name, pw, tuple(allowed))
+    return users
+
+
+def save_users(path: Path, users: dict[str, User]) -> None:
+    """Write the users file atomically (temp file, fsync, rename, fsync dir), mode 0640."""
+    doc = {"users": {u.name: {"password": u.password_hash, "allowed_from": list(u.allowed_from)}
+                     for u in sorted(users.values(), key=lambda u: u.name)}}
+    body = "# Written by `mailrelayd user`; edits by hand are kept but comments are not.\n" + tomli_w.dumps(doc)
+    atomic_write(path, body.encode(), mode=0o640)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so readers see either the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
