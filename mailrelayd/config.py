@@ -319,6 +319,10 @@ class FeedbackConfig:
     soft_bounce_window: Duration = 7 * 86400.0
     case_insensitive_local_part: bool = False
     keep_unparsable: bool = True
+    """Keep feedback messages that could not be parsed in <state_dir>/feedback-unparsable/ for inspection."""
+    require_verp: bool = False
+    """Act on bounces only when they arrive at a valid VERP address: a forged bounce for an address we
+    never sent to cannot suppress it. Complaints (ARF) are always acted on."""
 
 
 @dataclass(frozen=True)

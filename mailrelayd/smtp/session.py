@@ -87,7 +87,7 @@ class SmtpSession(_AiosmtpdSMTP):
 
     _commands: dict[str, Callable[[SmtpSession, str], Awaitable[None]]] = {}
 
-    def __init__(self, listener: SmtpListener) -> None:  # noqa: D107 - see class docstring
+    def __init__(self, listener: SmtpListener) -> None:
         loop = asyncio.get_running_loop()
         ctx = listener.context
         self.listener = listener

@@ -1,0 +1,47 @@
+# The two commands the README promises: `make run` and `make test`. Both set everything up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEV    := var/dev
+
+.PHONY: run test lint bench-accept bench-dkim bench-feedback clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.run-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.run-installed
+
+# Start the daemon in the foreground on loopback high ports (a dev set-up is created in var/dev once).
+run: $(VENV)/.run-installed
+	@if [ ! -f $(DEV)/mailrelayd.toml ]; then $(BIN)/mailrelayd init $(DEV); else \
+	  echo "Using $(DEV)/ (delete it for a fresh set-up). Submit a test message with:"; \
+	  $(BIN)/python -c 'from mailrelayd.devsetup import swaks_relay; print("  " + swaks_relay())'; fi
+	@echo "Listening: relay 127.0.0.1:2525, submission 127.0.0.1:2587 (STARTTLS), submissions 127.0.0.1:2465, http 127.0.0.1:9025"
+	exec $(BIN)/mailrelayd run -c $(DEV)/mailrelayd.toml
+
+# Install what the tests drive (swaks, promtool, Mail::DKIM, mailauth), then run the whole suite.
+test: $(VENV)/.test-installed
+	bash tests/system-deps.sh
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check mailrelayd tests bench
+
+bench-accept: $(VENV)/.run-installed
+	$(BIN)/python bench/accept.py
+
+bench-dkim: $(VENV)/.run-installed
+	$(BIN)/python bench/dkim.py
+
+bench-feedback: $(VENV)/.run-installed
+	$(BIN)/python bench/feedback_accuracy.py --corpus ../shared/corpus/feedback
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

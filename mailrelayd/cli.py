@@ -1,0 +1,536 @@
+"""The ``mailrelayd`` command: every verb (run, check-config, init, user, dkim, queue, suppress,
+feedback, doctor). Exit codes: 0 success, 1 a problem found (invalid config, message not found),
+2 usage error or the check could not be made."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mailrelayd import __version__
+
+DEFAULT_CONFIG = "/etc/mailrelayd/mailrelayd.toml"
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("MAILRELAYD_CONFIG") or DEFAULT_CONFIG)
+
+
+def _err(msg: str) -> None:
+    print(f"mailrelayd: {msg}", file=sys.stderr)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from mailrelayd.config import load_config
+
+    return load_config(_config_path(args))
+
+
+# --- run / check-config / init ----------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from mailrelayd.config import ConfigError
+    from mailrelayd.daemon import SetupError, run_daemon
+
+    try:
+        return run_daemon(_config_path(args), log_format=args.log_format)
+    except (ConfigError, SetupError) as e:
+        _err(str(e))
+        return 1
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from mailrelayd.config import ConfigError
+    from mailrelayd.daemon import SetupError, check
+
+    try:
+        rt = check(_config_path(args))
+    except (ConfigError, SetupError) as e:
+        _err(str(e))
+        return 1
+    cfg = rt.cfg
+    print(f"{cfg.source}: OK ({len(cfg.listeners)} listeners, {len(rt.users)} users, "
+          f"{len(rt.dkim_keys)} DKIM keys)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from mailrelayd.devsetup import init_dev, swaks_submission
+
+    try:
+        setup = init_dev(Path(args.directory))
+    except FileExistsError as e:
+        _err(str(e))
+        return 1
+    print(f"Created a development set-up in {setup.directory}/")
+    print(f"  config:   {setup.config}")
+    print(f"  user:     {setup.user}")
+    print(f"  password: {setup.password}    (printed once; stored only as a scrypt hash)")
+    print(f"  DKIM TXT: {setup.dkim_txt}")
+    print("Submit a test message (once the daemon runs):")
+    print(f"  {swaks_submission(setup.user, setup.password)}")
+    return 0
+
+
+# --- users ------------------------------------------------------------------------------
+def _users_file(args: argparse.Namespace) -> Path:
+    if args.users_file:
+        return Path(args.users_file)
+    cfg = _load(args)
+    if cfg.auth.users_file is None:
+        raise SystemExit("mailrelayd: auth.users_file is not set in the config (or pass --users-file)")
+    return cfg.auth.users_file
+
+
+def _read_users(path: Path) -> dict[str, Any]:
+    from mailrelayd.users import load_users
+
+    return load_users(path) if path.exists() else {}
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    import secrets as _secrets
+
+    from mailrelayd.users import User, UsersFileError, hash_password, save_users
+
+    path = _users_file(args)
+    try:
+        users = _read_users(path)
+    except UsersFileError as e:
+        _err(str(e))
+        return 1
+    if not all(p.startswith("@") or "@" in p or p == "*" for p in args.allow_from):
+        _err("--allow-from takes \"@domain\", a whole address, or \"*\"")
+        return 2
+    generated = False
+    if sys.stdin.isatty():
+        password = _secrets.token_urlsafe(18)
+        generated = True
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            _err("empty password on standard input")
+            return 2
+    old = users.get(args.name)
+    allowed = tuple(args.allow_from) if args.allow_from else (old.allowed_from if old else ())
+    users[args.name] = User(args.name, hash_password(password), allowed)
+    save_users(path, users)
+    print(f"{'updated' if old else 'added'} user {args.name} in {path}; allowed senders: "
+          f"{', '.join(allowed) or '(none: set --allow-from)'}")
+    if generated:
+        print(f"password: {password}    (printed once; run `mailrelayd user add {args.name}` again to change it)")
+    print("Reload the daemon to apply: systemctl reload mailrelayd", file=sys.stderr)
+    return 0
+
+
+def cmd_user_del(args: argparse.Namespace) -> int:
+    from mailrelayd.users import save_users
+
+    path = _users_file(args)
+    users = _read_users(path)
+    if args.name not in users:
+        _err(f"no user {args.name!r} in {path}")
+        return 1
+    del users[args.name]
+    save_users(path, users)
+    print(f"deleted user {args.name}")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    for u in sorted(_read_users(_users_file(args)).values(), key=lambda u: u.name):
+        print(f"{u.name}\t{', '.join(u.allowed_from)}")
+    return 0
+
+
+# --- dkim -------------------------------------------------------------------------------
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from mailrelayd.dkim import generate_key, txt_record, write_private_key
+
+    path = Path(args.key_file or f"{args.domain}.{args.selector}.key")
+    try:
+        pem, pub = generate_key(args.algorithm, args.bits)
+        write_private_key(path, pem, overwrite=args.force)
+    except FileExistsError:
+        _err(f"{path} exists (use --force to overwrite)")
+        return 1
+    except ValueError as e:
+        _err(str(e))
+        return 2
+    print(f"; private key written to {path} (mode 0600). Publish this record, then add to the config:")
+    print(f';   [[dkim]] domain = "{args.domain}" selector = "{args.selector}" key_file = "{path}" '
+          f'algorithm = "{args.algorithm}"')
+    print(txt_record(args.domain, args.selector, args.algorithm, pub))
+    return 0
+
+
+def cmd_dkim_check(args: argparse.Namespace) -> int:
+    from mailrelayd.daemon import SetupError, build_runtime
+    from mailrelayd.delivery.mx import make_resolver
+    from mailrelayd.dkim import check_published
+
+    cfg = _load(args)
+    try:
+        rt = build_runtime(cfg)
+    except SetupError as e:
+        _err(str(e))
+        return 2
+    keys = [k for k in rt.dkim_keys if k.domain == args.domain.lower().rstrip(".")
+            and (args.selector is None or k.selector == args.selector)]
+    if not keys:
+        _err(f"no [[dkim]] key configured for {args.domain}" + (f" selector {args.selector}" if args.selector else ""))
+        return 2
+    resolver = make_resolver(cfg.dns)
+    bad = 0
+    for k in keys:
+        ok, detail = asyncio.run(check_published(k.domain, k.selector, k, resolver))
+        print(f"{k.selector}._domainkey.{k.domain}: {'OK' if ok else 'MISMATCH'}: {detail}")
+        bad += not ok
+    return 1 if bad else 0
+
+
+# --- queue ------------------------------------------------------------------------------
+def _admin_request(cfg: Any, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any] | None:
+    """Call the running daemon's admin socket; None if no daemon answers."""
+    import http.client
+    import socket
+
+    sock_path = str(cfg.admin_socket)
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(30)
+            s.connect(sock_path)
+            self.sock = s
+
+    try:
+        conn = _Conn("localhost")
+        payload = json.dumps(body).encode() if body is not None else None
+        conn.request(method, "/" + path, body=payload,
+                     headers={"Content-Type": "application/json"} if payload else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    except PermissionError:
+        raise SystemExit(f"mailrelayd: permission denied on {sock_path} (run as root or the mailrelayd user)") \
+            from None
+
+
+async def _offline(cfg: Any, op: str, qid: str | None) -> tuple[int, Any]:
+    """The same operations straight on the spool, when the daemon is not running."""
+    from mailrelayd.delivery.dsn import build_dsn
+    from mailrelayd.delivery.scheduler import Scheduler
+    from mailrelayd.queueops import QueueOps
+    from mailrelayd.spool.store import Spool
+
+    spool = Spool(cfg.server.spool_dir)
+    await spool.open()
+    try:
+        sched = Scheduler(cfg, spool, transport=None, dsn_builder=build_dsn)  # type: ignore[arg-type]
+        ops = QueueOps(spool, sched)
+        if op == "list":
+            return 200, await ops.list()
+        assert qid is not None or op == "flush"
+        path = "queue" + (f"/{qid}" if qid else "") + ("" if op == "show" else f"/{op}")
+        return await ops.handle("GET" if op == "show" else "POST", path, {})
+    finally:
+        await spool.close()
+
+
+def _queue_call(args: argparse.Namespace, op: str, qid: str | None = None) -> tuple[int, Any]:
+    cfg = _load(args)
+    method = "GET" if op in ("list", "show") else "POST"
+    path = "queue" + (f"/{qid.upper()}" if qid else "") + ("" if op in ("list", "show") else f"/{op}")
+    res = _admin_request(cfg, method, path)
+    if res is None:
+        if not cfg.server.spool_dir.exists():
+            raise SystemExit(f"mailrelayd: no spool at {cfg.server.spool_dir}")
+        res = asyncio.run(_offline(cfg, op, qid.upper() if qid else None))
+    return res
+
+
+def _age(seconds: float) -> str:
+    """A short human duration: 45s, 12m, 3h, 2d."""
+    s = int(seconds)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s // n}{unit}"
+    return f"{s}s"
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    status, items = _queue_call(args, "list")
+    if status != 200:
+        _err(str(items))
+        return 2
+    if args.json:
+        print(json.dumps(items, indent=2))
+        return 0
+    if not items:
+        print("queue is empty")
+        return 0
+    now = time.time()
+    for m in items:
+        nxt = m.get("next_attempt")
+        when = "now" if nxt is not None and nxt <= now else (_age(nxt - now) if nxt else "-")
+        print(f"{m['queue_id']}  age {_age(m['age_s'])}  {m['size']} bytes  from <{m['sender']}>  next in {when}")
+        for r in m["recipients"]:
+            extra = f"  ({r['last_reply']})" if r["last_reply"] else ""
+            print(f"    {r['state']:<10} {r['address']}  attempts {r['attempts']}{extra}")
+    print(f"-- {len(items)} message(s)")
+    return 0
+
+
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    status, item = _queue_call(args, "show", args.queue_id)
+    if status != 200:
+        _err(item.get("error", str(item)) if isinstance(item, dict) else str(item))
+        return 1
+    print(json.dumps(item, indent=2))
+    return 0
+
+
+def _queue_action(args: argparse.Namespace, op: str) -> int:
+    status, item = _queue_call(args, op, getattr(args, "queue_id", None))
+    if status != 200:
+        _err(item.get("error", str(item)) if isinstance(item, dict) else str(item))
+        return 1
+    print(json.dumps(item))
+    return 0
+
+
+# --- suppressions -----------------------------------------------------------------------
+def _store(args: argparse.Namespace) -> Any:
+    from mailrelayd.feedback.store import SqliteSuppressionStore
+
+    cfg = _load(args)
+    cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
+    return SqliteSuppressionStore(cfg.server.state_dir / "suppressions.db",
+                                  case_insensitive_local=cfg.feedback.case_insensitive_local_part,
+                                  soft_threshold=cfg.feedback.soft_bounce_threshold,
+                                  soft_window=cfg.feedback.soft_bounce_window)
+
+
+def _parse_since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    from mailrelayd.config import parse_duration
+
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        raise SystemExit(f"mailrelayd: --since takes a duration like 1d or a date like 2026-11-01, not {text!r}") \
+            from None
+
+
+def cmd_suppress_list(args: argparse.Namespace) -> int:
+    with contextlib.closing(_store(args)) as st:
+        rows = st.list(kind=args.kind, since=_parse_since(args.since))
+    if args.json:
+        print(json.dumps([r.__dict__ for r in rows], indent=2))
+        return 0
+    for r in rows:
+        seen = dt.datetime.fromtimestamp(r.last_seen, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        print(f"{r.address}\t{r.kind}\t{r.source}\t{seen}\tx{r.count}\t{r.reason}")
+    if not rows:
+        print("no suppressions", file=sys.stderr)
+    return 0
+
+
+def cmd_suppress_add(args: argparse.Namespace) -> int:
+    with contextlib.closing(_store(args)) as st:
+        try:
+            new = st.add(args.address, args.reason)
+        except ValueError as e:
+            _err(str(e))
+            return 2
+    print(f"{'suppressed' if new else 'already suppressed'}: {args.address}")
+    return 0
+
+
+def cmd_suppress_remove(args: argparse.Namespace) -> int:
+    with contextlib.closing(_store(args)) as st:
+        ok = st.remove(args.address)
+    if not ok:
+        _err(f"{args.address} is not suppressed")
+        return 1
+    print(f"removed: {args.address}")
+    return 0
+
+
+def cmd_suppress_import(args: argparse.Namespace) -> int:
+    with contextlib.closing(_store(args)) as st, open(args.file, newline="", encoding="utf-8") as f:
+        try:
+            n = st.import_csv(f)
+        except ValueError as e:
+            _err(f"{args.file}: {e}")
+            return 1
+    print(f"imported {n} address(es)")
+    return 0
+
+
+def cmd_suppress_export(args: argparse.Namespace) -> int:
+    with contextlib.closing(_store(args)) as st:
+        st.export_csv(sys.stdout)
+    return 0
+
+
+# --- feedback ---------------------------------------------------------------------------
+def cmd_feedback_parse(args: argparse.Namespace) -> int:
+    from mailrelayd.feedback.parse import parse_feedback
+
+    out = []
+    for name in args.files:
+        try:
+            raw = Path(name).read_bytes()
+        except OSError as e:
+            _err(f"{name}: {e.strerror}")
+            return 2
+        rep = parse_feedback(raw)
+        out.append({"file": name, "kind": rep.kind, "feedback_type": rep.feedback_type,
+                    "recipients": [{"address": r.address, "kind": r.kind, "status": r.status, "reason": r.reason}
+                                   for r in rep.recipients]})
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for item in out:
+            print(f"{item['file']}: {item['kind']}")
+            for r in item["recipients"]:
+                verdict = "suppress" if r["kind"] in ("hard_bounce", "complaint") else "record"
+                print(f"    {verdict:<8} {r['address']}  {r['kind']}  {r['status'] or '-'}  {r['reason']}")
+    return 0
+
+
+# --- doctor -----------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mailrelayd.doctor import run_doctor
+
+    return run_doctor(args)
+
+
+# --- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mailrelayd", description="SMTP relay daemon: submission, DKIM signing, "
+                                "durable spool, MX delivery, bounce and complaint handling.")
+    p.add_argument("--version", action="version", version=f"mailrelayd {__version__}")
+    cfg_help = f"config file (default: $MAILRELAYD_CONFIG, then {DEFAULT_CONFIG})"
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", help=cfg_help)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", parents=[common], help="run the daemon in the foreground")
+    s.add_argument("--log-format", choices=("json", "console"), help="override [logging] format")
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("check-config", parents=[common], help="validate the config and every file it names")
+    s.set_defaults(func=cmd_check_config)
+    s = sub.add_parser("init", help="create a development set-up (config, certificate, user, DKIM key)")
+    s.add_argument("directory")
+    s.set_defaults(func=cmd_init)
+
+    u = sub.add_parser("user", help="manage submission users").add_subparsers(dest="sub", required=True)
+    ucommon = argparse.ArgumentParser(add_help=False, parents=[common])
+    ucommon.add_argument("--users-file", help="users file (default: [auth] users_file of the config)")
+    s = u.add_parser("add", parents=[ucommon], help="add a user or change their password "
+                     "(password: first line of stdin, or generated and printed when stdin is a terminal)")
+    s.add_argument("name")
+    s.add_argument("--allow-from", action="append", default=[], metavar="PATTERN",
+                   help="allowed sender: \"@example.com\" (any address at that domain) or a whole address; repeat")
+    s.set_defaults(func=cmd_user_add)
+    s = u.add_parser("del", parents=[ucommon], help="delete a user")
+    s.add_argument("name")
+    s.set_defaults(func=cmd_user_del)
+    s = u.add_parser("list", parents=[ucommon], help="list users and their allowed senders")
+    s.set_defaults(func=cmd_user_list)
+
+    d = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="sub", required=True)
+    s = d.add_parser("keygen", help="generate a key and print its DNS TXT record")
+    s.add_argument("--domain", required=True)
+    s.add_argument("--selector", required=True)
+    s.add_argument("--algorithm", choices=("rsa-sha256", "ed25519-sha256"), default="rsa-sha256")
+    s.add_argument("--bits", type=int, default=2048)
+    s.add_argument("--key-file", help="where to write the private key (default: DOMAIN.SELECTOR.key)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing key file")
+    s.set_defaults(func=cmd_dkim_keygen)
+    s = d.add_parser("check", parents=[common], help="check the published TXT record matches the configured key")
+    s.add_argument("--domain", required=True)
+    s.add_argument("--selector")
+    s.set_defaults(func=cmd_dkim_check)
+
+    q = sub.add_parser("queue", help="inspect and manage the queue").add_subparsers(dest="sub", required=True)
+    s = q.add_parser("list", parents=[common], help="queued messages with recipient states")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_queue_list)
+    s = q.add_parser("show", parents=[common], help="one message: envelope, recipients, headers")
+    s.add_argument("queue_id")
+    s.set_defaults(func=cmd_queue_show)
+    s = q.add_parser("flush", parents=[common], help="retry now (one message, or every deferred one)")
+    s.add_argument("queue_id", nargs="?")
+    s.set_defaults(func=lambda a: _queue_action(a, "flush"))
+    for verb, text in (("delete", "remove a message without notifying anyone"),
+                       ("bounce", "give up on a message and send a DSN to its sender")):
+        s = q.add_parser(verb, parents=[common], help=text)
+        s.add_argument("queue_id")
+        s.set_defaults(func=lambda a, v=verb: _queue_action(a, v))
+
+    sp = sub.add_parser("suppress", help="the suppression list").add_subparsers(dest="sub", required=True)
+    s = sp.add_parser("list", parents=[common], help="suppressed addresses")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--kind", choices=("hard_bounce", "soft_bounce", "complaint", "manual"))
+    s.add_argument("--since", help="only those seen since: a duration (7d) or a date (2026-11-01)")
+    s.set_defaults(func=cmd_suppress_list)
+    s = sp.add_parser("add", parents=[common], help="suppress an address")
+    s.add_argument("address")
+    s.add_argument("--reason", required=True)
+    s.set_defaults(func=cmd_suppress_add)
+    s = sp.add_parser("remove", parents=[common], help="stop suppressing an address")
+    s.add_argument("address")
+    s.set_defaults(func=cmd_suppress_remove)
+    s = sp.add_parser("import", parents=[common], help="import a CSV (address,reason[,kind] with a header row)")
+    s.add_argument("file")
+    s.set_defaults(func=cmd_suppress_import)
+    s = sp.add_parser("export", parents=[common], help="export the list as CSV on stdout")
+    s.set_defaults(func=cmd_suppress_export)
+
+    f = sub.add_parser("feedback", help="bounce and complaint parsing").add_subparsers(dest="sub", required=True)
+    s = f.add_parser("parse", help="classify message files without touching the suppression list")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_feedback_parse)
+
+    s = sub.add_parser("doctor", parents=[common], help="check DNS (MX, SPF, DKIM, DMARC) and the relay's own set-up")
+    s.add_argument("--domain", required=True)
+    s.add_argument("--selector")
+    s.add_argument("--ip", help="this relay's public IP, to check SPF allows it")
+    s.add_argument("--format", choices=("text", "json"), default="text")
+    s.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from mailrelayd.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        _err(str(e))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+

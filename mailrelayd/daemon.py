@@ -1,0 +1,385 @@
+"""The daemon: builds every part from the config, runs them, and handles signals.
+
+- start: validate everything (config, users, TLS, DKIM keys), open the spool (recovering what a
+  crash left), load the schedule, bind listeners, start the sidecar, then tell systemd READY=1;
+- SIGHUP: build a complete new runtime from the files; swap it in only if all of it is valid,
+  otherwise keep serving with the old one and count the failure;
+- SIGTERM/SIGINT: stop accepting, let sessions and deliveries in flight finish for up to
+  ``server.shutdown_timeout``, then exit 0. Nothing acknowledged is lost: whatever is cut off
+  is still active in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from mailrelayd import __version__, metrics
+from mailrelayd.config import Config, ConfigError, load_config
+from mailrelayd.delivery.dsn import build_dsn
+from mailrelayd.delivery.mx import MxResolver
+from mailrelayd.delivery.scheduler import Hooks, Scheduler
+from mailrelayd.delivery.transport import Transport
+from mailrelayd.dkim import DkimKeyError, DkimKeySpec, DkimSigner, LoadedKey, load_keys
+from mailrelayd.errors import DkimSignError
+from mailrelayd.feedback.processor import FeedbackProcessor
+from mailrelayd.feedback.store import SqliteSuppressionStore
+from mailrelayd.feedback.verp import make_return_path
+from mailrelayd.log import configure_logging, get_logger
+from mailrelayd.queueops import QueueOps
+from mailrelayd.sidecar import Sidecar, SidecarHooks
+from mailrelayd.smtp.auth import Authenticator, AuthThrottle
+from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
+from mailrelayd.smtp.policy import Policy
+from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
+from mailrelayd.systemd import Notifier
+from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
+from mailrelayd.users import User, UsersFileError, load_users
+
+log = get_logger()
+
+
+class SetupError(Exception):
+    """The config parsed but a file it names is unusable (cert, key, users file, DKIM key)."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Everything derived from the config files, built completely before it is used."""
+
+    cfg: Config
+    tls_context: ssl.SSLContext | None
+    cert_info: CertInfo | None
+    users: dict[str, User]
+    dkim_keys: tuple[LoadedKey, ...]
+    dkim_signer: DkimSigner | None
+
+
+def build_runtime(cfg: Config) -> Runtime:
+    """Load and validate every file the config names. Raises :class:`SetupError` whose message
+    names the config key and file."""
+    needs_tls = any(lst.tls != "none" for lst in cfg.listeners)
+    tls_context: ssl.SSLContext | None = None
+    cert_info: CertInfo | None = None
+    try:
+        if needs_tls or (cfg.tls.cert_file and cfg.tls.key_file):
+            assert cfg.tls.cert_file is not None and cfg.tls.key_file is not None
+            tls_context = server_context(cfg.tls.cert_file, cfg.tls.key_file)
+            cert_info = read_cert_info(cfg.tls.cert_file)
+    except TlsSetupError as e:
+        raise SetupError(str(e)) from None
+    users: dict[str, User] = {}
+    if cfg.auth.users_file is not None:
+        try:
+            users = load_users(cfg.auth.users_file)
+        except UsersFileError as e:
+            raise SetupError(f"auth.users_file: {e}") from None
+    specs = [DkimKeySpec(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim]
+    try:
+        keys = load_keys(specs)
+    except DkimKeyError as e:
+        idx = next((i for i, s in enumerate(specs) if str(s.key_file) in str(e)), None)
+        where = f"dkim[{idx}].key_file" if idx is not None else "dkim"
+        raise SetupError(f"{where}: {e}") from None
+    signer = None
+    if keys:
+        signer = DkimSigner(keys, headers=cfg.signing.headers, parent_domains=cfg.signing.parent_domains,
+                            expire=cfg.signing.expire or None)
+    return Runtime(cfg, tls_context, cert_info, users, keys, signer)
+
+
+def check(path: Path) -> Runtime:
+    """What ``mailrelayd check-config`` runs: parse, then build the runtime."""
+    return build_runtime(load_config(path))
+
+
+class _Hooks(Hooks):
+    """Scheduler integrations: suppression, VERP, local domains, synchronous 5xx feedback."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def is_suppressed(self, address: str) -> bool:
+        return self.d.suppressions.is_suppressed(address)
+
+    def verp_enabled(self, msg: MessageRecord) -> bool:
+        return bool(self.d.cfg.feedback.bounce_domain and msg.mail_from and not msg.is_dsn)
+
+    def return_path(self, msg: MessageRecord, rcpt: RecipientRecord) -> str:
+        cfg = self.d.cfg
+        if not self.verp_enabled(msg):
+            return msg.mail_from
+        assert cfg.feedback.bounce_domain is not None
+        return make_return_path(msg.queue_id, rcpt.index, cfg.feedback.bounce_domain, self.d.verp_secrets[0])
+
+    def is_local(self, domain: str) -> bool:
+        return self.d.policy_domains(domain)
+
+    def permanent_failure(self, msg: MessageRecord, rcpt: RecipientRecord, outcome: Any) -> None:
+        self.d.feedback.smtp_failure(msg, rcpt, outcome)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, *, log_format: str | None = None) -> None:
+        self.config_path = config_path
+        self.log_format = log_format
+        self.notifier = Notifier()
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+        self.listeners: list[SmtpListener] = []
+        self.sidecar: Sidecar | None = None
+        self._bg: list[asyncio.Task[Any]] = []
+        self._sign_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dkim")
+        self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
+        self._reloading = False
+
+    # --- building -----------------------------------------------------------------------
+    def _apply(self, rt: Runtime) -> None:
+        """Swap in a runtime: new connections and new deliveries use it."""
+        self.rt = rt
+        self.cfg = rt.cfg
+        cfg = rt.cfg
+        self.verp_secrets = cfg.verp_secrets()
+        self.throttle.configure(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
+        self.limiter.max_total = cfg.limits.max_connections
+        self.limiter.max_per_ip = cfg.limits.max_connections_per_ip
+        authenticator = Authenticator(rt.users, self._auth_pool) if rt.users else None
+        signer = self._make_signer(rt.dkim_signer) if rt.dkim_signer is not None else None
+        for lst in self.listeners:
+            lcfg = next((x for x in cfg.listeners if x.name == lst.name), lst.config)
+            lst.config = replace(lcfg, address=lst.config.address)  # the bound address needs a restart
+            lst.context = SmtpContext(cfg=cfg, policy=Policy(cfg, lst.config, self.suppressions.is_suppressed),
+                                      tls_context=rt.tls_context, authenticator=authenticator,
+                                      throttle=self.throttle, signer=signer, spool=self.spool,
+                                      on_accepted=self._accepted)
+        local = {d.lower() for d in cfg.relay.local_domains}
+        if cfg.feedback.bounce_domain:
+            local.add(cfg.feedback.bounce_domain.lower())
+        self._local_domains = frozenset(local)
+        metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
+        metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
+        if rt.cert_info is not None:
+            metrics.TLS_CERT_NOT_AFTER.set(rt.cert_info.not_after)
+
+    def _make_signer(self, signer: DkimSigner) -> Any:
+        loop_pool = self._sign_pool
+
+        async def sign(data: bytes, from_domain: str) -> bytes:
+            res = await asyncio.get_running_loop().run_in_executor(loop_pool, signer.sign, data)
+            if res.error:
+                raise DkimSignError(res.error)
+            return res.headers
+        return sign
+
+    def policy_domains(self, domain: str) -> bool:
+        return domain in self._local_domains
+
+    def _accepted(self, msg: NewMessage) -> None:
+        self.scheduler.submit(msg)
+
+    # --- running ------------------------------------------------------------------------
+    async def run(self) -> int:
+        cfg = load_config(self.config_path)
+        configure_logging(self.log_format or cfg.logging.format, cfg.logging.level)
+        rt = build_runtime(cfg)
+        metrics.UP_SINCE.set(self.started)
+        metrics.CONFIG_LAST_RELOAD_SUCCESS.set(1)
+        self.throttle = AuthThrottle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
+        self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(cfg.server.spool_dir, min_free_space=cfg.server.min_free_space)
+        await self.spool.open()
+        self.suppressions = await asyncio.to_thread(
+            SqliteSuppressionStore, cfg.server.state_dir / "suppressions.db",
+            case_insensitive_local=cfg.feedback.case_insensitive_local_part,
+            soft_threshold=cfg.feedback.soft_bounce_threshold, soft_window=cfg.feedback.soft_bounce_window)
+        self.feedback = FeedbackProcessor(self)
+        self.resolver = MxResolver(cfg.dns)
+        self.transport = Transport(cfg, self.resolver)
+        self.scheduler = Scheduler(cfg, self.spool, self.transport, dsn_builder=build_dsn,
+                                   local=self.feedback.process, hooks=_Hooks(self))
+        self.queue_ops = QueueOps(self.spool, self.scheduler)
+        # Listeners are created before _apply so it can give them their context.
+        self.listeners = [SmtpListener(lc, None, self.limiter) for lc in cfg.listeners]  # type: ignore[arg-type]
+        self._apply(rt)
+        await self.scheduler.start()
+        try:
+            for lst in self.listeners:
+                await lst.start()
+                log.info("listener.started", listener=lst.name, address=str(lst.config.address),
+                         bound=f"{lst.bound[0]}:{lst.bound[1]}" if lst.bound else None, mode=lst.config.mode,
+                         tls=lst.config.tls)
+        except OSError as e:
+            log.error("listener.bind_failed", error=str(e))
+            await self._shutdown(0)
+            return 1
+        if cfg.http.enabled:
+            self.sidecar = Sidecar(SidecarHooks(readiness=self.readiness, before_scrape=self._update_gauges,
+                                                admin=self.queue_ops.handle), started=self.started)
+            await self.sidecar.start(cfg.http.address.host, cfg.http.address.port, cfg.admin_socket)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        self._bg.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        if self.notifier.watchdog_interval:
+            self._bg.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
+        self.notifier.ready(status="accepting mail")
+        log.info("daemon.ready", version=__version__,
+                 listeners=[lst.name for lst in self.listeners], pid=os.getpid(),
+                 http=f"{self.sidecar.bound[0]}:{self.sidecar.bound[1]}" if self.sidecar and self.sidecar.bound
+                 else None)
+        await self._stop.wait()
+        await self._shutdown(cfg.server.shutdown_timeout)
+        return self._exit_code
+
+    async def _shutdown(self, timeout: float) -> None:
+        self.notifier.stopping()
+        log.info("daemon.stopping", timeout=timeout)
+        deadline = time.monotonic() + timeout
+        for lst in self.listeners:
+            await lst.stop_accepting()
+        while any(lst.sessions for lst in self.listeners) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        aborted = sum(lst.abort_sessions() for lst in self.listeners)
+        await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
+        for t in self._bg:
+            t.cancel()
+        await self.transport.close()
+        if self.sidecar is not None:
+            await self.sidecar.stop()
+        await self.spool.close()
+        await asyncio.to_thread(self.suppressions.close)
+        self._sign_pool.shutdown(wait=False)
+        self._auth_pool.shutdown(wait=False)
+        log.info("daemon.stopped", aborted_sessions=aborted)
+
+    async def reload(self) -> bool:
+        """SIGHUP: all or nothing."""
+        if self._reloading:
+            return False
+        self._reloading = True
+        self.notifier.reloading()
+        try:
+            cfg = await asyncio.to_thread(load_config, self.config_path)
+            rt = await asyncio.to_thread(build_runtime, cfg)
+            restart_needed = self._restart_only_changes(cfg)
+            if rt.tls_context is not None and self.rt.tls_context is not None and cfg.tls.cert_file \
+                    and cfg.tls.key_file:
+                # Implicit-TLS servers hold the old context object: load the new chain into it too.
+                load_chain(self.rt.tls_context, cfg.tls.cert_file, cfg.tls.key_file)
+            self._apply(rt)
+            self.scheduler.reconfigure(cfg)
+            self.transport.reconfigure(cfg)
+            self.resolver.reconfigure(cfg.dns)
+            configure_logging(self.log_format or cfg.logging.format, cfg.logging.level)
+            metrics.CONFIG_RELOADS.inc()
+            metrics.CONFIG_LAST_RELOAD_SUCCESS.set(1)
+            log.info("config.reloaded", restart_needed_for=restart_needed or None)
+            return True
+        except (ConfigError, SetupError, OSError) as e:
+            metrics.CONFIG_RELOAD_FAILURES.inc()
+            metrics.CONFIG_LAST_RELOAD_SUCCESS.set(0)
+            log.error("config.reload_failed", error=str(e))
+            return False
+        finally:
+            self._reloading = False
+            self.notifier.ready(status="accepting mail")
+
+    def _restart_only_changes(self, new: Config) -> list[str]:
+        """Keys that a reload cannot apply (they are reported, and keep their old values)."""
+        old = self.cfg
+        out = []
+        if [(x.name, x.address) for x in old.listeners] != [(x.name, x.address) for x in new.listeners]:
+            out.append("listeners (names/addresses)")
+        for key in ("spool_dir", "state_dir", "admin_socket"):
+            if getattr(old.server, key) != getattr(new.server, key):
+                out.append(f"server.{key}")
+        if old.http != new.http:
+            out.append("http")
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- health -------------------------------------------------------------------------
+    def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        down = [lst.name for lst in self.listeners if not lst.serving]
+        checks["listeners"] = "ok" if not down else f"fail: not bound: {', '.join(down)}"
+        free = self.spool.free_bytes()
+        if not os.access(self.cfg.server.spool_dir, os.W_OK):
+            checks["spool"] = f"fail: {self.cfg.server.spool_dir} is not writable"
+        elif free < self.cfg.server.min_free_space:
+            checks["spool"] = f"fail: {free} bytes free, below server.min_free_space ({self.cfg.server.min_free_space})"
+        else:
+            checks["spool"] = "ok"
+        if any(lst.config.tls != "none" for lst in self.listeners):
+            ci = self.rt.cert_info
+            if self.rt.tls_context is None or ci is None:
+                checks["tls"] = "fail: no certificate loaded"
+            elif ci.not_after < time.time():
+                checks["tls"] = "fail: certificate expired"
+            else:
+                checks["tls"] = "ok"
+        if self.cfg.dkim:
+            n = len(self.rt.dkim_keys)
+            checks["dkim"] = "ok" if n == len(self.cfg.dkim) else f"fail: {n} of {len(self.cfg.dkim)} keys loaded"
+        checks["scheduler"] = "ok" if self.scheduler.loaded else "fail: queue not loaded yet"
+        ok = all(v == "ok" for v in checks.values())
+        metrics.READY.set(1 if ok else 0)
+        for k, v in checks.items():
+            metrics.READY_CHECK.labels(k).set(1 if v == "ok" else 0)
+        return checks
+
+    async def _update_gauges(self) -> None:
+        st = await self.spool.stats()
+        inflight = len(self.scheduler.inflight)
+        pending = st.recipients.get("pending", 0)
+        metrics.QUEUE_MESSAGES.set(st.messages)
+        metrics.QUEUE_RECIPIENTS.labels("pending").set(max(0, pending))
+        metrics.QUEUE_RECIPIENTS.labels("deferred").set(st.recipients.get("deferred", 0))
+        metrics.QUEUE_RECIPIENTS.labels("inflight").set(inflight)
+        metrics.QUEUE_OLDEST_AGE.set(max(0.0, time.time() - st.oldest_received_at) if st.oldest_received_at else 0)
+        for kind, n in (await asyncio.to_thread(self.suppressions.counts_by_kind)).items():
+            metrics.SUPPRESSIONS.labels(kind).set(n)
+        self.readiness()
+        self.spool.free_bytes(force=True)
+
+    async def _housekeeping(self) -> None:
+        last_prune = 0.0
+        while True:
+            await asyncio.sleep(2.0)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.suppressions.refresh)
+            self.readiness()
+            now = time.time()
+            if now - last_prune > 3600:
+                last_prune = now
+                with contextlib.suppress(Exception):
+                    await self.spool.prune_history(now - self.cfg.feedback.verp_retention)
+
+    async def _watchdog(self, interval: float) -> None:
+        # Runs on the event loop: if the loop is stuck, systemd stops hearing from us and restarts.
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+
+def run_daemon(config_path: Path, log_format: str | None = None) -> int:
+    """Entry point for ``mailrelayd run``: uvloop when available."""
+    daemon = Daemon(config_path, log_format=log_format)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(daemon.run())
+    return uvloop.run(daemon.run())

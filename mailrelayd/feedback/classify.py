@@ -1,0 +1,364 @@
+"""Hard/soft classification of one delivery failure.
+
+:func:`classify_status` is the single rule set used for asynchronous bounces (DSN fields or
+the text of a non-standard bounce) and for the synchronous 5xx/4xx replies our own delivery
+attempts receive. Its contract, from the suppression policy:
+
+* **hard_bounce** (the address gets suppressed) only when the failure says the *address
+  itself* is permanently unusable: the mailbox or the domain does not exist (RFC 3463
+  X.1.1, X.1.2, X.1.3, X.1.10 and X.4.4 with a 5 class), the account is disabled or suspended,
+  the mailbox has moved, the domain accepts no mail (RFC 7505 null MX);
+* **soft_bounce** for everything else, even with a 5xx code: failures about the sender, the
+  message (size, content, spam, virus, authentication), the sending host's IP or reputation,
+  policy, rate limits, the recipient's capacity (mailbox full) or the network, and every
+  transient (4.x.x / 4xx) failure.
+
+The diagnostic text outranks the codes: many MTAs send ``550 5.0.0 User unknown``, others
+send ``550 5.1.1`` with a text that blames the sending IP or a full mailbox. Text is checked
+in three tiers: strong soft signals (they name a cause that is not the address: a full
+mailbox, a block list, spam, DMARC, the sender...), then the hard signals, then weak soft
+signals (policy, refused, timed out...). Only if no text rule matches are the enhanced status
+code (RFC 3463) and then the basic reply code (RFC 5321 section 4.2.3) used. With no evidence
+at all the answer is soft: a wrong soft costs one more attempt, a wrong hard loses a recipient.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+HARD = "hard_bounce"
+SOFT = "soft_bounce"
+
+_MAX_TEXT = 4000
+_ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]\d)")
+_URL = re.compile(r"(?:https?|ftp)://\S{0,500}|www\.\S{0,500}")
+_EMAIL = re.compile(r"[^\s<>()\[\]\"',;:]{1,64}@[a-z0-9.-]{1,255}")
+_REPLY = re.compile(r"(?<![\d.#-])([245])([0-5])(\d)(?=[ -]|$)")
+
+
+def _rx(*alternatives: str) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{alt})" for alt in alternatives))
+
+
+# Tier 1: the failure names a cause other than the address. Checked before the hard rules
+# because such texts often also say "recipient rejected" or carry a 5.1.1 code.
+_STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("mailboxfull", _rx(
+        r"mail ?box (is |was )?(full|over|exceeded)", r"over ?quota", r"quota (is )?(exceeded|full)",
+        r"exceed\w* (the |his |her |their |its )?(\w+ )?(storage |disk )?quota",
+        r"insufficient (disk |storage )?space",
+        r"disk quota", r"storage (space|limit|quota)", r"mail ?box size limit", r"mail ?folder is full",
+        r"too much mail", r"full mail ?box", r"(account|inbox|mail ?box|recipient|user) is full",
+        r"is over (the |their |his |her )?(\w+ )?(quota|limit)", r"quota exceeded", r"out of storage",
+        r"mailbox has exceeded", r"user.{0,20}over.{0,10}(quota|limit)",
+    )),
+    ("exceedlimit", _rx(
+        r"message (size )?(is |was )?too (big|large)",
+        r"exceeds? (the )?(fixed |maximum |max )?(message )?size",
+        r"message size exceeds", r"size limit", r"message length exceeds", r"too large for",
+    )),
+    ("speeding", _rx(
+        r"too many (connections|recipients|messages|concurrent|mails|emails|sessions)",
+        r"rate limit", r"rate.{0,20}(exceeded|too high)", r"receiving mail at a rate",
+        r"sending (too fast|at a rate)",
+        r"throttl", r"has sent to too many", r"connection rate", r"too fast",
+    )),
+    ("blocked", _rx(
+        r"blocked using", r"black ?list", r"block ?list", r"deny ?list", r"spamhaus", r"spamcop", r"sorbs",
+        r"\bdnsbl\b", r"\brbl\b", r"(?<!not )listed (in|on|at|by)", r"reputation", r"client host",
+        r"client ip",
+        r"\bip (address )?.{0,30}(rejected|blocked|denied|refused|not allowed|listed|banned)",
+        r"(your|sending|sender|client|connecting) (ip|host|server|mta)", r"not accepting connections",
+        r"reverse dns", r"\bptr\b", r"\brdns\b", r"reverse (dns|lookup|hostname)", r"dynamic ip", r"dial-?up",
+        r"sender ip", r"not (be )?(permitted|allowed) to send", r"without a valid sender",
+        r"envelope blocked", r"\bhelo\b", r"\behlo\b",
+    )),
+    ("spamdetected", _rx(
+        r"spam", r"\bube\b", r"bulk (e-?mail|mail)", r"junk mail", r"content (was )?rejected",
+        r"message content", r"unsolicited", r"suspicious", r"phish",
+    )),
+    ("virusdetected", _rx(r"virus", r"malware", r"infected", r"malicious")),
+    ("authfailure", _rx(
+        r"dmarc", r"\bspf\b", r"\bdkim\b", r"unauthenticated (e-?mail|sender|message)",
+        r"authentication (required|failed|results|is required)", r"auth ?required", r"not authenticated",
+        r"must authenticate", r"unauthenticated senders", r"authentication checks? failed",
+        r"authentication fail",
+    )),
+    ("rejected", _rx(
+        r"sender (address |domain )?(rejected|denied|verify failed|unknown|is not|blocked|invalid)",
+        r"domain of sender", r"sender domain", r"mail from.{0,60}(rejected|refused|denied|not accepted)",
+        r"sender.{0,20}not (allowed|permitted|accepted)", r"invalid sender", r"bad sender", r"from address",
+        r"purported responsible", r"return.?path", r"envelope.?from", r"reverse.?path", r"senders? (is )?not",
+        r"you are not (allowed|permitted|authorized)", r"are not me", r"from: header", r"from header",
+        r"not (a )?member", r"only (members|subscribers)", r"permission to post", r"moderator",
+        r"not authorized to (send|post)", r"doesn't have permission", r"(after|in reply to) mail from",
+    )),
+    ("norelaying", _rx(
+        r"relay(ing)? (access )?(denied|not permitted|not allowed|prohibited)",
+        r"not (configured|permitted|allowed) to relay",
+        r"unable to relay", r"we do not relay", r"relay (is )?not", r"cannot relay", r"no relaying",
+    )),
+    ("filtered", _rx(
+        r"recipient preferences", r"refused by (the )?recipient", r"recipient.{0,20}filter", r"filtered",
+    )),
+    ("mesgtoobig", _rx(r"headers too large", r"too many headers")),
+    ("notcompliantrfc", _rx(
+        r"rfc ?(5322|2822|822|5321|2821)", r"duplicate header", r"multiple .{0,20}addresses in from",
+        r"not (rfc )?compliant", r"malformed (header|message)", r"header error", r"invalid header",
+    )),
+    ("expired", _rx(
+        r"temporar", r"try (again )?later", r"retry (later|timeout)", r"delayed", r"deferred",
+        r"not found, try again",
+    )),
+)
+
+# Tier 2: the address itself is unusable. Hard when the failure is permanent.
+_HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("hasmoved", _rx(
+        r"has moved", r"recipient no longer on server", r"no longer (with|at|on|here|works)",
+        r"not our (user|customer)",
+        r"user not local", r"address has changed", r"changed (his|her|their) (e-?mail )?address",
+    )),
+    ("suspend", _rx(
+        r"(account|mail ?box|user|address|recipient|e-?mail)( account)? (has been |is |was )?"
+        r"(disabled|deactivated|suspended|inactive|blocked|locked|closed|terminated|discontinued|frozen|cancell?ed|deleted|removed)",
+        r"compte du destinataire est bloque", r"inactive (e-?mail|account|user|mail ?box|address)",
+        r"(disabled|suspended|deactivated|closed|terminated|expired) (account|mail ?box|user|address)",
+        r"account (is )?(no longer|not) (active|available|in use)",
+    )),
+    ("notaccept", _rx(
+        r"does not accept (any )?(e-?)?mail", r"not accept(ing)? (any )?(e-?)?mail", r"null mx",
+        r"accepts no mail",
+        r"no mail (is )?accepted", r"does not receive (e-?)?mail",
+    )),
+    ("hostunknown", _rx(
+        r"host (or domain name )?not found", r"domain (name )?not found", r"no such (domain|host)",
+        r"unknown (domain|host)",
+        r"domain (does not|doesn't|did not) exist", r"invalid domain", r"host ?unknown",
+        r"name service error",
+        r"nxdomain", r"domain.{0,20}(is )?not (valid|reachable|resolvable)", r"unrouteable (mail )?domain",
+        r"unable to (resolve|route)", r"no (valid )?mx", r"mx (record )?(not found|lookup failed)",
+        r"domain .{0,40}could(n't| not) be found", r"couldn't find.{0,20}domain",
+        r"no route to (host|domain)",
+        r"bad destination (system|host)", r"domain name service", r"unknown mail domain",
+        r"(couldn't|could not|can't|cannot|unable to) find (a |any )?(mail exchanger|mx|host|domain)",
+    )),
+    ("userunknown", _rx(
+        r"user ?unknown", r"unknown (user|recipient|address|mail ?box|local.?part|account|alias|e-?mail)",
+        r"no such (user|recipient|mail ?box|address|account|local user|person|alias|e-?mail)",
+        r"(user|recipient|mail ?box|address|account|addressee|e-?mail|local.?part|alias)"
+        r"( address| account| name)?"
+        r"( that you tried to reach)? (does not|doesn't|did not|do not|not) exist",
+        r"(user|recipient|mail ?box|address|account|addressee|alias)( address| account| name)? (was |is )?"
+        r"(not found|unknown|invalid|not listed|not valid|not recognized)",
+        r"invalid (final )?(delivery )?(recipient|mail ?box|user|userid|address|destination|e-?mail|account)",
+        r"recipient address rejected: access denied",  # Microsoft 365 directory-based edge blocking
+        r"check (if|that|whether) (the )?(e-?mail )?address is (correct|valid)",
+        r"not a valid (mail ?box|user|recipient|address)", r"no mail ?box", r"no such mail ?box",
+        r"mail ?box (not found|unavailable|does not exist|is unavailable|invalid|not available)",
+        r"unrouteable address", r"unknown or illegal alias",
+        r"(is|was) not (a )?(known|valid) (user|recipient)",
+        r"(don't|doesn't|does not) have an? .{0,40}account", r"no account", r"bad destination mail ?box",
+        r"user not found", r"recipient ?not ?found", r"recip ?not ?found", r"addressee unknown",
+        r"destination address.{0,20}(invalid|unknown)", r"adresse destinataire invalide", r"not a known user",
+        r"user (account )?(is )?unavailable", r"no longer (valid|exists?|available|active|in use)",
+        r"invalid address", r"address (is )?invalid", r"unknown address", r"address unknown",
+        r"email account that you tried to reach", r"no valid recipients", r"user doesn't exist",
+        r"mailbox name not allowed", r"recipient (is )?unknown",
+        r"not listed in (the )?\w+ (directory|address)",
+        r"no one here by that name", r"no mailbox here by that name", r"unknown in (virtual|local|relay)",
+        r"non-?existent (user|recipient|mail ?box|address|account)",
+        r"(isn't|is not) a valid (user|recipient|address)",
+        r"invalid mailbox", r"err\.nosuchuser", r"nosuchuser",
+    )),
+)
+
+# Tier 3: generic soft causes, only when nothing above matched.
+_WEAK_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("mailererror", _rx(
+        r"command output", r"exit (status|code)", r"mailer error", r"procmail", r"\bx-unix\b", r"pipe to",
+    )),
+    ("syntaxerror", _rx(
+        r"command (not recognized|unrecognized)", r"improper sequence", r"bad sequence", r"syntax error",
+        r"command parameter", r"parameter not implemented", r"unrecognized command",
+    )),
+    ("expired", _rx(
+        r"timed? ?out", r"time ?out", r"retry time", r"delivery time expired", r"giving up", r"expired",
+        r"could not be delivered (for|within|in)", r"have not been able to deliver",
+        r"not yet been delivered",
+        r"still being retried", r"queue", r"unable to deliver .{0,20}(after|for|within)",
+    )),
+    ("networkerror", _rx(
+        r"connection (refused|reset|lost|closed|dropped)", r"could not connect", r"unable to connect",
+        r"no route",
+        r"network (is )?unreachable", r"too many hops", r"mail loop", r"loops? back", r"dns (failure|error)",
+        r"lost connection", r"connect to", r"hop count",
+    )),
+    ("policyviolation", _rx(r"policy", r"prohibited", r"not allowed", r"forbidden", r"violation")),
+    ("systemerror", _rx(
+        r"system error", r"internal error", r"local error", r"transaction failed",
+        r"service (currently )?unavailable",
+        r"server error", r"system (is )?(busy|not available)", r"i/o error", r"out of memory", r"system full",
+    )),
+    ("blocked", _rx(r"refused", r"denied", r"blocked", r"rejected", r"not accepted")),
+)
+
+# RFC 3463 section 3: subject.detail → reason, for permanent (5.x.x) codes. Only the address
+# status codes that mean "this address cannot receive mail" are hard.
+_HARD_CODES = {
+    (1, 0): "userunknown",
+    (1, 1): "userunknown",
+    (1, 2): "hostunknown",
+    (1, 3): "userunknown",
+    (1, 6): "hasmoved",
+    (1, 10): "notaccept",
+    (4, 4): "hostunknown",
+}
+_SOFT_CODES = {
+    (1, 7): "rejected",
+    (1, 8): "rejected",
+    (2, 0): "filtered",
+    (2, 1): "filtered",
+    (2, 2): "mailboxfull",
+    (2, 3): "exceedlimit",
+    (2, 4): "systemerror",
+    (3, 0): "systemerror",
+    (3, 1): "systemfull",
+    (3, 2): "systemerror",
+    (3, 4): "mesgtoobig",
+    (3, 5): "systemerror",
+    (4, 0): "networkerror",
+    (4, 1): "networkerror",
+    (4, 2): "networkerror",
+    (4, 3): "networkerror",
+    (4, 5): "toomanyconn",
+    (4, 6): "networkerror",
+    (4, 7): "expired",
+    (5, 3): "toomanyconn",
+    (5, 4): "syntaxerror",
+    (6, 0): "contenterror",
+    (7, 1): "securityerror",
+    (7, 7): "securityerror",
+    (7, 23): "authfailure",
+    (7, 24): "authfailure",
+    (7, 25): "requireptr",
+    (7, 26): "authfailure",
+    (7, 27): "notaccept",
+}
+
+
+def _enhanced(text: str) -> tuple[int, int, int] | None:
+    match = _ENHANCED.search(text)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def _reason_from_code(code: tuple[int, int, int]) -> tuple[bool, str]:
+    """(address-level?, reason) for an enhanced status code."""
+    subject_detail = (code[1], code[2])
+    if subject_detail in _HARD_CODES:
+        return True, _HARD_CODES[subject_detail]
+    if subject_detail in _SOFT_CODES:
+        return False, _SOFT_CODES[subject_detail]
+    by_subject = {1: "userunknown", 2: "filtered", 3: "systemerror", 4: "networkerror", 5: "syntaxerror",
+                  6: "contenterror", 7: "policyviolation"}
+    # X.1.x codes not in the tables (5.1.4 ambiguous, 5.1.5, 5.1.9...) say nothing definite.
+    return False, "onhold" if code[1] == 1 else by_subject.get(code[1], "onhold")
+
+
+def _match(rules: tuple[tuple[str, re.Pattern[str]], ...], text: str) -> str:
+    for reason, pattern in rules:
+        if pattern.search(text):
+            return reason
+    return ""
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The outcome of :func:`classify_failure`: kind, reason and what decided it.
+
+    ``evidence`` is ``"soft-text"`` (a non-address cause named in the text), ``"hard-text"``
+    (the text says the address is unusable), ``"code"`` (an enhanced or basic status code),
+    ``"weak-text"`` (generic words such as "refused" or "policy") or ``"none"``.
+    """
+
+    kind: str
+    reason: str
+    evidence: str
+
+    @property
+    def decisive(self) -> bool:
+        """True when the text itself named the cause (strong soft or hard wording)."""
+        return self.evidence in ("soft-text", "hard-text")
+
+
+def classify_status(status: str, diagnostic: str, *, smtp_code: int | None = None) -> tuple[str, str]:
+    """Classify one failed recipient as ``("hard_bounce" | "soft_bounce", reason)``.
+
+    ``status`` is the RFC 3463 enhanced status code reported for the recipient (``"5.1.1"``,
+    possibly with a comment, or ``""``); ``diagnostic`` the remote server's text (a DSN
+    ``Diagnostic-Code``, the lines of a plain-text bounce about this recipient, or the reply
+    our own delivery attempt received, e.g. ``"550 5.1.1 <x@y>: Recipient address rejected:
+    User unknown"``); ``smtp_code`` the basic reply code when the caller has it separately.
+
+    ``reason`` uses sisimai's vocabulary (``userunknown``, ``hostunknown``, ``suspend``,
+    ``hasmoved``, ``notaccept``, ``mailboxfull``, ``blocked``, ``spamdetected``, ``expired``,
+    ...; ``onhold`` when nothing says why). Never raises.
+    """
+    result = classify_failure(status, diagnostic, smtp_code=smtp_code)
+    return result.kind, result.reason
+
+
+def classify_failure(status: str, diagnostic: str, *, smtp_code: int | None = None) -> Classification:
+    """Like :func:`classify_status`, also telling which evidence decided (see :class:`Classification`)."""
+    # URLs carry no reason but do carry words ("https://.../#filtered", "...?ip=1.2.3.4");
+    # addresses neither ("filtered@example.com").
+    text = _URL.sub(" ", str(diagnostic or "")[:_MAX_TEXT].lower())
+    text = " ".join(_EMAIL.sub("<addr>", text).split())
+    status_code = _enhanced(str(status or ""))
+    text_code = _enhanced(text)
+    reply = smtp_code
+    if reply is None:
+        match = _REPLY.search(text)
+        reply = int(match.group(0)) if match else None
+
+    # Permanence: the reported status class wins (RFC 3464 section 2.3.4), then codes in the text.
+    if status_code is not None:
+        permanent = status_code[0] == 5
+    elif text_code is not None:
+        permanent = text_code[0] == 5
+    elif reply is not None:
+        permanent = reply >= 500
+    else:
+        permanent = True  # a failure report without any code ("Delivery failed: user unknown")
+    if status_code is not None and status_code[0] == 2:
+        return Classification(SOFT, "delivered", "code")
+
+    reason = _match(_STRONG_SOFT, text)
+    if reason:
+        return Classification(SOFT, reason, "soft-text")
+    reason = _match(_HARD, text)
+    if reason:
+        return Classification(HARD if permanent else SOFT, reason, "hard-text")
+
+    # A code quoted from the remote server is more specific than a generic Status the
+    # reporting MTA filled in (Status: 5.0.0, "550 5.1.1 ..."). An address-level code outranks
+    # the generic words below ("Recipient rejected", "denied").
+    codes = [c for c in (text_code, status_code) if c is not None and (c[1], c[2]) != (0, 0)]
+    if permanent:
+        for code in codes:
+            if code[0] == 5:
+                address_level, reason = _reason_from_code(code)
+                if address_level:
+                    return Classification(HARD, reason, "code")
+                break
+    reason = _match(_WEAK_SOFT, text)
+    if reason:
+        return Classification(SOFT, reason, "weak-text")
+    for code in codes:
+        return Classification(SOFT, _reason_from_code(code)[1], "code")
+    if reply == 551 and permanent:
+        return Classification(HARD, "hasmoved", "code")  # RFC 5321 section 3.4: "User not local"
+    return Classification(SOFT, "onhold" if permanent else "expired", "none")

@@ -1,0 +1,95 @@
+"""A mailrelayd daemon in a subprocess, for tests that need signals, systemd notify or kill -9.
+
+Listeners bind port 0; the bound ports are read from the daemon's own JSON log
+(``listener.started`` and ``daemon.ready`` events), so tests never clash on ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import mailrelayd_cmd
+
+
+class DaemonProcess:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        e = dict(os.environ)
+        e.pop("NOTIFY_SOCKET", None)
+        e.update(env or {})
+        self.proc = subprocess.Popen([*mailrelayd_cmd(), "run", "-c", str(config), "--log-format", "json"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e)
+        self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self._q: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.ports: dict[str, int] = {}
+        self.http_port = 0
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(ev, dict):
+                continue
+            self.events.append(ev)
+            self._q.put(ev)
+
+    def wait_event(self, name: str, timeout: float = 30, **match: Any) -> dict[str, Any]:
+        """The first event called ``name`` (seen already or arriving within ``timeout``)."""
+        for ev in list(self.events):
+            if ev.get("event") == name and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None and self._q.empty():
+                raise AssertionError(f"no {name} event; log tail:\n" + "\n".join(self.lines[-30:]))
+            try:
+                ev = self._q.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                continue
+            if ev.get("event") == name and all(ev.get(k) == v for k, v in match.items()):
+                return ev
+
+    def wait_ready(self, timeout: float = 60) -> DaemonProcess:
+        ev = self.wait_event("daemon.ready", timeout)
+        for e in self.events:
+            if e.get("event") == "listener.started" and e.get("bound"):
+                self.ports[e["listener"]] = int(e["bound"].rsplit(":", 1)[1])
+        if ev.get("http"):
+            self.http_port = int(ev["http"].rsplit(":", 1)[1])
+        return self
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)

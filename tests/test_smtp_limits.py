@@ -1,0 +1,232 @@
+"""Limits, timeouts, hostile input and SMTP smuggling: every case gets a precise reply code
+(never a traceback, never a hang), and nothing refused reaches the spool."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from tests.support.smtptalk import SmtpTalk
+
+
+async def _ready(port: int, rcpt: str = "x@other.example") -> SmtpTalk:
+    t = await SmtpTalk.connect(port)
+    assert (await t.ehlo())[0] == 250
+    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    assert (await t.cmd(f"RCPT TO:<{rcpt}>"))[0] == 250
+    return t
+
+
+async def _spooled(d) -> int:
+    return (await d.spool.stats()).messages
+
+
+async def test_size_declared_too_big(start_daemon) -> None:
+    d = await start_daemon({"limits": {"max_message_size": "64KB"}})
+    t = await SmtpTalk.connect(d.port("relay"))
+    await t.ehlo()
+    code, text = await t.cmd(f"MAIL FROM:<app@example.com> SIZE={64 * 1024 + 1}")
+    assert code == 552 and text.startswith("5.3.4")
+    await t.close()
+
+
+async def test_size_lied_about_enforced_on_data(start_daemon) -> None:
+    d = await start_daemon({"limits": {"max_message_size": "64KB"}})
+    t = await SmtpTalk.connect(d.port("relay"))
+    await t.ehlo()
+    assert (await t.cmd("MAIL FROM:<app@example.com> SIZE=100"))[0] == 250
+    assert (await t.cmd("RCPT TO:<x@other.example>"))[0] == 250
+    assert (await t.cmd("DATA"))[0] == 354
+    body = b"Subject: big\r\n\r\n" + (b"y" * 70 + b"\r\n") * 2000  # ~144 KB
+    code, text = await t.cmd(body + b".")
+    assert code == 552 and text.startswith("5.3.4")
+    assert (await t.cmd("NOOP"))[0] == 250  # still in step with the client
+    assert await _spooled(d) == 0
+    await t.close()
+
+
+async def test_too_many_recipients(start_daemon) -> None:
+    d = await start_daemon({"limits": {"max_recipients": 3}})
+    t = await SmtpTalk.connect(d.port("relay"))
+    await t.ehlo()
+    await t.cmd("MAIL FROM:<app@example.com>")
+    for i in range(3):
+        assert (await t.cmd(f"RCPT TO:<r{i}@other.example>"))[0] == 250
+    assert await t.cmd("RCPT TO:<r3@other.example>") == (452, "4.5.3 Too many recipients")
+    await t.close()
+
+
+async def test_long_lines(start_daemon) -> None:
+    d = await start_daemon()
+    t = await _ready(d.port("relay"))
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(b"Subject: x\r\n\r\n" + b"z" * 1200 + b"\r\n.")
+    assert code == 500 and text.startswith("5.5.2 Line too long")
+    code, text = await t.cmd("NOOP " + "n" * 5000)
+    assert (code, text) == (500, "5.5.2 Line too long")
+    assert (await t.cmd("NOOP"))[0] == 250
+    assert await _spooled(d) == 0
+    await t.close()
+
+
+@pytest.mark.parametrize("payload", [
+    b"Subject: a\r\n\r\nline\n.\nMAIL FROM:<evil@example.com>\r\nRCPT TO:<v@other.example>\r\nDATA\r\nx\r\n.",
+    b"Subject: a\r\n\r\nline\r.\r\nMAIL FROM:<evil@example.com>\r\n.",
+    b"Subject: a\r\n\r\nline\r\n.\nRCPT TO:<v@other.example>\r\n.",
+    b"Subject: a\r\n\r\nline\n.\r\nsmuggled\r\n.",
+    b"Subject: a\r\n\r\nbare\rcarriage return\r\n.",
+    b"Subject: a\r\n\r\nbare line feed\nhere\r\n.",
+])
+async def test_smtp_smuggling_rejected(start_daemon, payload: bytes) -> None:
+    d = await start_daemon()
+    t = await _ready(d.port("relay"))
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(payload)
+    assert code == 550 and text.startswith("5.6.0"), (code, text)
+    # In step: the smuggled commands were part of the refused data, never run.
+    assert (await t.cmd("NOOP"))[0] == 250
+    assert await _spooled(d) == 0
+    await t.close()
+
+
+async def test_dot_stuffing_and_empty_body(start_daemon) -> None:
+    d = await start_daemon()
+    t = await _ready(d.port("relay"))
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(b"From: app@example.com\r\nSubject: dots\r\n\r\n..leading dot\r\n.\r\n...three\r\n.")
+    assert code == 250
+    body = await d.spool.body(text.rsplit(" ", 1)[1])
+    assert body is not None and body.endswith(b"\r\n\r\n.leading dot\r\n\r\n..three\r\n")
+    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    assert (await t.cmd("RCPT TO:<x@other.example>"))[0] == 250
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(b".")  # an empty message: From/Date/Message-ID are added, like a submission server
+    assert code == 250, text
+    body = await d.spool.body(text.rsplit(" ", 1)[1])
+    assert body is not None and b"\r\nFrom: <app@example.com>\r\n" in body
+    await t.close()
+
+
+async def test_command_sequence_errors(start_daemon) -> None:
+    d = await start_daemon()
+    t = await SmtpTalk.connect(d.port("relay"))
+    assert (await t.cmd("MAIL FROM:<a@example.com>"))[0] == 503  # before EHLO
+    assert (await t.cmd("EHLO"))[:1] == (501,)
+    await t.ehlo()
+    assert (await t.cmd("RCPT TO:<a@other.example>")) == (503, "5.5.1 Error: need MAIL command")
+    assert (await t.cmd("DATA")) == (503, "5.5.1 Error: need MAIL command")
+    assert (await t.cmd("MAIL FROM:<a@example.com>"))[0] == 250
+    assert (await t.cmd("MAIL FROM:<a@example.com>")) == (503, "5.5.1 Error: nested MAIL command")
+    assert (await t.cmd("DATA")) == (503, "5.5.1 Error: need RCPT command")
+    assert (await t.cmd("MAIL TO:<a@example.com>"))[0] == 503
+    await t.close()
+
+
+async def test_garbage_commands_get_replies(start_daemon) -> None:
+    d = await start_daemon({"limits": {"max_errors": 50}})
+    t = await SmtpTalk.connect(d.port("relay"))
+    for junk in (b"\x00\x01\x02\xff\xfe", b"XYZZY", b"\xc3\x28 bad utf8", b"MAIL FROM:", b"HELO",
+                 b"MAIL FROM:<a@b.example> SIZE=abc", b"RCPT", b"STARTTLS now"):
+        code, _ = await t.cmd(junk)
+        assert 500 <= code < 600, junk
+    await t.ehlo()
+    assert (await t.cmd("MAIL FROM:<a@example.com> FOO=BAR")) == (555, "5.5.4 unsupported parameter FOO")
+    assert (await t.cmd("NOOP"))[0] == 250
+    await t.close()
+
+
+async def test_too_many_errors_closes(start_daemon) -> None:
+    d = await start_daemon({"limits": {"max_errors": 3}})
+    t = await SmtpTalk.connect(d.port("relay"))
+    for _ in range(2):
+        assert (await t.cmd("BOGUS"))[0] == 500
+    await t.send(b"BOGUS\r\n")
+    assert (await t.reply())[0] == 500
+    assert await t.reply() == (421, "4.7.0 Too many errors, closing connection")
+    assert await t.closed()
+
+
+async def test_pipelining_in_one_write(start_daemon) -> None:
+    d = await start_daemon()
+    t = await SmtpTalk.connect(d.port("relay"))
+    await t.ehlo()
+    await t.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@other.example>\r\nRCPT TO:<c@other.example>\r\nDATA\r\n")
+    assert [(await t.reply())[0] for _ in range(4)] == [250, 250, 250, 354]
+    code, _ = await t.cmd(b"From: a@example.com\r\n\r\nhi\r\n.")
+    assert code == 250
+    await t.close()
+
+
+async def test_client_talking_before_greeting(start_daemon) -> None:
+    d = await start_daemon()
+    r, w = await asyncio.open_connection("127.0.0.1", d.port("relay"))
+    w.write(b"EHLO eager.example\r\n")
+    await w.drain()
+    await asyncio.sleep(0)
+    data = await asyncio.wait_for(r.read(), 5)
+    # Either we saw the early talker (554) or the greeting won the race; never a hang or a traceback.
+    assert data.startswith(b"554 5.5.0") or data.startswith(b"220 ")
+    w.close()
+
+
+async def test_command_timeout(start_daemon) -> None:
+    d = await start_daemon({"limits": {"command_timeout": "0.5s"}})
+    t = await SmtpTalk.connect(d.port("relay"))
+    assert await t.reply(timeout=5) == (421, "4.4.2 Timeout exceeded, closing connection")
+    assert await t.closed()
+
+
+async def test_data_timeout(start_daemon) -> None:
+    d = await start_daemon({"limits": {"data_timeout": "0.5s"}})
+    t = await _ready(d.port("relay"))
+    assert (await t.cmd("DATA"))[0] == 354
+    await t.send(b"Subject: slow\r\n\r\npartial line without end")
+    assert (await t.reply(timeout=5))[0] == 421
+    assert await t.closed()
+    assert await _spooled(d) == 0
+
+
+async def test_connection_limits(start_daemon) -> None:
+    d = await start_daemon({"limits": {"max_connections_per_ip": 2, "max_connections": 3}})
+    port = d.port("relay")
+    a = await SmtpTalk.connect(port)
+    b = await SmtpTalk.connect(port)
+    c = await SmtpTalk.connect(port, greeting=False)
+    assert await c.reply() == (421, "4.7.0 Too many connections, try again later")
+    other = await SmtpTalk.connect(port, source="127.0.0.3")  # a different IP still gets in
+    e = await SmtpTalk.connect(port, source="127.0.0.4", greeting=False)  # but not past the total
+    assert (await e.reply())[0] == 421
+    await a.cmd("QUIT")
+    await asyncio.sleep(0.1)
+    f = await SmtpTalk.connect(port)  # a slot was freed
+    for x in (b, other, f):
+        await x.close()
+
+
+async def test_spool_free_space_threshold(start_daemon) -> None:
+    d = await start_daemon({"server": {"min_free_space": "1000000GB"}})
+    t = await SmtpTalk.connect(d.port("relay"))
+    await t.ehlo()
+    assert await t.cmd("MAIL FROM:<a@example.com>") == (452, "4.3.1 Insufficient system storage, try again later")
+    await t.close()
+
+
+async def test_spool_write_failure_never_says_250(start_daemon, monkeypatch) -> None:
+    """A write that fails inside the commit (disk full during the transaction) gets 452, not 250."""
+    from mailrelayd.spool import store
+
+    d = await start_daemon()
+    t = await _ready(d.port("relay"))
+
+    def full(c, m):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "_insert", full)
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(b"From: a@example.com\r\n\r\nbody\r\n.")
+    assert (code, text) == (452, "4.3.1 Insufficient system storage, try again later")
+    monkeypatch.undo()
+    assert await _spooled(d) == 0
+    await t.close()
