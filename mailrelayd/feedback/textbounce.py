@@ -100,6 +100,8 @@ _RECIPIENT_LINES = (
     re.compile(r"^[ \t]{0,20}<?(" + _ADDR + r")>?[ \t]*:[ \t]+\S", re.MULTILINE),
     # "<user@example.com> reason", Sendmail's "550 <user@example.com>... User unknown"
     re.compile(r"^[ \t]{0,20}(?:[245]\d\d[ -])?<(" + _ADDR + r")>(?:[ \t]|\.\.\.)", re.MULTILINE),
+    # Exchange's "'user@example.com' on 3/9/2025 10:00 AM" (the leading quote is stripped later)
+    re.compile(r"^[ \t]{0,20}(" + _ADDR + r")'?[ \t]+on[ \t]+\d", re.MULTILINE),
 )
 _RECIPIENT_KEYWORD = re.compile(
     r"(?:rcpt to|recipients?(?: address(?:es)?)?|original-recipient|final-recipient|failed recipient|"

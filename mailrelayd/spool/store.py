@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS history (
     sender_domain TEXT NOT NULL,
     state TEXT NOT NULL,
     done_at REAL NOT NULL,
+    last_reply TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (qid, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_done ON history(done_at);
@@ -336,6 +337,17 @@ class Spool:
             return (row[0], row[1]) if row else None
         return await self._read(fn)
 
+    async def recipient_outcomes(self, qid: str) -> dict[str, tuple[str, str]]:
+        """{address: (state, last reply)} for message ``qid``, queued or finished (history)."""
+        def fn(c: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+            rows = c.execute("SELECT address, state, last_reply FROM recipients WHERE qid = ? ORDER BY idx",
+                             (qid,)).fetchall()
+            if not rows:
+                rows = c.execute("SELECT address, state, last_reply FROM history WHERE qid = ? ORDER BY idx",
+                                 (qid,)).fetchall()
+            return {a: (st, lr or "") for a, st, lr in rows}
+        return await self._read(fn)
+
 
 # --- SQL helpers (run on the writer or reader thread) -------------------------------------
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -385,8 +397,8 @@ def _apply_updates(c: sqlite3.Connection, updates: Sequence[RecipientUpdate], no
 
 def _finish(c: sqlite3.Connection, qid: str, now: float) -> None:
     c.execute(
-        "INSERT OR REPLACE INTO history (qid, idx, address, sender_domain, state, done_at) "
-        "SELECT r.qid, r.idx, r.address, m.sender_domain, r.state, ? FROM recipients r "
+        "INSERT OR REPLACE INTO history (qid, idx, address, sender_domain, state, done_at, last_reply) "
+        "SELECT r.qid, r.idx, r.address, m.sender_domain, r.state, ?, r.last_reply FROM recipients r "
         "JOIN messages m ON m.qid = r.qid WHERE r.qid = ? AND m.queue = 'outbound'",
         (now, qid),
     )
@@ -451,6 +463,9 @@ class _Writer(threading.Thread):
         try:
             self._conn = _connect(self._path)
             self._conn.executescript(_SCHEMA)
+            cols = {r[1] for r in self._conn.execute("PRAGMA table_info(history)")}
+            if "last_reply" not in cols:  # spools from 0.1 pre-releases
+                self._conn.execute("ALTER TABLE history ADD COLUMN last_reply TEXT NOT NULL DEFAULT ''")
         except BaseException as e:  # surfaced by wait_open() and to every waiter
             self._open_error = e
             self._conn = None

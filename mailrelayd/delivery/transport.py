@@ -1,0 +1,408 @@
+"""Outbound SMTP (aiosmtplib): one transaction per call, per-recipient results, connection reuse.
+
+``Transport.deliver`` never raises: every failure becomes a per-recipient result, temporary (4xx,
+retry later) or permanent (5xx, bounce). The rule for ambiguity is at-least-once: anything we cannot
+prove was refused or accepted (a drop after DATA, a timeout waiting for the final reply) is temporary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib import SMTPResponse
+
+from mailrelayd import metrics
+from mailrelayd.config import Config, RouteConfig
+from mailrelayd.delivery.mx import DnsError, DnsPermanentError, MxHost, MxResolver
+from mailrelayd.log import get_logger
+
+log = get_logger()
+
+MAX_ADDRESSES_TRIED = 5
+"""Like Postfix's smtp_mx_address_limit: a broken domain costs a bounded number of connects."""
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_DOT_STUFF = re.compile(rb"(?m)^\.")  # RFC 5321 §4.5.2
+
+
+@dataclass(frozen=True, slots=True)
+class RcptResult:
+    """The fate of one recipient in one attempt: the SMTP reply that decided it."""
+
+    address: str
+    code: int
+    enhanced: str
+    text: str
+    remote_mta: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+
+def _enhanced(code: int, text: str) -> tuple[str, str]:
+    """Split "5.1.1 User unknown" into ("5.1.1", "User unknown"); default x.0.0 from the code."""
+    m = _ENHANCED.match(text)
+    if m and m.group(1) == str(code)[0]:
+        return m.group(0), text[m.end():].strip()
+    return f"{str(code)[0]}.0.0", text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class _TempFail(Exception):
+    """This host could not take the message now; try the next one (code, enhanced, text)."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(text)
+        self.code, self.enhanced, self.text = code, enhanced, text
+
+
+class _PermFail(_TempFail):
+    """A host refused the session permanently (5xx greeting or EHLO, SMTPUTF8 unsupported...)."""
+
+
+@dataclass(eq=False)
+class _Conn:
+    smtp: aiosmtplib.SMTP
+    host: MxHost
+    address: str
+    key: str
+    tls: bool
+    used: int = 0
+    idle_since: float = field(default_factory=time.monotonic)
+
+
+def _client_context(verify: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if not verify:  # opportunistic TLS (Postfix "may"/"encrypt"): encryption without authentication
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Transport:
+    """Delivers one message to one destination domain per call, reusing idle connections."""
+
+    def __init__(self, cfg: Config, resolver: MxResolver) -> None:
+        self.resolver = resolver
+        self._idle: dict[str, list[_Conn]] = {}
+        self._domain_sems: dict[str, asyncio.Semaphore] = {}
+        self._ctx_may = _client_context(False)
+        self._ctx_verify = _client_context(True)
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+        self.reconfigure(cfg)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Apply a reloaded config; in-flight deliveries finish under the old limits."""
+        self.cfg = cfg
+        self._global = asyncio.Semaphore(cfg.delivery.max_concurrency)
+        self._domain_sems = {}
+        self._passwords: dict[str, str | None] = {}
+        for r in cfg.routes:
+            pw = r.password
+            if r.password_file is not None:
+                pw = r.password_file.read_text(encoding="utf-8").strip()
+            self._passwords[r.domain] = pw
+
+    async def close(self) -> None:
+        """QUIT every idle connection (shutdown)."""
+        self._closing = True
+        if self._reaper:
+            self._reaper.cancel()
+        conns = [c for lst in self._idle.values() for c in lst]
+        self._idle.clear()
+        await asyncio.gather(*(self._quit(c) for c in conns), return_exceptions=True)
+
+    # --- the public operation ------------------------------------------------------------
+    async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes
+                      ) -> list[RcptResult]:
+        """One SMTP transaction for ``recipients`` (all at ``domain``); a result for every recipient."""
+        t0 = time.perf_counter()
+        try:
+            results = await self._deliver(domain, mail_from, list(recipients), data)
+        except Exception as e:  # a bug here must defer, not lose, the recipients
+            log.exception("delivery.transport_error", domain=domain, error=str(e))
+            results = [RcptResult(r, 451, "4.3.0", f"local error in delivery: {type(e).__name__}")
+                       for r in recipients]
+        outcome = ("delivered" if all(r.ok for r in results) else
+                   "bounced" if all(r.permanent for r in results) else
+                   "deferred" if all(r.temporary for r in results) else "mixed")
+        metrics.DELIVERY_DURATION.labels(outcome).observe(time.perf_counter() - t0)
+        return results
+
+    async def _deliver(self, domain: str, mail_from: str, rcpts: list[str], data: bytes) -> list[RcptResult]:
+        route = self.cfg.route_for(domain)
+        port = route.host.port if route else self.cfg.delivery.port
+        key = f"route:{route.domain}" if route else domain.lower()
+        try:
+            if route:
+                hosts = await self.resolver.resolve_host(route.host.host, port)
+            else:
+                hosts = await self.resolver.resolve(domain, port)
+        except DnsError as e:
+            code = 550 if isinstance(e, DnsPermanentError) else 451
+            return [RcptResult(r, code, e.enhanced, str(e)) for r in rcpts]
+
+        sem = self._domain_sems.get(key)
+        if sem is None:
+            sem = self._domain_sems[key] = asyncio.Semaphore(self.cfg.delivery.domain_concurrency)
+        async with self._global, sem:
+            conn = await self._reuse(key)
+            if conn is None:
+                try:
+                    conn = await self._connect(key, hosts, route)
+                except _TempFail as e:
+                    code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
+                    return [RcptResult(r, code, e.enhanced, e.text) for r in rcpts]
+            results, reusable = await self._transaction(conn, mail_from, rcpts, data)
+            if reusable and not self._closing and conn.used < self.cfg.delivery.max_messages_per_connection:
+                conn.idle_since = time.monotonic()
+                self._idle.setdefault(key, []).append(conn)
+                self._ensure_reaper()
+            else:
+                await self._quit(conn)
+        return results
+
+    # --- connections ---------------------------------------------------------------------
+    async def _reuse(self, key: str) -> _Conn | None:
+        """An idle connection to the same destination, checked with RSET (RFC 5321 §4.1.1.5)."""
+        lst = self._idle.get(key)
+        while lst:
+            conn = lst.pop()
+            if time.monotonic() - conn.idle_since > self.cfg.delivery.idle_timeout or not conn.smtp.is_connected:
+                await self._quit(conn)
+                continue
+            try:
+                resp = await conn.smtp.execute_command(b"RSET", timeout=self.cfg.delivery.mail_timeout)
+            except (aiosmtplib.SMTPException, OSError):
+                conn.smtp.close()
+                continue
+            if resp.code == 250:
+                return conn
+            await self._quit(conn)
+        return None
+
+    async def _connect(self, key: str, hosts: list[MxHost], route: RouteConfig | None) -> _Conn:
+        """Try each MX address in order until one gives a usable session."""
+        d = self.cfg.delivery
+        last = _TempFail(451, "4.4.1", "no MX host could be tried")
+        all_perm = True
+        tried = 0
+        for host in hosts:
+            for addr in host.addresses:
+                if tried >= MAX_ADDRESSES_TRIED:
+                    break
+                tried += 1
+                try:
+                    return await self._open(key, host, addr, route, plaintext=False)
+                except _PermFail as e:
+                    last = e
+                except _TempFail as e:
+                    all_perm = False
+                    last = e
+                    if e.enhanced == "4.7.5" and route is None and d.tls_fallback_plaintext and d.tls == "may":
+                        try:  # Postfix-like fallback for broken STARTTLS, only when configured
+                            return await self._open(key, host, addr, route, plaintext=True)
+                        except _TempFail as e2:
+                            last = e2
+        if isinstance(last, _PermFail) and not all_perm:
+            # Some host might still take it later: a 5xx greeting from a backup MX is not final.
+            last = _TempFail(451, "4." + last.enhanced[2:], last.text)
+        raise last
+
+    async def _open(self, key: str, host: MxHost, addr: str, route: RouteConfig | None, *,
+                    plaintext: bool) -> _Conn:
+        d = self.cfg.delivery
+        tls_policy = route.tls if route else d.tls
+        where = f"{host.name}[{addr}]:{host.port}"
+        smtp = aiosmtplib.SMTP(hostname=addr, port=host.port, local_hostname=self.cfg.server.hostname,
+                               timeout=d.greeting_timeout, start_tls=False, use_tls=False)
+        try:
+            try:
+                # connect() reads the greeting; bound the TCP connect separately (RFC 5321 §4.5.3.2).
+                await asyncio.wait_for(smtp.connect(timeout=d.connect_timeout), d.connect_timeout +
+                                       d.greeting_timeout)
+            except aiosmtplib.SMTPConnectResponseError as e:
+                metrics.DELIVERY_CONNECTIONS.labels("refused_greeting").inc()
+                enh, text = _enhanced(e.code, e.message)
+                cls = _PermFail if e.code >= 500 else _TempFail
+                raise cls(e.code, enh, f"host {where} refused to talk to me: {e.code} {enh} {text}") from None
+            except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPTimeoutError, TimeoutError):
+                metrics.DELIVERY_CONNECTIONS.labels("timeout").inc()
+                raise _TempFail(451, "4.4.1", f"connect to {where}: timed out") from None
+            except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError) as e:
+                metrics.DELIVERY_CONNECTIONS.labels("refused").inc()
+                raise _TempFail(451, "4.4.1", f"connect to {where}: {_one_line(str(e))}") from None
+
+            await self._ehlo(smtp, where)
+            tls = False
+            if tls_policy != "none" and not plaintext and smtp.supports_extension("starttls"):
+                ctx = self._ctx_verify if tls_policy == "verify" else self._ctx_may
+                try:
+                    await smtp.starttls(tls_context=ctx, server_hostname=host.name, timeout=d.greeting_timeout)
+                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+                    metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
+                    raise _TempFail(451, "4.7.5", f"TLS with {where} failed: {_one_line(str(e))}") from None
+                tls = True
+                metrics.OUTBOUND_TLS.labels("verified" if tls_policy == "verify" else "starttls").inc()
+                await self._ehlo(smtp, where)  # RFC 3207 §4.2: forget what we knew, ask again
+            elif tls_policy in ("require", "verify"):
+                raise _TempFail(451, "4.7.5", f"TLS is required, but was not offered by host {where}")
+            else:
+                metrics.OUTBOUND_TLS.labels("plaintext").inc()
+
+            if route is not None and route.username:
+                if not tls and tls_policy != "none":
+                    raise _TempFail(451, "4.7.0", f"not sending AUTH credentials to {where} without TLS")
+                try:
+                    await smtp.login(route.username, self._passwords.get(route.domain) or "",
+                                     timeout=d.mail_timeout)
+                except aiosmtplib.SMTPAuthenticationError as e:
+                    enh, text = _enhanced(e.code, e.message)
+                    raise _TempFail(451, "4.7.0", f"AUTH at {where} failed: {e.code} {enh} {text}") from None
+                except aiosmtplib.SMTPException as e:
+                    raise _TempFail(451, "4.7.0", f"AUTH at {where} failed: {_one_line(str(e))}") from None
+        except BaseException:
+            smtp.close()
+            raise
+        metrics.DELIVERY_CONNECTIONS.labels("ok").inc()
+        return _Conn(smtp, host, addr, key, tls)
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str) -> None:
+        try:
+            resp = await smtp.ehlo(timeout=self.cfg.delivery.greeting_timeout)
+        except aiosmtplib.SMTPHeloError as e:
+            resp = SMTPResponse(e.code, e.message)
+        except (aiosmtplib.SMTPException, OSError) as e:
+            raise _TempFail(451, "4.4.2", f"EHLO to {where}: {_one_line(str(e))}") from None
+        if resp.code != 250:
+            # RFC 5321 §4.1.4 allows falling back to HELO, but every MTA in use speaks ESMTP.
+            enh, text = _enhanced(resp.code, resp.message)
+            cls = _PermFail if resp.code >= 500 else _TempFail
+            raise cls(resp.code if resp.code >= 400 else 451, enh, f"EHLO rejected by {where}: {resp.code} {text}")
+
+    async def _quit(self, conn: _Conn) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.smtp.quit(timeout=5), 5)
+        conn.smtp.close()
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def _reap(self) -> None:
+        """Close connections idle longer than ``idle_timeout`` (remote servers dislike idle clients)."""
+        while self._idle:
+            await asyncio.sleep(max(0.5, self.cfg.delivery.idle_timeout / 2))
+            now = time.monotonic()
+            for key, lst in list(self._idle.items()):
+                keep = []
+                for c in lst:
+                    if now - c.idle_since > self.cfg.delivery.idle_timeout:
+                        await self._quit(c)
+                    else:
+                        keep.append(c)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    self._idle.pop(key, None)
+
+    # --- the transaction -----------------------------------------------------------------
+    async def _transaction(self, conn: _Conn, mail_from: str, rcpts: list[str], data: bytes
+                           ) -> tuple[list[RcptResult], bool]:
+        """MAIL, RCPT..., DATA on an open session. Returns results and whether the session is reusable."""
+        d = self.cfg.delivery
+        smtp = conn.smtp
+        mta = conn.host.name
+        done: dict[str, RcptResult] = {}
+
+        def finish(code: int, enhanced: str, text: str) -> list[RcptResult]:
+            return [done.get(r) or RcptResult(r, code, enhanced, text, mta) for r in rcpts]
+
+        conn.used += 1
+        utf8 = not (mail_from.isascii() and all(r.isascii() for r in rcpts))
+        opts: list[bytes] = []
+        if smtp.supports_extension("size"):
+            opts.append(b"SIZE=%d" % len(data))
+        if smtp.supports_extension("8bitmime") and not data.isascii():
+            opts.append(b"BODY=8BITMIME")
+        if utf8:
+            if not smtp.supports_extension("smtputf8"):
+                # RFC 6531 §3.4: we cannot downgrade an internationalized address.
+                return finish(553, "5.6.7", f"host {mta} does not support SMTPUTF8"), True
+            opts.append(b"SMTPUTF8")
+        try:
+            resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode() + b">", *opts,
+                                              timeout=d.mail_timeout)
+            if resp.code != 250:
+                return finish(*self._reply(resp, mta, "MAIL FROM")), resp.code != 421
+            accepted: list[str] = []
+            for r in rcpts:
+                resp = await smtp.execute_command(b"RCPT", b"TO:<" + r.encode() + b">", timeout=d.rcpt_timeout)
+                if resp.code in (250, 251):
+                    accepted.append(r)
+                elif resp.code == 421:
+                    return finish(*self._reply(resp, mta, "RCPT TO")), False
+                else:
+                    code, enh, text = self._reply(resp, mta, "RCPT TO")
+                    done[r] = RcptResult(r, code, enh, text, mta)
+            if not accepted:
+                return finish(451, "4.3.0", "no recipient accepted"), True
+            resp = await smtp.execute_command(b"DATA", timeout=d.data_init_timeout)
+            if resp.code != 354:
+                return finish(*self._reply(resp, mta, "DATA")), resp.code != 421
+            resp = await self._send_body(smtp, data)
+            code, enh, text = self._reply(resp, mta, "end of DATA")
+            for r in accepted:
+                done[r] = RcptResult(r, code, enh, text, mta)
+            return finish(code, enh, text), resp.code != 421
+        except aiosmtplib.SMTPTimeoutError:
+            smtp.close()
+            return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
+        except (aiosmtplib.SMTPException, OSError) as e:
+            smtp.close()
+            return finish(451, "4.4.2", f"lost connection with {mta}[{conn.address}]: {_one_line(str(e))}"), False
+
+    async def _send_body(self, smtp: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
+        """Send the dot-stuffed message and read the final reply (RFC 5321 §4.1.1.4).
+
+        The spool holds CRLF-only text (the listener refuses bare CR/LF), so only dot-stuffing and the
+        terminator are added here.
+        """
+        proto = smtp.protocol
+        if proto is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost before message data")
+        body = _DOT_STUFF.sub(b"..", data)
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+        proto.write(body + b".\r\n")
+        try:
+            return await proto.read_response(timeout=self.cfg.delivery.data_done_timeout)
+        except aiosmtplib.SMTPTimeoutError:
+            smtp.close()
+            raise
+
+    @staticmethod
+    def _reply(resp: SMTPResponse, mta: str, stage: str) -> tuple[int, str, str]:
+        enh, _ = _enhanced(resp.code, resp.message)
+        code = resp.code if 200 <= resp.code < 600 else 451
+        return code, enh, f"host {mta} said: {resp.code} {_one_line(resp.message)} (in reply to {stage})"

@@ -1,0 +1,120 @@
+"""A scriptable SMTP server on loopback (aiosmtpd) standing in for remote MTAs in delivery tests.
+
+    sink = Sink(tls=server_ctx)                      # STARTTLS offered when tls is given
+    await sink.start()                               # 127.0.0.1, ephemeral port -> sink.port
+    sink.rcpt_replies["nobody@x.example"] = "550 5.1.1 No such user"
+    sink.data_action = "drop"                        # or "hang", "ok"
+    ...
+    sink.messages -> [Received(mail_from, rcpts, data, tls, session_id)]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpts: list[str]
+    data: bytes
+    tls: bool
+    session_id: int
+    mail_options: list[str]
+
+
+class _Handler:
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        if self.sink.mail_reply:
+            return self.sink.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        self.sink.rcpt_seen.append(address)
+        reply = self.sink.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        action = self.sink.data_action
+        if action == "hang":
+            self.sink.hung.set()
+            await asyncio.sleep(3600)
+        if action == "drop":
+            assert server.transport is not None
+            server.transport.abort()
+            self.sink.dropped += 1
+            return "451 dropped"
+        self.sink.messages.append(Received(
+            envelope.mail_from or "", list(envelope.rcpt_tos), bytes(envelope.original_content or b""),
+            session.ssl is not None, id(session), list(envelope.mail_options)))
+        self.sink.received.set()
+        return self.sink.data_reply
+
+
+class Sink:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+        self.tls = tls
+        self.host = host
+        self.port = 0
+        self.messages: list[Received] = []
+        self.rcpt_seen: list[str] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.mail_reply: str | None = None
+        self.data_reply = "250 2.0.0 Ok: queued"
+        self.data_action = "ok"
+        self.connections = 0
+        self.dropped = 0
+        self.received = asyncio.Event()
+        self.hung = asyncio.Event()
+        self._server: asyncio.base_events.Server | None = None
+        self._protocols: list[SMTP] = []
+
+    def _factory(self) -> SMTP:
+        self.connections += 1
+        kw: dict[str, Any] = {"hostname": "sink.test.example", "ident": "sink", "enable_SMTPUTF8": True,
+                              "decode_data": False}
+        if self.tls is not None:
+            kw["tls_context"] = self.tls
+        proto = SMTP(_Handler(self), **kw)
+        self._protocols.append(proto)
+        return proto
+
+    async def start(self) -> Sink:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._factory, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for p in self._protocols:
+                if p.transport is not None:
+                    p.transport.abort()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def wait_for(self, n: int, timeout: float = 15.0) -> list[Received]:
+        """Wait until at least ``n`` messages have arrived."""
+        async def _wait() -> None:
+            while len(self.messages) < n:
+                self.received.clear()
+                await self.received.wait()
+        await asyncio.wait_for(_wait(), timeout)
+        return self.messages

@@ -1,0 +1,221 @@
+"""The SMTP client against scriptable loopback servers, with MX lookups served by a loopback DNS responder."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrelayd.config import Config, parse_config
+from mailrelayd.delivery.mx import MxResolver
+from mailrelayd.delivery.transport import Transport
+from tests.conftest import base_config, deep_merge, write_config
+from tests.support.dnsserver import DnsServer
+from tests.support.sink import Sink
+
+MSG = (b"From: a@example.com\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\n"
+       b"line one\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n")
+
+
+@pytest.fixture
+def server_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls_files)
+    return ctx
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = await Sink().start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+def dns_srv() -> Iterator[DnsServer]:
+    with DnsServer() as srv:
+        yield srv
+
+
+def _config(tmp_path: Path, tls_files: tuple[Path, Path], over: dict[str, Any]) -> Config:
+    write_config(tmp_path, {})  # the users file the base config names
+    data = deep_merge(base_config(tls_files), over)
+    return parse_config(data, tmp_path / "mailrelayd.toml")
+
+
+def _transport(tmp_path: Path, tls_files: tuple[Path, Path], port: int, dns_port: int | None = None,
+               **delivery: Any) -> Transport:
+    over: dict[str, Any] = {"delivery": {"port": port, **delivery}}
+    if dns_port is None:
+        over["routes"] = [{"domain": "*", "host": f"127.0.0.1:{port}"}]
+    else:
+        over["routes"] = []
+        over["dns"] = {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "2s"}
+    cfg = _config(tmp_path, tls_files, over)
+    return Transport(cfg, MxResolver(cfg.dns))
+
+
+async def test_per_recipient_replies_are_honoured(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+    sink.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    sink.rcpt_replies["full@dest.test"] = "452 4.2.2 Mailbox full"
+    t = _transport(tmp_path, tls_files, sink.port)
+    rcpts = ["ok1@dest.test", "gone@dest.test", "full@dest.test", "ok2@dest.test"]
+    res = {r.address: r for r in await t.deliver("dest.test", "a@example.com", rcpts, MSG)}
+    await t.close()
+    assert res["ok1@dest.test"].ok and res["ok2@dest.test"].ok
+    assert res["gone@dest.test"].permanent and res["gone@dest.test"].enhanced == "5.1.1"
+    assert res["full@dest.test"].temporary and res["full@dest.test"].enhanced == "4.2.2"
+    assert "No such user" in res["gone@dest.test"].text
+    # One transaction with the accepted recipients only; body intact after dot-stuffing.
+    assert len(sink.messages) == 1
+    assert sink.messages[0].rcpts == ["ok1@dest.test", "ok2@dest.test"]
+    assert sink.messages[0].data.replace(b"\r\n", b"\n") == MSG.replace(b"\r\n", b"\n")
+
+
+async def test_opportunistic_starttls(tmp_path: Path, tls_files: tuple[Path, Path],
+                                      server_tls: ssl.SSLContext) -> None:
+    s = await Sink(tls=server_tls).start()
+    try:
+        t = _transport(tmp_path, tls_files, s.port)
+        res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+        await t.close()
+        assert res[0].ok
+        assert s.messages[0].tls is True
+    finally:
+        await s.stop()
+
+
+async def test_plaintext_when_starttls_not_offered(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                   sink: Sink) -> None:
+    t = _transport(tmp_path, tls_files, sink.port)
+    res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+    await t.close()
+    assert res[0].ok and sink.messages[0].tls is False
+
+
+async def test_route_requiring_tls_defers_without_it(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                     sink: Sink) -> None:
+    cfg = _config(tmp_path, tls_files, {"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}",
+                                                     "tls": "require"}]})
+    t = Transport(cfg, MxResolver(cfg.dns))
+    res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+    await t.close()
+    assert res[0].temporary and res[0].enhanced == "4.7.5"
+    assert sink.messages == []
+
+
+async def test_route_verify_rejects_untrusted_certificate(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                          server_tls: ssl.SSLContext) -> None:
+    s = await Sink(tls=server_tls).start()
+    try:
+        cfg = _config(tmp_path, tls_files, {"routes": [{"domain": "*", "host": f"127.0.0.1:{s.port}",
+                                                         "tls": "verify"}]})
+        t = Transport(cfg, MxResolver(cfg.dns))
+        res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+        await t.close()
+        assert res[0].temporary  # self-signed: never falls back to plaintext
+        assert s.messages == []
+    finally:
+        await s.stop()
+
+
+async def test_drop_after_data_defers(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+    sink.data_action = "drop"
+    t = _transport(tmp_path, tls_files, sink.port)
+    res = await t.deliver("dest.test", "a@example.com", ["x@dest.test", "y@dest.test"], MSG)
+    await t.close()
+    assert sink.dropped == 1
+    assert all(r.temporary for r in res)
+
+
+async def test_hang_after_data_times_out_and_defers(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                    sink: Sink) -> None:
+    sink.data_action = "hang"
+    t = _transport(tmp_path, tls_files, sink.port, data_done_timeout="1s")
+    t0 = time.monotonic()
+    res = await asyncio.wait_for(t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG), 10)
+    await t.close()
+    assert res[0].temporary and "timed out" in res[0].text
+    assert time.monotonic() - t0 < 5
+
+
+async def test_mail_from_refused_fails_every_recipient(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                       sink: Sink) -> None:
+    sink.mail_reply = "553 5.7.1 Sender rejected"
+    t = _transport(tmp_path, tls_files, sink.port)
+    res = await t.deliver("dest.test", "a@example.com", ["x@dest.test", "y@dest.test"], MSG)
+    await t.close()
+    assert [r.enhanced for r in res] == ["5.7.1", "5.7.1"] and all(r.permanent for r in res)
+
+
+async def test_connection_reused_with_rset(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+    t = _transport(tmp_path, tls_files, sink.port)
+    for i in range(3):
+        res = await t.deliver("dest.test", "a@example.com", [f"r{i}@dest.test"], MSG)
+        assert res[0].ok
+    await t.close()
+    assert len(sink.messages) == 3
+    assert sink.connections == 1
+    assert len({m.session_id for m in sink.messages}) == 1
+
+
+async def test_max_messages_per_connection(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+    t = _transport(tmp_path, tls_files, sink.port, max_messages_per_connection=2)
+    for i in range(4):
+        assert (await t.deliver("dest.test", "a@example.com", [f"r{i}@dest.test"], MSG))[0].ok
+    await t.close()
+    assert sink.connections == 2
+
+
+async def test_null_sender_and_8bit_options(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+    t = _transport(tmp_path, tls_files, sink.port)
+    body = "Subject: caf\u00e9\r\n\r\nna\u00efve\r\n".encode()
+    res = await t.deliver("dest.test", "", ["x@dest.test"], body)
+    await t.close()
+    assert res[0].ok
+    assert sink.messages[0].mail_from in ("", "<>")  # aiosmtpd reports the null path as "<>"
+    assert "BODY=8BITMIME" in sink.messages[0].mail_options
+
+
+async def test_mx_lookup_tries_next_host(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink,
+                                         dns_srv: DnsServer) -> None:
+    dns_srv.add("dest.test.", "MX", "10 dead.dest.test.")
+    dns_srv.add("dest.test.", "MX", "20 live.dest.test.")
+    dns_srv.add("dead.dest.test.", "A", "127.0.0.3")  # nothing listens there: connection refused
+    dns_srv.add("live.dest.test.", "A", "127.0.0.1")
+    t = _transport(tmp_path, tls_files, sink.port, dns_port=dns_srv.port)
+    res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+    await t.close()
+    assert res[0].ok and res[0].remote_mta == "live.dest.test"
+    assert len(sink.messages) == 1
+
+
+async def test_all_hosts_down_defers(tmp_path: Path, tls_files: tuple[Path, Path], dns_srv: DnsServer,
+                                     sink: Sink) -> None:
+    dns_srv.add("down.test.", "MX", "10 mx.down.test.")
+    dns_srv.add("mx.down.test.", "A", "127.0.0.3")
+    t = _transport(tmp_path, tls_files, sink.port, dns_port=dns_srv.port)
+    res = await t.deliver("down.test", "a@example.com", ["x@down.test"], MSG)
+    await t.close()
+    assert res[0].temporary and res[0].enhanced == "4.4.1"
+
+
+async def test_dns_outcomes_map_to_replies(tmp_path: Path, tls_files: tuple[Path, Path], dns_srv: DnsServer,
+                                           sink: Sink) -> None:
+    import dns.rcode
+    dns_srv.add("nullmx.test.", "MX", "0 .")
+    dns_srv.set_rcode("servfail.test.", dns.rcode.SERVFAIL)
+    t = _transport(tmp_path, tls_files, sink.port, dns_port=dns_srv.port)
+    null = await t.deliver("nullmx.test", "a@example.com", ["x@nullmx.test"], MSG)
+    nx = await t.deliver("nx.test", "a@example.com", ["x@nx.test"], MSG)
+    sf = await t.deliver("servfail.test", "a@example.com", ["x@servfail.test"], MSG)
+    await t.close()
+    assert null[0].permanent and null[0].enhanced == "5.1.10"
+    assert nx[0].permanent and nx[0].enhanced == "5.1.2"
+    assert sf[0].temporary and sf[0].enhanced == "4.4.3"
+    assert sink.messages == []
