@@ -66,5 +66,5 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | N
 
 
 def get_logger(**context: Any) -> Any:
-    """A structlog logger bound to ``context``."""
-    return structlog.get_logger().bind(**context)
+    """A structlog logger with ``context``; lazy, so module-level loggers follow configure_logging()."""
+    return structlog.get_logger(**context)

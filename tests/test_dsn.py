@@ -26,16 +26,27 @@ ORIGINAL = (
     b"\r\n"
     b"SECRET BODY LINE that must never be returned\r\n"
 )
-BOB = DsnRecipient("bob@example.com", "5.1.1", "550 5.1.1 <bob@example.com>: Recipient address rejected: "
-                   "User unknown in virtual mailbox table", "mx1.example.com", NOW - 60)
+BOB = DsnRecipient(
+    "bob@example.com",
+    "5.1.1",
+    "550 5.1.1 <bob@example.com>: Recipient address rejected: User unknown in virtual mailbox table",
+    "mx1.example.com",
+    NOW - 60,
+)
 CAROL = DsnRecipient("carol@example.org", "4.4.7", "delivery time expired", "", NOW)
 
 
 def build(**overrides: object) -> bytes:
     """Call build_dsn the way the scheduler does (keywords), with defaults for a bounce."""
     kwargs: dict[str, object] = dict(
-        reporting_mta=HOST, to="alice@example.org", original=ORIGINAL, queue_id="Q1A2B3",
-        arrival_date=ARRIVAL, action="failed", now=NOW, recipients=[BOB, CAROL],
+        reporting_mta=HOST,
+        to="alice@example.org",
+        original=ORIGINAL,
+        queue_id="Q1A2B3",
+        arrival_date=ARRIVAL,
+        action="failed",
+        now=NOW,
+        recipients=[BOB, CAROL],
     )
     kwargs.update(overrides)
     return build_dsn(**kwargs)  # type: ignore[arg-type]
@@ -85,8 +96,11 @@ def test_failed_two_recipients_structure_and_top_headers() -> None:
     assert re.fullmatch(rf"<[^<>@\s]+@{re.escape(HOST)}>", str(msg["Message-ID"]))
     assert parsedate_to_datetime(str(msg["Date"])).timestamp() == NOW
     assert msg.get_param("report-type") == "delivery-status"
-    assert [p.get_content_type() for p in parts(msg)] == ["text/plain", "message/delivery-status",
-                                                          "text/rfc822-headers"]
+    assert [p.get_content_type() for p in parts(msg)] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
 
 
 def test_failed_delivery_status_fields() -> None:
@@ -165,9 +179,7 @@ def test_delayed() -> None:
     assert block["Will-Retry-Until"] is None
     report = parse_feedback(out)
     assert report.kind == "soft_bounce"
-    assert [(x.address, x.kind, x.status) for x in report.recipients] == [
-        ("slow@example.org", "soft_bounce", "4.2.2")
-    ]
+    assert [(x.address, x.kind, x.status) for x in report.recipients] == [("slow@example.org", "soft_bounce", "4.2.2")]
 
 
 @pytest.mark.parametrize("action", ["bounced", "", "FAILED"])
@@ -228,8 +240,11 @@ def test_header_injection_in_diagnostic_and_remote_mta() -> None:
     assert block["Remote-MTA"] == "dns; mx.evil.example"
     diagnostic = " ".join(block["Diagnostic-Code"].split())
     assert diagnostic.startswith("smtp; 550 5.1.1 oops Bcc: victim@evil.example Final-Recipient:")
-    assert [p.get_content_type() for p in parts(msg)] == ["text/plain", "message/delivery-status",
-                                                          "text/rfc822-headers"]
+    assert [p.get_content_type() for p in parts(msg)] == [
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
     for line in out.split(b"\r\n"):
         assert not line.startswith((b"Bcc:", b"X-Evil:", b"Final-Recipient: rfc822; ghost"))
     report = parse_feedback(out)
@@ -284,8 +299,13 @@ def test_empty_original_has_no_headers_part() -> None:
 
 @pytest.mark.parametrize(
     "original",
-    [b"\x00\xff garbage without any header", b"\r\n\r\n\r\n", b"\n", b" continuation first\r\nA: b\r\n",
-     b"--=_mailrelayd_\r\n"],
+    [
+        b"\x00\xff garbage without any header",
+        b"\r\n\r\n\r\n",
+        b"\n",
+        b" continuation first\r\nA: b\r\n",
+        b"--=_mailrelayd_\r\n",
+    ],
 )
 def test_garbage_original_does_not_crash(original: bytes) -> None:
     msg = parse(build(original=original))

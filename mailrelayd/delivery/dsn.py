@@ -173,8 +173,9 @@ def _text_part(host: str, action: str, recipients: Sequence[DsnRecipient], *, wi
             entry = f"<{address}>: {diagnostic}"
         else:
             entry = f"<{address}>: delivery status {_status(r, action)}"
-        lines += textwrap.wrap(entry, width=76, subsequent_indent="    ", break_long_words=False,
-                               break_on_hyphens=False)
+        lines += textwrap.wrap(
+            entry, width=76, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False
+        )
         lines.append("")
     text = CRLF.join(_split_long(line) for line in lines).rstrip()
     if text.isascii():
@@ -327,9 +328,7 @@ def _address_field(address: str) -> str:
     cleaned = _clean(address).strip("<>")
     if cleaned.isascii():
         return f"rfc822; {cleaned}"
-    encoded = "".join(
-        ch if 0x21 <= ord(ch) <= 0x7E and ch not in "\\+=" else f"\\x{{{ord(ch):X}}}" for ch in cleaned
-    )
+    encoded = "".join(ch if 0x21 <= ord(ch) <= 0x7E and ch not in "\\+=" else f"\\x{{{ord(ch):X}}}" for ch in cleaned)
     return f"utf-8; {encoded}"
 
 

@@ -97,12 +97,14 @@ class FeedbackProcessor:
                     verp_rcpts.append((found[0], found[1], tok.queue_id))
         actions = self.decide(report, verp_rcpts)
         sender_domain = verp_rcpts[0][1] if verp_rcpts else _domain(report.original_from)
+        # The message that bounced (named by the VERP token) is what an operator looks for; else the report's.
+        origin_qid = verp_rcpts[0][2] if verp_rcpts else msg.queue_id
         suppressed: list[str] = []
         for a in actions:
             try:
                 now_suppressed = await loop.run_in_executor(
                     self._store_pool, lambda a=a: self.store.record(a.address, a.kind, a.reason, a.source,
-                                                                    msg.queue_id))
+                                                                    origin_qid))
             except ValueError:
                 continue
             if now_suppressed:

@@ -56,6 +56,7 @@ from tests.support.dnsserver import DnsServer
 MAILAUTH_DIR = Path(__file__).resolve().parent / "mailauth"
 MAILAUTH_INSTALL = "npm ci --prefix tests/support/mailauth --no-audit --no-fund"
 MAIL_DKIM_INSTALL = "apt-get install -y libmail-dkim-perl"
+MAILAUTH_MIN_NODE = (20, 18, 1)
 _TIMEOUT = 60
 
 
@@ -302,6 +303,17 @@ def mail_dkim_verify(message: bytes, dns_srv: DnsServer) -> list[Verdict]:
 # --- Node mailauth ----------------------------------------------------------------------
 
 
+@functools.cache
+def _node_version(node: str) -> tuple[int, ...]:
+    """``node --version`` as a tuple, ``()`` when it cannot be read."""
+    try:
+        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=_TIMEOUT).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    match = re.fullmatch(r"v?(\d+)\.(\d+)\.(\d+)\S*", out.strip())
+    return tuple(int(g) for g in match.groups()) if match else ()
+
+
 def ensure_mailauth() -> list[str]:
     """The command prefix to run tests/support/mailauth/verify.js, or VerifierUnavailable.
 
@@ -310,6 +322,10 @@ def ensure_mailauth() -> list[str]:
     node = shutil.which("node")
     if node is None:
         raise VerifierUnavailable("Node.js >= 20.18.1 is not installed (apt-get install -y nodejs npm)")
+    version = _node_version(node)
+    if version < MAILAUTH_MIN_NODE:
+        have = ".".join(map(str, version)) if version else "unknown"
+        raise VerifierUnavailable(f"mailauth needs Node.js >= 20.18.1, {node} is {have}")
     if not (MAILAUTH_DIR / "node_modules" / "mailauth" / "package.json").exists():
         npm = shutil.which("npm")
         if npm is None:
