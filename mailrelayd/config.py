@@ -551,9 +551,6 @@ def _validate(cfg: Config, ld: _Loader) -> None:
             p: Path = getattr(cfg.tls, k)
             if not p.is_file():
                 raise ld.err(f"tls.{k}", f"file not found: {p}")
-    if cfg.auth.users_file is not None and not cfg.auth.users_file.is_file():
-        raise ld.err("auth.users_file", f"file not found: {cfg.auth.users_file} "
-                     "(create it with `mailrelayd user add NAME`)")
     if cfg.auth.max_failures < 1:
         raise ld.err("auth.max_failures", "must be at least 1")
     for i, d in enumerate(cfg.relay.local_domains):

@@ -636,6 +636,7 @@ def write_private_key(path: Path, pem: bytes, *, overwrite: bool = False) -> Non
     """
     path = Path(path)
     directory = path.parent
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)  # 0600
     try:
         with os.fdopen(fd, "wb") as fh:

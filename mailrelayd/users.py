@@ -143,6 +143,10 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            # Keep the owner and group of the file we replace (root editing a file the daemon's group reads).
+            st = os.stat(path)
+            os.fchown(fd, st.st_uid, st.st_gid)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -98,7 +98,7 @@ def test_sighup_with_broken_config_keeps_serving(tmp_path: Path, tls_files) -> N
         d.signal(signal.SIGHUP)
         ev = d.wait_event("config.reload_failed")
         assert "limits2: unknown key" in ev["error"]
-        status, body = _get(d.http_port, "/metrics")
+        _status, body = _get(d.http_port, "/metrics")
         assert "mailrelayd_config_reload_failures_total 1.0" in body.decode()
         assert "mailrelayd_config_last_reload_successful 0.0" in body.decode()
 

@@ -34,7 +34,7 @@ async def _client(port: int, tls: ssl.SSLContext, implicit: bool = False) -> aio
 async def test_starttls_auth_submit_and_spool(start_daemon, client_tls) -> None:
     d = await start_daemon()
     c = await _client(d.port("submission"), client_tls)
-    code, ehlo = await c.ehlo()
+    _code, ehlo = await c.ehlo()
     assert "STARTTLS" in ehlo and "AUTH" not in ehlo  # AUTH only after TLS
     await c.starttls()
     await c.ehlo()
@@ -66,7 +66,7 @@ async def test_implicit_tls_and_auth_login(start_daemon, client_tls) -> None:
     await c.ehlo()
     assert "starttls" not in c.esmtp_extensions
     await c.auth_login("bob", TEST_PASSWORD)
-    errors, reply = await c.send_message(_msg(frm="bob@example.org"))
+    _errors, reply = await c.send_message(_msg(frm="bob@example.org"))
     assert reply.startswith("2.0.0 Ok: queued as")
     await c.quit()
 

@@ -56,7 +56,7 @@ class DaemonProcess:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or self.proc.poll() is not None and self._q.empty():
+            if left <= 0 or (self.proc.poll() is not None and self._q.empty()):
                 raise AssertionError(f"no {name} event; log tail:\n" + "\n".join(self.lines[-30:]))
             try:
                 ev = self._q.get(timeout=min(left, 0.2))
