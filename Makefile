@@ -38,7 +38,7 @@ bench-accept: $(VENV)/.run-installed
 	$(BIN)/python bench/accept.py
 
 bench-dkim: $(VENV)/.run-installed
-	$(BIN)/python bench/dkim.py
+	$(BIN)/python bench/dkim_sign.py
 
 bench-feedback: $(VENV)/.run-installed
 	$(BIN)/python bench/feedback_accuracy.py --corpus ../shared/corpus/feedback

@@ -8,7 +8,7 @@ import copy
 import os
 import ssl
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,14 @@ async def start_daemon(tmp_path: Path, tls_files: tuple[Path, Path]
         if not rd.task.done():
             with contextlib.suppress(Exception):
                 await rd.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_daemons() -> Iterator[None]:
+    """Subprocess daemons never outlive their test (a failed assertion must not leave one running)."""
+    yield
+    from tests.support.proc import DaemonProcess
+    DaemonProcess.kill_all()
 
 
 def mailrelayd_cmd() -> list[str]:

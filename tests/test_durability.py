@@ -96,3 +96,60 @@ def test_kill9_mid_burst_loses_nothing_acknowledged(tmp_path: Path, tls_files) -
         assert ev["queued"] == n
     finally:
         assert d2.stop() == 0
+
+
+async def test_kill9_during_delivery_loses_nothing_and_resends_nothing_recorded(tmp_path: Path, tls_files) -> None:
+    """Issue 4: a crash mid-delivery retries what was in flight (at-least-once) but never re-sends a
+    recipient whose remote 250 had been recorded."""
+    from tests.support.sink import Sink
+
+    sink = await Sink().start()
+    sink.data_delay = 0.03  # keep deliveries in flight when the daemon dies
+    cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {
+        "routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}],
+        "delivery": {"retry_initial": "1s", "retry_max": "1s", "domain_concurrency": 4}}))
+    d = await asyncio.to_thread(lambda: DaemonProcess(cfg).wait_ready())
+    total = 60
+    acked: set[str] = set()
+    t = await SmtpTalk.connect(d.ports["relay"])
+    await t.ehlo()
+    for i in range(total):
+        await t.cmd("MAIL FROM:<load@example.com>")
+        await t.cmd(f"RCPT TO:<r{i}@dest.example>")
+        await t.cmd("DATA")
+        code, text = await t.cmd(f"From: load@example.com\r\nSubject: crash {i}\r\n\r\nbody {i}\r\n.".encode())
+        assert code == 250
+        acked.add(text.rsplit(" ", 1)[1])
+    await t.close()
+    while len(sink.messages) < 10:
+        await asyncio.sleep(0.005)
+    await asyncio.to_thread(d.kill9)
+
+    def qid_of(data: bytes) -> str:
+        head = data.split(b"\r\n\r\n", 1)[0].decode()
+        return next(q for q in acked if f"id {q}" in head)
+
+    before = [qid_of(m.data) for m in sink.messages]
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    recorded = {q for q in acked
+                if [st for st, _ in (await spool.recipient_outcomes(q)).values()] == ["delivered"]}
+    await spool.close()
+    assert recorded and len(recorded) < total, "the crash should land mid-delivery"
+
+    d2 = await asyncio.to_thread(lambda: DaemonProcess(cfg).wait_ready())
+    try:
+        deadline = time.monotonic() + 60
+        while {qid_of(m.data) for m in sink.messages} != acked and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        got = [qid_of(m.data) for m in sink.messages]
+        assert set(got) == acked, f"lost: {acked - set(got)}"
+        after = got[len(before):]
+        assert not (set(after) & recorded), "a recipient with a recorded 250 was sent again"
+        # Duplicates are only those in flight at the crash (remote said 250, we had not recorded it).
+        dups = {q for q in acked if got.count(q) > 1}
+        assert dups <= set(before) - recorded
+        assert len(dups) <= 4  # at most domain_concurrency transactions were in flight
+    finally:
+        assert await asyncio.to_thread(d2.stop) == 0
+        await sink.stop()

@@ -20,6 +20,16 @@ from tests.conftest import mailrelayd_cmd
 
 
 class DaemonProcess:
+    live: list[DaemonProcess] = []  # killed by conftest after each test, whatever the outcome
+
+    @classmethod
+    def kill_all(cls) -> None:
+        while cls.live:
+            d = cls.live.pop()
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait(10)
+
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         e = dict(os.environ)
@@ -32,6 +42,7 @@ class DaemonProcess:
         self._q: queue.Queue[dict[str, Any]] = queue.Queue()
         self.ports: dict[str, int] = {}
         self.http_port = 0
+        DaemonProcess.live.append(self)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:

@@ -52,6 +52,8 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         action = self.sink.data_action
+        if self.sink.data_delay:
+            await asyncio.sleep(self.sink.data_delay)
         if action == "hang":
             self.sink.hung.set()
             await asyncio.sleep(3600)
@@ -78,6 +80,7 @@ class Sink:
         self.mail_reply: str | None = None
         self.data_reply = "250 2.0.0 Ok: queued"
         self.data_action = "ok"
+        self.data_delay = 0.0
         self.connections = 0
         self.dropped = 0
         self.received = asyncio.Event()

@@ -1,6 +1,6 @@
 """Benchmark mailrelayd.dkim against plain dkimpy.
 
-    python bench/dkim.py [-n 2000] [--dkimpy-n 200] [--threads 2] [--json]
+    python bench/dkim_sign.py [-n 2000] [--dkimpy-n 200] [--threads 2] [--json]
 
 Signs 2 KB and 100 KB messages with RSA-2048, Ed25519 and both (dual signing, RFC 8463), and with
 dkimpy's own ``dkim.sign`` (same key, headers, relaxed/relaxed). Prints signatures per second and
