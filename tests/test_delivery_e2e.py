@@ -262,3 +262,25 @@ async def test_verp_bounce_comes_back_and_suppresses(start_daemon, client_tls) -
         assert code in (250, 550)
     finally:
         await sink.stop()
+
+
+async def test_servfail_defers_then_delivers(start_daemon, client_tls) -> None:
+    import dns.rcode
+    sink = await Sink().start()
+    try:
+        with DnsServer() as dns_srv:
+            dns_srv.set_rcode("flaky.test.", dns.rcode.SERVFAIL)
+            d = await start_daemon({"routes": [], "dns": {"nameservers": [f"127.0.0.1:{dns_srv.port}"],
+                                                          "timeout": "2s"},
+                                    "delivery": {"port": sink.port, "retry_initial": "1s", "retry_max": "1s"}})
+            qid = await _submit(d.port("submission"), client_tls, ["a@flaky.test"])
+            await _wait_states(d, qid, {"a@flaky.test": "deferred"})
+            assert "4.4.3" in (await d.spool.recipient_outcomes(qid))["a@flaky.test"][1]
+            assert sink.messages == []
+            dns_srv.set_rcode("flaky.test.", None)  # the domain's DNS recovers
+            dns_srv.add("flaky.test.", "MX", "10 mx.flaky.test.")
+            dns_srv.add("mx.flaky.test.", "A", "127.0.0.1")
+            await _wait_states(d, qid, {"a@flaky.test": "delivered"})
+            assert len(sink.messages) == 1
+    finally:
+        await sink.stop()
