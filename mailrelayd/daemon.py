@@ -61,6 +61,7 @@ class Runtime:
     users: dict[str, User]
     dkim_keys: tuple[LoadedKey, ...]
     dkim_signer: DkimSigner | None
+    verp_secrets: tuple[bytes, ...] = ()
 
 
 def build_runtime(cfg: Config) -> Runtime:
@@ -93,7 +94,17 @@ def build_runtime(cfg: Config) -> Runtime:
     if keys:
         signer = DkimSigner(keys, headers=cfg.signing.headers, parent_domains=cfg.signing.parent_domains,
                             expire=cfg.signing.expire or None)
-    return Runtime(cfg, tls_context, cert_info, users, keys, signer)
+    try:
+        verp = tuple(cfg.verp_secrets())
+    except (OSError, UnicodeDecodeError) as e:
+        raise SetupError(f"feedback.verp_secret_file: {cfg.feedback.verp_secret_file}: cannot read: {e}") from None
+    for i, r in enumerate(cfg.routes):
+        if r.password_file is not None:
+            try:
+                r.password_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise SetupError(f"routes[{i}].password_file: {r.password_file}: cannot read: {e}") from None
+    return Runtime(cfg, tls_context, cert_info, users, keys, signer, verp)
 
 
 def check(path: Path) -> Runtime:
@@ -147,7 +158,7 @@ class Daemon:
         self.rt = rt
         self.cfg = rt.cfg
         cfg = rt.cfg
-        self.verp_secrets = cfg.verp_secrets()
+        self.verp_secrets = list(rt.verp_secrets)
         self.throttle.configure(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
         self.limiter.max_total = cfg.limits.max_connections
         self.limiter.max_per_ip = cfg.limits.max_connections_per_ip
