@@ -219,3 +219,14 @@ async def test_dns_outcomes_map_to_replies(tmp_path: Path, tls_files: tuple[Path
     assert nx[0].permanent and nx[0].enhanced == "5.1.2"
     assert sf[0].temporary and sf[0].enhanced == "4.4.3"
     assert sink.messages == []
+
+
+async def test_large_message_in_blocks_arrives_intact(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                      sink: Sink) -> None:
+    lines = [(b"." if i % 7 == 0 else b"") + b"%06d " % i + b"y" * 70 for i in range(40000)]  # ~3 MB
+    body = b"Subject: big\r\n\r\n" + b"\r\n".join(lines) + b"\r\n"
+    t = _transport(tmp_path, tls_files, sink.port)
+    res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], body)
+    await t.close()
+    assert res[0].ok
+    assert sink.messages[0].data.replace(b"\r\n", b"\n") == body.replace(b"\r\n", b"\n")

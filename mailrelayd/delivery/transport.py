@@ -30,6 +30,7 @@ MAX_ADDRESSES_TRIED = 5
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 _DOT_STUFF = re.compile(rb"(?m)^\.")  # RFC 5321 §4.5.2
+_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,9 +395,21 @@ class Transport:
         body = _DOT_STUFF.sub(b"..", data)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
-        proto.write(body + b".\r\n")
+        # Data blocks, each bounded by data_block_timeout (RFC 5321 §4.5.3.2.5). Waiting for the
+        # buffer to drain is safe only before the terminator: until it is sent no reply can come.
+        drain = getattr(proto, "_drain_helper", None)
+        d = self.cfg.delivery
+        for i in range(0, len(body), _BLOCK):
+            proto.write(body[i:i + _BLOCK])
+            if drain is not None:
+                try:
+                    await asyncio.wait_for(drain(), d.data_block_timeout)
+                except TimeoutError:
+                    smtp.close()
+                    raise aiosmtplib.SMTPTimeoutError("timed out sending message data") from None
+        proto.write(b".\r\n")
         try:
-            return await proto.read_response(timeout=self.cfg.delivery.data_done_timeout)
+            return await proto.read_response(timeout=d.data_done_timeout)
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()
             raise
