@@ -351,12 +351,11 @@ class Daemon:
 
     async def _update_gauges(self) -> None:
         st = await self.spool.stats()
-        inflight = len(self.scheduler.inflight)
-        pending = st.recipients.get("pending", 0)
+        busy = self.scheduler.inflight_by_state
+        for state in ("pending", "deferred"):  # a recipient being attempted counts as inflight only
+            metrics.QUEUE_RECIPIENTS.labels(state).set(max(0, st.recipients.get(state, 0) - busy.get(state, 0)))
+        metrics.QUEUE_RECIPIENTS.labels("inflight").set(sum(busy.values()))
         metrics.QUEUE_MESSAGES.set(st.messages)
-        metrics.QUEUE_RECIPIENTS.labels("pending").set(max(0, pending))
-        metrics.QUEUE_RECIPIENTS.labels("deferred").set(st.recipients.get("deferred", 0))
-        metrics.QUEUE_RECIPIENTS.labels("inflight").set(inflight)
         metrics.QUEUE_OLDEST_AGE.set(max(0.0, time.time() - st.oldest_received_at) if st.oldest_received_at else 0)
         for kind, n in (await asyncio.to_thread(self.suppressions.counts_by_kind)).items():
             metrics.SUPPRESSIONS.labels(kind).set(n)

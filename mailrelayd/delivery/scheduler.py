@@ -126,6 +126,8 @@ class Scheduler:
         self._heap: list[tuple[float, str]] = []
         self._scheduled: dict[str, float] = {}  # qid -> due time of its live heap entry
         self._inflight: set[str] = set()
+        # Spool state of recipients being attempted right now, so the queue gauges count each once.
+        self.inflight_by_state: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -341,7 +343,14 @@ class Scheduler:
         for group in self._groups(msg, to_try):
             jobs.append(self._run_group(msg, body, group, results))
         if jobs:
-            await asyncio.gather(*jobs)
+            trying = [r.state for r in (*local, *to_try)]
+            for st in trying:
+                self.inflight_by_state[st] = self.inflight_by_state.get(st, 0) + 1
+            try:
+                await asyncio.gather(*jobs)
+            finally:
+                for st in trying:
+                    self.inflight_by_state[st] -= 1
         now = self.clock()
         for r, lr in local_results:
             if lr.ok:
