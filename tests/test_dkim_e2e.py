@@ -106,7 +106,7 @@ async def test_signed_through_listener_verifies_everywhere(start_daemon, client_
     sink = await Sink().start()
     try:
         d = await start_daemon(_dkim_config(key_files, sink), users={"alice": DOMAINS})
-        for name, (frm, raw, _, _) in CASES.items():
+        for frm, raw, _, _ in CASES.values():
             await _submit(d.port("submission"), client_tls, frm, raw)
         msgs = await sink.wait_for(len(CASES))
         zone = _zone(d)

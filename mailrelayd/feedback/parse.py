@@ -189,7 +189,7 @@ def _parse(raw: bytes, options: ParseOptions) -> FeedbackReport:
     if is_auto_reply(msg) and not from_mail_system(msg):
         return _report(ctx, NOT_FEEDBACK, detail="auto-reply", parser="autoreply")
     if not looks_like_bounce(msg, text):
-        return _report(ctx, NOT_FEEDBACK, detail="not a bounce or complaint", parser="none")
+        return _nothing_found(ctx, "not a bounce or complaint")
 
     warning = is_warning(msg, text)
     excluded = excluded_addresses(msg, ctx.original)
@@ -215,7 +215,7 @@ def _parse(raw: bytes, options: ParseOptions) -> FeedbackReport:
                 to = returned_recipient("To: " + header_str(ctx.original, "to"), excluded)
         if to:
             return _from_addresses(ctx, [to], (), text, warning, parser="heuristic:returned-to")
-    return _report(ctx, NOT_FEEDBACK, detail="bounce-like message without a recipient", parser="none")
+    return _nothing_found(ctx, "bounce-like message without a recipient")
 
 
 # --- context --------------------------------------------------------------------------
@@ -322,6 +322,14 @@ def _standard(ctx: _Context) -> FeedbackReport | None:
     if dsn_part is not None:
         return _from_dsn_text(ctx, block_text(dsn_part), parser="dsn")
     return None
+
+
+def _nothing_found(ctx: _Context, detail: str) -> FeedbackReport:
+    """No recipient anywhere. A message carrying an RFC 3464 report part is a broken report, not
+    "not feedback": call it unparsable so it is counted and kept for inspection."""
+    if _first_leaf(ctx, _DSN_TYPES) is not None:
+        return _report(ctx, UNPARSABLE, detail="delivery-status report without a usable recipient", parser="none")
+    return _report(ctx, NOT_FEEDBACK, detail=detail, parser="none")
 
 
 def _first_leaf(ctx: _Context, types: tuple[str, ...]) -> Message | None:
