@@ -83,8 +83,8 @@ async def test_dsn_arf_and_non_feedback_over_smtp(start_daemon) -> None:
 
 
 async def test_require_verp_ignores_unauthenticated_bounces_but_not_complaints(start_daemon) -> None:
-    d = await start_daemon({"feedback": {"bounce_domain": "bounces.test.example", "verp_secret": "t0p-secret-for-the-tests",
-                                         "require_verp": True}})
+    d = await start_daemon({"feedback": {"bounce_domain": "bounces.test.example",
+                                         "verp_secret": "t0p-secret-for-the-tests", "require_verp": True}})
     await _send(d, _fixture("dsn-hard.eml"), rcpt="postmaster@bounces.test.example")
     assert not await asyncio.to_thread(_store(d).is_suppressed, "Nobody-Here@example.net")
     # A forged VERP token is no better than none.

@@ -1,0 +1,154 @@
+"""The queue and suppression CLIs as an operator runs them: subprocesses, against a running daemon
+(through its admin socket) and against a stopped one (directly on the spool / state)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+
+from tests.conftest import TEST_PASSWORD, base_config, deep_merge, mailrelayd_cmd, write_config
+from tests.support.sink import Sink
+
+
+async def _cli(env: dict[str, str], config: Path | None, *args: str, stdin: bytes | None = None
+               ) -> tuple[int, str, str]:
+    conf = ["-c", str(config)] if config is not None else []
+    p = await asyncio.create_subprocess_exec(*mailrelayd_cmd(), *args, *conf, env=env,
+                                             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                             stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(p.communicate(stdin), 60)
+    assert p.returncode is not None
+    return p.returncode, out.decode(), err.decode()
+
+
+async def _submit(port: int, tls: Any, rcpt: str) -> str:
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=True, tls_context=tls, timeout=10)
+    await c.connect()
+    await c.login("alice", TEST_PASSWORD)
+    _, reply = await c.sendmail("app@example.com", [rcpt], b"From: app@example.com\r\nSubject: q\r\n\r\nx\r\n")
+    await c.quit()
+    return reply.rsplit(" ", 1)[1]
+
+
+async def _wait(pred: Any, timeout: float = 15) -> None:
+    async def loop() -> None:
+        while not await pred():
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def test_queue_commands_against_running_and_stopped_daemon(start_daemon, client_tls, cli_env) -> None:
+    sink = await Sink().start()
+    try:
+        for r in ("a", "b", "c", "d"):
+            sink.rcpt_replies[f"{r}@dest.test"] = "451 4.3.2 try again later"
+        d = await start_daemon({"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}],
+                                "delivery": {"retry_initial": "1h", "retry_max": "2h"}})
+        q = {r: await _submit(d.port("submission"), client_tls, f"{r}@dest.test") for r in "abcd"}
+
+        async def all_deferred() -> bool:
+            outs = [await d.spool.recipient_outcomes(qid) for qid in q.values()]
+            return all(o and all(st == "deferred" for st, _ in o.values()) for o in outs)
+        await _wait(all_deferred)
+
+        code, out, err = await _cli(cli_env, d.config, "queue", "list", "--json")
+        assert code == 0, err
+        listed = {m["queue_id"]: m for m in json.loads(out)}
+        assert set(listed) == set(q.values())
+        rec = listed[q["a"]]["recipients"][0]
+        assert rec["state"] == "deferred" and "4.3.2" in rec["last_reply"] and rec["attempts"] == 1
+        code, out, _ = await _cli(cli_env, d.config, "queue", "list")
+        assert code == 0 and q["a"] in out and "deferred" in out
+
+        code, out, _ = await _cli(cli_env, d.config, "queue", "show", q["a"].lower())  # ids are case-insensitive
+        assert code == 0 and json.loads(out)["queue_id"] == q["a"]
+        code, _, err = await _cli(cli_env, d.config, "queue", "show", "0000000000000")
+        assert code == 1 and err
+
+        # flush: retry now, not in an hour
+        del sink.rcpt_replies["a@dest.test"]
+        code, _, err = await _cli(cli_env, d.config, "queue", "flush", q["a"])
+        assert code == 0, err
+        await sink.wait_for(1)
+        assert sink.messages[0].rcpts == ["a@dest.test"]
+
+        # delete: gone, nobody told
+        code, _, err = await _cli(cli_env, d.config, "queue", "delete", q["b"])
+        assert code == 0, err
+        await _wait(lambda: _gone(d, q["b"]))
+
+        # bounce: gone, and the sender gets a DSN
+        code, _, err = await _cli(cli_env, d.config, "queue", "bounce", q["c"])
+        assert code == 0, err
+        await sink.wait_for(2)
+        dsn = sink.messages[1]
+        assert dsn.mail_from in ("", "<>") and dsn.rcpts == ["app@example.com"]
+        assert b"c@dest.test" in dsn.data and b"multipart/report" in dsn.data
+        assert len(sink.messages) == 2  # no DSN for the deleted one
+
+        await d.stop()
+        # Stopped daemon: the CLI works on the spool directly.
+        code, out, err = await _cli(cli_env, d.config, "queue", "list", "--json")
+        assert code == 0, err
+        assert [m["queue_id"] for m in json.loads(out)] == [q["d"]]
+        code, _, err = await _cli(cli_env, d.config, "queue", "delete", q["d"])
+        assert code == 0, err
+        code, out, _ = await _cli(cli_env, d.config, "queue", "list")
+        assert code == 0 and "empty" in out
+    finally:
+        await sink.stop()
+
+
+async def _gone(d: Any, qid: str) -> bool:
+    return await d.spool.get(qid) is None
+
+
+async def test_suppress_commands(tmp_path: Path, tls_files: tuple[Path, Path], cli_env: dict[str, str]) -> None:
+    cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {}))
+    code, _, err = await _cli(cli_env, cfg, "suppress", "add", "Someone@Example.NET", "--reason", "asked to stop")
+    assert code == 0, err
+    code, out, _ = await _cli(cli_env, cfg, "suppress", "list", "--json")
+    rows = json.loads(out)
+    assert [(r["address"], r["kind"], r["source"], r["reason"]) for r in rows] == [
+        ("Someone@example.net", "manual", "manual", "asked to stop")]  # domain lowercased, local part kept
+    csv_in = tmp_path / "in.csv"
+    csv_in.write_text("address,reason,kind\nold@example.org,imported from postfix,hard_bounce\n"
+                      "angry@example.org,fbl,complaint\n")
+    code, out, err = await _cli(cli_env, cfg, "suppress", "import", str(csv_in))
+    assert code == 0, err
+    code, out, _ = await _cli(cli_env, cfg, "suppress", "list", "--json", "--kind", "complaint")
+    assert [r["address"] for r in json.loads(out)] == ["angry@example.org"]
+    code, out, _ = await _cli(cli_env, cfg, "suppress", "list", "--since", "1h")
+    assert code == 0 and "old@example.org" in out
+    code, out, _ = await _cli(cli_env, cfg, "suppress", "export")
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("address,") and len(lines) == 4
+    code, _, err = await _cli(cli_env, cfg, "suppress", "remove", "Someone@example.net")
+    assert code == 0, err
+    code, _, _ = await _cli(cli_env, cfg, "suppress", "remove", "nobody@example.net")
+    assert code != 0
+    code, out, _ = await _cli(cli_env, cfg, "suppress", "list", "--json")
+    assert sorted(r["address"] for r in json.loads(out)) == ["angry@example.org", "old@example.org"]
+
+
+async def test_feedback_parse_cli(cli_env: dict[str, str], tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    fx = Path(__file__).parent / "fixtures" / "feedback"
+    cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {}))
+    files = [str(fx / n) for n in ("dsn-hard.eml", "arf-abuse.eml", "autoreply.eml")]
+    code, out, err = await _cli(cli_env, None, "feedback", "parse", "--json", *files)
+    assert code == 0, err
+    got = {Path(o["file"]).name: o for o in json.loads(out)}
+    assert got["dsn-hard.eml"]["kind"] == "hard_bounce"
+    assert got["dsn-hard.eml"]["recipients"] == [
+        {"address": "Nobody-Here@example.net", "kind": "hard_bounce", "status": "5.1.1", "reason": "userunknown"}]
+    assert got["arf-abuse.eml"]["kind"] == "complaint"
+    assert got["autoreply.eml"] == {**got["autoreply.eml"], "kind": "not_feedback", "recipients": []}
+    code, out, _ = await _cli(cli_env, None, "feedback", "parse", files[0])
+    assert code == 0 and "hard_bounce" in out and "Nobody-Here@example.net" in out
+    # The store is not touched by parse.
+    code, out, _ = await _cli(cli_env, cfg, "suppress", "list", "--json")
+    assert json.loads(out) == []
