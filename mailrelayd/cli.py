@@ -231,8 +231,16 @@ async def _offline(cfg: Any, op: str, qid: str | None) -> tuple[int, Any]:
     from mailrelayd.delivery.dsn import build_dsn
     from mailrelayd.delivery.scheduler import Scheduler
     from mailrelayd.queueops import QueueOps
+    from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
     from mailrelayd.spool.store import Spool
 
+    lock = SpoolLock(cfg.server.spool_dir)
+    try:
+        lock.acquire()
+    except SpoolLockedError:
+        # A daemon owns the spool but its admin socket did not answer: never edit under it.
+        return 503, {"error": f"the daemon owns {cfg.server.spool_dir} but its admin socket "
+                              f"{cfg.admin_socket} did not answer"}
     spool = Spool(cfg.server.spool_dir)
     await spool.open()
     try:
@@ -245,6 +253,7 @@ async def _offline(cfg: Any, op: str, qid: str | None) -> tuple[int, Any]:
         return await ops.handle("GET" if op == "show" else "POST", path, {})
     finally:
         await spool.close()
+        lock.release()
 
 
 def _queue_call(args: argparse.Namespace, op: str, qid: str | None = None) -> tuple[int, Any]:

@@ -39,6 +39,7 @@ from mailrelayd.sidecar import Sidecar, SidecarHooks
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
 from mailrelayd.smtp.policy import Policy
+from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
 from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
@@ -205,6 +206,11 @@ class Daemon:
         self.throttle = AuthThrottle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
+        self._spool_lock = SpoolLock(cfg.server.spool_dir)
+        try:
+            self._spool_lock.acquire()
+        except SpoolLockedError as e:
+            raise SetupError(f"server.spool_dir: {e}") from None
         self.spool = Spool(cfg.server.spool_dir, min_free_space=cfg.server.min_free_space)
         await self.spool.open()
         self.suppressions = await asyncio.to_thread(
@@ -231,10 +237,12 @@ class Daemon:
             log.error("listener.bind_failed", error=str(e))
             await self._shutdown(0)
             return 1
-        if cfg.http.enabled:
-            self.sidecar = Sidecar(SidecarHooks(readiness=self.readiness, before_scrape=self._update_gauges,
-                                                admin=self.queue_ops.handle), started=self.started)
-            await self.sidecar.start(cfg.http.address.host, cfg.http.address.port, cfg.admin_socket)
+        # The admin socket is served even without the HTTP sidecar: the queue CLI must never fall
+        # back to editing the spool under a running daemon.
+        self.sidecar = Sidecar(SidecarHooks(readiness=self.readiness, before_scrape=self._update_gauges,
+                                            admin=self.queue_ops.handle), started=self.started)
+        http = cfg.http.address if cfg.http.enabled else None
+        await self.sidecar.start(http.host if http else None, http.port if http else None, cfg.admin_socket)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -267,6 +275,7 @@ class Daemon:
         if self.sidecar is not None:
             await self.sidecar.stop()
         await self.spool.close()
+        self._spool_lock.release()
         await asyncio.to_thread(self.suppressions.close)
         self._auth_pool.shutdown(wait=False)
         log.info("daemon.stopped", aborted_sessions=aborted)

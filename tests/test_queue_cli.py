@@ -152,3 +152,20 @@ async def test_feedback_parse_cli(cli_env: dict[str, str], tmp_path: Path, tls_f
     # The store is not touched by parse.
     code, out, _ = await _cli(cli_env, cfg, "suppress", "list", "--json")
     assert json.loads(out) == []
+
+
+async def test_spool_has_one_owner(start_daemon, cli_env) -> None:
+    """A second daemon on the same spool would deliver everything twice: it refuses to start. And
+    the CLI never edits a spool a running daemon owns, even when the admin socket is gone."""
+    import pytest
+
+    from mailrelayd.daemon import Daemon, SetupError
+
+    d = await start_daemon()
+    with pytest.raises(SetupError, match="spool is in use"):
+        await Daemon(d.config).run()
+    sock = d.config.parent / "state" / "admin.sock"
+    assert sock.exists()
+    sock.unlink()
+    code, _, err = await _cli(cli_env, d.config, "queue", "list")
+    assert code != 0 and "did not answer" in err
