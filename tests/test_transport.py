@@ -230,3 +230,25 @@ async def test_large_message_in_blocks_arrives_intact(tmp_path: Path, tls_files:
     await t.close()
     assert res[0].ok
     assert sink.messages[0].data.replace(b"\r\n", b"\n") == body.replace(b"\r\n", b"\n")
+
+
+async def test_silent_server_greeting_timeout_defers(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """A remote that accepts the connection and never says anything must not hang a delivery."""
+    conns: list[asyncio.StreamWriter] = []
+
+    async def silent(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conns.append(w)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t = _transport(tmp_path, tls_files, port, greeting_timeout="1s", connect_timeout="1s")
+        t0 = time.monotonic()
+        res = await asyncio.wait_for(t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG), 10)
+        await t.close()
+        assert res[0].temporary and time.monotonic() - t0 < 5
+        assert conns, "the connection was made"
+    finally:
+        for w in conns:
+            w.close()
+        server.close()
