@@ -284,3 +284,20 @@ async def test_servfail_defers_then_delivers(start_daemon, client_tls) -> None:
             assert len(sink.messages) == 1
     finally:
         await sink.stop()
+
+
+async def test_delay_warning_sent_once(start_daemon, client_tls) -> None:
+    sink = await Sink().start()
+    try:
+        sink.rcpt_replies["slow@dest.test"] = "451 4.4.1 try later"
+        d = await start_daemon(_route(sink, delay_warning="1s"))
+        qid = await _submit(d.port("submission"), client_tls, ["slow@dest.test"])
+        await sink.wait_for(1)
+        await asyncio.sleep(3)  # several more retries: still one warning
+        warnings = [m for m in sink.messages if m.mail_from in ("", "<>")]
+        assert len(warnings) == 1 and warnings[0].rcpts == ["app@example.com"]
+        raw = warnings[0].data.decode()
+        assert "Action: delayed" in raw and "Final-Recipient: rfc822; slow@dest.test" in raw
+        assert (await _states(d, qid)) == {"slow@dest.test": "deferred"}  # still being retried
+    finally:
+        await sink.stop()
