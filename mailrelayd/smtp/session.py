@@ -273,7 +273,19 @@ class SmtpSession(_AiosmtpdSMTP):
         assert s is not None
         ctx = self.ctx.tls_context
         assert ctx is not None
+        # uvloop starts reading only after connection_made() returns, so the pause there may not
+        # hold and a fast client's ClientHello can already sit in the plaintext buffer. Pause now (this
+        # holds), and hand those bytes to the TLS protocol once the loop has installed it. Implicit TLS
+        # only: after STARTTLS, buffered plaintext is an injection attempt and is dropped (RFC 3207 §5).
+        if self.transport is not None:
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+        early = bytes(self._reader._buffer) if implicit else b""  # type: ignore[attr-defined]
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
         try:
+            if early:
+                # start_tls() installs the TLS protocol, then queues connection_made and resume_reading:
+                # two hops put the replay behind both.
+                self.loop.call_soon(self.loop.call_soon, self._replay, early)
             await self._writer.start_tls(ctx, ssl_handshake_timeout=self.ctx.cfg.limits.tls_handshake_timeout)
         except asyncio.CancelledError:
             raise
@@ -295,6 +307,23 @@ class SmtpSession(_AiosmtpdSMTP):
         else:
             s.tls_desc = "using TLS"
         return True
+
+    def _replay(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        proto: Any = self.transport.get_protocol()
+        if proto is self:  # the TLS protocol was not installed: nothing to replay into
+            return
+        view = memoryview(data)
+        if hasattr(proto, "get_buffer"):  # asyncio's and uvloop's SSL protocols are buffered protocols
+            while view:
+                buf = proto.get_buffer(len(view))
+                n = min(len(buf), len(view))
+                buf[:n] = view[:n]
+                proto.buffer_updated(n)
+                view = view[n:]
+        else:
+            proto.data_received(bytes(view))
 
     # --- commands -----------------------------------------------------------------------
     async def smtp_HELO(self, arg: str) -> None:
