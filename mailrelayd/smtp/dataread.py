@@ -87,8 +87,11 @@ class DotReader:
                 extra = len(buf) - end
                 if extra:
                     del buf[end:]
-                self._charge(len(data) - extra)
                 self.done = True
+                if not self._charge(len(data) - extra):
+                    self._buf = None
+                    self._dropped = NO_MEMORY
+                    self.release()
                 return len(data) - extra
             if len(buf) > self.max_size + 4096:  # our dot-stuffing slack; exact check in result()
                 self._drop(TOO_BIG)
