@@ -359,3 +359,22 @@ def test_proxy_v2() -> None:
                 sig + bytes([0x21, 0x31, 0, 12]) + body):
         with pytest.raises(ProxyHeaderError):
             parse_header(bad)
+
+
+# --- listener options ---------------------------------------------------------------------
+@pytest.mark.parametrize(("over", "key"), [
+    ({"listeners": [{"name": "s", "address": "127.0.0.1:0", "mode": "submission", "tls": "implicit",
+                     "proxy_protocol": True}]}, "listeners[0].proxy_protocol"),
+    ({"listeners": [{"name": "r", "address": "127.0.0.1:0", "mode": "relay", "proxy_networks": ["10.0.0.0/8"]}]},
+     "listeners[0].proxy_networks"),
+    ({"limits": {"max_message_size": "10MB", "max_data_memory": "5MB"}}, "limits.max_data_memory"),
+    ({"limits": {"proxy_header_timeout": "0s"}}, "limits.proxy_header_timeout"),
+])
+def test_listener_and_limit_options_are_checked(tmp_path: Path, tls_files: tuple[Path, Path], over: dict,
+                                                key: str) -> None:
+    from mailrelayd.config import ConfigError
+    from tests.conftest import deep_merge
+
+    with pytest.raises(ConfigError) as ei:
+        load_config(write_config(tmp_path, deep_merge(base_config(tls_files), over)))
+    assert f"mailrelayd.toml: {key}: " in str(ei.value)
