@@ -334,3 +334,25 @@ def test_proxy_listener_closes_silence_and_foreign_sources(proxied: DaemonProces
     assert fenced.closed(timeout=10)  # 127.0.0.1 is not in proxy_networks
     for c in (silent, fenced):
         c.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_sigterm_closes_idle_sessions_at_once(tmp_path: Path, tls_files: tuple[Path, Path], loop: str) -> None:
+    import signal
+
+    d = _start(tmp_path, tls_files, loop, {"server": {"shutdown_timeout": "60s"}})
+    try:
+        idle = Raw(d.ports["relay"])
+        assert idle.cmd("EHLO client.test.example")[0] == 250
+        leaver = socket.create_connection(("127.0.0.1", d.ports["relay"]), timeout=10)
+        leaver.close()  # a health check that left: must not hold the drain either
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        code, text = idle.reply()
+        assert (code, text[:5]) == (421, "4.3.2"), text
+        assert idle.closed()
+        assert d.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 30  # not the 60 s shutdown_timeout
+        idle.close()
+    finally:
+        d.stop()
