@@ -111,8 +111,7 @@ class SmtpConnection(asyncio.Protocol):
         if self.lcfg.tls == "implicit":
             # The loop gives a protocol its connection_made only after a completed handshake, and says
             # nothing about one that fails or never starts: count those when the timeout has passed.
-            self._handshake = self.loop.call_later(self.ctx.cfg.limits.tls_handshake_timeout + 1.0,
-                                                   self._handshake_expired)
+            self._handshake = self.loop.call_later(listener.handshake_timeout + 1.0, self._handshake_expired)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -237,7 +236,7 @@ class SmtpConnection(asyncio.Protocol):
             metrics.TLS_HANDSHAKE_FAILURES.labels(self.lcfg.name).inc()
             metrics.CONNECTIONS.labels(self.lcfg.name, "tls_failed").inc()
             log.info("smtp.tls_failed", listener=self.lcfg.name, implicit=True, end="tls_handshake_timeout",
-                     error=f"no TLS handshake completed within {self.ctx.cfg.limits.tls_handshake_timeout:g}s")
+                     error=f"no TLS handshake completed within {self.listener.handshake_timeout:g}s")
 
     # --- driving the protocol ------------------------------------------------------------
     def _handle(self, events: list[Event]) -> None:
