@@ -172,10 +172,8 @@ class Daemon:
                                       tls_context=rt.tls_context, authenticator=authenticator,
                                       throttle=self.throttle, signer=signer, spool=self.spool,
                                       on_accepted=self._accepted)
-        local = {d.lower() for d in cfg.relay.local_domains}
-        if cfg.feedback.bounce_domain:
-            local.add(cfg.feedback.bounce_domain.lower())
-        self._local_domains = frozenset(local)
+        # One normalised set of our own domains, shared with every listener's Policy above.
+        self._local_domains = cfg.local_domains
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
         if rt.cert_info is not None:
