@@ -54,6 +54,8 @@ class RcptOutcome(Protocol):
     enhanced: str
     text: str
     remote_mta: str
+    remote_reply: str
+    stage: str
 
     @property
     def ok(self) -> bool: ...
@@ -88,6 +90,7 @@ class FailedRecipient:
     diagnostic: str
     remote_mta: str
     last_attempt: float
+    stage: str = ""
 
 
 class Hooks:
@@ -368,7 +371,7 @@ class Scheduler:
             elif res.permanent:
                 updates.append(RecipientUpdate(qid, r.index, BOUNCED, reply))
                 failed.append(FailedRecipient(r.address, res.enhanced or "5.0.0", _diagnostic(res),
-                                              res.remote_mta, now))
+                                              res.remote_mta, now, res.stage))
                 metrics.DELIVERY_ATTEMPTS.labels("bounced", dom).inc()
                 self.hooks.permanent_failure(msg, r, res)
             else:
@@ -378,7 +381,8 @@ class Scheduler:
         warn_after = self.cfg.delivery.delay_warning
         if warn_after > 0 and not msg.warned and not msg.is_dsn and msg.mail_from and \
                 now - msg.received_at >= warn_after:
-            delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now)
+            delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now,
+                                       res.stage)
                        for r, res in results if not res.ok and not res.permanent]
         done = await self._record(msg, updates, failed, now, delayed=delayed)
         if qid in done:
@@ -460,7 +464,7 @@ class Scheduler:
         data = self.dsn_builder(
             reporting_mta=self.cfg.server.hostname, to=msg.mail_from, original=original, queue_id=msg.queue_id,
             arrival_date=msg.received_at, action=action, now=now,
-            recipients=[DsnRecipient(f.address, f.status, f.diagnostic, f.remote_mta, f.last_attempt)
+            recipients=[DsnRecipient(f.address, f.status, f.diagnostic, f.remote_mta, f.last_attempt, f.stage)
                         for f in failed],
         )
         qid = self.spool.new_queue_id()
@@ -487,18 +491,26 @@ class _Missing:
         self.enhanced = "4.3.0"
         self.text = "no result from transport"
         self.remote_mta = ""
+        self.remote_reply = ""
+        self.stage = ""
 
     ok = False
     permanent = False
 
 
 def _reply_text(res: RcptOutcome) -> str:
-    parts = [str(res.code) if res.code else "", res.enhanced, res.text]
-    return " ".join(p for p in parts if p)[:1000]
+    """The recipient's ``last_reply`` in the spool: the remote's reply verbatim when there was one
+    (it starts with the 3-digit code), otherwise our status and explanation (``"4.4.1 connect to
+    ...: timed out"``, no reply code), so an expiry DSN can tell the two apart."""
+    return _diagnostic(res)[:1000]
 
 
 def _diagnostic(res: RcptOutcome) -> str:
-    return f"{res.code} {res.enhanced} {res.text}".strip() if res.code else f"{res.enhanced} {res.text}".strip()
+    """What a DSN reports as the Diagnostic-Code: the remote's reply once, never wrapped in our
+    own text (which already names the host): ``550 5.1.1 <x@y>: no such user``."""
+    if res.remote_reply:
+        return res.remote_reply
+    return f"{res.enhanced} {res.text}".strip()
 
 
 def _status_of(reply: str) -> str:
