@@ -437,6 +437,39 @@ def cmd_feedback_parse(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- backup / restore -------------------------------------------------------------------
+def cmd_backup(args: argparse.Namespace) -> int:
+    from mailrelayd.spool.backup import BackupError, backup
+
+    cfg = _load(args)
+    try:
+        res = backup(cfg, Path(args.directory))
+    except BackupError as e:
+        _err(str(e))
+        return 1
+    files = ", ".join(f"{n} ({size} bytes)" for n, size in res.files.items())
+    print(f"backed up {res.messages} queued message(s) to {res.directory}: {files} in {res.seconds:.1f}s")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from mailrelayd.spool.backup import BackupError, restore
+
+    cfg = _load(args)
+    try:
+        res = restore(cfg, Path(args.directory), force=args.force)
+    except BackupError as e:
+        _err(str(e))
+        return 1
+    for name, path in res.installed.items():
+        print(f"restored {name} -> {path}")
+    for p in res.moved_aside:
+        print(f"previous file kept as {p}")
+    print(f"{res.messages} queued message(s); start the daemon to deliver them "
+          "(messages delivered after the backup was taken are delivered again)")
+    return 0
+
+
 # --- doctor -----------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     from mailrelayd.doctor import run_doctor
@@ -532,6 +565,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("files", nargs="+")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_feedback_parse)
+
+    s = sub.add_parser("backup", parents=[common], help="consistent copy of the spool and the suppression list "
+                       "into a new directory (safe while the daemon runs)")
+    s.add_argument("directory")
+    s.set_defaults(func=cmd_backup)
+    s = sub.add_parser("restore", parents=[common], help="check a backup and install it (the daemon must be stopped)")
+    s.add_argument("directory")
+    s.add_argument("--force", action="store_true", help="replace existing databases (moved aside, not deleted)")
+    s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("doctor", parents=[common], help="check DNS (MX, SPF, DKIM, DMARC) and the relay's own set-up")
     s.add_argument("--domain", required=True)
