@@ -176,6 +176,10 @@ class Daemon:
         self._local_domains = cfg.local_domains
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
+        metrics.init_known_labels(  # every family exported from the first scrape (see metrics.py)
+            listeners=[lst.name for lst in cfg.listeners], sender_domains=sorted({d.domain for d in cfg.dkim}),
+            destination_domains=sorted({r.domain for r in cfg.routes if r.domain != "*"}),
+            dkim_keys=[(d.domain, d.algorithm) for d in cfg.dkim])
         if rt.cert_info is not None:
             metrics.TLS_CERT_NOT_AFTER.set(rt.cert_info.not_after)
 
