@@ -24,7 +24,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -48,68 +48,55 @@ _MODIFIER = re.compile(r"^\s*(?:bool\b|(?:on|ignoring|group_left|group_right)\s*
 _SCALAR = re.compile(r"[\d\s.+\-*/^%()e]+")
 
 
+def _scan(expr: str) -> Iterator[tuple[int, int]]:
+    """(index, bracket depth before it) of every character outside string literals."""
+    depth, quote, i = 0, "", 0
+    while i < len(expr):
+        c = expr[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = ""
+        elif c in "\"'`":
+            quote = c
+        else:
+            yield i, depth
+            depth += (c in "([{") - (c in ")]}")
+        i += 1
+
+
 def _strip_outer(expr: str) -> str:
     expr = expr.strip()
-    while expr.startswith("(") and _match_paren(expr, 0) == len(expr) - 1:
+    while expr.startswith("(") and _match_paren(expr) == len(expr) - 1:
         expr = expr[1:-1].strip()
     return expr
 
 
-def _match_paren(expr: str, i: int) -> int:
-    depth = 0
-    quote = ""
-    for j in range(i, len(expr)):
-        c = expr[j]
-        if quote:
-            if c == "\\":
-                continue
-            if c == quote:
-                quote = ""
-        elif c in "\"'`":
-            quote = c
-        elif c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-            if depth == 0:
-                return j
-    return -1
+def _match_paren(expr: str) -> int:
+    """Index of the bracket closing the one at index 0."""
+    return next((i for i, depth in _scan(expr) if i and depth == 1 and expr[i] in ")]}"), -1)
 
 
 def _split_top(expr: str) -> list[str]:
     """Operands of the top-level comparison and set operators of ``expr``."""
     parts: list[str] = []
-    depth, quote, start, i = 0, "", 0, 0
-    while i < len(expr):
-        c = expr[i]
-        if quote:
-            if c == "\\":
-                i += 2
-                continue
-            if c == quote:
-                quote = ""
-        elif c in "\"'`":
-            quote = c
-        elif c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        elif depth == 0:
-            op = next((o for o in _CMP if expr.startswith(o, i)), None)
-            if op is None:
-                for w in _WORD_OPS:
-                    before = expr[i - 1] if i else " "
-                    after = expr[i + len(w)] if i + len(w) < len(expr) else " "
-                    if expr.startswith(w, i) and not (before.isalnum() or before in "_:") \
-                            and not (after.isalnum() or after in "_:"):
-                        op = w
-                        break
-            if op is not None:
-                parts.append(expr[start:i])
-                i += len(op)
-                start = i
-                continue
-        i += 1
+    start = skip = 0
+    for i, depth in _scan(expr):
+        if i < skip or depth != 0 or expr[i] in "([{":
+            continue
+        op = next((o for o in _CMP if expr.startswith(o, i)), None)
+        if op is None:
+            before = expr[i - 1] if i else " "
+            for w in _WORD_OPS:
+                after = expr[i + len(w)] if i + len(w) < len(expr) else " "
+                if expr.startswith(w, i) and not (before.isalnum() or before in "_:") \
+                        and not (after.isalnum() or after in "_:"):
+                    op = w
+                    break
+        if op is not None:
+            parts.append(expr[start:i])
+            start = skip = i + len(op)
     parts.append(expr[start:])
     return parts
 
