@@ -369,7 +369,9 @@ class Daemon:
         checks["scheduler"] = "ok" if self.scheduler.loaded else "fail: queue not loaded yet"
         checks["spool_integrity"] = "ok" if self.spool.corrupt is None else \
             f"fail: {self.spool.corrupt}; see {RUNBOOK_SPOOL}"
-        checks["delivery"] = "ok" if self.scheduler.halted is None else f"fail: {self.scheduler.halted}"
+        halted = self.scheduler.halted or \
+            ("the spool is damaged; deliveries are stopped" if self.spool.corrupt is not None else None)
+        checks["delivery"] = "ok" if halted is None else f"fail: {halted}"
         ok = all(v == "ok" for v in checks.values())
         metrics.READY.set(1 if ok else 0)
         for k, v in checks.items():

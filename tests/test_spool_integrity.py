@@ -192,3 +192,50 @@ async def test_queue_flush_spool_error_through_the_admin_socket(start_daemon, mo
     res = await asyncio.to_thread(_run, d.config, "queue", "flush")
     assert res.returncode == 1 and "Traceback" not in res.stderr, res
     assert res.stderr.strip() == "mailrelayd: spool: database or disk is full"
+
+
+async def test_damage_found_while_running_stops_writes(tmp_path: Path) -> None:
+    """A read that meets a damaged page marks the spool damaged; from then on nothing is written."""
+    await _fill_spool(tmp_path / "spool", 60)
+    db = tmp_path / "spool" / "spool.db"
+    with sqlite3.connect(db) as c:
+        qids = [q for (q,) in c.execute("SELECT qid FROM messages")]
+    spool = Spool(tmp_path / "spool")
+    await spool.open()  # passes quick_check
+    try:
+        _damage(db, range(2, db.stat().st_size // 4096))
+        with pytest.raises(SpoolCorruptError):
+            for q in qids:
+                await spool.body(q)
+        assert spool.corrupt is not None and str(db) in str(spool.corrupt)
+        with pytest.raises(SpoolCorruptError):
+            await spool.commit(NewMessage(spool.new_queue_id(), "a@example.com", ("b@dest.test",),
+                                          b"Subject: x\r\n\r\nx\r\n", time.time()))
+    finally:
+        await spool.close()
+
+
+async def test_damaged_spool_while_running_halts_and_refuses_mail(start_daemon, client_tls) -> None:
+    """Once the spool is known damaged (as the test above detects it; set directly here), the daemon
+    answers 451 to new mail, starts no delivery and /ready names both checks."""
+    from aiosmtplib import SMTPDataError, SMTPResponseException
+
+    d = await start_daemon()  # the default route goes nowhere: deferred, retried every second
+    queued = await _submit(d.port("submission"), client_tls, ["x@dest.test"])
+    sched = d.daemon.scheduler
+    d.spool.corrupt = SpoolCorruptError(str(d.spool.path), "database disk image is malformed")
+    with pytest.raises((SMTPDataError, SMTPResponseException)) as ei:
+        await _submit(d.port("submission"), client_tls, ["y@dest.test"])
+    assert ei.value.code == 451
+    for _ in range(200):  # the next retry of the queued message finds the spool damaged
+        if sched.halted is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert sched.halted is not None and "damaged" in sched.halted
+    await asyncio.sleep(0.5)
+    assert queued not in sched.inflight
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{d.http_port}/ready") as r:
+        assert r.status == 503
+        checks = (await r.json())["checks"]
+    assert checks["spool_integrity"].startswith("fail:") and "MailrelaydSpoolDamaged" in checks["spool_integrity"]
+    assert checks["delivery"].startswith("fail:")

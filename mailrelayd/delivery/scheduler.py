@@ -275,6 +275,10 @@ class Scheduler:
         while not self._stopping:
             now = self.clock()
             # Start everything that is due, up to the in-flight limit.
+            if self.halted is None and self.spool.corrupt is not None:
+                # Damage seen by any read or write: whatever we deliver now could not be recorded.
+                self.halted = f"the spool is damaged ({self.spool.corrupt}); deliveries are stopped"
+                log.error("delivery.halted", error=str(self.spool.corrupt), runbook=RUNBOOK_SPOOL)
             if self.halted is not None:
                 await self._retry_unrecorded()
             while self._heap and not self._stopping and self.halted is None:
@@ -452,8 +456,8 @@ class Scheduler:
             nxt = self._next_due(u.msg.queue_id, u.updates, done, u.now)
             if nxt is not None:
                 self._push(u.msg.queue_id, nxt)
-        if self._inflight:
-            return  # an attempt still running may add its own outcome
+        if self._inflight or self.spool.corrupt is not None:
+            return  # an attempt still running may add its own outcome; a damaged spool needs a restore
         log.info("delivery.resumed")
         self.halted = None
 
