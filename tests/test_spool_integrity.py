@@ -218,15 +218,25 @@ async def test_damage_found_while_running_stops_writes(tmp_path: Path) -> None:
 async def test_damaged_spool_while_running_halts_and_refuses_mail(start_daemon, client_tls) -> None:
     """Once the spool is known damaged (as the test above detects it; set directly here), the daemon
     answers 451 to new mail, starts no delivery and /ready names both checks."""
+    import aiosmtplib
     from aiosmtplib import SMTPDataError, SMTPResponseException
+
+    from tests.conftest import TEST_PASSWORD
 
     d = await start_daemon()  # the default route goes nowhere: deferred, retried every second
     queued = await _submit(d.port("submission"), client_tls, ["x@dest.test"])
     sched = d.daemon.scheduler
     d.spool.corrupt = SpoolCorruptError(str(d.spool.path), "database disk image is malformed")
-    with pytest.raises((SMTPDataError, SMTPResponseException)) as ei:
-        await _submit(d.port("submission"), client_tls, ["y@dest.test"])
-    assert ei.value.code == 451
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=d.port("submission"), start_tls=True, tls_context=client_tls,
+                        timeout=10)
+    await c.connect()
+    try:
+        await c.login("alice", TEST_PASSWORD)
+        with pytest.raises((SMTPDataError, SMTPResponseException)) as ei:
+            await c.sendmail("app@example.com", ["y@dest.test"], b"From: app@example.com\r\n\r\nx\r\n")
+        assert ei.value.code == 451
+    finally:
+        await c.quit()
     for _ in range(200):  # the next retry of the queued message finds the spool damaged
         if sched.halted is not None:
             break
