@@ -168,7 +168,10 @@ DELIVERY_CONNECTIONS = Counter(
     ["result"],
 )
 OUTBOUND_TLS = Counter(
-    "mailrelayd_delivery_tls_total", "Outbound sessions by TLS outcome (starttls, plaintext, verified).", ["tls"]
+    "mailrelayd_delivery_tls_total",
+    "Outbound sessions by TLS mode (the level, or mta-sts when an enforced policy applied) and result "
+    "(verified, dane, encrypted, plaintext, or an RFC 8460 failure type with '_' for '-', or mx_not_in_policy).",
+    ["mode", "result"],
 )
 DNS_FAILURES = Counter(
     "mailrelayd_dns_lookup_failures_total",
