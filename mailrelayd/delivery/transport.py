@@ -138,6 +138,7 @@ class Transport:
         conns = [c for lst in self._idle.values() for c in lst]
         self._idle.clear()
         await asyncio.gather(*(self._quit(c) for c in conns), return_exceptions=True)
+        await self.tls.close()
 
     # --- the public operation ------------------------------------------------------------
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes
