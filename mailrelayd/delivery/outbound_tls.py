@@ -172,12 +172,6 @@ class OutboundTls:
         except OSError as e:
             log.warning("tls.state_save_failed", error=str(e))
 
-    def report_settings(self) -> tuple[str, str, str]:
-        """(organization, contact, submitter) for reports."""
-        t = self.cfg.tls_rpt
-        submitter = t.reporting_domain or self.cfg.server.hostname
-        return (t.organization_name or submitter, t.contact_info or f"mailto:postmaster@{submitter}", submitter)
-
     async def send_due_reports(self, enqueue: Enqueue | None, now: float | None = None) -> int:
         """Send every saved day before today (UTC); a day's file moves to sent/ once handled."""
         now = time.time() if now is None else now
@@ -191,7 +185,7 @@ class OutboundTls:
             if day >= today:
                 continue
             rows = await asyncio.to_thread(tlsrpt.load_day, path)
-            org, contact, submitter = self.report_settings()
+            org, contact, submitter = tlsrpt.report_identity(self.cfg)
             for domain, report in tlsrpt.build_reports(rows or [], day, organization=org, contact=contact,
                                                        submitter=submitter).items():
                 sent += await self._send_one(domain, day, report, submitter, enqueue)

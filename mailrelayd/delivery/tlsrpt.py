@@ -20,6 +20,7 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
+from mailrelayd.config import Config
 from mailrelayd.delivery.tlspolicy import ReportPolicy
 
 MAX_DOMAINS_PER_DAY = 100_000
@@ -95,6 +96,13 @@ class TlsRptLog:
     def forget(self, day: str) -> None:
         self._days.pop(day, None)
         self._dirty.discard(day)
+
+
+def report_identity(cfg: Config) -> tuple[str, str, str]:
+    """(organization-name, contact-info, submitter) from ``[tls_rpt]``."""
+    t = cfg.tls_rpt
+    submitter = t.reporting_domain or cfg.server.hostname
+    return (t.organization_name or submitter, t.contact_info or f"mailto:postmaster@{submitter}", submitter)
 
 
 def day_of(t: float) -> str:
