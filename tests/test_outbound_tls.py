@@ -360,3 +360,25 @@ def test_enforce_under_uvloop(tmp_path: Path, tls_files: tuple[Path, Path], ca: 
             await srv.stop()
     run: Callable[[Awaitable[None]], None] = uvloop.run
     run(scenario())
+
+
+# --- doctor: the operator's own inbound records ------------------------------------------------
+async def test_doctor_checks_own_mta_sts_and_tls_rpt(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                     dns_srv: DnsServer, policy_server: PolicyServer) -> None:
+    from mailrelayd.delivery.mx import make_resolver
+    from mailrelayd.doctor import check_mta_sts, check_tls_rpt
+
+    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)  # a fresh resolver each time: no cached NXDOMAIN
+    r = await check_mta_sts(make_resolver(cfg.dns), cfg, "dest.test")
+    assert r.status == "warn" and '_mta-sts.dest.test. TXT "v=STSv1; id=' in r.detail and f"mx: {MX}" in r.detail
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy())
+    r = await check_mta_sts(make_resolver(cfg.dns), cfg, "dest.test")
+    assert r.status == "ok", r.detail
+    dns_srv.remove("_mta-sts.dest.test.")
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy(mx="mx.elsewhere.test"), pid="2")
+    r = await check_mta_sts(make_resolver(cfg.dns), cfg, "dest.test")
+    assert r.status == "fail" and MX in r.detail
+    assert (await check_tls_rpt(make_resolver(cfg.dns), "dest.test")).status == "warn"
+    dns_srv.add("_smtp._tls.dest.test.", "TXT", '"v=TLSRPTv1; rua=mailto:tls@dest.test"')
+    r = await check_tls_rpt(make_resolver(cfg.dns), "dest.test")
+    assert r.status == "ok" and "mailto:tls@dest.test" in r.detail
