@@ -239,6 +239,9 @@ async def test_policy_host_with_untrusted_certificate_is_no_policy(
         r = await _deliver(t)
         assert r.ok and sink.messages[0].tls
         assert t.tls.sts.fetch_errors["dest.test"].result_type == "sts-webpki-invalid"
+        rows = t.tls.rpt.snapshot()[day_of(time.time())]
+        assert any(r["domain"] == "dest.test" and r["type"] == "sts" and r["failures"][0][0] == "sts-webpki-invalid"
+                   for r in rows)
         await t.close()
 
 
@@ -258,7 +261,9 @@ async def test_testing_delivers_and_reports(tmp_path: Path, tls_files: tuple[Pat
         day_file = tmp_path / "state" / "tlsrpt" / f"{day_of(time.time())}.json"
         rows = json.loads(day_file.read_text())
         (row,) = [x for x in rows if x["domain"] == "dest.test"]
-        assert row["type"] == "sts" and row["failures"][0][0] == "certificate-not-trusted"
+        assert row["type"] == "sts" and row["failures"][0][:4] == ["certificate-not-trusted", "127.0.0.1", MX,
+                                                                   "127.0.0.1"]
+        assert row["success"] == 0  # the fallback session is not an MTA-STS-validated one
 
         # `mailrelayd tlsrpt show --json` prints the report that would be sent.
         cfg_file = tmp_path / "mailrelayd.toml"

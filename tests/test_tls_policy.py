@@ -379,3 +379,16 @@ async def test_no_policy_is_cached_negatively(tmp_path: Path) -> None:
         assert c.current("plain.test") is e
     assert f.txt_calls == 1
     await c.close()
+
+
+async def test_cache_prunes_stale_entries(tmp_path: Path) -> None:
+    f = _Fake()
+    f.pid = None
+    c = MtaSts(None, f.txt, f.fetch)
+    await c.lookup("plain.test")
+    f.pid = "1"
+    await c.lookup("dest.test")
+    assert c.prune() == 0
+    assert c.prune(now=time.time() + 2 * mta_sts.NEGATIVE_TTL + 1) == 1     # the negative entry
+    assert c.prune(now=time.time() + 86400 + 1) == 1                         # the policy past max_age
+    await c.close()

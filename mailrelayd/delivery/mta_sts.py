@@ -220,8 +220,10 @@ class MtaSts:
     sts-policy-fetch-error results (RFC 8460 §4.3.2.2).
     """
 
-    def __init__(self, path: Path | None, txt_lookup: TxtLookup, fetcher: Fetcher) -> None:
+    def __init__(self, path: Path | None, txt_lookup: TxtLookup, fetcher: Fetcher,
+                 on_fetch_error: Callable[[str, FetchError], None] | None = None) -> None:
         self.path = path
+        self._on_fetch_error = on_fetch_error
         self._txt = txt_lookup
         self._fetch = fetcher
         self._cache: dict[str, CacheEntry] = {}
@@ -306,6 +308,8 @@ class MtaSts:
             policy = await self._fetch(domain)
         except FetchError as e:
             self.fetch_errors[domain] = e
+            if self._on_fetch_error is not None:
+                self._on_fetch_error(domain, e)
             log.warning("mta_sts.fetch_failed", domain=domain, error=str(e))
             if valid_old is not None:
                 valid_old.checked = now
@@ -323,6 +327,16 @@ class MtaSts:
     def _store(self, entry: CacheEntry) -> None:
         self._cache[entry.domain] = entry
         self._dirty = True
+
+    def prune(self, now: float | None = None) -> int:
+        """Forget stale negative entries and expired policies (bounds memory to recently seen domains)."""
+        now = time.time() if now is None else now
+        stale = [d for d, e in self._cache.items()
+                 if (e.policy is None and now - e.checked > 2 * NEGATIVE_TTL)
+                 or (e.policy is not None and now >= e.expires)]
+        for d in stale:
+            del self._cache[d]
+        return len(stale)
 
     # --- persistence (called from threads by the owner) ---------------------------------
     def load(self) -> None:

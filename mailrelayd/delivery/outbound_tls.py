@@ -60,7 +60,8 @@ class OutboundTls:
         self._mx = mx
         self._dnssec: dns.asyncresolver.Resolver | None = None
         self._dnssec_of: Any = None
-        self.sts = MtaSts(cfg.server.state_dir / "mta-sts.json", self._sts_txt, self._sts_fetch)
+        self.sts = MtaSts(cfg.server.state_dir / "mta-sts.json", self._sts_txt, self._sts_fetch,
+                          self._sts_fetch_failed)
         self.rpt = tlsrpt.TlsRptLog(cfg.server.state_dir / "tlsrpt")
         self.reconfigure(cfg)
 
@@ -85,6 +86,11 @@ class OutboundTls:
 
     async def _sts_fetch(self, domain: str) -> StsPolicy:
         return await mta_sts.fetch_policy(domain, self.resolver, self.ctx_fetch)
+
+    def _sts_fetch_failed(self, domain: str, e: mta_sts.FetchError) -> None:
+        """RFC 8460 §4.3.2.2: a policy that was announced but could not be had is reported."""
+        if self.cfg.tls_rpt.enabled:
+            self.rpt.record(ReportPolicy("sts", domain), e.result_type)
 
     # --- the delivery path ------------------------------------------------------------------
     def level(self, route: RouteConfig | None) -> str:
@@ -129,17 +135,19 @@ class OutboundTls:
         return None if ok else detail
 
     def record(self, plan: HostPlan, host: MxHost | None, addr: str, result_type: str | None,
-               success: str = "", *, report: ReportPolicy | None = None, count_metric: bool = True) -> None:
+               success: str = "", *, report: ReportPolicy | None = None, count_metric: bool = True,
+               sending_ip: str = "") -> None:
         """One session's TLS outcome: the metric, and the day's TLS-RPT counts."""
         if count_metric:
             metrics.OUTBOUND_TLS.labels(plan.mode, success if result_type is None else metric_result(result_type)
                                         ).inc()
         # RFC 8460 counts TLS sessions: a plaintext session under no policy is neither success nor failure.
-        if self.cfg.tls_rpt.enabled and (result_type is not None or success != "plaintext"):
+        if self.cfg.tls_rpt.enabled and (result_type is not None or (success != "plaintext" and plan.report_success)):
             rtype = result_type
             if rtype == "mx_not_in_policy":
                 rtype = "validation-failure"  # RFC 8460 has no narrower type for an unlisted MX
-            self.rpt.record(report or plan.report, rtype, mx=host.name if host else "", receiving_ip=addr)
+            self.rpt.record(report or plan.report, rtype, mx=host.name if host else "", receiving_ip=addr,
+                            sending_ip=sending_ip)
 
     # --- background: save state, send reports ---------------------------------------------
     async def load(self) -> None:
@@ -147,6 +155,7 @@ class OutboundTls:
         await asyncio.to_thread(self.rpt.load)
 
     async def save(self) -> None:
+        self.sts.prune()
         snap = self.sts.snapshot()
         if snap is not None:
             await asyncio.to_thread(self.sts.save, snap)

@@ -75,6 +75,8 @@ class HostPlan:
     refuse_result: str = ""
     why: str = ""
     """What demanded authentication, for failure texts ("MTA-STS policy for example.com")."""
+    report_success: bool = True
+    """False after a testing-policy failure was reported: the fallback session is not a success."""
 
 
 def _sts_report(domain: str, sts: StsPolicy) -> ReportPolicy:

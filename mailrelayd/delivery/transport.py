@@ -227,7 +227,7 @@ class Transport:
                 continue
             if testing_mx_mismatch(plan, sts, host.name):
                 self.tls.record(plan, host, "", VALIDATION_FAILURE, count_metric=False)
-                plan = dataclasses.replace(plan, sts_testing=False)
+                plan = dataclasses.replace(plan, sts_testing=False, report_success=False)
             for addr in host.addresses:
                 if tried >= MAX_ADDRESSES_TRIED:
                     break
@@ -236,7 +236,8 @@ class Transport:
                     try:
                         return await self._open(key, host, addr, route, plan, plaintext=False)
                     except _ReportOnly:
-                        return await self._open(key, host, addr, route, dataclasses.replace(plan, sts_testing=False),
+                        return await self._open(key, host, addr, route,
+                                                dataclasses.replace(plan, sts_testing=False, report_success=False),
                                                 plaintext=False)
                 except _PermFail as e:
                     last = e
@@ -279,17 +280,19 @@ class Transport:
 
             await self._ehlo(smtp, where)
             tls = False
+            local = smtp.get_transport_info("sockname")
+            src = str(local[0]) if local else ""
             if plan.mode != "none" and not plaintext and smtp.supports_extension("starttls"):
-                await self._starttls(smtp, host, addr, where, plan)
+                await self._starttls(smtp, host, addr, where, plan, src)
                 tls = True
                 await self._ehlo(smtp, where)  # RFC 3207 §4.2: forget what we knew, ask again
             elif plan.require_tls:
-                self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED)
+                self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, sending_ip=src)
                 why = f" by {plan.why}" if plan.why else ""
                 raise _TempFail(451, "4.7.5", f"TLS is required{why}, but was not offered by host {where}")
             else:
                 if plan.sts_testing and not plaintext:
-                    self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, count_metric=False)
+                    self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, count_metric=False, sending_ip=src)
                 self.tls.record(plan, host, addr, None, "plaintext")
 
             if route is not None and route.username:
@@ -309,7 +312,8 @@ class Transport:
         metrics.DELIVERY_CONNECTIONS.labels("ok").inc()
         return _Conn(smtp, host, addr, key, tls)
 
-    async def _starttls(self, smtp: aiosmtplib.SMTP, host: MxHost, addr: str, where: str, plan: HostPlan) -> None:
+    async def _starttls(self, smtp: aiosmtplib.SMTP, host: MxHost, addr: str, where: str, plan: HostPlan,
+                        src: str) -> None:
         """STARTTLS as the plan demands (RFC 3207); DANE is checked on the finished handshake."""
         ctx = self.tls.ctx_verify if plan.sts_testing else self.tls.context(plan)
         try:
@@ -318,21 +322,21 @@ class Transport:
         except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
             rtype, reason = classify_tls_error(e)
             if plan.sts_testing and isinstance(e, ssl.SSLCertVerificationError):
-                self.tls.record(plan, host, addr, rtype, count_metric=False)
+                self.tls.record(plan, host, addr, rtype, count_metric=False, sending_ip=src)
                 log.info("delivery.mta_sts_testing_failure", host=host.name, address=addr, result=rtype,
                          reason=reason)
                 raise _ReportOnly() from None
             metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
-            self.tls.record(plan, host, addr, rtype)
+            self.tls.record(plan, host, addr, rtype, sending_ip=src)
             text = failure_text(plan, host.name, reason) if plan.why else f"TLS with {where} failed: {reason}"
             raise _TempFail(451, "4.7.5", f"{text} (host {where})" if plan.why else text) from None
         problem = self.tls.check_dane(plan, smtp.get_transport_info("ssl_object"), host)
         if problem is not None:
             metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
-            self.tls.record(plan, host, addr, TLSA_INVALID)
+            self.tls.record(plan, host, addr, TLSA_INVALID, sending_ip=src)
             raise _TempFail(451, "4.7.5", f"{failure_text(plan, host.name, problem)} (host {where})")
         result = {"dane": "dane", "pkix": "verified"}.get(plan.auth, "encrypted")
-        self.tls.record(plan, host, addr, None, "verified" if plan.sts_testing else result)
+        self.tls.record(plan, host, addr, None, "verified" if plan.sts_testing else result, sending_ip=src)
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str) -> None:
         try:
