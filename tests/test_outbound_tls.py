@@ -387,3 +387,17 @@ async def test_doctor_checks_own_mta_sts_and_tls_rpt(tmp_path: Path, tls_files: 
     dns_srv.add("_smtp._tls.dest.test.", "TXT", '"v=TLSRPTv1; rua=mailto:tls@dest.test"')
     r = await check_tls_rpt(make_resolver(cfg.dns), "dest.test")
     assert r.status == "ok" and "mailto:tls@dest.test" in r.detail
+
+
+async def test_dane_only_with_insecure_mx_defers(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                 certs: dict[str, Issued], dns_srv: DnsServer) -> None:
+    """RFC 7672 §2.2.1: TLSA of an MX host found through an insecure MX lookup is not used."""
+    async with _sink(certs["self-signed"]) as sink:
+        dns_srv.add(f"_{sink.port}._tcp.{MX}.", "TLSA", _tlsa_311(certs["self-signed"]))
+        dns_srv.set_ad(True, f"_{sink.port}._tcp.{MX}.")   # the TLSA answer is secure, the MX answer is not
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls="dane-only", mta_sts=False)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.enhanced == "4.7.5" and "MX records of dest.test are not DNSSEC-validated" in r.text
+        assert sink.connections == 0
+        await t.close()

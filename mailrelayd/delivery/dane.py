@@ -111,6 +111,18 @@ async def lookup(resolver: dns.asyncresolver.Resolver, host: str, port: int) -> 
     return DaneLookup("usable", records, "")
 
 
+async def mx_secure(resolver: dns.asyncresolver.Resolver, domain: str) -> bool:
+    """Is the domain's MX RRset DNSSEC-validated? RFC 7672 §2.2.1: TLSA records of MX hosts found
+    through an insecure MX lookup are not used (an attacker could have chosen the host)."""
+    if not resolver_on_loopback(resolver):
+        return False
+    try:
+        answer = await resolver.resolve(domain.rstrip(".") + ".", "MX", search=False, raise_on_no_answer=False)
+    except dns.exception.DNSException:
+        return False
+    return _ad(answer.response)
+
+
 def make_dnssec(resolver: dns.asyncresolver.Resolver) -> dns.asyncresolver.Resolver:
     """The same resolver settings, asking with the DO bit so a validating resolver reports AD."""
     r = dns.asyncresolver.Resolver(configure=False)

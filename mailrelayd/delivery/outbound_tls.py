@@ -107,10 +107,16 @@ class OutboundTls:
         p = entry.policy
         return p if p is not None and p.mode != "none" else None
 
-    async def plan(self, level: str, domain: str, host: MxHost, sts: StsPolicy | None) -> HostPlan:
+    async def plan(self, level: str, domain: str, host: MxHost, sts: StsPolicy | None, *,
+                   via_mx: bool = True) -> HostPlan:
+        """``via_mx``: the host came from the domain's MX records (not a route's configured host)."""
         lookup = None
         if level in ("dane", "dane-only"):
-            lookup = await dane.lookup(self._dnssec_resolver(), host.name, host.port)
+            resolver = self._dnssec_resolver()
+            if via_mx and not await dane.mx_secure(resolver, domain):
+                lookup = dane.DaneLookup("insecure", detail=f"the MX records of {domain} are not DNSSEC-validated")
+            else:
+                lookup = await dane.lookup(resolver, host.name, host.port)
         return plan_host(level, domain, host.name, sts, lookup)
 
     def context(self, plan: HostPlan) -> ssl.SSLContext:

@@ -219,7 +219,7 @@ class Transport:
         tried = 0
         level = self.tls.level(route)
         for host in hosts:
-            plan = await self.tls.plan(level, domain, host, sts)
+            plan = await self.tls.plan(level, domain, host, sts, via_mx=route is None)
             if plan.refuse:  # MX not in an enforced MTA-STS policy, DANE lookup failed, dane-only...
                 self.tls.record(plan, host, "", plan.refuse_result)
                 all_perm = False
