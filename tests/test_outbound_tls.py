@@ -401,3 +401,25 @@ async def test_dane_only_with_insecure_mx_defers(tmp_path: Path, tls_files: tupl
         assert r.enhanced == "4.7.5" and "MX records of dest.test are not DNSSEC-validated" in r.text
         assert sink.connections == 0
         await t.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("ssl").SSLObject, "get_unverified_chain"),
+                    reason="DANE-TA needs the server's chain: ssl.SSLObject.get_unverified_chain (Python 3.13+)")
+@pytest.mark.parametrize(("name", "delivered"), [(MX, True), ("other.example.net", False)])
+async def test_dane_ta(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, dns_srv: DnsServer,
+                       name: str, delivered: bool) -> None:
+    """DANE-TA(2) 2 0 1 of our test CA: the chain leads to it and the leaf names the MX (RFC 7672 §3.2.2)."""
+    leaf = ca.issue(f"ta-{name}", [name])
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(leaf.cert_file.read_bytes() + ca.ca_file.read_bytes())
+    leaf.cert_file = chain
+    ca_der = ca.cert.public_bytes(Encoding.DER)
+    async with _sink(leaf) as sink:
+        dns_srv.add(f"_{sink.port}._tcp.{MX}.", "TLSA", f"2 0 1 {hashlib.sha256(ca_der).hexdigest()}")
+        dns_srv.set_ad(True)
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls="dane-only", mta_sts=False)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.ok is delivered, r.text
+        assert len(sink.messages) == (1 if delivered else 0)
+        await t.close()
