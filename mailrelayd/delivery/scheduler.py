@@ -187,6 +187,15 @@ class Scheduler:
     def parked(self) -> frozenset[str]:
         return frozenset(self._parked)
 
+    def quiescent(self) -> bool:
+        """Nothing in flight and nothing due now (tests with a fake clock wait for this)."""
+        if self._tasks or self._wake.is_set():
+            return False
+        now = self.clock()
+        if now >= min(self._next_unsuspend, self.queue.next_rule_expiry):
+            return False
+        return not any(due <= now and self._scheduled.get(q) == due for due, q in self._heap)
+
     def queued_count(self) -> int:
         return len(self._scheduled) + len(self._inflight) + len(self._parked)
 
