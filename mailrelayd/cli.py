@@ -230,7 +230,11 @@ async def _offline(cfg: Any, op: str, qid: str | None, body: dict[str, Any] | No
     """The same operations straight on the spool, when the daemon is not running."""
     from mailrelayd.delivery.dsn import build_dsn
     from mailrelayd.delivery.queuemanager import QueueManager
+    from mailrelayd.log import configure_logging
     from mailrelayd.queueops import QueueOps
+
+    # The queue manager logs what it does: to stderr, so stdout stays the command's answer.
+    configure_logging("console", "warning", sys.stderr)
     from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
     from mailrelayd.spool.store import Spool
 
@@ -321,7 +325,7 @@ def _queue_action(args: argparse.Namespace, op: str) -> int:
     ids = list(getattr(args, "queue_ids", None) or [])
     bulk = bool(getattr(args, "domain", None) or getattr(args, "sender", None) or getattr(args, "user", None)
                 or getattr(args, "older_than", None) or getattr(args, "dry_run", False) or len(ids) > 1
-                or op in ("hold", "release"))
+                or op in ("hold", "release") or (not ids and op != "flush"))
     if not bulk:  # one queue id (or `flush` of everything): the original single-message calls
         status, item = _queue_call(args, op, ids[0] if ids else None)
         if status != 200:
