@@ -380,3 +380,17 @@ async def test_bulk_actions_dry_run_then_real(rig_factory: Callable[..., Any]) -
     # One DSN for the bounced message, to its sender.
     dsn_calls = [c for c in rig.transport.calls if c[1] == "example.com"]
     assert [c[2] for c in dsn_calls] == [["app@example.com"]]
+
+
+def test_shipped_shaping_file_is_valid_when_uncommented(tmp_path: Path) -> None:
+    """config/shaping.toml is all comments; its entries, uncommented, load and validate."""
+    import re
+    import tomllib
+
+    src = (Path(__file__).resolve().parents[1] / "config" / "shaping.toml").read_text()
+    assert tomllib.loads(src) == {}  # shipped commented out
+    lines = [m.group(1) for m in re.finditer(r"(?m)^# (\[\[shaping\]\]|[a-z_]+ = (?:\"[^\"]*\"|\d+))\s*$", src)]
+    entries = tomllib.loads("\n".join(lines))["shaping"]
+    assert len(entries) >= 8 and {".google.com", ".olc.protection.outlook.com"} <= {e["match"] for e in entries}
+    cfg = make_cfg(tmp_path, shaping=entries)
+    assert len(cfg.shaping) == len(entries)
