@@ -65,9 +65,9 @@ LocalDelivery = Callable[[MessageRecord, bytes, Sequence[RecipientRecord]], Awai
 MxNames = Callable[[str], Awaitable[list[str]]]
 """MX host names of a recipient domain (only asked when [[shaping]] groups by MX suffix)."""
 
-WAIT_RECHECK = 30.0
+WAIT_RECHECK = 300.0
 """A message waiting for a connection slot is looked at again after this long even if no slot
-was handed to it (a safety net, not the normal path)."""
+was handed to it (a safety net, not the normal path: a freed slot wakes the first waiter)."""
 
 
 class Scheduler:
@@ -381,8 +381,7 @@ class Scheduler:
             return until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff)), reply, True
         if dest.active >= dest.limits.max_connections:
             metrics.DESTINATION_POSTPONED.labels("connections").inc()
-            if qid not in dest.waiting:
-                dest.waiting.append(qid)
+            dest.wait(qid)
             return now + WAIT_RECHECK, "", False
         slot = dest.rate_slot(qid, now)
         if slot is not None:
@@ -393,8 +392,7 @@ class Scheduler:
     def _release(self, dest: Destination) -> None:
         """A transaction to ``dest`` ended: hand its slot to the first waiting message."""
         dest.active -= 1
-        while dest.waiting and dest.active < dest.limits.max_connections:
-            q = dest.waiting.popleft()
+        while dest.active < dest.limits.max_connections and (q := dest.next_waiter()) is not None:
             if q in self._inflight or q in self._parked:
                 continue
             self._push(q, self.clock())
