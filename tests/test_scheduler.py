@@ -394,3 +394,31 @@ def test_shipped_shaping_file_is_valid_when_uncommented(tmp_path: Path) -> None:
     assert len(entries) >= 8 and {".google.com", ".olc.protection.outlook.com"} <= {e["match"] for e in entries}
     cfg = make_cfg(tmp_path, shaping=entries)
     assert len(cfg.shaping) == len(entries)
+
+
+def test_source_address_choice(tmp_path: Path) -> None:
+    from mailrelayd.delivery.transport import _source_for
+
+    cfg = make_cfg(tmp_path, delivery={"source_address": "192.0.2.25", "source_address6": "2001:db8::25"},
+                   routes=[{"domain": "v6.example", "host": "[2001:db8::99]:25", "source_address": "2001:db8::7"}])
+    route = cfg.route_for("V6.Example")
+    assert route is not None
+    assert _source_for(cfg, None, "198.51.100.1") == "192.0.2.25"
+    assert _source_for(cfg, None, "2001:db8::1") == "2001:db8::25"
+    assert _source_for(cfg, route, "2001:db8::99") == "2001:db8::7"
+    assert _source_for(cfg, route, "198.51.100.1") is False  # cannot bind an IPv6 source for IPv4
+    assert _source_for(make_cfg(tmp_path), None, "198.51.100.1") is None
+
+
+async def test_reload_changes_limits_of_live_destinations(rig_factory: Callable[..., Any], tmp_path: Path) -> None:
+    rig = await rig_factory(shaping=[{"match": "x.example", "max_rate": "1/min"}])
+    await rig.submit("a@x.example")
+    await rig.submit("b@x.example")
+    await rig.settle()
+    assert rig.delivered_to("x.example") == 1  # the second waits a minute
+    rig.sched.reconfigure(make_cfg(tmp_path, shaping=[{"match": "x.example", "max_rate": "100/s"}]))
+    q = await rig.submit("c@x.example")
+    await rig.settle()
+    assert await rig.spool.get(q) is None  # the new rate applies at once to new mail
+    await rig.advance(60)
+    assert rig.delivered_to("x.example") == 3

@@ -105,7 +105,14 @@ class Scheduler:
         self._next_unsuspend = math.inf
         self._last_prune = 0.0
         self.loaded = False
+        self._export_configured()
+
+    def _export_configured(self) -> None:
+        """Configured destinations are exported from the first scrape (0 = not suspended)."""
         metrics.destination_label.set_always(self.destinations.configured)
+        for name in self.destinations.configured:
+            if name not in self._suspended:
+                metrics.DESTINATION_SUSPENDED.labels(metrics.destination_label(name)).set(0)
 
     @staticmethod
     def _max_inflight(cfg: Config) -> int:
@@ -115,7 +122,7 @@ class Scheduler:
         self.cfg = cfg
         self.queue.reconfigure(cfg)
         self.destinations.reconfigure(cfg)
-        metrics.destination_label.set_always(self.destinations.configured)
+        self._export_configured()
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:

@@ -126,7 +126,10 @@ class Destinations:
         self.suffixes.sort(key=lambda x: -len(x[0]))  # most specific suffix first
         self.configured = frozenset([*self.by_domain, *(s for s, _ in self.suffixes)])
         for dest in self._dests.values():
-            dest.limits = self.limits_for(dest.name)
+            new = self.limits_for(dest.name)
+            if new.rate_interval != dest.limits.rate_interval:
+                dest.next_slot = 0.0  # a new rate starts a new schedule (reservations are kept)
+            dest.limits = new
         self._mx_cache.clear()
 
     def _limits(self, sh: ShapingConfig, backoff: float) -> Limits:
