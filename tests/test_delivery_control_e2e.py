@@ -255,3 +255,35 @@ async def test_bulk_actions_dry_run_and_offline(start_daemon, client_tls, cli_en
         assert [m["dsn"] for m in json.loads(out)] == [True, True]  # the DSNs wait for the daemon
     finally:
         await sink.stop()
+
+
+async def test_under_uvloop_source_address_ip_family_and_hold(tmp_path: Path, tls_files, client_tls,
+                                                              cli_env) -> None:
+    """The subprocess daemon runs on uvloop: source binding, address family and holds there too."""
+    from tests.conftest import base_config, deep_merge, write_config
+    from tests.support.proc import DaemonProcess
+
+    sink = await Sink().start()
+    try:
+        with DnsServer() as dns_srv:
+            _mx_zone(dns_srv)
+            cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {
+                "routes": [], "dns": {"nameservers": [dns_srv.nameserver]},
+                "delivery": {"port": sink.port, "ip_family": "ipv4", "source_address": "127.0.0.2"}}))
+            d = await asyncio.to_thread(lambda: DaemonProcess(cfg).wait_ready())
+            try:
+                code, out, err = await _cli(cli_env, cfg, "queue", "hold", "--user", "alice")
+                assert code == 0 and "rule: user alice" in out, err
+                await _submit_many(d.ports["submission"], client_tls, [["a@dual.test"]])
+                await asyncio.sleep(2)
+                assert sink.messages == []
+                code, out, err = await _cli(cli_env, cfg, "queue", "list", "--json")
+                assert [m["state"] for m in json.loads(out)] == ["held"], out + err
+                code, out, err = await _cli(cli_env, cfg, "queue", "release", "--user", "alice")
+                assert code == 0 and out.startswith("released 1 message(s)"), out + err
+                (m,) = await sink.wait_for(1, timeout=30)
+                assert m.rcpts == ["a@dual.test"] and m.peer == "127.0.0.2"
+            finally:
+                assert await asyncio.to_thread(d.stop) == 0
+    finally:
+        await sink.stop()
