@@ -249,21 +249,23 @@ class QueueManager:
         now = self.clock()
         if f is None:
             rules = list(self._rules.values())
-            sel_filter = QueueFilter()
+            stamp_filter = QueueFilter()
         else:
             f = f.normalized()
             rules = [self._rules[k] for k in f.rules() if k in self._rules]
-            sel_filter = f
-        sel = await self.spool.select(sel_filter, now)
-        msgs = await self._held_messages(sorted({q for q, _ in sel}))
-        stamped = [m.queue_id for m in msgs if m.held_at > 0]
+            stamp_filter = f
         by_rule: dict[tuple[str, str], list[str]] = {}
+        rcpts: set[tuple[str, int]] = set()
         for rule in rules:
-            by_rule[(rule.kind, rule.value)] = [m.queue_id for m in msgs if self._rule_matches(rule, m)]
+            sel = await self.spool.select(_rule_filter(rule), now)
+            by_rule[(rule.kind, rule.value)] = sorted({q for q, _ in sel})
+            rcpts.update(sel)
+        stamped_sel = await self.spool.select(stamp_filter, now, only_held=True)
+        stamped = sorted({q for q, _ in stamped_sel})
+        rcpts.update(stamped_sel)
         touched = set(stamped) | {q for qs in by_rule.values() for q in qs}
-        n_rcpts = sum(1 for q, _ in sel if q in touched)
         if dry_run:
-            return BulkResult("release", len(touched), n_rcpts, True, tuple(rules))
+            return BulkResult("release", len(touched), len(rcpts), True, tuple(rules))
         for rule in rules:
             await self._drop_rule(rule, by_rule[(rule.kind, rule.value)], now)
         if stamped:
@@ -271,7 +273,7 @@ class QueueManager:
         if self.listener is not None and touched:
             self.listener.wake(sorted(touched), now)
         log.info("queue.release", filter=f.to_json() if f else "all", messages=len(touched), rules=len(rules))
-        return BulkResult("release", len(touched), n_rcpts, False, tuple(rules))
+        return BulkResult("release", len(touched), len(rcpts), False, tuple(rules))
 
     async def expire_rules(self) -> int:
         """Release rules whose ``until`` has passed (called by the delivery loop)."""
@@ -301,20 +303,6 @@ class QueueManager:
     def next_rule_expiry(self) -> float:
         return self._next_rule_expiry
 
-    async def _held_messages(self, qids: Sequence[str]) -> list[MessageRecord]:
-        out: list[MessageRecord] = []
-        for i in range(0, len(qids), 500):
-            out += await self.spool.get_many(qids[i:i + 500])
-        return out
-
-    @staticmethod
-    def _rule_matches(rule: HoldRule, m: MessageRecord) -> bool:
-        if rule.kind == "domain":
-            return any(r.domain == rule.value for r in m.active_recipients())
-        if rule.kind == "user":
-            return m.user == rule.value
-        return sender_matches(rule.value, m.mail_from)
-
     # --- other bulk actions -------------------------------------------------------------------
     async def select(self, f: QueueFilter) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -333,8 +321,7 @@ class QueueManager:
         if f is None or f.normalized().empty:
             await self.spool.reschedule(None, now)
         else:
-            for q in qids:
-                await self.spool.reschedule(q, now)
+            await self.spool.reschedule_many(qids, now)
         if self.listener is not None:
             self.listener.wake(qids, now)
         return BulkResult("flush", len(sel), n, False)

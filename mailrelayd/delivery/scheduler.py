@@ -56,7 +56,8 @@ __all__ = ["DsnBuilder", "FailedRecipient", "Hooks", "LocalDelivery", "LocalResu
 
 class TransportLike(Protocol):
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
-                      max_messages: int | None = None) -> Sequence[RcptOutcome]: ...
+                      max_messages: int | None = None, max_connections: int | None = None
+                      ) -> Sequence[RcptOutcome]: ...
 
 
 LocalDelivery = Callable[[MessageRecord, bytes, Sequence[RecipientRecord]], Awaitable[Sequence[LocalResult]]]
@@ -450,7 +451,8 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             res = await self.transport.deliver(group[0].domain, mail_from, [r.address for r in group], body,
-                                               max_messages=dest.limits.max_messages_per_connection)
+                                               max_messages=dest.limits.max_messages_per_connection,
+                                               max_connections=dest.limits.max_connections)
         finally:
             self._release(dest)
         dest.sent += 1

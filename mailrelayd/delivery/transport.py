@@ -146,12 +146,13 @@ class Transport:
 
     # --- the public operation ------------------------------------------------------------
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
-                      max_messages: int | None = None) -> list[RcptResult]:
+                      max_messages: int | None = None, max_connections: int | None = None) -> list[RcptResult]:
         """One SMTP transaction for ``recipients`` (all at ``domain``); a result for every recipient.
-        ``max_messages``: the destination's messages per connection (default: [delivery])."""
+        ``max_messages`` / ``max_connections``: the destination's [[shaping]] limits (the scheduler
+        enforces connections per destination; this only keeps the per-domain cap from undercutting it)."""
         t0 = time.perf_counter()
         try:
-            results = await self._deliver(domain, mail_from, list(recipients), data, max_messages)
+            results = await self._deliver(domain, mail_from, list(recipients), data, max_messages, max_connections)
         except Exception as e:  # a bug here must defer, not lose, the recipients
             log.exception("delivery.transport_error", domain=domain, error=str(e))
             results = [RcptResult(r, 451, "4.3.0", f"local error in delivery: {type(e).__name__}")
@@ -163,7 +164,7 @@ class Transport:
         return results
 
     async def _deliver(self, domain: str, mail_from: str, rcpts: list[str], data: bytes,
-                       max_messages: int | None = None) -> list[RcptResult]:
+                       max_messages: int | None = None, max_connections: int | None = None) -> list[RcptResult]:
         route = self.cfg.route_for(domain)
         port = route.host.port if route else self.cfg.delivery.port
         key = f"route:{route.domain}" if route else domain.lower()
@@ -179,7 +180,7 @@ class Transport:
 
         sem = self._domain_sems.get(key)
         if sem is None:
-            sem = self._domain_sems[key] = asyncio.Semaphore(self.cfg.delivery.domain_concurrency)
+            sem = self._domain_sems[key] = asyncio.Semaphore(max_connections or self.cfg.delivery.domain_concurrency)
         async with self._global, sem:
             conn = await self._reuse(key)
             if conn is None:

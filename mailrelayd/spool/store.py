@@ -452,10 +452,18 @@ class Spool:
 
 
     # --- holds and bulk selection (queue manager) ---------------------------------------
-    async def select(self, f: QueueFilter, now: float | None = None) -> list[tuple[str, int]]:
+    async def select(self, f: QueueFilter, now: float | None = None, *, only_held: bool = False
+                     ) -> list[tuple[str, int]]:
         """Active recipients matching a filter, as (queue id, recipient index)."""
         t = time.time() if now is None else now
-        return await self._read(lambda c: _select(c, f, t))
+        return await self._read(lambda c: _select(c, f, t, only_held))
+
+    async def reschedule_many(self, qids: Sequence[str], when: float) -> int:
+        """Make the active recipients of these messages due at ``when``, in one transaction."""
+        def op(c: sqlite3.Connection) -> int:
+            return sum(c.execute("UPDATE recipients SET next_attempt = ? WHERE qid = ? AND "
+                                 "state IN ('pending','deferred')", (when, q)).rowcount for q in qids)
+        return await self._write(op)
 
     async def hold_rules(self) -> list[HoldRule]:
         return await self._read(lambda c: [HoldRule(*r) for r in c.execute(
@@ -509,9 +517,12 @@ _MESSAGE_COLUMNS_ADDED = (("user", "TEXT NOT NULL DEFAULT ''"), ("held_at", "REA
                           ("held_reason", "TEXT NOT NULL DEFAULT ''"), ("hold_credit", "REAL NOT NULL DEFAULT 0"))
 
 
-def _select(c: sqlite3.Connection, f: QueueFilter, now: float) -> list[tuple[str, int]]:
-    """(queue id, recipient index) of every active recipient matching ``f``."""
+def _select(c: sqlite3.Connection, f: QueueFilter, now: float, only_held: bool = False) -> list[tuple[str, int]]:
+    """(queue id, recipient index) of every active recipient matching ``f`` (of messages held
+    as a whole, with ``only_held``)."""
     where = ["r.state IN ('pending','deferred')"]
+    if only_held:
+        where.append("m.held_at > 0")
     args: list[Any] = []
     if f.domain:
         where.append("r.domain = ?")
