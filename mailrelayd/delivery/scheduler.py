@@ -382,11 +382,11 @@ class Scheduler:
         """None: send now. Else (when, reply, durable) for the postponed recipients."""
         if dest.suspended(now):
             metrics.DESTINATION_POSTPONED.labels("suspended").inc()
-            until = dest.suspended_until
-            reply = (f"4.7.0 delivery to {dest.name} suspended for "
-                     f"{round(until - now)}s after a throttling reply: {dest.suspend_reply}")[:1000]
-            # Spread the backlog a little so it does not return in one burst.
-            return until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff)), reply, True
+            # In memory only: no spool write per queued message (a suspension of a big destination
+            # must not compete with accepting mail); after a restart it is tried once more.
+            # The spread keeps the backlog from returning in one burst.
+            spread = random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))
+            return dest.suspended_until + spread, "", False
         if dest.active >= dest.limits.max_connections:
             metrics.DESTINATION_POSTPONED.labels("connections").inc()
             dest.wait(qid)
