@@ -371,6 +371,11 @@ async def test_bulk_actions_dry_run_then_real(rig_factory: Callable[..., Any]) -
         assert await rig.spool.get(q) is not None
     with pytest.raises(ValueError):
         await qm.delete(QueueFilter())
+    with pytest.raises(ValueError, match="one of"):  # two rules would hold either, not both
+        await qm.hold(QueueFilter(domain="x.example", user="app1"))
+    stamped = await qm.hold(QueueFilter(domain="x.example", user="", older_than=0, sender="app@example.com"))
+    assert (stamped.messages, stamped.rules) == (3, ())  # with an age: only what is queued now
+    await qm.release(QueueFilter(queue_ids=tuple(qids)))
     rig.clock.t += 7200
     assert (await qm.bounce(QueueFilter(older_than=3600, queue_ids=(qids[0],)))).messages == 1
     assert (await qm.delete(QueueFilter(domain="x.example"))).recipients == 2

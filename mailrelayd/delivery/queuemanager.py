@@ -224,6 +224,10 @@ class QueueManager:
         f = f.normalized()
         if f.empty:
             raise ValueError("a hold needs a filter (--domain, --sender, --user, --older-than or queue ids)")
+        if len(f.rules()) > 1:
+            # Separate rules would hold more than asked (either, not both) for the mail to come.
+            raise ValueError("a hold rule takes one of --domain, --sender, --user (add --older-than or "
+                             "queue ids to hold only what is queued now)")
         now = self.clock()
         sel = await self.spool.select(f, now)
         qids = list(dict.fromkeys(q for q, _ in sel))
