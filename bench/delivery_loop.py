@@ -36,6 +36,8 @@ class _Res:
     enhanced: str = "2.0.0"
     text: str = "ok"
     remote_mta: str = "mx"
+    remote_reply: str = "250 2.0.0 ok"
+    stage: str = "end of DATA"
     ok: bool = True
     permanent: bool = False
 

@@ -29,6 +29,7 @@ BODY = b"Subject: x\r\n\r\n" + b"x" * 2000 + b"\r\n"
 class _Res:
     def __init__(self, address: str) -> None:
         self.address, self.code, self.enhanced, self.text, self.remote_mta = address, 250, "2.0.0", "ok", "mx"
+        self.remote_reply, self.stage = "250 2.0.0 ok", "end of DATA"
         self.ok, self.permanent = True, False
 
 
