@@ -119,20 +119,6 @@ async def test_source_address_and_route_helo_name(start_daemon, client_tls) -> N
         await sink.stop()
 
 
-async def test_route_with_capitals_matches(start_daemon, client_tls) -> None:
-    sink = await Sink().start()
-    try:
-        d = await start_daemon({"routes": [{"domain": "Partner.Example.", "host": f"127.0.0.1:{sink.port}"},
-                                           {"domain": "*", "host": "127.0.0.1:9"}]})
-        (qid,) = await _submit_many(d.port("submission"), client_tls, [["x@PARTNER.example"]])
-        await sink.wait_for(1)
-        async def delivered() -> bool:
-            return list((await _states(d, qid)).values()) == ["delivered"]
-        await _until(delivered, what="routed delivery")
-    finally:
-        await sink.stop()
-
-
 async def test_max_rate_is_observed_at_the_sink(start_daemon, client_tls) -> None:
     sink = await Sink().start()
     try:
