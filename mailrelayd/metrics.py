@@ -194,9 +194,21 @@ DKIM_KEYS_LOADED = Gauge("mailrelayd_dkim_keys_loaded", "DKIM keys currently loa
 # --- feedback ---------------------------------------------------------------------------
 FEEDBACK_RECEIVED = Counter(
     "mailrelayd_feedback_received_total",
-    "Inbound feedback messages by kind (hard_bounce, soft_bounce, complaint, not_feedback, unparsable) "
+    "Inbound feedback messages by kind (hard_bounce, soft_bounce, complaint, delayed, reputation, policy, "
+    "not_feedback, unparsable, untrusted) "
     "and the sending domain they refer to (when known).",
     ["kind", "sender_domain"],
+)
+REPUTATION_EVENTS = Counter(
+    "mailrelayd_reputation_events_total",
+    "Failures about our own sending (blocklist, PTR, SPF/DKIM/DMARC, spam/content, rate limits) by sending "
+    "domain and reason; never counted against the recipient.",
+    ["domain", "reason"],
+)
+REPUTATION_EVENTS_BY_DESTINATION = Counter(
+    "mailrelayd_reputation_events_by_destination_total",
+    "The same reputation/policy failures by destination (recipient) domain and reason.",
+    ["destination", "reason"],
 )
 SUPPRESSIONS = Gauge("mailrelayd_suppressions", "Addresses on the suppression list by kind.", ["kind"])
 SUPPRESSED_REJECTIONS = Counter(

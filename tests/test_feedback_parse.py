@@ -32,7 +32,7 @@ FAMILIES = [
     # (fixture, report kind, {recipient: kind})
     ("dsn-hard.eml", "hard_bounce", {"nobody-here@example.net": "hard_bounce"}),
     ("dsn-soft.eml", "soft_bounce", {"full-box@example.org": "soft_bounce"}),
-    ("dsn-delayed.eml", "soft_bounce", {"slow@example.org": "soft_bounce"}),
+    ("dsn-delayed.eml", "delayed", {"slow@example.org": "delayed"}),
     ("dsn-base64.eml", "hard_bounce", {"gone@example.com": "hard_bounce"}),
     (
         "dsn-no-blank-line.eml",
@@ -48,7 +48,7 @@ FAMILIES = [
         "hard_bounce",
         {"ghost@example.net": "hard_bounce", "stuffed@example.net": "soft_bounce"},
     ),
-    ("postfix-plain-policy.eml", "soft_bounce", {"reader@example.org": "soft_bounce"}),
+    ("postfix-plain-policy.eml", "reputation", {"reader@example.org": "reputation"}),
     ("exchange-plain.eml", "hard_bounce", {"departed@example.org": "hard_bounce"}),
     ("autoreply.eml", "not_feedback", {}),
     ("delivered-dsn.eml", "not_feedback", {}),
@@ -97,10 +97,10 @@ def test_dsn_details() -> None:
     assert report.suppressions == report.recipients
 
 
-def test_delayed_dsn_is_soft_even_for_a_permanent_looking_text() -> None:
+def test_delayed_dsn_is_delayed_even_for_a_permanent_looking_text() -> None:
     raw = load("dsn-delayed.eml").replace(b"Connection\n    timed out", b"User unknown")
     report = parse_feedback(raw)
-    assert kinds(report) == {"slow@example.org": "soft_bounce"}
+    assert kinds(report) == {"slow@example.org": "delayed"}
     assert report.suppressions == ()
 
 
@@ -354,7 +354,7 @@ def test_classify_hard(status: str, diagnostic: str) -> None:
 @pytest.mark.parametrize(("status", "diagnostic"), SOFT_CASES)
 def test_classify_soft(status: str, diagnostic: str) -> None:
     kind, reason = classify_status(status, diagnostic)
-    assert kind == "soft_bounce", reason
+    assert kind in {"soft_bounce", "reputation", "policy"}, reason
 
 
 def test_classify_reasons() -> None:
@@ -384,7 +384,7 @@ def test_classify_evidence() -> None:
 def test_classify_never_raises(junk: str) -> None:
     start = time.perf_counter()
     kind, _reason = classify_status(junk, junk)
-    assert kind in {"hard_bounce", "soft_bounce"}
+    assert kind in {"hard_bounce", "soft_bounce", "reputation", "policy"}
     assert time.perf_counter() - start < 1.0
 
 

@@ -29,6 +29,18 @@ from dataclasses import dataclass
 
 HARD = "hard_bounce"
 SOFT = "soft_bounce"
+# Failures about the *sender* (our IP, our domain, our content, our rate), not the recipient:
+# they are counted per sending domain and destination, never toward a recipient's suppression.
+REPUTATION = "reputation"
+POLICY = "policy"
+NOT_ABOUT_RECIPIENT = frozenset({REPUTATION, POLICY})
+# Blocklists, reputation, PTR, SPF/DKIM/DMARC (X.7.23-X.7.27): the sending host or domain.
+REPUTATION_REASONS = frozenset({"blocked", "badreputation", "requireptr", "authfailure"})
+# Content, spam, rate limits, sender address, relaying, protocol: what or how we sent.
+POLICY_REASONS = frozenset({
+    "spamdetected", "virusdetected", "speeding", "toomanyconn", "rejected", "norelaying", "policyviolation",
+    "securityerror", "contenterror", "notcompliantrfc", "syntaxerror", "failedstarttls",
+})
 
 _MAX_TEXT = 4000
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]\d)")
@@ -140,7 +152,6 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"nxdomain", r"domain.{0,20}(is )?not (valid|reachable|resolvable)", r"unrouteable (mail )?domain",
         r"unable to (resolve|route)", r"no (valid )?mx", r"mx (record )?(not found|lookup failed)",
         r"domain .{0,40}could(n't| not) be found", r"couldn't find.{0,20}domain",
-        r"no route to (host|domain)",
         r"bad destination (system|host)", r"domain name service", r"unknown mail domain",
         r"(couldn't|could not|can't|cannot|unable to) find (a |any )?(mail exchanger|mx|host|domain)",
     )),
@@ -214,6 +225,7 @@ _HARD_CODES = {
     (1, 6): "hasmoved",
     (1, 10): "notaccept",
     (4, 4): "hostunknown",
+    (7, 13): "suspend",  # RFC 3463 registry (RFC 5248): "User Account Disabled"
 }
 _SOFT_CODES = {
     (1, 7): "rejected",
@@ -240,11 +252,15 @@ _SOFT_CODES = {
     (6, 0): "contenterror",
     (7, 1): "securityerror",
     (7, 7): "securityerror",
+    (7, 20): "authfailure",
+    (7, 21): "authfailure",
+    (7, 22): "authfailure",
     (7, 23): "authfailure",
     (7, 24): "authfailure",
     (7, 25): "requireptr",
     (7, 26): "authfailure",
-    (7, 27): "notaccept",
+    (7, 27): "authfailure",  # X.7.27: the *sender* domain has a null MX (RFC 7505 section 4.2)
+    (7, 28): "spamdetected",  # X.7.28: mail flood detected
 }
 
 
@@ -279,6 +295,9 @@ def _match(rules: tuple[tuple[str, re.Pattern[str]], ...], text: str) -> str:
 class Classification:
     """The outcome of :func:`classify_failure`: kind, reason and what decided it.
 
+    ``kind`` is ``hard_bounce`` (the address is unusable), ``soft_bounce`` (a failure about
+    the recipient that may pass), or ``reputation`` / ``policy`` (the failure is about the
+    sender: see :data:`REPUTATION_REASONS` and :data:`POLICY_REASONS`).
     ``evidence`` is ``"soft-text"`` (a non-address cause named in the text), ``"hard-text"``
     (the text says the address is unusable), ``"code"`` (an enhanced or basic status code),
     ``"weak-text"`` (generic words such as "refused" or "policy") or ``"none"``.
@@ -294,14 +313,31 @@ class Classification:
         return self.evidence in ("soft-text", "hard-text")
 
 
-def classify_status(status: str, diagnostic: str, *, smtp_code: int | None = None) -> tuple[str, str]:
-    """Classify one failed recipient as ``("hard_bounce" | "soft_bounce", reason)``.
+def bucket(kind: str, reason: str, evidence: str = "") -> str:
+    """Move a soft failure whose reason is about the sender into ``reputation`` or ``policy``.
 
-    ``status`` is the RFC 3463 enhanced status code reported for the recipient (``"5.1.1"``,
-    possibly with a comment, or ``""``); ``diagnostic`` the remote server's text (a DSN
-    ``Diagnostic-Code``, the lines of a plain-text bounce about this recipient, or the reply
-    our own delivery attempt received, e.g. ``"550 5.1.1 <x@y>: Recipient address rejected:
-    User unknown"``); ``smtp_code`` the basic reply code when the caller has it separately.
+    Generic refusal words ("rejected", "denied": weak evidence) are ``policy``: they may be about
+    either side, and a vague refusal must not count toward a recipient's suppression either.
+    """
+    if kind != SOFT:
+        return kind
+    if reason in REPUTATION_REASONS:
+        return POLICY if evidence == "weak-text" else REPUTATION
+    if reason in POLICY_REASONS:
+        return POLICY
+    return kind
+
+
+def classify_status(status: str, diagnostic: str, *, smtp_code: int | None = None) -> tuple[str, str]:
+    """Classify one failed recipient as ``(kind, reason)``.
+
+    ``kind`` is ``"hard_bounce"``, ``"soft_bounce"``, ``"reputation"`` or ``"policy"`` (see
+    :class:`Classification`). ``status`` is the RFC 3463 enhanced status code reported for the
+    recipient (``"5.1.1"``, possibly with a comment, or ``""``); ``diagnostic`` the remote
+    server's text (a DSN ``Diagnostic-Code``, the lines of a plain-text bounce about this
+    recipient, or the reply our own delivery attempt received, e.g. ``"550 5.1.1 <x@y>:
+    Recipient address rejected: User unknown"``); ``smtp_code`` the basic reply code when the
+    caller has it separately.
 
     ``reason`` uses sisimai's vocabulary (``userunknown``, ``hostunknown``, ``suspend``,
     ``hasmoved``, ``notaccept``, ``mailboxfull``, ``blocked``, ``spamdetected``, ``expired``,
@@ -311,8 +347,21 @@ def classify_status(status: str, diagnostic: str, *, smtp_code: int | None = Non
     return result.kind, result.reason
 
 
-def classify_failure(status: str, diagnostic: str, *, smtp_code: int | None = None) -> Classification:
-    """Like :func:`classify_status`, also telling which evidence decided (see :class:`Classification`)."""
+def classify_failure(
+    status: str, diagnostic: str, *, smtp_code: int | None = None, final: bool = False
+) -> Classification:
+    """Like :func:`classify_status`, also telling which evidence decided (see :class:`Classification`).
+
+    ``final``: the reporting MTA gave up on the recipient (DSN ``Action: failed``, RFC 3464
+    section 2.3.3). A ``4.x.x`` status then only says the MTA's last attempt was transient;
+    when the text says the address does not exist, that is the verdict.
+    """
+    result = _classify(status, diagnostic, smtp_code, final)
+    kind = bucket(result.kind, result.reason, result.evidence)
+    return result if kind == result.kind else Classification(kind, result.reason, result.evidence)
+
+
+def _classify(status: str, diagnostic: str, smtp_code: int | None, final: bool) -> Classification:
     # URLs carry no reason but do carry words ("https://.../#filtered", "...?ip=1.2.3.4");
     # addresses neither ("filtered@example.com").
     text = _URL.sub(" ", str(diagnostic or "")[:_MAX_TEXT].lower())
@@ -324,9 +373,13 @@ def classify_failure(status: str, diagnostic: str, *, smtp_code: int | None = No
         match = _REPLY.search(text)
         reply = int(match.group(0)) if match else None
 
-    # Permanence: the reported status class wins (RFC 3464 section 2.3.4), then codes in the text.
+    # Permanence: the reported status class wins (RFC 3464 section 2.3.4), then codes in the
+    # text. A permanent code quoted from the remote server outranks a generic 4.x.x the
+    # reporting MTA filled in after giving up.
     if status_code is not None:
-        permanent = status_code[0] == 5
+        permanent = status_code[0] == 5 or (
+            final and ((text_code is not None and text_code[0] == 5) or (reply is not None and reply >= 500))
+        )
     elif text_code is not None:
         permanent = text_code[0] == 5
     elif reply is not None:
@@ -341,6 +394,10 @@ def classify_failure(status: str, diagnostic: str, *, smtp_code: int | None = No
         return Classification(SOFT, reason, "soft-text")
     reason = _match(_HARD, text)
     if reason:
+        # "User unknown" in a final failure whose only code is a transient one: the address
+        # does not exist (Postfix "450 4.1.1 unverified address ... User unknown", then expiry).
+        if final and reason in ("userunknown", "hostunknown", "suspend"):
+            permanent = True
         return Classification(HARD if permanent else SOFT, reason, "hard-text")
 
     # A code quoted from the remote server is more specific than a generic Status the
