@@ -56,6 +56,30 @@ FAMILIES = [
     ("arf-auth-failure.eml", "not_feedback", {}),
     ("ordinary.eml", "not_feedback", {}),
     ("broken-mime.eml", "not_feedback", {}),
+    # RFC 6533: message/global-delivery-status, utf-8 address type, U-label domain (IDNA-encoded).
+    ("dsn-global-utf8.eml", "hard_bounce", {"josé@xn--exmple-cua.net": "hard_bounce"}),
+    # About our sending, not the recipient: blocklist, PTR, DMARC (5.7.26), rate limit, local policy.
+    ("dsn-blocklist.eml", "reputation", {"reader@example.net": "reputation"}),
+    ("dsn-gmail-ptr.eml", "reputation", {"reader@gmail.example": "reputation"}),
+    ("dsn-dmarc-5.7.26.eml", "reputation", {"reader@gmail.example": "reputation"}),
+    ("dsn-rate-limit.eml", "policy", {"reader@example.net": "policy"}),
+    ("dsn-policy-local.eml", "policy", {"reader@example.org": "policy"}),
+    # Vague codes with a clear diagnostic; a disabled account (5.7.13); a network failure.
+    ("dsn-vague-5.0.0.eml", "hard_bounce", {"left@example.org": "hard_bounce"}),
+    ("dsn-4xx-user-unknown.eml", "hard_bounce", {"unverified@example.org": "hard_bounce"}),
+    ("dsn-suspended-5.7.13.eml", "hard_bounce", {"sleeper@example.org": "hard_bounce"}),
+    ("dsn-network-error.eml", "soft_bounce", {"reader@example.org": "soft_bounce"}),
+    # A bounce that names nobody: not feedback by itself (only a VERP token can attribute it).
+    ("bounce-no-recipient.eml", "not_feedback", {}),
+    # Amazon SES notifications by mail (plain and in the SNS envelope).
+    ("ses-bounce-permanent.eml", "hard_bounce", {"gone@example.org": "hard_bounce"}),
+    ("ses-bounce-transient-sns.eml", "soft_bounce", {"stuffed@example.org": "soft_bounce"}),
+    ("ses-bounce-suppressed.eml", "hard_bounce", {"listed@example.org": "hard_bounce"}),
+    ("ses-complaint.eml", "complaint", {"annoyed@example.org": "complaint"}),
+    ("ses-delivery.eml", "not_feedback", {}),
+    # ARF variants: fields in a text/plain part; base64 fields without Original-Rcpt-To.
+    ("arf-fields-in-text.eml", "complaint", {"grumpy@example.net": "complaint"}),
+    ("arf-base64-no-rcpt.eml", "complaint", {"pat@example.net": "complaint"}),
 ]
 
 
@@ -74,6 +98,31 @@ def test_crlf_gives_the_same_result() -> None:
     for fixture, _kind, _recipients in FAMILIES:
         raw = load(fixture)
         assert parse_feedback(raw.replace(b"\n", b"\r\n")) == parse_feedback(raw), fixture
+
+
+def test_unattributed_verdict_for_a_bounce_naming_nobody() -> None:
+    """A VERP token can still attribute it: the text's own status says what happened."""
+    report = parse_feedback(load("bounce-no-recipient.eml"))
+    assert report.unattributed is not None
+    assert (report.unattributed.kind, report.unattributed.reason) == ("hard_bounce", "userunknown")
+    assert parse_feedback(load("ordinary.eml")).unattributed is None
+
+
+def test_ses_details() -> None:
+    report = parse_feedback(load("ses-bounce-permanent.eml"))
+    assert report.parser == "ses" and report.original_from == "news@example.com"
+    assert report.original_message_id == "<newsletter-2025-03@example.com>"
+    assert report.recipients[0].status == "5.1.1"
+
+
+def test_utf8_address_forms() -> None:
+    from mailrelayd.feedback.addresses import address_from_field, find_addresses, normalise_address
+
+    # RFC 6533 section 3: \x{HEX} escapes in a utf-8 address field.
+    assert address_from_field("utf-8; jos\\x{E9}@ex\\x{E4}mple.net") == "josé@exämple.net"
+    assert normalise_address("jose\u0301@EXÄMPLE.net") == "josé@xn--exmple-cua.net"  # NFC, A-label
+    # In free text only a delimited UTF-8 address is taken (surrounding letters must not run in).
+    assert find_addresses("宛先kijitora@example.jp <josé@exämple.net>") == ["kijitora@example.jp", "josé@exämple.net"]
 
 
 def test_dsn_details() -> None:

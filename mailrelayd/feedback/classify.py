@@ -111,6 +111,11 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"not (configured|permitted|allowed) to relay",
         r"unable to relay", r"we do not relay", r"relay (is )?not", r"cannot relay", r"no relaying",
     )),
+    ("policyviolation", _rx(
+        r"\bpolicy (violation|rejection|reasons?)\b",
+        r"(violat\w*|against|due to|by|per) (our |local |the |site |security |content |organi[sz]ation(al)? )?polic(y|ies)",
+        r"(local|security|content|site|anti-?spam|organi[sz]ation(al)?) polic(y|ies)",
+    )),
     ("filtered", _rx(
         r"recipient preferences", r"refused by (the )?recipient", r"recipient.{0,20}filter", r"filtered",
     )),
@@ -134,7 +139,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
     )),
     ("suspend", _rx(
         r"(account|mail ?box|user|address|recipient|e-?mail)( account)? (has been |is |was )?"
-        r"(disabled|deactivated|suspended|inactive|blocked|locked|closed|terminated|discontinued|frozen|cancell?ed|deleted|removed)",
+        r"(disabled|deactivated|suspended|inactive|locked|closed|terminated|discontinued|frozen|cancell?ed|deleted|removed|expired)",
         r"compte du destinataire est bloque", r"inactive (e-?mail|account|user|mail ?box|address)",
         r"(disabled|suspended|deactivated|closed|terminated|expired) (account|mail ?box|user|address)",
         r"account (is )?(no longer|not) (active|available|in use)",
@@ -150,7 +155,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"domain (does not|doesn't|did not) exist", r"invalid domain", r"host ?unknown",
         r"name service error",
         r"nxdomain", r"domain.{0,20}(is )?not (valid|reachable|resolvable)", r"unrouteable (mail )?domain",
-        r"unable to (resolve|route)", r"no (valid )?mx", r"mx (record )?(not found|lookup failed)",
+        r"no (valid )?mx", r"mx (record )?not found",
         r"domain .{0,40}could(n't| not) be found", r"couldn't find.{0,20}domain",
         r"bad destination (system|host)", r"domain name service", r"unknown mail domain",
         r"(couldn't|could not|can't|cannot|unable to) find (a |any )?(mail exchanger|mx|host|domain)",
@@ -204,7 +209,8 @@ _WEAK_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"connection (refused|reset|lost|closed|dropped)", r"could not connect", r"unable to connect",
         r"no route",
         r"network (is )?unreachable", r"too many hops", r"mail loop", r"loops? back", r"dns (failure|error)",
-        r"lost connection", r"connect to", r"hop count",
+        r"lost connection", r"connect to", r"hop count", r"unable to (resolve|route)", r"lookup failed",
+        r"not reachable", r"unreachable",
     )),
     ("policyviolation", _rx(r"policy", r"prohibited", r"not allowed", r"forbidden", r"violation")),
     ("systemerror", _rx(

@@ -356,9 +356,10 @@ def _ses_complaint(tree: MessageTree, complaint: object, extra: dict[str, str]) 
 
 def _ses_document(tree: MessageTree) -> dict[str, object] | None:
     text = tree.text()
-    if '"notificationType"' not in text and '"eventType"' not in text:
+    if "notificationType" not in text and "eventType" not in text:
         return None
-    decoder = json.JSONDecoder()
+    # strict=False: mail transport folds long lines, leaving raw line breaks inside JSON strings.
+    decoder = json.JSONDecoder(strict=False)
     for match in _JSON_START.finditer(text[:64 * 1024]):
         try:
             doc, _end = decoder.raw_decode(text, match.start())
@@ -366,7 +367,7 @@ def _ses_document(tree: MessageTree) -> dict[str, object] | None:
             continue
         if isinstance(doc, dict) and isinstance(doc.get("Message"), str) and doc.get("Type") == "Notification":
             try:
-                doc = json.loads(doc["Message"])
+                doc = decoder.decode(doc["Message"])
             except ValueError:
                 continue
         if isinstance(doc, dict) and ("notificationType" in doc or "eventType" in doc) and "mail" in doc:
@@ -452,14 +453,14 @@ def from_addresses(scan: Scan, addresses: list[str], temporary: tuple[str, ...],
         elif len(addresses) == 1:
             # The lines about the recipient first; if they do not name a cause, the whole
             # notification (it is about this one recipient).
-            result = classify_failure(status, snippet)
+            result = classify_failure(status, snippet, final=True)
             if not result.decisive:
-                result = classify_failure(status or normalise_status(text), text)
+                result = classify_failure(status or normalise_status(text), text, final=True)
             kind, reason = result.kind, result.reason
         else:
             # Several recipients: only the lines about this one count (another one's "user
             # unknown" must not suppress it).
-            result = classify_failure(status, snippet)
+            result = classify_failure(status, snippet, final=True)
             kind, reason = result.kind, result.reason
         recipients.append(FeedbackRecipient(normalised, kind, status, reason, " ".join(snippet.split())[:500]))
     return report(scan.tree, SOFT_BOUNCE, recipients=dedupe(recipients), parser=parser)
