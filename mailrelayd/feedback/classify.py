@@ -113,7 +113,8 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
     )),
     ("policyviolation", _rx(
         r"\bpolicy (violation|rejection|reasons?)\b",
-        r"(violat\w*|against|due to|by|per) (our |local |the |site |security |content |organi[sz]ation(al)? )?polic(y|ies)",
+        r"(violat\w*|against|due to|by|per) "
+        r"(our |local |the |site |security |content |organi[sz]ation(al)? )?polic(y|ies)",
         r"(local|security|content|site|anti-?spam|organi[sz]ation(al)?) polic(y|ies)",
     )),
     ("filtered", _rx(
