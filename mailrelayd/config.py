@@ -286,6 +286,16 @@ class DeliveryConfig:
     data_block_timeout: Duration = 180.0
     data_done_timeout: Duration = 600.0
     """RFC 5321 §4.5.3.2: 5 min greeting/MAIL/RCPT, 2 min DATA initiation, 3 min per block, 10 min after '.'."""
+    ip_family: Literal["any", "ipv4", "ipv6", "prefer-ipv4", "prefer-ipv6"] = "prefer-ipv4"
+    """Which MX addresses to use and in what order. prefer-ipv4: an IPv4 address when the MX has one,
+    IPv6 only for IPv6-only MXes (large receivers hold IPv6 senders to stricter PTR/SPF rules)."""
+    source_address: str | None = None
+    """IPv4 address to bind outbound connections to (MX delivery and routes without their own)."""
+    source_address6: str | None = None
+    """IPv6 address to bind outbound connections to."""
+    throttle_backoff: Duration | None = None
+    """How long a destination without a [[shaping]] entry is suspended after a throttling reply
+    (default: retry_initial)."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +313,24 @@ class RouteConfig:
     username: str | None = None
     password: str | None = None
     password_file: ConfPath | None = None
+    source_address: str | None = None
+    """Address (IPv4 or IPv6) to bind connections to this route's host; default [delivery] source_address(6)."""
+    helo_name: str | None = None
+    """Name sent in EHLO to this route's host; default server.hostname."""
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    match: str
+    """A recipient domain ("example.net"), or an MX host suffix starting with a dot (".google.com")
+    that groups every domain whose MX hosts are there into one destination."""
+    max_connections: int | None = None
+    """Transactions at once to the destination (default: delivery.domain_concurrency)."""
+    max_messages_per_connection: int | None = None
+    max_rate: str | None = None
+    """Messages per time unit to the destination: "600/min", "20/s", "10000/h", "50000/d"."""
+    throttle_backoff: Duration | None = None
+    """Suspend the destination this long after a throttling reply (default: delivery.throttle_backoff)."""
 
 
 @dataclass(frozen=True)
@@ -350,6 +378,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: list[RouteConfig] = field(default_factory=list)
+    shaping: list[ShapingConfig] = field(default_factory=list)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: Path = field(default=Path("mailrelayd.toml"), metadata={"internal": True})
@@ -372,7 +401,7 @@ class Config:
 
     def route_for(self, domain: str) -> RouteConfig | None:
         """The route for a recipient domain: exact match, then parent domains, then "*"."""
-        by_domain = {r.domain: r for r in self.routes}
+        by_domain = {r.domain.lower().rstrip("."): r for r in self.routes}
         d = domain.lower().rstrip(".")
         while d:
             if d in by_domain:
@@ -619,6 +648,7 @@ def _validate(cfg: Config, ld: _Loader) -> None:
                          "(never send a password in plaintext)")
         if r.password_file is not None and not r.password_file.is_file():
             raise ld.err(f"routes[{i}].password_file", f"file not found: {r.password_file}")
+    _validate_delivery_control(cfg, ld)
     fb = cfg.feedback
     if fb.bounce_domain is not None:
         _check_domain(ld, "feedback.bounce_domain", fb.bounce_domain)
@@ -654,3 +684,71 @@ def _check_domain(ld: _Loader, key: str, value: str) -> None:
         normalize_domain(value)
     except ValueError:
         raise ld.err(key, f"{value!r} is not a valid domain name") from None
+
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
+               "d": 86400, "day": 86400}
+
+
+def parse_rate(value: str) -> tuple[int, float]:
+    """Parse ``"600/min"`` into (600, 60.0): a count per period in seconds."""
+    m = _RATE_RE.match(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"bad rate {value!r}: use a count per unit, like \"600/min\" or \"20/s\"")
+    return int(m.group(1)), float(_RATE_UNITS[m.group(2).lower()])
+
+
+def _ip_of(value: str, version: int | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        ip = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    if version is not None and ip.version != version:
+        raise ValueError(f"{value!r} is not an IPv{version} address")
+    return ip
+
+
+def _validate_delivery_control(cfg: Config, ld: _Loader) -> None:
+    """[delivery] source addresses, per-route source/EHLO name, [[shaping]]."""
+    dl = cfg.delivery
+    for key, version in (("source_address", 4), ("source_address6", 6)):
+        v = getattr(dl, key)
+        if v is not None:
+            try:
+                _ip_of(v, version)
+            except ValueError as e:
+                raise ld.err(f"delivery.{key}", str(e)) from None
+    if dl.ip_family == "ipv4" and dl.source_address6 and not dl.source_address:
+        raise ld.err("delivery.source_address6", "set, but ip_family = \"ipv4\" never uses IPv6")
+    for i, r in enumerate(cfg.routes):
+        if r.source_address is not None:
+            try:
+                _ip_of(r.source_address, None)
+            except ValueError as e:
+                raise ld.err(f"routes[{i}].source_address", str(e)) from None
+        if r.helo_name is not None:
+            try:
+                normalize_domain(r.helo_name)
+            except ValueError:
+                raise ld.err(f"routes[{i}].helo_name", f"{r.helo_name!r} is not a valid host name") from None
+    seen: set[str] = set()
+    for i, sh in enumerate(cfg.shaping):
+        key = f"shaping[{i}]"
+        m = sh.match.strip().lower().rstrip(".")
+        try:
+            normalize_domain(m[1:] if m.startswith(".") else m)
+        except ValueError:
+            raise ld.err(f"{key}.match", f"{sh.match!r} is not a domain or an MX suffix like \".google.com\"") \
+                from None
+        if m in seen:
+            raise ld.err(f"{key}.match", f"duplicate [[shaping]] entry for {sh.match!r}")
+        seen.add(m)
+        for k in ("max_connections", "max_messages_per_connection"):
+            if getattr(sh, k) is not None and getattr(sh, k) < 1:
+                raise ld.err(f"{key}.{k}", "must be at least 1")
+        if sh.max_rate is not None:
+            try:
+                parse_rate(sh.max_rate)
+            except ValueError as e:
+                raise ld.err(f"{key}.max_rate", str(e)) from None

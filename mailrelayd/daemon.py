@@ -196,6 +196,10 @@ class Daemon:
     def _accepted(self, msg: NewMessage) -> None:
         self.scheduler.submit(msg)
 
+    async def _mx_names(self, domain: str) -> list[str]:
+        """MX host names for [[shaping]] grouping by MX suffix (the resolver caches by TTL)."""
+        return [h.name for h in await self.resolver.resolve(domain, self.cfg.delivery.port)]
+
     # --- running ------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = load_config(self.config_path)
@@ -221,7 +225,9 @@ class Daemon:
         self.resolver = MxResolver(cfg.dns)
         self.transport = Transport(cfg, self.resolver)
         self.scheduler = Scheduler(cfg, self.spool, self.transport, dsn_builder=build_dsn,
-                                   local=self.feedback.process, hooks=_Hooks(self))
+                                   local=self.feedback.process, hooks=_Hooks(self), mx_names=self._mx_names)
+        # Outcomes, DSNs, holds and admin actions: ``queue_manager.hold(QueueFilter(...), until, reason)``.
+        self.queue_manager = self.scheduler.queue
         self.queue_ops = QueueOps(self.spool, self.scheduler)
         # Listeners are created before _apply so it can give them their context.
         self.listeners = [SmtpListener(lc, None, self.limiter) for lc in cfg.listeners]  # type: ignore[arg-type]

@@ -216,3 +216,18 @@ SUPPRESSED_REJECTIONS = Counter(
     "Recipients refused or skipped because they are suppressed, by stage (rcpt, delivery).",
     ["stage"],
 )
+
+# --- delivery control -------------------------------------------------------------------
+destination_label = BoundedLabel(100)
+DESTINATION_SUSPENDED = Gauge(
+    "mailrelayd_destination_suspended",
+    "1 while a destination (recipient domain or [[shaping]] MX group) is suspended after a throttling reply, "
+    "else 0. Configured [[shaping]] destinations always have their own label; others share 'other' past 100.",
+    ["destination"],
+)
+DESTINATION_POSTPONED = Counter(
+    "mailrelayd_destination_postponed_total",
+    "Transactions postponed by shaping, by reason (suspended, connections, rate).",
+    ["reason"],
+)
+QUEUE_HELD = Gauge("mailrelayd_queue_held_rules", "Hold rules in force (queue hold --domain/--sender/--user).")
