@@ -210,6 +210,12 @@ REPUTATION_EVENTS_BY_DESTINATION = Counter(
     "The same reputation/policy failures by destination (recipient) domain and reason.",
     ["destination", "reason"],
 )
+CIRCUIT_BREAKER_TRIPS = Counter(
+    "mailrelayd_circuit_breaker_trips_total",
+    "Sending domains whose outbound mail the feedback circuit breaker held, by domain and reason "
+    "(bounce_rate, complaint_rate).",
+    ["domain", "reason"],
+)
 SUPPRESSIONS = Gauge("mailrelayd_suppressions", "Addresses on the suppression list by kind.", ["kind"])
 SUPPRESSED_REJECTIONS = Counter(
     "mailrelayd_suppressed_rejections_total",

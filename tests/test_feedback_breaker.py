@@ -1,8 +1,16 @@
-"""The circuit breaker as a pure component: a fake clock, a recording hold callback."""
+"""The circuit breaker: as a pure component (a fake clock, a recording hold callback), and over
+SMTP against the daemon, pausing through the queue's hold state."""
 
 from __future__ import annotations
 
+import asyncio
+
+import aiosmtplib
+
+from mailrelayd import metrics
 from mailrelayd.feedback.breaker import BreakerSettings, CircuitBreaker
+from tests.conftest import TEST_PASSWORD, mailrelayd_cmd
+from tests.support.sink import Sink
 
 
 class Clock:
@@ -68,3 +76,55 @@ def test_pause_until_released_and_disabled_levels() -> None:
     trips = b.evaluate()
     assert [(t.reason, t.until) for t in trips] == [("complaint_rate", 0.0)]
     assert holds[0][1] == 0.0  # 0: held until `mailrelayd queue release`
+
+
+async def test_circuit_breaker_holds_the_domain_until_released(start_daemon, client_tls, cli_env) -> None:
+    """Over SMTP: most of a domain's recipients bounce (550 5.1.1 at RCPT), the breaker holds the
+    domain's next message in the queue (not refused, not bounced); `queue release` lets it go."""
+    async def submit(rcpts: list[str]) -> str:
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=d.port("submission"), start_tls=True,
+                            tls_context=client_tls, timeout=10)
+        await c.connect()
+        await c.login("alice", TEST_PASSWORD)
+        _e, reply = await c.sendmail("app@example.com", rcpts, b"From: app@example.com\r\nSubject: s\r\n\r\nx\r\n")
+        await c.quit()
+        return reply.rsplit(" ", 1)[1]
+
+    def trips() -> float:
+        return sum(s.value for fam in metrics.CIRCUIT_BREAKER_TRIPS.collect() for s in fam.samples
+                   if s.name.endswith("_total") and s.labels.get("domain") == "example.com")
+
+    sink = await Sink().start()
+    try:
+        for n in range(3):
+            sink.rcpt_replies[f"gone{n}@dest.test"] = "550 5.1.1 No such user"
+        d = await start_daemon({"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}],
+                                "feedback": {"circuit_breaker": True, "circuit_breaker_window": "60s",
+                                             "circuit_breaker_min_volume": 4,
+                                             "circuit_breaker_bounce_pause_rate": 0.5,
+                                             "circuit_breaker_pause": "0s"}})
+        before = trips()
+        qid = await submit(["ok@dest.test", "gone0@dest.test", "gone1@dest.test", "gone2@dest.test"])
+        for _ in range(500):
+            if await d.spool.get(qid) is None and trips() > before:
+                break
+            await asyncio.sleep(0.02)
+        assert trips() == before + 1, "the breaker tripped for example.com"
+
+        delivered = len(sink.messages)
+        qid2 = await submit(["later@dest.test"])
+        await asyncio.sleep(2.5)  # retry_initial is 1s: chances enough to (wrongly) deliver
+        assert len(sink.messages) == delivered
+        msg = await d.spool.get(qid2)
+        assert msg is not None, "held in the queue, neither refused nor bounced"
+
+        p = await asyncio.create_subprocess_exec(*mailrelayd_cmd(), "queue", "release", "--sender", "@example.com",
+                                                 "-c", str(d.config), env=cli_env, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(p.communicate(), 60)
+        assert p.returncode == 0, err
+        assert out.decode().startswith("released 1 message(s)"), out
+        await sink.wait_for(delivered + 1)
+        assert sink.messages[-1].rcpts == ["later@dest.test"]
+    finally:
+        await sink.stop()

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from mailrelayd.log import get_logger
 
@@ -38,6 +39,16 @@ class BreakerSettings:
     complaint_warn_rate: float = 0.001
     complaint_pause_rate: float = 0.005
     pause_for: float = 6 * 3600.0
+
+
+def settings_from(fb: Any) -> BreakerSettings:
+    """The settings of ``[feedback] circuit_breaker_*`` (a :class:`mailrelayd.config.FeedbackConfig`)."""
+    return BreakerSettings(
+        window=fb.circuit_breaker_window, min_volume=fb.circuit_breaker_min_volume,
+        bounce_warn_rate=fb.circuit_breaker_bounce_warn_rate, bounce_pause_rate=fb.circuit_breaker_bounce_pause_rate,
+        complaint_warn_rate=fb.circuit_breaker_complaint_warn_rate,
+        complaint_pause_rate=fb.circuit_breaker_complaint_pause_rate, pause_for=fb.circuit_breaker_pause,
+    )
 
 
 @dataclass(frozen=True)

@@ -441,6 +441,15 @@ class Spool:
             return (row[0], row[1]) if row else None
         return await self._read(fn)
 
+    async def sent_count_by_sender_domain(self, since: float) -> dict[str, int]:
+        """{sending domain: recipients delivered or bounced at or after ``since``} from the history
+        (the circuit breaker's denominator)."""
+        def fn(c: sqlite3.Connection) -> dict[str, int]:
+            rows = c.execute("SELECT lower(sender_domain), COUNT(*) FROM history WHERE done_at >= ? "
+                             "AND state IN ('delivered', 'bounced') GROUP BY lower(sender_domain)", (since,))
+            return {str(d): int(n) for d, n in rows if d}
+        return await self._read(fn)
+
     async def sent_to_since(self, addresses: Sequence[str], since: float) -> set[str]:
         """Which of ``addresses`` (compared case-insensitively) we attempted delivery to at or
         after ``since``: finished recipients in the history, and queued ones with an attempt.
