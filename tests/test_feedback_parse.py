@@ -406,6 +406,44 @@ def test_classify_soft(status: str, diagnostic: str) -> None:
     assert kind in {"soft_bounce", "reputation", "policy"}, reason
 
 
+KIND_CASES = [
+    # Failures about our sending: reputation (blocklist, PTR, authentication) or policy.
+    ("5.7.1", "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", "reputation"),
+    ("5.7.1", "550-5.7.1 [2001:db8::1] Gmail has detected that this message does not meet IPv6 sending "
+              "guidelines regarding PTR records and authentication.", "reputation"),
+    ("5.7.26", "550-5.7.26 This mail is unauthenticated, which poses a security risk", "reputation"),
+    ("5.7.25", "550 5.7.25 The IP address sending this message does not have a PTR record setup", "reputation"),
+    ("5.7.23", "", "reputation"),
+    ("4.7.0", "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user "
+              "complaints", "reputation"),
+    ("5.0.0", "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP", "reputation"),
+    ("4.7.28", "421-4.7.28 Gmail has detected an unusual rate of unsolicited mail", "policy"),
+    ("", "421 Too many concurrent SMTP connections from this IP address; please try again later", "policy"),
+    ("5.7.1", "550 5.7.1 Message rejected due to local policy", "policy"),
+    ("5.0.0", "550 Requested action not taken: mailbox unavailable (policy)", "policy"),
+    # The address itself, with vague or transient-looking codes.
+    ("5.7.13", "550 5.7.13 User account disabled", "hard_bounce"),
+    ("5.0.0", "550 5.2.1 This mailbox has been suspended", "hard_bounce"),
+    ("5.0.0", "554 delivery error: This user doesnt have a yahoo.com account", "hard_bounce"),
+    # Network trouble is not an unknown host.
+    ("4.4.1", "connect to mx.example.org[192.0.2.7]:25: No route to host", "soft_bounce"),
+    ("5.0.0", "Host or domain name not found. Name service error for name=x.example type=MX: Host not found, "
+              "try again", "soft_bounce"),
+    ("4.4.3", "MX lookup failed for example.org (DNS timeout)", "soft_bounce"),
+]
+
+
+@pytest.mark.parametrize(("status", "diagnostic", "kind"), KIND_CASES)
+def test_classify_kind(status: str, diagnostic: str, kind: str) -> None:
+    assert classify_status(status, diagnostic)[0] == kind
+
+
+def test_final_failure_with_a_transient_code_and_a_clear_diagnostic() -> None:
+    text = "450 4.1.1 <x@example.org>: Recipient address rejected: User unknown in local recipient table"
+    assert classify_failure("4.1.1", text).kind == "soft_bounce"  # a synchronous 450: try again
+    assert classify_failure("4.1.1", text, final=True).kind == "hard_bounce"  # the MTA gave up on it
+
+
 def test_classify_reasons() -> None:
     assert classify_status("5.2.2", "552 5.2.2 Mailbox full") == ("soft_bounce", "mailboxfull")
     assert classify_status("", "550 5.1.1 user unknown") == ("hard_bounce", "userunknown")

@@ -85,6 +85,9 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"reverse dns", r"\bptr\b", r"\brdns\b", r"reverse (dns|lookup|hostname)", r"dynamic ip", r"dial-?up",
         r"sender ip", r"not (be )?(permitted|allowed) to send", r"without a valid sender",
         r"envelope blocked", r"\bhelo\b", r"\behlo\b",
+        # Yahoo/AOL deferrals about the sender's traffic ("[TSS04] ... unexpected volume or user complaints").
+        r"\[ts[0-9]{2}\]", r"unexpected volume", r"(user|recipient|subscriber) complaints",
+        r"(from|of) (this|your|the sending) ip", r"traffic not accepted",
     )),
     ("spamdetected", _rx(
         r"spam", r"\bube\b", r"bulk (e-?mail|mail)", r"junk mail", r"content (was )?rejected",
@@ -176,7 +179,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"mail ?box (not found|unavailable|does not exist|is unavailable|invalid|not available)",
         r"unrouteable address", r"unknown or illegal alias",
         r"(is|was) not (a )?(known|valid) (user|recipient)",
-        r"(don't|doesn't|does not) have an? .{0,40}account", r"no account", r"bad destination mail ?box",
+        r"(don'?t|doesn'?t|does not) have an? .{0,40}account", r"no account", r"bad destination mail ?box",
         r"user not found", r"recipient ?not ?found", r"recip ?not ?found", r"addressee unknown",
         r"destination address.{0,20}(invalid|unknown)", r"adresse destinataire invalide", r"not a known user",
         r"user (account )?(is )?unavailable", r"no longer (valid|exists?|available|active|in use)",
@@ -190,6 +193,11 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"invalid mailbox", r"err\.nosuchuser", r"nosuchuser",
     )),
 )
+
+# RFC 5321's stock 550 text ("Requested action not taken: mailbox unavailable") is also the
+# wording of many policy refusals; with a policy word beside it, the address is not the cause.
+_GENERIC_UNAVAILABLE = re.compile(r"(mail ?box|user)( is)? (unavailable|not available)")
+_POLICY_WORD = re.compile(r"\b(polic(y|ies)|blocked|banned|prohibited|not allowed|denied|refused)\b")
 
 # Tier 3: generic soft causes, only when nothing above matched.
 _WEAK_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -403,6 +411,9 @@ def _classify(status: str, diagnostic: str, smtp_code: int | None, final: bool) 
     if reason:
         # "User unknown" in a final failure whose only code is a transient one: the address
         # does not exist (Postfix "450 4.1.1 unverified address ... User unknown", then expiry).
+        if reason == "userunknown" and _POLICY_WORD.search(text) and _GENERIC_UNAVAILABLE.search(text) and \
+                _match(_HARD, _GENERIC_UNAVAILABLE.sub(" ", text)) != "userunknown":
+            return Classification(SOFT, "policyviolation", "soft-text")
         if final and reason in ("userunknown", "hostunknown", "suspend"):
             permanent = True
         return Classification(HARD if permanent else SOFT, reason, "hard-text")

@@ -357,6 +357,10 @@ def _ses_complaint(tree: MessageTree, complaint: object, extra: dict[str, str]) 
 def _ses_document(tree: MessageTree) -> dict[str, object] | None:
     text = tree.text()
     if "notificationType" not in text and "eventType" not in text:
+        # The notification as an attachment (application/json) rather than the body.
+        text = "\n".join(part_text(leaf.part, 64 * 1024) for leaf in tree.leaves
+                          if leaf.ctype == "application/json" and not leaf.in_original)
+    if "notificationType" not in text and "eventType" not in text:
         return None
     # strict=False: mail transport folds long lines, leaving raw line breaks inside JSON strings.
     decoder = json.JSONDecoder(strict=False)
