@@ -228,31 +228,3 @@ class Leaf:
     # written by the original sender, not by the reporting MTA, and must not be mined for
     # failed recipients.
     in_original: bool
-
-
-def leaves(msg: Message) -> list[Leaf]:
-    """Leaf parts in document order, flagged when they belong to an attached original message."""
-    out: list[Leaf] = []
-    original_depth: int | None = None
-    for depth, part in walk(msg):
-        if original_depth is not None and depth <= original_depth:
-            original_depth = None
-        ctype = content_type(part)
-        if ctype == "message/rfc822" or (
-            depth > 0
-            and ctype.startswith("message/")
-            and part.is_multipart()
-            and ctype
-            not in ("message/delivery-status", "message/feedback-report", "message/disposition-notification")
-        ):
-            if original_depth is None:
-                original_depth = depth
-            continue
-        if part.is_multipart():
-            continue
-        if ctype.startswith("multipart/"):
-            # Declared multipart but no parts found (missing or mismatched boundary): compat32
-            # keeps the whole body as one string. Read it as text.
-            ctype = "text/plain"
-        out.append(Leaf(depth, ctype, part, original_depth is not None))
-    return out
