@@ -323,9 +323,10 @@ def _ses_bounce(tree: MessageTree, bounce: object, extra: dict[str, str]) -> Fee
         diagnostic = str(r.get("diagnosticCode") or "")
         result = classify_failure(status, diagnostic, final=btype == "permanent")
         kind, reason = result.kind, result.reason
-        if btype == "permanent" and subtype in _SES_ADDRESS_SUBTYPES and not result.decisive and kind != HARD:
-            # SES itself says the address is unusable (NoEmail, Suppressed) and the remote text
-            # names no other cause.
+        if btype == "permanent" and subtype in _SES_ADDRESS_SUBTYPES and kind != HARD and (
+                result.evidence == "none" or (subtype != "general" and not result.decisive)):
+            # SES itself says the address is unusable (NoEmail, Suppressed; General only when
+            # the remote gave no reason at all) and the remote text names no other cause.
             kind, reason = HARD, _SES_ADDRESS_SUBTYPES[subtype]
         elif btype == "transient" and kind == HARD:
             kind = SOFT
