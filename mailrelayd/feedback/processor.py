@@ -129,7 +129,7 @@ class FeedbackProcessor:
             named = [r.address for r in report.recipients if r.address]
             if named:
                 sent = await self.spool.sent_to_since(named, msg.received_at - fb.sent_window)
-            if report.kind == "complaint" and sent:
+            if report.kind == "complaint":
                 trusted, why = await self._reporter_trusted(body)
         decision = decide(report, verp=verp, sent=sent, reporter_trusted=trusted, require_verp=fb.require_verp)
         sender_domain = verp.sender_domain if verp else _domain(report.original_from)
@@ -142,6 +142,8 @@ class FeedbackProcessor:
             for a in decision.actions:
                 self.on_outcome(sender_domain, a.kind)
         kind = decision.kind_label or report.kind
+        if kind == "complaint" and not decision.actions and verp is None and not trusted:
+            kind = "untrusted"  # a complaint naming nobody (redacted) counts only from a listed reporter
         metrics.FEEDBACK_RECEIVED.labels(kind, metrics.sender_domain_label(sender_domain)).inc()
         if kind in ("unparsable", "untrusted") and fb.keep_unparsable:
             await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body, kind)
