@@ -58,6 +58,7 @@ FAMILIES = [
     ("broken-mime.eml", "not_feedback", {}),
     # RFC 6533: message/global-delivery-status, utf-8 address type, U-label domain (IDNA-encoded).
     ("dsn-global-utf8.eml", "hard_bounce", {"josé@xn--exmple-cua.net": "hard_bounce"}),
+    ("postfix-plain-utf8.eml", "hard_bounce", {"josé@xn--exmple-cua.net": "hard_bounce"}),
     # About our sending, not the recipient: blocklist, PTR, DMARC (5.7.26), rate limit, local policy.
     ("dsn-blocklist.eml", "reputation", {"reader@example.net": "reputation"}),
     ("dsn-gmail-ptr.eml", "reputation", {"reader@gmail.example": "reputation"}),

@@ -17,7 +17,8 @@ _DOMAIN_UTF8 = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]{{0,62}}[A-Za-z0-9{_U}])?
 _FULL = re.compile(rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}")
 # In free text a UTF-8 address is only taken in angle brackets (Postfix, Exim and Sendmail write
 # recipients so): letters of a surrounding non-Latin text would otherwise run into it.
-_UTF8_IN_TEXT = re.compile(rf"<({_LOCAL_UTF8}@{_DOMAIN_UTF8})>")
+UTF8_ADDRESS = rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}"
+_UTF8_IN_TEXT = re.compile(rf"<({UTF8_ADDRESS})>")
 # RFC 6533 section 3: utf-8-addr-xtext / utf-8-addr-unitext escape characters as \x{HEX}.
 _EMBEDDED_UNICODE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 
