@@ -30,6 +30,9 @@ def looks_like_feedback_report(text: str, *, strict: bool = True) -> bool:
         return False
     if not strict:
         return True
+    # RFC 5965 section 3.1: Feedback-Type, User-Agent and Version are the required fields.
+    if {"user-agent", "version"} <= found:
+        return True
     return bool(found & {"original-rcpt-to", "removal-recipient"}) and bool(
         found & {"user-agent", "version", "original-mail-from", "arrival-date", "source-ip"})
 

@@ -193,7 +193,9 @@ def _arf_in_text(tree: MessageTree) -> str:
 def recognize_jmrp(scan: Scan) -> FeedbackReport | None:
     """Microsoft JMRP: a reported message carrying ``X-HmXmrOriginalRecipient`` (wrapped or not)."""
     tree = scan.tree
-    for depth, part in tree.nodes:
+    # The reported message's headers may also come as a text/rfc822-headers part (tree.original).
+    candidates = [*tree.nodes, *([(1, tree.original)] if tree.original is not None else [])]
+    for depth, part in candidates:
         value = header_str(part, "x-hmxmroriginalrecipient")
         if not value:
             continue
