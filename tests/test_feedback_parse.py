@@ -431,6 +431,14 @@ KIND_CASES = [
     ("5.0.0", "Host or domain name not found. Name service error for name=x.example type=MX: Host not found, "
               "try again", "soft_bounce"),
     ("4.4.3", "MX lookup failed for example.org (DNS timeout)", "soft_bounce"),
+    # A Status the reporting MTA filled in (5.1.1) against the remote's own words: the words win.
+    ("5.1.1", "connect to example.org[203.0.113.225]:25: Connection timed out", "soft_bounce"),
+    ("5.1.1", "503 Improper sequence of commands", "policy"),
+    ("5.1.1", "554 Host network not allowed", "policy"),
+    ("5.1.1", "550 Connection frequency limited", "policy"),
+    # ... but not when the remote's text itself carries the address-level code.
+    ("5.1.1", "550 5.1.1 Recipient rejected", "hard_bounce"),
+    ("5.1.1", "", "hard_bounce"),
 ]
 
 

@@ -74,7 +74,7 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"too many (connections|recipients|messages|concurrent|mails|emails|sessions)",
         r"rate limit", r"rate.{0,20}(exceeded|too high)", r"receiving mail at a rate",
         r"sending (too fast|at a rate)",
-        r"throttl", r"has sent to too many", r"connection rate", r"too fast",
+        r"throttl", r"has sent to too many", r"connection rate", r"too fast", r"frequency limit",
     )),
     ("blocked", _rx(
         r"blocked using", r"black ?list", r"block ?list", r"deny ?list", r"spamhaus", r"spamcop", r"sorbs",
@@ -98,7 +98,7 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"dmarc", r"\bspf\b", r"\bdkim\b", r"unauthenticated (e-?mail|sender|message)",
         r"authentication (required|failed|results|is required)", r"auth ?required", r"not authenticated",
         r"must authenticate", r"unauthenticated senders", r"authentication checks? failed",
-        r"authentication fail",
+        r"authentication fail", r"turn on smtp auth",
     )),
     ("rejected", _rx(
         r"sender (address |domain )?(rejected|denied|verify failed|unknown|is not|blocked|invalid)",
@@ -198,6 +198,10 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
 # wording of many policy refusals; with a policy word beside it, the address is not the cause.
 _GENERIC_UNAVAILABLE = re.compile(r"(mail ?box|user)( is)? (unavailable|not available)")
 _POLICY_WORD = re.compile(r"\b(polic(y|ies)|blocked|banned|prohibited|not allowed|denied|refused)\b")
+
+# Weak causes that contradict an address-level Status the reporting MTA filled in.
+_NOT_ADDRESS_WEAK = frozenset({"networkerror", "syntaxerror", "systemerror", "mailererror", "expired",
+                               "policyviolation"})
 
 # Tier 3: generic soft causes, only when nothing above matched.
 _WEAK_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -422,14 +426,20 @@ def _classify(status: str, diagnostic: str, smtp_code: int | None, final: bool) 
     # reporting MTA filled in (Status: 5.0.0, "550 5.1.1 ..."). An address-level code outranks
     # the generic words below ("Recipient rejected", "denied").
     codes = [c for c in (text_code, status_code) if c is not None and (c[1], c[2]) != (0, 0)]
+    weak = _match(_WEAK_SOFT, text)
     if permanent:
         for code in codes:
             if code[0] == 5:
                 address_level, reason = _reason_from_code(code)
+                # Only the reporting MTA's Status names the address, while the remote server's own
+                # words name a network, protocol or system failure ("Connection timed out", "503
+                # Improper sequence of commands"): the Status was filled in, the text is what happened.
+                if address_level and code is status_code and text_code is None and weak in _NOT_ADDRESS_WEAK:
+                    break
                 if address_level:
                     return Classification(HARD, reason, "code")
                 break
-    reason = _match(_WEAK_SOFT, text)
+    reason = weak
     if reason:
         return Classification(SOFT, reason, "weak-text")
     for code in codes:
