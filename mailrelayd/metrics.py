@@ -199,6 +199,12 @@ FEEDBACK_RECEIVED = Counter(
     "and the sending domain they refer to (when known).",
     ["kind", "sender_domain"],
 )
+# Label values of the feedback families (kept bounded; the processor maps anything else to "other").
+FEEDBACK_KINDS = ("hard_bounce", "soft_bounce", "complaint", "delayed", "reputation", "policy", "not_feedback",
+                  "unparsable", "untrusted")
+REPUTATION_REASONS = ("blocked", "badreputation", "requireptr", "authfailure", "spamdetected", "virusdetected",
+                      "speeding", "toomanyconn", "rejected", "norelaying", "policyviolation", "securityerror",
+                      "contenterror", "notcompliantrfc", "syntaxerror", "failedstarttls", "other")
 REPUTATION_EVENTS = Counter(
     "mailrelayd_reputation_events_total",
     "Failures about our own sending (blocklist, PTR, SPF/DKIM/DMARC, spam/content, rate limits) by sending "

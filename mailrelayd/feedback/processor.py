@@ -54,11 +54,7 @@ SUPPRESSING = ("hard_bounce", "complaint")
 __all__ = ["SUPPRESSING", "Action", "FeedbackProcessor"]
 
 # Reasons that get their own label on the reputation metrics (the classifier's vocabulary).
-_REASON_LABELS = frozenset({
-    "blocked", "badreputation", "requireptr", "authfailure", "spamdetected", "virusdetected", "speeding",
-    "toomanyconn", "rejected", "norelaying", "policyviolation", "securityerror", "contenterror",
-    "notcompliantrfc", "syntaxerror", "failedstarttls",
-})
+_REASON_LABELS = frozenset(metrics.REPUTATION_REASONS)
 
 
 def count_sender_event(sender_domain: str, destination: str, kind: str, reason: str) -> None:
