@@ -13,6 +13,7 @@ from typing import Any
 
 from mailrelayd.delivery.queuemanager import BulkResult, QueueManager
 from mailrelayd.delivery.scheduler import Scheduler
+from mailrelayd.errors import SpoolError
 from mailrelayd.spool.queueid import is_queue_id
 from mailrelayd.spool.store import MessageRecord, QueueFilter, Spool
 
@@ -117,7 +118,14 @@ class QueueOps:
     async def handle(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """The admin API: ``GET queue``, ``GET queue/destinations``, ``GET queue/ID``,
         ``POST queue/hold|release|flush|delete|bounce`` with a JSON body ``{"filter": {...},
-        "dry_run": bool, "reason": str, "until": unix-time}``, ``POST queue/ID/<action>``."""
+        "dry_run": bool, "reason": str, "until": unix-time}``, ``POST queue/ID/<action>``. A spool
+        that cannot be read or written (disk full, damaged) is a 503 with the reason, for the CLI."""
+        try:
+            return await self._handle(method, path, body)
+        except SpoolError as e:
+            return 503, {"error": f"spool: {e}"}
+
+    async def _handle(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         parts = [p for p in path.split("/") if p]
         if not parts or parts[0] != "queue":
             return 404, {"error": "unknown endpoint"}

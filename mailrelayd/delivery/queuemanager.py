@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from mailrelayd import metrics
 from mailrelayd.config import Config
+from mailrelayd.errors import SpoolError
 from mailrelayd.log import get_logger
 from mailrelayd.spool.store import (
     BOUNCED,
@@ -63,6 +64,8 @@ class RcptOutcome(Protocol):
     enhanced: str
     text: str
     remote_mta: str
+    remote_reply: str
+    stage: str
 
     @property
     def ok(self) -> bool: ...
@@ -89,6 +92,7 @@ class FailedRecipient:
     diagnostic: str
     remote_mta: str
     last_attempt: float
+    stage: str = ""
 
 
 class Hooks:
@@ -144,6 +148,21 @@ class Postponed:
     durable: bool
     attempted: bool = False
     """True for a recipient whose own attempt got the throttling reply that suspended it."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """An attempt's results as recipient updates, ready to be recorded (or kept and retried by
+    the delivery loop if the spool refuses them)."""
+
+    msg: MessageRecord
+    updates: list[RecipientUpdate]
+    failed: list[FailedRecipient]
+    delayed: list[FailedRecipient]
+    now: float
+    later: list[float]
+    """In-memory times of postponed recipients (rate, connection slot, suspension)."""
+    held: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +243,10 @@ class QueueManager:
         f = f.normalized()
         if f.empty:
             raise ValueError("a hold needs a filter (--domain, --sender, --user, --older-than or queue ids)")
+        if len(f.rules()) > 1:
+            # Separate rules would hold more than asked (either, not both) for the mail to come.
+            raise ValueError("a hold rule takes one of --domain, --sender, --user (add --older-than or "
+                             "queue ids to hold only what is queued now)")
         now = self.clock()
         sel = await self.spool.select(f, now)
         qids = list(dict.fromkeys(q for q, _ in sel))
@@ -249,21 +272,23 @@ class QueueManager:
         now = self.clock()
         if f is None:
             rules = list(self._rules.values())
-            sel_filter = QueueFilter()
+            stamp_filter = QueueFilter()
         else:
             f = f.normalized()
             rules = [self._rules[k] for k in f.rules() if k in self._rules]
-            sel_filter = f
-        sel = await self.spool.select(sel_filter, now)
-        msgs = await self._held_messages(sorted({q for q, _ in sel}))
-        stamped = [m.queue_id for m in msgs if m.held_at > 0]
+            stamp_filter = f
         by_rule: dict[tuple[str, str], list[str]] = {}
+        rcpts: set[tuple[str, int]] = set()
         for rule in rules:
-            by_rule[(rule.kind, rule.value)] = [m.queue_id for m in msgs if self._rule_matches(rule, m)]
+            sel = await self.spool.select(_rule_filter(rule), now)
+            by_rule[(rule.kind, rule.value)] = sorted({q for q, _ in sel})
+            rcpts.update(sel)
+        stamped_sel = await self.spool.select(stamp_filter, now, only_held=True)
+        stamped = sorted({q for q, _ in stamped_sel})
+        rcpts.update(stamped_sel)
         touched = set(stamped) | {q for qs in by_rule.values() for q in qs}
-        n_rcpts = sum(1 for q, _ in sel if q in touched)
         if dry_run:
-            return BulkResult("release", len(touched), n_rcpts, True, tuple(rules))
+            return BulkResult("release", len(touched), len(rcpts), True, tuple(rules))
         for rule in rules:
             await self._drop_rule(rule, by_rule[(rule.kind, rule.value)], now)
         if stamped:
@@ -271,7 +296,7 @@ class QueueManager:
         if self.listener is not None and touched:
             self.listener.wake(sorted(touched), now)
         log.info("queue.release", filter=f.to_json() if f else "all", messages=len(touched), rules=len(rules))
-        return BulkResult("release", len(touched), n_rcpts, False, tuple(rules))
+        return BulkResult("release", len(touched), len(rcpts), False, tuple(rules))
 
     async def expire_rules(self) -> int:
         """Release rules whose ``until`` has passed (called by the delivery loop)."""
@@ -301,20 +326,6 @@ class QueueManager:
     def next_rule_expiry(self) -> float:
         return self._next_rule_expiry
 
-    async def _held_messages(self, qids: Sequence[str]) -> list[MessageRecord]:
-        out: list[MessageRecord] = []
-        for i in range(0, len(qids), 500):
-            out += await self.spool.get_many(qids[i:i + 500])
-        return out
-
-    @staticmethod
-    def _rule_matches(rule: HoldRule, m: MessageRecord) -> bool:
-        if rule.kind == "domain":
-            return any(r.domain == rule.value for r in m.active_recipients())
-        if rule.kind == "user":
-            return m.user == rule.value
-        return sender_matches(rule.value, m.mail_from)
-
     # --- other bulk actions -------------------------------------------------------------------
     async def select(self, f: QueueFilter) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -333,8 +344,7 @@ class QueueManager:
         if f is None or f.normalized().empty:
             await self.spool.reschedule(None, now)
         else:
-            for q in qids:
-                await self.spool.reschedule(q, now)
+            await self.spool.reschedule_many(qids, now)
         if self.listener is not None:
             self.listener.wake(qids, now)
         return BulkResult("flush", len(sel), n, False)
@@ -415,11 +425,10 @@ class QueueManager:
                 p.to_try.append(r)
         return p
 
-    async def finish(self, msg: MessageRecord, plan: Plan, results: Sequence[tuple[RecipientRecord, RcptOutcome]],
-                     local_results: Sequence[tuple[RecipientRecord, LocalResult]] = (),
-                     postponed: Sequence[Postponed] = (), now: float | None = None) -> float | None:
-        """Record an attempt's outcomes durably. Returns when to look at the message again: a time,
-        :data:`PARKED` (only held recipients are left) or None (nothing is left)."""
+    def outcome(self, msg: MessageRecord, plan: Plan, results: Sequence[tuple[RecipientRecord, RcptOutcome]],
+                local_results: Sequence[tuple[RecipientRecord, LocalResult]] = (),
+                postponed: Sequence[Postponed] = (), now: float | None = None) -> Outcome:
+        """Turn an attempt's results into recipient updates (and DSN content); nothing written yet."""
         now = self.clock() if now is None else now
         qid = msg.queue_id
         updates = list(plan.updates)
@@ -440,7 +449,7 @@ class QueueManager:
             elif res.permanent:
                 updates.append(RecipientUpdate(qid, r.index, BOUNCED, reply))
                 failed.append(FailedRecipient(r.address, res.enhanced or "5.0.0", _diagnostic(res),
-                                              res.remote_mta, now))
+                                              res.remote_mta, now, res.stage))
                 metrics.DELIVERY_ATTEMPTS.labels("bounced", dom).inc()
                 self.hooks.permanent_failure(msg, r, res)
             else:
@@ -456,19 +465,32 @@ class QueueManager:
         warn_after = self.cfg.delivery.delay_warning
         if warn_after > 0 and not msg.warned and not msg.is_dsn and msg.mail_from and \
                 now - msg.received_at >= warn_after:
-            delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now)
+            delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now,
+                                       res.stage)
                        for r, res in results if not res.ok and not res.permanent]
-        done = await self.record(msg, updates, failed, now, delayed=delayed)
-        if qid in done:
+        later = [pp.when for pp in postponed if not pp.durable]
+        return Outcome(msg, updates, failed, delayed, now, later, bool(plan.held))
+
+    async def commit(self, o: Outcome) -> float | None:
+        """Record an outcome durably (raises SpoolError if the spool refuses it). Returns when to
+        look at the message again: a time, :data:`PARKED` (only held recipients are left) or None
+        (nothing is left)."""
+        done = await self.record(o.msg, o.updates, o.failed, o.now, delayed=o.delayed)
+        if o.msg.queue_id in done:
             return None
-        pending = [u.next_attempt for u in updates if u.state == DEFERRED]
-        pending += [pp.when for pp in postponed if not pp.durable]
+        pending = [u.next_attempt for u in o.updates if u.state == DEFERRED] + o.later
         if pending:
             return min(pending)
-        if plan.held:
+        if o.held:
             return PARKED
         # Recipients we did not touch this round (none expected): look again later.
-        return now + self.cfg.delivery.retry_initial
+        return o.now + self.cfg.delivery.retry_initial
+
+    async def finish(self, msg: MessageRecord, plan: Plan, results: Sequence[tuple[RecipientRecord, RcptOutcome]],
+                     local_results: Sequence[tuple[RecipientRecord, LocalResult]] = (),
+                     postponed: Sequence[Postponed] = (), now: float | None = None) -> float | None:
+        """:meth:`outcome` then :meth:`commit`."""
+        return await self.commit(self.outcome(msg, plan, results, local_results, postponed, now))
 
     async def record(self, msg: MessageRecord, updates: list[RecipientUpdate], failed: list[FailedRecipient],
                      now: float, delayed: Sequence[FailedRecipient] = ()) -> list[str]:
@@ -480,7 +502,10 @@ class QueueManager:
             new.append(("delayed", await self._dsn(msg, delayed, "delayed", now)))
         done = await self._commit(updates, new)
         if delayed:
-            await self.spool.mark_warned(msg.queue_id)
+            try:
+                await self.spool.mark_warned(msg.queue_id)
+            except SpoolError as e:  # the outcome is recorded; at worst a second delay warning
+                log.error("spool.mark_warned_failed", queue_id=msg.queue_id, error=str(e))
         final = {DELIVERED: "delivered", BOUNCED: "bounced", EXPIRED: "expired", SUPPRESSED: "suppressed"}
         sdom = metrics.sender_domain_label(msg.sender_domain)
         for u in updates:
@@ -510,7 +535,7 @@ class QueueManager:
         data = self.dsn_builder(
             reporting_mta=self.cfg.server.hostname, to=msg.mail_from, original=original, queue_id=msg.queue_id,
             arrival_date=msg.received_at, action=action, now=now,
-            recipients=[DsnRecipient(f.address, f.status, f.diagnostic, f.remote_mta, f.last_attempt)
+            recipients=[DsnRecipient(f.address, f.status, f.diagnostic, f.remote_mta, f.last_attempt, f.stage)
                         for f in failed],
         )
         qid = self.spool.new_queue_id()
@@ -549,18 +574,26 @@ class _Missing:
         self.enhanced = "4.3.0"
         self.text = "no result from transport"
         self.remote_mta = ""
+        self.remote_reply = ""
+        self.stage = ""
 
     ok = False
     permanent = False
 
 
 def _reply_text(res: RcptOutcome) -> str:
-    parts = [str(res.code) if res.code else "", res.enhanced, res.text]
-    return " ".join(p for p in parts if p)[:1000]
+    """The recipient's ``last_reply`` in the spool: the remote's reply verbatim when there was one
+    (it starts with the 3-digit code), otherwise our status and explanation (``"4.4.1 connect to
+    ...: timed out"``, no reply code), so an expiry DSN can tell the two apart."""
+    return _diagnostic(res)[:1000]
 
 
 def _diagnostic(res: RcptOutcome) -> str:
-    return f"{res.code} {res.enhanced} {res.text}".strip() if res.code else f"{res.enhanced} {res.text}".strip()
+    """What a DSN reports as the Diagnostic-Code: the remote's reply once, never wrapped in our
+    own text (which already names the host): ``550 5.1.1 <x@y>: no such user``."""
+    if res.remote_reply:
+        return res.remote_reply
+    return f"{res.enhanced} {res.text}".strip()
 
 
 def _status_of(reply: str) -> str:

@@ -39,24 +39,29 @@ from mailrelayd.delivery.queuemanager import (  # re-exported: the daemon and fe
     FailedRecipient,
     Hooks,
     LocalResult,
+    Outcome,
     Postponed,
     QueueManager,
     RcptOutcome,
+    _diagnostic,
     _Missing,
+    _reply_text,
 )
 from mailrelayd.delivery.shaping import Destination, Destinations, is_throttling
+from mailrelayd.errors import SpoolError
 from mailrelayd.log import get_logger
 from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
 
 log = get_logger()
 
-__all__ = ["DsnBuilder", "FailedRecipient", "Hooks", "LocalDelivery", "LocalResult", "RcptOutcome", "Scheduler",
-           "TransportLike"]
+__all__ = ["RUNBOOK_SPOOL", "DsnBuilder", "FailedRecipient", "Hooks", "LocalDelivery", "LocalResult", "RcptOutcome",
+           "Scheduler", "TransportLike", "_diagnostic", "_reply_text"]
 
 
 class TransportLike(Protocol):
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
-                      max_messages: int | None = None) -> Sequence[RcptOutcome]: ...
+                      max_messages: int | None = None, max_connections: int | None = None
+                      ) -> Sequence[RcptOutcome]: ...
 
 
 LocalDelivery = Callable[[MessageRecord, bytes, Sequence[RecipientRecord]], Awaitable[Sequence[LocalResult]]]
@@ -65,9 +70,11 @@ LocalDelivery = Callable[[MessageRecord, bytes, Sequence[RecipientRecord]], Awai
 MxNames = Callable[[str], Awaitable[list[str]]]
 """MX host names of a recipient domain (only asked when [[shaping]] groups by MX suffix)."""
 
-WAIT_RECHECK = 30.0
+RUNBOOK_SPOOL = "docs/runbooks/MailrelaydSpoolDamaged.md"
+
+WAIT_RECHECK = 300.0
 """A message waiting for a connection slot is looked at again after this long even if no slot
-was handed to it (a safety net, not the normal path)."""
+was handed to it (a safety net, not the normal path: a freed slot wakes the first waiter)."""
 
 
 class Scheduler:
@@ -101,11 +108,23 @@ class Scheduler:
         self._body_bytes = 0
         self._body_cache_max = body_cache_bytes
         self._limit = asyncio.Semaphore(self._max_inflight(cfg))
-        self._suspended: dict[str, float] = {}  # destination -> end of suspension (for the gauge)
+        # destination -> (end of suspension, its gauge label as counted when it began)
+        self._suspended: dict[str, tuple[float, str]] = {}
         self._next_unsuspend = math.inf
         self._last_prune = 0.0
         self.loaded = False
+        # Set when an attempt's outcome could not be written: no delivery starts until the spool
+        # takes the pending outcomes again (never retry into duplicates; promise 1).
+        self.halted: str | None = None
+        self._unrecorded: list[Outcome] = []
+        self.record_retry_interval = 30.0
+        self._export_configured()
+
+    def _export_configured(self) -> None:
+        """Configured destinations are exported from the first scrape (0 = not suspended)."""
         metrics.destination_label.set_always(self.destinations.configured)
+        for name in (*self.destinations.configured, metrics.BoundedLabel.OTHER):
+            metrics.DESTINATION_SUSPENDED.labels(name).inc(0)  # create at 0, keep a live count
 
     @staticmethod
     def _max_inflight(cfg: Config) -> int:
@@ -115,7 +134,7 @@ class Scheduler:
         self.cfg = cfg
         self.queue.reconfigure(cfg)
         self.destinations.reconfigure(cfg)
-        metrics.destination_label.set_always(self.destinations.configured)
+        self._export_configured()
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -146,6 +165,12 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        for _, label in self._suspended.values():  # the gauge counts live suspensions only
+            metrics.DESTINATION_SUSPENDED.labels(label).dec()
+        self._suspended.clear()
+        if self._unrecorded:
+            # Still active in the spool: delivered again after the restart (at least once).
+            log.error("delivery.unrecorded_at_stop", queue_ids=[u.msg.queue_id for u in self._unrecorded])
 
     # --- inputs (also the queue manager's QueueListener) ----------------------------------
     def submit(self, msg: NewMessage) -> None:
@@ -253,8 +278,14 @@ class Scheduler:
         while not self._stopping:
             now = self.clock()
             await self._timers(now)
+            if self.halted is None and self.spool.corrupt is not None:
+                # Damage seen by any read or write: whatever we deliver now could not be recorded.
+                self.halted = f"the spool is damaged ({self.spool.corrupt}); deliveries are stopped"
+                log.error("delivery.halted", error=str(self.spool.corrupt), runbook=RUNBOOK_SPOOL)
+            if self.halted is not None:
+                await self._retry_unrecorded()
             # Start everything that is due, up to the in-flight limit.
-            while self._heap and not self._stopping:
+            while self._heap and not self._stopping and self.halted is None:
                 due, qid = self._heap[0]
                 if self._scheduled.get(qid) != due:
                     heapq.heappop(self._heap)  # stale entry (rescheduled or forgotten)
@@ -273,7 +304,9 @@ class Scheduler:
             self._wake.clear()
             timeout: float | None = None
             nxt = min(self._next_unsuspend, self.queue.next_rule_expiry)
-            if self._heap and not self._limit.locked():
+            if self.halted is not None:
+                nxt = min(nxt, now + self.record_retry_interval)
+            elif self._heap and not self._limit.locked():
                 nxt = min(nxt, self._heap[0][0])
             elif self._limit.locked():
                 nxt = min(nxt, now + 1.0)
@@ -287,12 +320,12 @@ class Scheduler:
     async def _timers(self, now: float) -> None:
         """Ends of suspensions (for the gauge), hold rules that run out, idle destinations."""
         if now >= self._next_unsuspend:
-            for name, until in list(self._suspended.items()):
+            for name, (until, label) in list(self._suspended.items()):
                 if until <= now:
                     del self._suspended[name]
-                    metrics.DESTINATION_SUSPENDED.labels(metrics.destination_label(name)).set(0)
+                    metrics.DESTINATION_SUSPENDED.labels(label).dec()
                     log.info("destination.resumed", destination=name)
-            self._next_unsuspend = min(self._suspended.values(), default=math.inf)
+            self._next_unsuspend = min((u for u, _ in self._suspended.values()), default=math.inf)
         if now >= self.queue.next_rule_expiry:
             try:
                 await self.queue.expire_rules()
@@ -368,21 +401,55 @@ class Scheduler:
             finally:
                 for st in trying:
                     self.inflight_by_state[st] -= 1
-        return await self.queue.finish(msg, plan, results, local_results, postponed, self.clock())
+        outcome = self.queue.outcome(msg, plan, results, local_results, postponed, self.clock())
+        try:
+            return await self.queue.commit(outcome)
+        except SpoolError as e:
+            # The remote may already have the message: retrying now would deliver it again and
+            # again (a damaged spool did: 3 copies in 140 s). Keep the outcome and stop delivering.
+            self._halt(outcome, e)
+            return None
+
+    def _halt(self, item: Outcome, err: SpoolError) -> None:
+        self._unrecorded.append(item)
+        if self.halted is None:
+            self.halted = f"the outcome of a delivery could not be recorded ({err}); deliveries are stopped"
+            log.error("delivery.halted", queue_id=item.msg.queue_id, error=str(err), runbook=RUNBOOK_SPOOL,
+                      retry_every=self.record_retry_interval)
+        else:
+            log.error("delivery.unrecorded", queue_id=item.msg.queue_id, error=str(err))
+        self._wake.set()
+
+    async def _retry_unrecorded(self) -> None:
+        """Try to write the outcomes the spool refused; resume deliveries once all are in."""
+        while self._unrecorded:
+            u = self._unrecorded[0]
+            try:
+                nxt = await self.queue.commit(u)
+            except SpoolError:
+                return
+            self._unrecorded.pop(0)
+            if nxt == PARKED:
+                self._parked.add(u.msg.queue_id)
+            elif nxt is not None:
+                self._push(u.msg.queue_id, nxt)
+        if self._inflight or self.spool.corrupt is not None:
+            return  # an attempt still running may add its own outcome; a damaged spool needs a restore
+        log.info("delivery.resumed")
+        self.halted = None
 
     def _admit(self, dest: Destination, qid: str, now: float) -> tuple[float, str, bool] | None:
         """None: send now. Else (when, reply, durable) for the postponed recipients."""
         if dest.suspended(now):
             metrics.DESTINATION_POSTPONED.labels("suspended").inc()
-            until = dest.suspended_until
-            reply = (f"4.7.0 delivery to {dest.name} suspended for "
-                     f"{round(until - now)}s after a throttling reply: {dest.suspend_reply}")[:1000]
-            # Spread the backlog a little so it does not return in one burst.
-            return until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff)), reply, True
+            # In memory only: no spool write per queued message (a suspension of a big destination
+            # must not compete with accepting mail); after a restart it is tried once more.
+            # The spread keeps the backlog from returning in one burst.
+            spread = random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))
+            return dest.suspended_until + spread, "", False
         if dest.active >= dest.limits.max_connections:
             metrics.DESTINATION_POSTPONED.labels("connections").inc()
-            if qid not in dest.waiting:
-                dest.waiting.append(qid)
+            dest.wait(qid)
             return now + WAIT_RECHECK, "", False
         slot = dest.rate_slot(qid, now)
         if slot is not None:
@@ -393,8 +460,7 @@ class Scheduler:
     def _release(self, dest: Destination) -> None:
         """A transaction to ``dest`` ended: hand its slot to the first waiting message."""
         dest.active -= 1
-        while dest.waiting and dest.active < dest.limits.max_connections:
-            q = dest.waiting.popleft()
+        while dest.active < dest.limits.max_connections and (q := dest.next_waiter()) is not None:
             if q in self._inflight or q in self._parked:
                 continue
             self._push(q, self.clock())
@@ -422,9 +488,13 @@ class Scheduler:
         fresh = not dest.suspended(now)
         dest.suspended_until = until
         dest.suspend_reply = reply[:300]
-        self._suspended[dest.name] = until
+        if dest.name in self._suspended:
+            self._suspended[dest.name] = (until, self._suspended[dest.name][1])
+        else:
+            label = metrics.destination_label(dest.name)
+            self._suspended[dest.name] = (until, label)
+            metrics.DESTINATION_SUSPENDED.labels(label).inc()
         self._next_unsuspend = min(self._next_unsuspend, until)
-        metrics.DESTINATION_SUSPENDED.labels(metrics.destination_label(dest.name)).set(1)
         if fresh:
             log.warning("destination.suspended", destination=dest.name, seconds=backoff, reply=reply[:300])
         self._wake.set()
@@ -445,7 +515,8 @@ class Scheduler:
         t0 = time.perf_counter()
         try:
             res = await self.transport.deliver(group[0].domain, mail_from, [r.address for r in group], body,
-                                               max_messages=dest.limits.max_messages_per_connection)
+                                               max_messages=dest.limits.max_messages_per_connection,
+                                               max_connections=dest.limits.max_connections)
         finally:
             self._release(dest)
         dest.sent += 1
@@ -458,11 +529,12 @@ class Scheduler:
                 outcome = _Missing(r.address)
             mine.append((r, outcome))
         for r, o in mine:
-            if not o.ok and not o.permanent and o.code and is_throttling(o.code, o.enhanced, o.text):
-                self._suspend(dest, f"{o.code} {o.enhanced} {o.text}", now)
+            if not o.ok and not o.permanent and o.code and \
+                    is_throttling(o.code, o.enhanced, o.remote_reply or o.text):
+                self._suspend(dest, _reply_text(o), now)
                 if dest.suspended(now):
                     until = dest.suspended_until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))
-                    postponed.append(Postponed(r, until, _reply(o), True, attempted=True))
+                    postponed.append(Postponed(r, until, _reply_text(o), True, attempted=True))
                     continue
             out.append((r, o))
         log.info("delivery.attempt", queue_id=msg.queue_id, domain=group[0].domain, destination=dest.name,
@@ -479,8 +551,3 @@ class Scheduler:
             log.exception("feedback.error", queue_id=msg.queue_id, error=str(e))
             res = [LocalResult(False, f"4.3.0 feedback processing failed: {type(e).__name__}", True)] * len(rcpts)
         out.extend(zip(rcpts, res, strict=True))
-
-
-def _reply(o: RcptOutcome) -> str:
-    parts = [str(o.code) if o.code else "", o.enhanced, o.text]
-    return " ".join(p for p in parts if p)[:1000]

@@ -50,6 +50,7 @@ class Destination:
     limits: Limits
     active: int = 0
     waiting: deque[str] = field(default_factory=deque)
+    waiting_set: set[str] = field(default_factory=set)  # O(1) membership for ``waiting``
     next_slot: float = 0.0
     """GCRA theoretical arrival time: the earliest the next unreserved message may go."""
     tickets: dict[str, float] = field(default_factory=dict)
@@ -60,6 +61,19 @@ class Destination:
 
     def suspended(self, now: float) -> bool:
         return self.suspended_until > now
+
+    def wait(self, qid: str) -> None:
+        """Queue ``qid`` for the next free connection slot (once)."""
+        if qid not in self.waiting_set:
+            self.waiting_set.add(qid)
+            self.waiting.append(qid)
+
+    def next_waiter(self) -> str | None:
+        while self.waiting:
+            q = self.waiting.popleft()
+            self.waiting_set.discard(q)
+            return q
+        return None
 
     def rate_slot(self, qid: str, now: float) -> float | None:
         """None: go now (a slot is taken). Otherwise the reserved time to come back at."""
@@ -112,7 +126,10 @@ class Destinations:
         self.suffixes.sort(key=lambda x: -len(x[0]))  # most specific suffix first
         self.configured = frozenset([*self.by_domain, *(s for s, _ in self.suffixes)])
         for dest in self._dests.values():
-            dest.limits = self.limits_for(dest.name)
+            new = self.limits_for(dest.name)
+            if new.rate_interval != dest.limits.rate_interval:
+                dest.next_slot = 0.0  # a new rate starts a new schedule (reservations are kept)
+            dest.limits = new
         self._mx_cache.clear()
 
     def _limits(self, sh: ShapingConfig, backoff: float) -> Limits:
