@@ -522,7 +522,9 @@ def cmd_feedback_parse(args: argparse.Namespace) -> int:
         for item in out:
             print(f"{item['file']}: {item['kind']}")
             for r in item["recipients"]:
-                verdict = "suppress" if r["kind"] in ("hard_bounce", "complaint") else "record"
+                # Trust (VERP token, sent-to history, listed reporters) is decided by the daemon.
+                verdict = {"hard_bounce": "suppress", "complaint": "suppress", "soft_bounce": "record"}.get(
+                    r["kind"], "no-action")
                 print(f"    {verdict:<8} {r['address']}  {r['kind']}  {r['status'] or '-'}  {r['reason']}")
     return 0
 

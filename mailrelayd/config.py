@@ -407,8 +407,24 @@ class FeedbackConfig:
     keep_unparsable: bool = True
     """Keep feedback messages that could not be parsed in <state_dir>/feedback-unparsable/ for inspection."""
     require_verp: bool = False
-    """Act on bounces only when they arrive at a valid VERP address: a forged bounce for an address we
-    never sent to cannot suppress it. Complaints (ARF) are always acted on."""
+    """Act on bounces only when they arrive at a valid VERP address. Without it, a bounce that has no
+    valid token is acted on only for recipients we sent to within ``sent_window``."""
+    trusted_reporters: list[str] = field(default_factory=list)
+    """Complaint (ARF/JMRP/SES) sources acted on without a VERP token: domains whose DKIM signature on
+    the report verifies (``"fbl.yahoo.com"``), or IP networks of the sending host (``"192.0.2.0/24"``)."""
+    sent_window: Duration = 7 * 86400.0
+    """Feedback without a valid VERP token is acted on only for addresses we sent to within this window."""
+    circuit_breaker: bool = False
+    """Hold a sending domain's outbound mail when its bounce or complaint rate passes a pause level."""
+    circuit_breaker_window: Duration = 86400.0
+    circuit_breaker_min_volume: int = 200
+    """Recipients a domain must have been sent to within the window before its rates count."""
+    circuit_breaker_bounce_warn_rate: float = 0.02
+    circuit_breaker_bounce_pause_rate: float = 0.10
+    circuit_breaker_complaint_warn_rate: float = 0.001
+    circuit_breaker_complaint_pause_rate: float = 0.005
+    circuit_breaker_pause: Duration = 6 * 3600.0
+    """How long a tripped domain stays held; 0 = until `mailrelayd queue release --sender @<domain>`."""
 
 
 @dataclass(frozen=True)
@@ -746,6 +762,33 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         raise ld.err("feedback.verp_secret_file", f"file not found: {fb.verp_secret_file}")
     if fb.soft_bounce_threshold < 1:
         raise ld.err("feedback.soft_bounce_threshold", "must be at least 1")
+    for i, reporter in enumerate(fb.trusted_reporters):
+        if not isinstance(reporter, str) or not reporter.strip():
+            raise ld.err(f"feedback.trusted_reporters[{i}]", "must be a domain or an IP network")
+        try:
+            ipaddress.ip_network(reporter.strip(), strict=False)
+        except ValueError:
+            try:
+                normalize_domain(reporter)
+            except ValueError:
+                raise ld.err(f"feedback.trusted_reporters[{i}]",
+                             f"{reporter!r} is neither a domain nor an IP network") from None
+    if fb.sent_window <= 0:
+        raise ld.err("feedback.sent_window", "must be greater than 0")
+    for k in ("circuit_breaker_bounce_warn_rate", "circuit_breaker_bounce_pause_rate",
+              "circuit_breaker_complaint_warn_rate", "circuit_breaker_complaint_pause_rate"):
+        if not 0 <= getattr(fb, k) <= 1:
+            raise ld.err(f"feedback.{k}", "must be a share from 0 to 1 (0.02 = 2 %; 0 turns that level off)")
+    if fb.circuit_breaker_window <= 0:
+        raise ld.err("feedback.circuit_breaker_window", "must be greater than 0")
+    if fb.circuit_breaker and fb.circuit_breaker_window > fb.verp_retention:
+        raise ld.err("feedback.circuit_breaker_window", "must not be longer than feedback.verp_retention "
+                     "(the delivery history it counts is kept that long)")
+    if fb.circuit_breaker_min_volume < 1:
+        raise ld.err("feedback.circuit_breaker_min_volume", "must be at least 1")
+    if fb.sent_window > fb.verp_retention:
+        raise ld.err("feedback.sent_window", "must not be longer than feedback.verp_retention "
+                     "(the delivery history is kept that long)")
 
 
 def _check_domain(ld: _Loader, key: str, value: str) -> None:

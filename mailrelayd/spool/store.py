@@ -96,6 +96,8 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (qid, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_done ON history(done_at);
+-- Feedback without a VERP token is acted on only for addresses we sent to (sent_to_since).
+CREATE INDEX IF NOT EXISTS history_address ON history(address COLLATE NOCASE);
 -- Hold rules (`queue hold --domain/--sender/--user`): they hold matching mail already queued and
 -- mail that arrives later, until released or until `until` (0 = no end).
 CREATE TABLE IF NOT EXISTS holds (
@@ -454,6 +456,38 @@ class Spool:
                                 (qid, index)).fetchone()
             return (row[0], row[1]) if row else None
         return await self._read(fn)
+
+    async def sent_count_by_sender_domain(self, since: float) -> dict[str, int]:
+        """{sending domain: recipients delivered or bounced at or after ``since``} from the history
+        (the circuit breaker's denominator)."""
+        def fn(c: sqlite3.Connection) -> dict[str, int]:
+            rows = c.execute("SELECT lower(sender_domain), COUNT(*) FROM history WHERE done_at >= ? "
+                             "AND state IN ('delivered', 'bounced') GROUP BY lower(sender_domain)", (since,))
+            return {str(d): int(n) for d, n in rows if d}
+        return await self._read(fn)
+
+    async def sent_to_since(self, addresses: Sequence[str], since: float) -> set[str]:
+        """Which of ``addresses`` (compared case-insensitively) we attempted delivery to at or
+        after ``since``: finished recipients in the history, and queued ones with an attempt.
+        Returns the matching addresses of the argument, lowercased. For feedback that carries no
+        VERP token (a DSN to the plain bounce address, an ARF report)."""
+        wanted = sorted({a.lower() for a in addresses if a})[:100]
+
+        def fn(c: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for address in wanted:
+                row = c.execute("SELECT 1 FROM history WHERE address = ? COLLATE NOCASE AND done_at >= ? "
+                                "AND state IN ('delivered', 'bounced', 'expired') LIMIT 1",
+                                (address, since)).fetchone()
+                if row is None:
+                    row = c.execute("SELECT 1 FROM recipients r JOIN messages m ON m.qid = r.qid "
+                                    "WHERE r.address = ? COLLATE NOCASE AND m.queue = 'outbound' "
+                                    "AND r.attempts > 0 AND r.updated_at >= ? LIMIT 1",
+                                    (address, since)).fetchone()
+                if row is not None:
+                    found.add(address)
+            return found
+        return await self._read(fn) if wanted else set()
 
     async def recipient_outcomes(self, qid: str) -> dict[str, tuple[str, str]]:
         """{address: (state, last reply)} for message ``qid``, queued or finished (history)."""
