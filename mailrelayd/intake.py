@@ -140,7 +140,7 @@ class Intake:
                 body = body[:scan.end] + extra + body[scan.end:]
         msg = NewMessage(queue_id=qid, mail_from=mail_from, recipients=tuple(recipients), data=trace + body,
                          received_at=now, queue=OUTBOUND if outbound else FEEDBACK, listener=origin.listener,
-                         sender_domain=from_domain)
+                         sender_domain=from_domain, user=origin.user.name if origin.user else "")
         return msg, outbound and self.signer is not None
 
     async def _finish(self, origin: Origin, msg: NewMessage, pending: Awaitable[None] | None, t0: float,
