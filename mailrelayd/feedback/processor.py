@@ -32,6 +32,7 @@ from mailrelayd.feedback.parse import FeedbackReport, parse_feedback
 from mailrelayd.feedback.verp import parse_return_path
 from mailrelayd.log import get_logger
 from mailrelayd.spool.store import MessageRecord, RecipientRecord
+from mailrelayd.statefiles import private_dir, write_private
 
 if TYPE_CHECKING:
     from mailrelayd.config import Config
@@ -158,12 +159,9 @@ class FeedbackProcessor:
 
     def _keep(self, qid: str, body: bytes) -> None:
         d = Path(self.cfg.server.state_dir) / "feedback-unparsable"
-        d.mkdir(parents=True, exist_ok=True)
+        private_dir(d)
         tmp = d / f".{qid}.eml"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+        write_private(tmp, body)  # a report quotes the message: 0600, like the spool
         os.replace(tmp, d / f"{qid}.eml")
         with contextlib.suppress(OSError):
             # Keep the folder bounded: the newest 1000 are enough to debug a parser gap.

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 
 from mailrelayd import metrics
-from mailrelayd.errors import Reply, SpoolError, reply_for
+from mailrelayd.errors import Reply, SpoolError, address_refusal, reply_for
 from mailrelayd.log import get_logger
 from mailrelayd.smtp import headers as hdr
 from mailrelayd.smtp.address import AddressError, Mailbox, parse_command_path
+from mailrelayd.smtp.auth import username_for_log
 from mailrelayd.smtp.policy import AUTH_REQUIRED, NO_FROM, STARTTLS_FIRST, Facts
 from mailrelayd.spool.store import FEEDBACK, OUTBOUND, NewMessage
 from mailrelayd.users import User
@@ -419,9 +420,9 @@ class SmtpSession(_AiosmtpdSMTP):
             metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "failure").inc()
             s.auth_failures += 1
             throttle.failure(s.peer_ip)
-            # Log the attempted user name only if it is printable and short; never the password.
-            name = creds[0].decode("utf-8", "replace")[:64]
-            self._log.info("smtp.auth_failed", user=name if name.isprintable() else None)
+            # A mistyped password may sit in the username: never logged in clear (auth.username_for_log).
+            self._log.info("smtp.auth_failed", user=username_for_log(creds[0], authenticator.users if authenticator
+                                                                       is not None else ()))
             await self.reply("AUTH", "535 5.7.8 Authentication credentials invalid")
             return
         throttle.success(s.peer_ip)
@@ -508,7 +509,7 @@ class SmtpSession(_AiosmtpdSMTP):
             sender, rest = parse_command_path(arg, allow_null=True, utf8=True)
             opts = _parse_params(rest, s.esmtp)
         except AddressError as e:
-            await self.reply("MAIL", f"553 5.1.7 Bad sender address syntax: {e}")
+            await self.reply("MAIL", address_refusal(e, sender=True))
             return
         except ValueError as e:
             await self.reply("MAIL", f"555 5.5.4 {e}")
@@ -550,12 +551,12 @@ class SmtpSession(_AiosmtpdSMTP):
             await self.reply("RCPT", "501 5.5.4 Syntax: RCPT TO:<address>")
             return
         try:
-            rcpt, rest = parse_command_path(arg[3:], allow_null=False, utf8=tx.smtputf8)
+            rcpt, rest = parse_command_path(arg[3:], allow_null=False, utf8=tx.smtputf8,
+                                            postmaster_domain=self.ctx.policy.postmaster_domain)
             _parse_params(rest, s.esmtp, allowed=())
         except AddressError as e:
             tx.refused_rcpts += 1
-            code = "553 5.6.7" if not arg.isascii() and not tx.smtputf8 else "553 5.1.3"
-            await self.reply("RCPT", f"{code} Bad recipient address syntax: {e}")
+            await self.reply("RCPT", address_refusal(e, sender=False))
             return
         except ValueError as e:
             tx.refused_rcpts += 1
@@ -684,13 +685,12 @@ class SmtpSession(_AiosmtpdSMTP):
                 extra += hdr.message_id(qid, cfg.server.hostname)
             if not scan.has_date:
                 extra += hdr.date_header(now)
-            if extra:
-                body = body[:scan.end] + extra + body[scan.end:]
+            body = hdr.insert_fields(body, scan, extra)
             data = trace + body
             if ctx.signer is not None:
                 data = await ctx.signer(data, from_domain) + data
         else:
-            data = trace + body
+            data = trace + hdr.insert_fields(body, scan, b"")
         queue = OUTBOUND if outbound else FEEDBACK
         msg = NewMessage(queue_id=qid, mail_from=tx.mail_from, recipients=tuple(tx.rcpts), data=data,
                          received_at=now, queue=queue, listener=self.lcfg.name, sender_domain=from_domain)
