@@ -54,8 +54,10 @@ class HeaderScan:
 
 
 _WATCH = {b"from": "from_values", b"sender": "sender_values"}
-# RFC 5322 §3.6.8 field-name = 1*ftext (printable US-ASCII but ":"); §4.5 obs-syntax allows WSP before ":".
-_FIELD = re.compile(rb"([!-9;-~]+)[ \t]*:")
+# RFC 5322 §3.6.8 field-name = 1*ftext (printable US-ASCII but ":"), then the colon. The obsolete form
+# with spaces before the colon (§4.5.3) is not a field here: Python's email parser and others read it
+# as the start of the body, and fields we insert must land in the header block for every receiver.
+_FIELD = re.compile(rb"([!-9;-~]+):")
 
 
 def scan_headers(data: bytes) -> HeaderScan:
