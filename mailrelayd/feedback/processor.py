@@ -113,6 +113,12 @@ class FeedbackProcessor:
         metrics.FEEDBACK_RECEIVED.labels(report.kind, metrics.sender_domain_label(sender_domain)).inc()
         if report.kind == "unparsable" and fb.keep_unparsable:
             await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body)
+        elif not actions and any(r.address.rpartition("@")[0].lower() == "postmaster" for r in rcpts):
+            # Mail for the postmaster (RFC 5321 §4.5.1) that is not a report we act on is for a person:
+            # keep it where the operator looks, like a local mailbox.
+            await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body, "postmaster")
+            log.info("postmaster.received", queue_id=msg.queue_id, mail_from=msg.mail_from or None,
+                     kept=str(Path(self.cfg.server.state_dir) / "postmaster" / f"{msg.queue_id}.eml"))
         log.info("feedback.received", queue_id=msg.queue_id, kind=report.kind,
                  feedback_type=report.feedback_type or None, verp=bool(verp_rcpts),
                  recipients=[{"address": a.address, "kind": a.kind, "status": a.status, "reason": a.reason}
@@ -157,8 +163,8 @@ class FeedbackProcessor:
         log.info("feedback.smtp_failure", queue_id=msg.queue_id, rcpt=rcpt.address, kind=kind, reason=reason,
                  status=outcome.enhanced)
 
-    def _keep(self, qid: str, body: bytes) -> None:
-        d = Path(self.cfg.server.state_dir) / "feedback-unparsable"
+    def _keep(self, qid: str, body: bytes, folder: str = "feedback-unparsable") -> None:
+        d = Path(self.cfg.server.state_dir) / folder
         private_dir(d)
         tmp = d / f".{qid}.eml"
         write_private(tmp, body)  # a report quotes the message: 0600, like the spool
