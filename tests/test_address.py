@@ -10,6 +10,7 @@ from mailrelayd.smtp.address import (
     AddressEncodingError,
     AddressError,
     Mailbox,
+    header_mailboxes_by_email,
     parse_command_path,
     parse_header_mailboxes,
 )
@@ -116,3 +117,18 @@ def test_header_values_without_valid_mailboxes_are_refused(value: str) -> None:
 ])
 def test_header_mailboxes_parse(value: str, expected: list[str]) -> None:
     assert [str(m) for m in parse_header_mailboxes(value)] == expected
+
+
+@pytest.mark.parametrize("value", [
+    "sender@client.bench.invalid", "<alice@example.com>", "Alice <alice@Example.COM>",
+    "John Q. Public <jqp@example.com>",
+    '"Smith, J" <js@example.com>', '"" <x@example.com>', "  spaced  <x@example.com>  ", "a.b+tag@sub.example.com",
+    "alice@example..com", "alice@example.com-", "x <a@b>",
+])
+def test_fast_path_agrees_with_the_email_parser(value: str) -> None:
+    def outcome(fn: object) -> object:
+        try:
+            return [str(m) for m in fn(value)]  # type: ignore[operator]
+        except AddressError:
+            return "refused"
+    assert outcome(parse_header_mailboxes) == outcome(header_mailboxes_by_email)
