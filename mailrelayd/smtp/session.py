@@ -421,8 +421,8 @@ class SmtpSession(_AiosmtpdSMTP):
             s.auth_failures += 1
             throttle.failure(s.peer_ip)
             # A mistyped password may sit in the username: never logged in clear (auth.username_for_log).
-            self._log.info("smtp.auth_failed", user=username_for_log(creds[0], authenticator.users if authenticator
-                                                                       is not None else ()))
+            known = authenticator.users if authenticator is not None else {}
+            self._log.info("smtp.auth_failed", user=username_for_log(creds[0], known))
             await self.reply("AUTH", "535 5.7.8 Authentication credentials invalid")
             return
         throttle.success(s.peer_ip)
