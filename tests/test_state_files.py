@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from mailrelayd.feedback.store import SqliteSuppressionStore
 from mailrelayd.spool.lock import SpoolLock
 from mailrelayd.spool.store import NewMessage, Spool
 from mailrelayd.statefiles import prepare_sqlite, write_private
+from tests.conftest import base_config, mailrelayd_cmd, write_config
 
 
 @contextlib.contextmanager
@@ -106,3 +108,15 @@ async def test_envelope_that_is_not_utf8_is_refused_before_the_writer(tmp_path: 
     finally:
         await spool.close()
     assert (REGISTRY.get_sample_value("mailrelayd_spool_write_errors_total") or 0.0) == before
+
+
+def test_files_the_cli_creates_are_private_under_umask_022(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                           cli_env: dict[str, str]) -> None:
+    cfg = write_config(tmp_path, base_config(tls_files))
+    r = subprocess.run([*mailrelayd_cmd(), "suppress", "add", "someone@example.net", "--reason", "asked",
+                        "-c", str(cfg)], env=cli_env, capture_output=True, text=True, timeout=60,
+                       preexec_fn=lambda: os.umask(0o022))
+    assert r.returncode == 0, r.stderr
+    files = [p for p in (tmp_path / "state").rglob("*") if p.is_file()]
+    assert "suppressions.db" in {p.name for p in files}
+    assert all(private(p) for p in files), {p.name: oct(mode(p)) for p in files}
