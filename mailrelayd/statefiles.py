@@ -26,12 +26,14 @@ def private_dir(path: Path) -> Path:
 
 
 def restrict(path: Path) -> None:
-    """Clear any permission beyond owner read-write and group read on an existing file."""
+    """Clear any permission beyond owner read-write and group read on an existing file we own (a
+    read-only user of the file, such as an operator in the group running the CLI, leaves it alone)."""
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        st = path.stat()
     except FileNotFoundError:
         return
-    if mode & ~_MAX_FILE:
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & ~_MAX_FILE and st.st_uid == os.geteuid():
         os.chmod(path, mode & _MAX_FILE)
 
 
@@ -39,8 +41,10 @@ def prepare_sqlite(path: Path) -> None:
     """Make sure the SQLite database at ``path`` is created 0600 (or tightened, if an older version
     created it 0644), and so are its WAL, shared-memory and rollback-journal files."""
     private_dir(path.parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
-    os.close(fd)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE))
+    except FileExistsError:
+        pass
     restrict(path)
     for suffix in SQLITE_SIDECARS:
         restrict(path.with_name(path.name + suffix))

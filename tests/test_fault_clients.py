@@ -218,7 +218,7 @@ def test_password_typed_as_login_username_is_never_logged(daemon: DaemonProcess,
     run(go())
     ev = daemon.wait_event("smtp.auth_failed")
     assert ev["user"].startswith("unknown:")
-    daemon.wait_event("smtp.session", end="quit")
+    daemon.wait_event("smtp.session", session=ev["session"], end="quit")  # every line of it is logged
     for needle in (PASSWORD_AS_USERNAME, PASSWORD_AS_USERNAME[:8], secret_b64):
         assert needle not in daemon.output
 
