@@ -135,6 +135,7 @@ def test_message_without_headers_gets_headers_then_blank_line_then_body(daemon: 
         code, text = await send(t, "alice@example.com", rcpt, b"just a body line\r\n")
         assert code == 250, text
         await t.cmd("QUIT")
+        await t.close()
     run(go())
     got = sink.find(rcpt)
     msg = email.message_from_bytes(got.data, policy=email.policy.default)
@@ -162,6 +163,7 @@ def test_non_utf8_envelope_is_553_5_6_7_never_a_spool_error(daemon: DaemonProces
         assert (code, text[:5]) == (553, "5.6.7"), text
         assert (await t.cmd("RSET"))[0] == 250
         assert (await t.cmd("QUIT"))[0] == 221
+        await t.close()
     run(go())
     assert spool_write_errors(daemon) == before
     assert not [e for e in daemon.events if e.get("event") == "message.accepted" and "evil" in e.get("mail_from", "")]
@@ -177,6 +179,7 @@ def test_postmaster_from_an_outsider_with_a_quoted_sender(daemon: DaemonProcess,
                                 f"From: <\"a b\"@example.com>\r\nSubject: hello {postmaster}\r\n\r\nhi\r\n".encode())
         assert code == 250, text
         await t.cmd("QUIT")
+        await t.close()
         return text.rsplit(" ", 1)[1]
     qid = run(go())
     ev = daemon.wait_event("message.accepted", queue_id=qid)
@@ -197,6 +200,7 @@ def test_quoted_sender_is_relayed_for_its_owner(daemon: DaemonProcess, sink: Thr
                                 b'From: "a b"@example.com\r\nSubject: quoted\r\n\r\nbody\r\n')
         assert code == 250, text
         await t.cmd("QUIT")
+        await t.close()
     run(go())
     assert sink.find(rcpt).mail_from == '"a b"@example.com'
 
@@ -215,6 +219,7 @@ def test_password_typed_as_login_username_is_never_logged(daemon: DaemonProcess,
         code, text = await t.cmd(base64.b64encode(b"alice").decode())
         assert (code, text[:5]) == (535, "5.7.8"), text
         assert (await t.cmd("QUIT"))[0] == 221
+        await t.close()
     run(go())
     ev = daemon.wait_event("smtp.auth_failed")
     assert ev["user"].startswith("unknown:")
@@ -233,6 +238,7 @@ def test_header_from_without_valid_mailbox_is_550_5_7_1(daemon: DaemonProcess, f
         code, text = await send(t, "alice@example.com", "victim@dest.test.example", data)
         assert (code, text[:5]) == (550, "5.7.1"), text
         assert (await t.cmd("QUIT"))[0] == 221
+        await t.close()
     run(go())
 
 
@@ -244,6 +250,7 @@ def test_spool_and_state_files_are_private_under_umask_022(daemon: DaemonProcess
         code, text = await send(t, "", "postmaster", b"Subject: not a report\r\n\r\nkept for the operator\r\n")
         assert code == 250, text
         await t.cmd("QUIT")
+        await t.close()
         return text.rsplit(" ", 1)[1]
     qid = run(go())
     daemon.wait_event("postmaster.received", queue_id=qid)
