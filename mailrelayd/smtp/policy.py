@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailrelayd.config import Config, ListenerConfig, Network
+from mailrelayd.config import Config, ListenerConfig, Network, normalize_domain
 from mailrelayd.errors import Reply
 from mailrelayd.smtp.address import AddressError, Mailbox
 from mailrelayd.smtp.headers import HeaderScan
@@ -55,17 +55,13 @@ class Policy:
         self.listener = listener
         self.submission = listener.mode == "submission"
         self.auth_offered = self.submission or listener.auth
-        local = {d.lower().rstrip(".") for d in cfg.relay.local_domains}
-        if cfg.feedback.bounce_domain:
-            local.add(cfg.feedback.bounce_domain.lower().rstrip("."))
-        self.local_domains = frozenset(local)
+        self.local_domains = cfg.local_domains  # the same object the scheduler consults
         # RFC 5321 §4.5.1: the bare "<Postmaster>" must be accepted. It names the postmaster of a domain we
         # handle locally (the bounce domain first), so it goes to the feedback pipeline like any other
-        # local mail: reports sent there are processed, anything else is kept for the operator
-        # (feedback.keep_unparsable). With no local domain at all, it is postmaster@server.hostname.
-        bounce = cfg.feedback.bounce_domain.lower().rstrip(".") if cfg.feedback.bounce_domain else None
-        first_local = next((d.lower().rstrip(".") for d in cfg.relay.local_domains), None)
-        self.postmaster_domain: str = bounce or first_local or cfg.server.hostname.lower().rstrip(".")
+        # local mail: reports sent there are processed, anything else is kept for a person in
+        # <state_dir>/postmaster/. With no local domain at all, it is postmaster@server.hostname.
+        first_local = next(iter(cfg.relay.local_domains), None)
+        self.postmaster_domain: str = cfg.feedback.bounce_domain or first_local or normalize_domain(cfg.server.hostname)
         self._trusted: tuple[Network, ...] = tuple(cfg.relay.trusted_networks)
         self._is_suppressed = is_suppressed
 
