@@ -477,6 +477,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(args)
 
 
+# --- tlsrpt -----------------------------------------------------------------------------
+def cmd_tlsrpt_show(args: argparse.Namespace) -> int:
+    """The TLS-RPT reports (RFC 8460) the daemon would send: every recorded day not sent yet."""
+    from mailrelayd.delivery import tlsrpt
+
+    cfg = _load(args)
+    org, contact, submitter = tlsrpt.report_identity(cfg)
+    directory = cfg.server.state_dir / "tlsrpt"
+    out = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        day = path.stem
+        reports = tlsrpt.build_reports(tlsrpt.load_day(path) or [], day, organization=org, contact=contact,
+                                       submitter=submitter)
+        out.extend({"day": day, "policy-domain": d, "filename": tlsrpt.report_filename(submitter, d, day),
+                    "report": r} for d, r in reports.items())
+    if args.json:
+        print(json.dumps({"enabled": cfg.tls_rpt.enabled, "reports": out}, indent=2))
+        return 0
+    if not cfg.tls_rpt.enabled:
+        print("[tls_rpt] enabled = false: nothing is recorded or sent")
+    for item in out:
+        for pol in item["report"]["policies"]:
+            s = pol["summary"]
+            print(f"{item['day']}  {item['policy-domain']:<30} {pol['policy']['policy-type']:<16} "
+                  f"ok {s['total-successful-session-count']:<6} failed {s['total-failure-session-count']}")
+            for f in pol.get("failure-details", []):
+                print(f"    {f['result-type']:<26} {f.get('receiving-mx-hostname', '-')} {f['failed-session-count']}")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailrelayd", description="SMTP relay daemon: submission, DKIM signing, "
@@ -581,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ip", help="this relay's public IP, to check SPF allows it")
     s.add_argument("--format", choices=("text", "json"), default="text")
     s.set_defaults(func=cmd_doctor)
+
+    t = sub.add_parser("tlsrpt", help="SMTP TLS reports (RFC 8460)").add_subparsers(dest="sub", required=True)
+    s = t.add_parser("show", parents=[common], help="the reports that would be sent (days recorded, not yet sent)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_tlsrpt_show)
     return p
 
 

@@ -323,9 +323,14 @@ class DeliveryConfig:
     """Lifetime of our own DSNs (null sender) in the queue."""
     delay_warning: Duration = 0.0
     """Send a 'delayed' DSN once a recipient has been deferred this long; 0 = never."""
-    tls: Literal["may", "none"] = "may"
+    tls: Literal["none", "may", "encrypt", "verify", "dane", "dane-only"] = "may"
+    """Postfix's smtp_tls_security_level for MX delivery (routes have their own ``tls``)."""
     tls_fallback_plaintext: bool = False
     """After a failed STARTTLS handshake, retry the same host in plaintext (opportunistic TLS only)."""
+    mta_sts: bool = True
+    """Honour recipient domains' MTA-STS policies (RFC 8461); cache in <state_dir>/mta-sts.json."""
+    ca_file: ConfPath | None = None
+    """Trust store (PEM) for tls = "verify" and MTA-STS; default: the system store."""
     connect_timeout: Duration = 30.0
     greeting_timeout: Duration = 300.0
     mail_timeout: Duration = 300.0
@@ -347,10 +352,15 @@ class RouteConfig:
     domain: DomainOrWildcard
     """Recipient domain this route applies to, or "*" for every domain (smarthost)."""
     host: Annotated[HostPort, _DefaultPort(25)]
-    tls: Literal["may", "require", "verify", "none"] = "may"
+    tls: Literal["none", "may", "encrypt", "verify", "dane", "dane-only", "require"] = "may"
+    """Postfix levels as in [delivery] tls; "require" (older name) is an alias of "encrypt"."""
     username: str | None = None
     password: str | None = None
     password_file: ConfPath | None = None
+
+    def __post_init__(self) -> None:
+        if self.tls == "require":  # normalised once, at load: the rest of the code sees "encrypt"
+            object.__setattr__(self, "tls", "encrypt")
 
 
 @dataclass(frozen=True)
@@ -371,6 +381,18 @@ class FeedbackConfig:
     require_verp: bool = False
     """Act on bounces only when they arrive at a valid VERP address: a forged bounce for an address we
     never sent to cannot suppress it. Complaints (ARF) are always acted on."""
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    """SMTP TLS Reporting (RFC 8460) of our outbound TLS results to recipient domains."""
+
+    enabled: bool = False
+    reporting_domain: str | None = None
+    """The submitter named in reports (default: server.hostname)."""
+    organization_name: str | None = None
+    contact_info: str | None = None
+    """Default: mailto:postmaster@<reporting_domain>."""
 
 
 @dataclass(frozen=True)
@@ -395,6 +417,7 @@ class Config:
     routes: list[RouteConfig] = field(default_factory=list)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    tls_rpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     source: Path = field(default=Path("mailrelayd.toml"), metadata={"internal": True})
 
     @property
@@ -672,11 +695,15 @@ def _validate(cfg: Config, ld: _Loader) -> None:
             raise ld.err(f"routes[{i}].username", "required when a password is set")
         if r.username is not None and r.password is None and r.password_file is None:
             raise ld.err(f"routes[{i}].password", "username is set but neither password nor password_file")
-        if r.username is not None and r.tls in ("none", "may"):
-            raise ld.err(f"routes[{i}].tls", "AUTH to a route needs tls = \"require\" or \"verify\" "
-                         "(never send a password in plaintext)")
+        if r.username is not None and r.tls in ("none", "may", "dane"):
+            raise ld.err(f"routes[{i}].tls", "AUTH to a route needs tls = \"encrypt\" (alias \"require\"), "
+                         "\"verify\" or \"dane-only\" (never send a password in plaintext)")
         if r.password_file is not None and not r.password_file.is_file():
             raise ld.err(f"routes[{i}].password_file", f"file not found: {r.password_file}")
+    if dl.ca_file is not None and not dl.ca_file.is_file():
+        raise ld.err("delivery.ca_file", f"file not found: {dl.ca_file}")
+    if cfg.tls_rpt.reporting_domain is not None:
+        _check_domain(ld, "tls_rpt.reporting_domain", cfg.tls_rpt.reporting_domain)
     fb = cfg.feedback
     if fb.bounce_domain is not None:
         _check_domain(ld, "feedback.bounce_domain", fb.bounce_domain)

@@ -198,6 +198,19 @@ class Daemon:
     def _accepted(self, msg: NewMessage) -> None:
         self.scheduler.submit(msg)
 
+    async def _enqueue_report(self, recipients: tuple[str, ...], data: bytes, sender_domain: str) -> None:
+        """A TLS-RPT report mail (RFC 8460 §5.3) into our own queue: DKIM-signed when a key of the
+        reporting domain is configured, null sender (a report must not bounce back into the queue)."""
+        signer = self.rt.dkim_signer
+        if signer is not None:
+            res = await signer.sign_async(data)
+            if not res.error:
+                data = res.headers + data
+        msg = NewMessage(queue_id=self.spool.new_queue_id(), mail_from="", recipients=recipients, data=data,
+                         received_at=time.time(), listener="tlsrpt", sender_domain=sender_domain)
+        await self.spool.commit(msg)
+        self.scheduler.submit(msg)
+
     # --- running ------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = load_config(self.config_path)
@@ -235,6 +248,7 @@ class Daemon:
         self.feedback = FeedbackProcessor(self)
         self.resolver = MxResolver(cfg.dns)
         self.transport = Transport(cfg, self.resolver)
+        await self.transport.tls.load()
         self.scheduler = Scheduler(cfg, self.spool, self.transport, dsn_builder=build_dsn,
                                    local=self.feedback.process, hooks=_Hooks(self))
         self.queue_ops = QueueOps(self.spool, self.scheduler)
@@ -263,6 +277,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         self._bg.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._bg.append(asyncio.create_task(self.transport.tls.run(self._enqueue_report), name="outbound-tls"))
         if self.notifier.watchdog_interval:
             self._bg.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
         self.notifier.ready(status="accepting mail")

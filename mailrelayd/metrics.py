@@ -172,7 +172,10 @@ DELIVERY_CONNECTIONS = Counter(
     ["result"],
 )
 OUTBOUND_TLS = Counter(
-    "mailrelayd_delivery_tls_total", "Outbound sessions by TLS outcome (starttls, plaintext, verified).", ["tls"]
+    "mailrelayd_delivery_tls_total",
+    "Outbound sessions by TLS mode (the level, or mta-sts when an enforced policy applied) and result "
+    "(verified, dane, encrypted, plaintext, or an RFC 8460 failure type with '_' for '-', or mx_not_in_policy).",
+    ["mode", "result"],
 )
 DNS_FAILURES = Counter(
     "mailrelayd_dns_lookup_failures_total",
@@ -304,7 +307,7 @@ declare_labels(DELIVERY_LATENCY, result=("delivered", "bounced", "expired", "sup
 declare_labels(SENT_RECIPIENTS, sender_domain=SENDER_DOMAINS,
                result=("delivered", "bounced", "expired", "suppressed"))
 declare_labels(DELIVERY_CONNECTIONS, result=("ok", "refused", "refused_greeting", "timeout", "tls_failed"))
-declare_labels(OUTBOUND_TLS, tls=("starttls", "plaintext", "verified"))
+declare_labels(OUTBOUND_TLS, mode=("may",), result=("verified", "encrypted", "plaintext"))
 declare_labels(DNS_FAILURES, type=("MX", "A", "AAAA"), reason=("nxdomain", "servfail", "timeout", "nodata", "error"))
 declare_labels(DSN_SENT, action=("failed", "delayed"))
 declare_label_sets(DKIM_SIGNATURES, lambda dims: [
