@@ -693,7 +693,8 @@ class SmtpSession(_AiosmtpdSMTP):
             data = trace + hdr.insert_fields(body, scan, b"")
         queue = OUTBOUND if outbound else FEEDBACK
         msg = NewMessage(queue_id=qid, mail_from=tx.mail_from, recipients=tuple(tx.rcpts), data=data,
-                         received_at=now, queue=queue, listener=self.lcfg.name, sender_domain=from_domain)
+                         received_at=now, queue=queue, listener=self.lcfg.name, sender_domain=from_domain,
+                         user=s.user.name if s.user else "")
         await ctx.spool.commit(msg)
         # Durable from here on: count, log, hand to the scheduler, then say 250.
         s.messages += 1
