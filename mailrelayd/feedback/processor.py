@@ -30,6 +30,7 @@ from mailrelayd import metrics
 from mailrelayd.delivery.scheduler import LocalResult
 from mailrelayd.feedback.classify import NOT_ABOUT_RECIPIENT, classify_status
 from mailrelayd.feedback.parse import FeedbackReport, parse_feedback
+from mailrelayd.feedback.report import NOT_FEEDBACK
 from mailrelayd.feedback.trust import (
     Action,
     Decision,
@@ -144,9 +145,9 @@ class FeedbackProcessor:
         metrics.FEEDBACK_RECEIVED.labels(kind, metrics.sender_domain_label(sender_domain)).inc()
         if kind in ("unparsable", "untrusted") and fb.keep_unparsable:
             await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body, kind)
-        if not decision.actions and any(r.address.rpartition("@")[0].lower() == "postmaster" for r in rcpts):
-            # Mail for the postmaster (RFC 5321 §4.5.1) that is not a report we act on is for a person:
-            # keep it where the operator looks, like a local mailbox.
+        if report.kind == NOT_FEEDBACK and any(r.address.rpartition("@")[0].lower() == "postmaster" for r in rcpts):
+            # Mail for the postmaster (RFC 5321 §4.5.1) that is no report at all is for a person: keep it
+            # where the operator looks, like a local mailbox.
             await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body, kind, "postmaster")
             log.info("postmaster.received", queue_id=msg.queue_id, mail_from=msg.mail_from or None,
                      kept=str(Path(self.cfg.server.state_dir) / "postmaster" / f"{msg.queue_id}.eml"))
