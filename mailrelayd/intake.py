@@ -136,8 +136,9 @@ class Intake:
                 extra += hdr.message_id(qid, cfg.server.hostname)
             if not scan.has_date:
                 extra += hdr.date_header(now)
-            if extra:
-                body = body[:scan.end] + extra + body[scan.end:]
+            body = hdr.insert_fields(body, scan, extra)
+        else:
+            body = hdr.insert_fields(body, scan, b"")
         msg = NewMessage(queue_id=qid, mail_from=mail_from, recipients=tuple(recipients), data=trace + body,
                          received_at=now, queue=OUTBOUND if outbound else FEEDBACK, listener=origin.listener,
                          sender_domain=from_domain, user=origin.user.name if origin.user else "")

@@ -39,6 +39,7 @@ from mailrelayd.errors import Reply, SpoolError, reply_for
 from mailrelayd.intake import Origin, accepted_reply
 from mailrelayd.log import get_logger
 from mailrelayd.smtp import headers as hdr
+from mailrelayd.smtp.auth import username_for_log
 from mailrelayd.smtp.protocol import (
     AuthRequest,
     Close,
@@ -376,9 +377,9 @@ class SmtpConnection(asyncio.Protocol):
             metrics.AUTH_FAILURES.labels(self.lcfg.name).inc()
             metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "failure").inc()
             ctx.throttle.failure(ip)
-            # Log the attempted user name only if it is printable and short; never the password.
-            name = ev.username.decode("utf-8", "replace")[:64]
-            self._log.info("smtp.auth_failed", user=name if name.isprintable() else None)
+            # A mistyped password may sit in the username: never logged in clear (auth.username_for_log).
+            known = ctx.authenticator.users if ctx.authenticator is not None else {}
+            self._log.info("smtp.auth_failed", user=username_for_log(ev.username, known))
         else:
             ctx.throttle.success(ip)
             metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "success").inc()

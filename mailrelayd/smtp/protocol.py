@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
-from mailrelayd.errors import Reply, SpoolError, reply_for
+from mailrelayd.errors import Reply, SpoolError, address_refusal, reply_for
 from mailrelayd.smtp.address import AddressError, Mailbox, parse_command_path
 from mailrelayd.smtp.dataread import DotReader, MemoryBudget
 from mailrelayd.smtp.policy import AUTH_REQUIRED, STARTTLS_FIRST, SUPPRESSED, TOO_MANY_RCPTS, Facts, Policy
@@ -537,7 +537,7 @@ class ServerProtocol:
             sender, rest = parse_command_path(arg[5:], allow_null=True, utf8=True)
             opts = parse_params(rest, f.esmtp)
         except AddressError as e:
-            self._send("MAIL", f"553 5.1.7 Bad sender address syntax: {e}")
+            self._send("MAIL", address_refusal(e, sender=True))
             return
         except ValueError as e:
             self._send("MAIL", f"555 5.5.4 {e}")
@@ -581,12 +581,12 @@ class ServerProtocol:
             self._send("RCPT", "501 5.5.4 Syntax: RCPT TO:<address>")
             return
         try:
-            rcpt, rest = parse_command_path(arg[3:], allow_null=False, utf8=tx.smtputf8)
+            rcpt, rest = parse_command_path(arg[3:], allow_null=False, utf8=tx.smtputf8,
+                                            postmaster_domain=self.hooks.policy.postmaster_domain)
             parse_params(rest, f.esmtp, allowed=())
         except AddressError as e:
             tx.refused_rcpts += 1
-            code = "553 5.6.7" if not arg.isascii() and not tx.smtputf8 else "553 5.1.3"
-            self._send("RCPT", f"{code} Bad recipient address syntax: {e}")
+            self._send("RCPT", address_refusal(e, sender=False))
             return
         except ValueError as e:
             tx.refused_rcpts += 1

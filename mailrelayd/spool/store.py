@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailrelayd import metrics
-from mailrelayd.errors import SpoolCorruptError, SpoolError, SpoolFullError, SpoolWriteError
+from mailrelayd.errors import EnvelopeEncodingError, SpoolCorruptError, SpoolError, SpoolFullError, SpoolWriteError
 from mailrelayd.spool.queueid import QueueIdGenerator
+from mailrelayd.statefiles import prepare_sqlite, private_dir
 
 T = TypeVar("T")
 
@@ -289,7 +290,7 @@ class Spool:
     async def open(self) -> None:
         """Create the directory and schema and start the writer. Committed data survives any
         crash; an uncommitted transaction from a crash is rolled back by SQLite here."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         loop = asyncio.get_running_loop()
         self._writer = _Writer(self.path, loop, self._batch_max)
         self._writer.start()
@@ -334,7 +335,9 @@ class Spool:
 
     # --- writes (group-committed) -------------------------------------------------------
     async def commit(self, msg: NewMessage) -> None:
-        """Make ``msg`` durable. Returns only after the fsync; raises SpoolError otherwise."""
+        """Make ``msg`` durable. Returns only after the fsync; raises SpoolError otherwise
+        (EnvelopeEncodingError, before any write, for an address that is not valid UTF-8)."""
+        _check_envelope(msg)
         self.check_space(len(msg.data))
         await self._write(lambda c: _insert(c, msg))
 
@@ -350,6 +353,8 @@ class Spool:
         that reports them). Returns the queue ids that are now finished and removed."""
         if not updates and not new_messages:
             return []
+        for m in new_messages:
+            _check_envelope(m)
         now = time.time()
 
         def op(c: sqlite3.Connection) -> list[str]:
@@ -513,7 +518,6 @@ class Spool:
             return {a: (st, lr or "") for a, st, lr in rows}
         return await self._read(fn)
 
-
     # --- holds and bulk selection (queue manager) ---------------------------------------
     async def select(self, f: QueueFilter, now: float | None = None, *, only_held: bool = False
                      ) -> list[tuple[str, int]]:
@@ -573,6 +577,17 @@ class Spool:
                                "held_at = 0, held_reason = '' WHERE qid = ? AND held_at > 0", (now, q)).rowcount
             return n
         return await self._write(op)
+
+
+def _check_envelope(m: NewMessage) -> None:
+    # Addresses are TEXT: a lone surrogate (a non-UTF-8 byte decoded with surrogateescape) would fail
+    # inside the writer and count as a spool write error (a paging alert) for what is bad input.
+    for a in (m.mail_from, *m.recipients):
+        if not a.isascii():
+            try:
+                a.encode("utf-8")
+            except UnicodeEncodeError:
+                raise EnvelopeEncodingError(f"{m.queue_id}: envelope address is not valid UTF-8") from None
 
 
 # --- SQL helpers (run on the writer or reader thread) -------------------------------------
@@ -739,6 +754,7 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         try:
+            prepare_sqlite(self._path)  # spool.db and its -wal/-shm: 0600 whatever the umask
             self._conn = _connect(self._path)
             quick_check(self._conn, self._path)
             self._conn.executescript(_SCHEMA)
