@@ -532,7 +532,8 @@ class SmtpSession(_AiosmtpdSMTP):
         except SpoolError as e:
             await self.reply("MAIL", reply_for(e))
             return
-        refusal = self.ctx.policy.check_mail(self._facts(), sender, size)
+        facts = self._facts()
+        refusal = self.ctx.policy.check_mail(facts, sender, size) or await self.ctx.policy.check_rate(facts)
         if refusal is not None:
             await self.reply("MAIL", refusal)
             return
@@ -671,6 +672,7 @@ class SmtpSession(_AiosmtpdSMTP):
                                     protocol=hdr.protocol_name(s.esmtp, s.tls, s.user is not None),
                                     queue_id=qid, tls=s.tls_desc, user=user, now=now)
         from_domain = scan.from_domain
+        message_id = scan.message_id
         if outbound:
             # Submission and trusted relay: complete the header like a submission server
             # (RFC 6409 §8): Message-ID and Date when missing, From from the envelope when absent.
@@ -681,7 +683,8 @@ class SmtpSession(_AiosmtpdSMTP):
                 extra += f"From: <{tx.mail_from}>\r\n".encode("utf-8", "surrogateescape")
                 from_domain = tx.mail_from.rpartition("@")[2]
             if not scan.has_message_id:
-                extra += hdr.message_id(qid, cfg.server.hostname)
+                message_id = hdr.message_id_value(qid, cfg.server.hostname)
+                extra += f"Message-ID: {message_id}\r\n".encode()
             if not scan.has_date:
                 extra += hdr.date_header(now)
             if extra:
@@ -693,7 +696,8 @@ class SmtpSession(_AiosmtpdSMTP):
             data = trace + body
         queue = OUTBOUND if outbound else FEEDBACK
         msg = NewMessage(queue_id=qid, mail_from=tx.mail_from, recipients=tuple(tx.rcpts), data=data,
-                         received_at=now, queue=queue, listener=self.lcfg.name, sender_domain=from_domain)
+                         received_at=now, queue=queue, listener=self.lcfg.name, sender_domain=from_domain,
+                         message_id=message_id, user=s.user.name if s.user else "")
         await ctx.spool.commit(msg)
         # Durable from here on: count, log, hand to the scheduler, then say 250.
         s.messages += 1
@@ -701,7 +705,7 @@ class SmtpSession(_AiosmtpdSMTP):
         metrics.RECIPIENTS_RECEIVED.labels(self.lcfg.name).inc(len(tx.rcpts))
         metrics.MESSAGE_SIZE.labels(self.lcfg.name).observe(len(data))
         self._log.info("message.accepted", queue_id=qid, mail_from=tx.mail_from, rcpts=len(tx.rcpts),
-                       size=len(data), queue=queue, user=s.user.name if s.user else None,
+                       size=len(data), queue=queue, user=s.user.name if s.user else None, message_id=message_id or None,
                        from_domain=from_domain or None)
         ctx.on_accepted(msg)
         return Reply(250, "2.0.0", f"Ok: queued as {qid}")
