@@ -33,6 +33,7 @@ from mailrelayd.errors import DkimSignError
 from mailrelayd.feedback.processor import FeedbackProcessor
 from mailrelayd.feedback.store import SqliteSuppressionStore
 from mailrelayd.feedback.verp import make_return_path
+from mailrelayd.intake import HeaderCheck, Intake, Signer, wait_commits
 from mailrelayd.log import configure_logging, get_logger
 from mailrelayd.queueops import QueueOps
 from mailrelayd.ratelimit import MemoryRateLimiter
@@ -164,6 +165,7 @@ class Daemon:
         self._bg: list[asyncio.Task[Any]] = []
         self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
         self._reloading = False
+        self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
 
     # --- building -----------------------------------------------------------------------
     def _apply(self, rt: Runtime) -> None:
@@ -184,7 +186,8 @@ class Daemon:
             lst.context = SmtpContext(cfg=cfg, policy=policy,
                                       tls_context=rt.tls_context, authenticator=authenticator,
                                       throttle=self.throttle, signer=signer, spool=self.spool,
-                                      on_accepted=self._accepted)
+                                      on_accepted=self._accepted,
+                                      intake=self.make_intake(cfg, policy.check_headers, signer))
         local = {d.lower() for d in cfg.relay.local_domains}
         if cfg.feedback.bounce_domain:
             local.add(cfg.feedback.bounce_domain.lower())
@@ -203,6 +206,12 @@ class Daemon:
                 raise DkimSignError(res.error)
             return res.headers
         return sign
+
+    def make_intake(self, cfg: Config, check_headers: HeaderCheck, signer: Signer | None) -> Intake:
+        """An :class:`Intake` for one front end (an SMTP listener, sendmail, HTTP) under ``cfg``.
+        All share one set of commits in flight, which shutdown waits for before closing the spool."""
+        return Intake(cfg, check_headers=check_headers, signer=signer, spool=self.spool,
+                      on_accepted=self._accepted, committing=self._commits)
 
     def policy_domains(self, domain: str) -> bool:
         return domain in self._local_domains
@@ -285,6 +294,8 @@ class Daemon:
         while any(lst.sessions for lst in self.listeners) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         aborted = sum(lst.abort_sessions() for lst in self.listeners)
+        # A commit that outlived its session still completes and is handed to the scheduler.
+        await wait_commits(self._commits)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         for t in self._bg:
             t.cancel()

@@ -42,7 +42,7 @@ class Receiver:
         if self.status != 200:
             return web.Response(status=self.status)
         doc = json.loads(body)
-        self.events.extend(doc["events"] if "events" in doc else [doc])
+        self.events.extend(doc.get("events", [doc]))
         return web.Response(text="ok")
 
     async def start(self) -> Receiver:
