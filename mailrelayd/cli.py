@@ -472,6 +472,93 @@ def cmd_suppress_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sendmail ---------------------------------------------------------------------------
+def _admin_post(sock_path: str, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
+    """POST to the admin socket. Raises OSError when it cannot be reached (or times out)."""
+    import http.client
+    import socket
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(sock_path)
+            self.sock = s
+
+    conn = _Conn("localhost")
+    try:
+        conn.request("POST", "/" + path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    except (http.client.HTTPException, ValueError) as e:
+        raise OSError(f"bad answer from the daemon: {e}") from None
+    finally:
+        conn.close()
+
+
+def cmd_sendmail(argv: Sequence[str]) -> int:
+    """sendmail(1) compatible submission. Exit codes from sysexits.h: 0 once the message is durable
+    (in the spool, or in the maildrop while the daemon is down), 75 when it cannot be queued now."""
+    import base64
+    import getpass
+
+    from mailrelayd import sendmail as sm
+    from mailrelayd.config import ConfigError, load_config
+
+    def fail(code: int, msg: str) -> int:
+        print(f"sendmail: {msg}", file=sys.stderr)
+        return code
+
+    try:
+        args = sm.parse_args(argv)
+    except sm.UsageError as e:
+        return fail(sm.EX_USAGE, str(e))
+    raw = sys.stdin.buffer.read()
+    data = sm.read_message(raw, args.dot_ends)
+    path = Path(args.config or os.environ.get("MAILRELAYD_CONFIG") or DEFAULT_CONFIG)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        return fail(sm.EX_TEMPFAIL, f"cannot read the mailrelayd config, message not sent: {e}")
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):
+        login = str(os.getuid())
+    request = {**args.request(data, login), "data": base64.b64encode(data).decode()}
+    try:
+        status, result = _admin_post(str(cfg.admin_socket), "sendmail", request, timeout=120)
+    except OSError as e:
+        reason = f"daemon not reachable at {cfg.admin_socket} ({type(e).__name__})"
+    else:
+        if status == 200:
+            for r in result.get("refused") or []:
+                print(f"sendmail: {r['recipient']}: {r['code']} {r['enhanced']} {r['message']}", file=sys.stderr)
+            return 0
+        if not isinstance(result, dict):
+            return fail(sm.EX_TEMPFAIL, f"unexpected answer from the daemon (HTTP {status}), message not sent")
+        return fail(int(result.get("exit", sm.EX_TEMPFAIL)), f"{result.get('error', status)} (message not sent)")
+    # No daemon: check what can be checked here, then leave it in the maildrop (picked up on start).
+    from mailrelayd.maildrop import ensure_dir, write_drop
+
+    domain = cfg.sendmail.domain or cfg.server.hostname
+    try:
+        sm.prepare(data, recipients=args.recipients, extract=args.extract, sender=args.sender,
+                   full_name=args.full_name, domain=domain, default_sender=cfg.sendmail.default_from,
+                   fallback_sender=f"{login}@{domain}")
+    except sm.PrepareError as e:
+        return fail(e.exit_code, str(e))
+    try:
+        if not cfg.maildrop_dir.is_dir():  # first use before the daemon ever ran (root, or its group)
+            ensure_dir(cfg.maildrop_dir)
+        where = write_drop(cfg.maildrop_dir, request)
+    except OSError as e:
+        return fail(sm.EX_TEMPFAIL, f"{reason}, and cannot write to the maildrop {cfg.maildrop_dir}: "
+                    f"{e.strerror or e}; message not sent")
+    print(f"sendmail: {reason}; message left in {where.parent} for delivery when the daemon starts",
+          file=sys.stderr)
+    return 0
+
+
 # --- history ----------------------------------------------------------------------------
 async def _history_offline(cfg: Any, query: dict[str, Any]) -> tuple[int, Any]:
     from mailrelayd import history
@@ -652,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sp.add_parser("export", parents=[common], help="export the list as CSV on stdout")
     s.set_defaults(func=cmd_suppress_export)
 
+    s = sub.add_parser("sendmail", help="sendmail(1)-compatible submission (also as a symlink named sendmail): "
+                       "-t -i -oi -f ADDR -F NAME [--] RECIPIENT...", add_help=False)
+    s.set_defaults(func=lambda a: 2)  # handled in main() before argparse: sendmail flags are not GNU-style
     s = sub.add_parser("history", parents=[common], help="what happened to a message: one line per recipient")
     s.add_argument("--message-id", help="the Message-ID header value (angle brackets optional)")
     s.add_argument("--rcpt", help="recipient address")
@@ -678,6 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        if Path(sys.argv[0]).name == "sendmail":  # /usr/sbin/sendmail -> mailrelayd
+            return cmd_sendmail(argv)
+    if argv and argv[0] == "sendmail":
+        return cmd_sendmail(argv[1:])
     args = build_parser().parse_args(argv)
     from mailrelayd.config import ConfigError
 

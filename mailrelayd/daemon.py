@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mailrelayd import __version__, history, metrics
-from mailrelayd.config import Config, ConfigError, load_config
+from mailrelayd import __version__, history, maildrop, metrics
+from mailrelayd.config import Config, ConfigError, HostPort, ListenerConfig, load_config
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxResolver
 from mailrelayd.delivery.scheduler import Hooks, Scheduler
@@ -35,6 +35,7 @@ from mailrelayd.feedback.store import SqliteSuppressionStore
 from mailrelayd.feedback.verp import make_return_path
 from mailrelayd.intake import HeaderCheck, Intake, Signer, wait_commits
 from mailrelayd.log import configure_logging, get_logger
+from mailrelayd.maildrop import SendmailService
 from mailrelayd.queueops import QueueOps
 from mailrelayd.ratelimit import MemoryRateLimiter
 from mailrelayd.sidecar import Sidecar, SidecarHooks
@@ -43,9 +44,10 @@ from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListene
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
 from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
+from mailrelayd.submit import LocalSubmitter
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
-from mailrelayd.users import User, UsersFileError, load_users
+from mailrelayd.users import User, UsersFileError, api_key_index, load_users
 from mailrelayd.webhooks import Webhooks
 from mailrelayd.webhooks import read_secret as read_webhook_secret
 
@@ -193,6 +195,7 @@ class Daemon:
             local.add(cfg.feedback.bounce_domain.lower())
         self._local_domains = frozenset(local)
         self.rate_limiter.forget(set(rt.users))
+        self._apply_local_submission(rt, signer)
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
         if rt.cert_info is not None:
@@ -206,6 +209,24 @@ class Daemon:
                 raise DkimSignError(res.error)
             return res.headers
         return sign
+
+    def _local_policy(self, cfg: Config, name: str) -> Policy:
+        # Local front ends follow submission rules: the user is known, allowed_from and limits apply.
+        lcfg = ListenerConfig(name=name, address=HostPort("127.0.0.1", 0), mode="submission", tls="none")
+        return Policy(cfg, lcfg, self.suppressions.is_suppressed, limiter=self.rate_limiter)
+
+    def _apply_local_submission(self, rt: Runtime, signer: Signer | None) -> None:
+        """The sendmail service and the HTTP API's submitter under this runtime."""
+        cfg = rt.cfg
+        policy = self._local_policy(cfg, "sendmail")
+        user = rt.users.get(cfg.sendmail.user) if cfg.sendmail.user else None
+        submitter = LocalSubmitter(cfg, policy, self.make_intake(cfg, policy.check_headers, signer),
+                                   listener="sendmail", protocol="LOCAL")
+        self.sendmail_service = SendmailService(cfg, user, submitter if user else None)
+        api_policy = self._local_policy(cfg, "http")
+        self.api_submitter = LocalSubmitter(cfg, api_policy, self.make_intake(cfg, api_policy.check_headers, signer),
+                                            listener="http", protocol="HTTPS" if cfg.api.tls else "HTTP")
+        self.api_keys = api_key_index(rt.users)
 
     def make_intake(self, cfg: Config, check_headers: HeaderCheck, signer: Signer | None) -> Intake:
         """An :class:`Intake` for one front end (an SMTP listener, sendmail, HTTP) under ``cfg``.
@@ -274,6 +295,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         self._bg.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._bg.append(asyncio.create_task(self._maildrop_loop(), name="maildrop"))
         if self.notifier.watchdog_interval:
             self._bg.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
         self.notifier.ready(status="accepting mail")
@@ -421,7 +443,20 @@ class Daemon:
         parts = [p for p in path.split("/") if p]
         if parts == ["history"] and method in ("GET", "POST"):
             return await history.handle(self.spool, body)
+        if parts == ["sendmail"] and method == "POST":
+            return await self.sendmail_service.handle(body)
         return await self.queue_ops.handle(method, path, body)
+
+    async def _maildrop_loop(self) -> None:
+        """Messages `sendmail` left while the daemon was down (or could not reach the socket)."""
+        while True:
+            directory = self.cfg.maildrop_dir
+            try:
+                await asyncio.to_thread(maildrop.ensure_dir, directory)
+                await maildrop.pickup(directory, self.sendmail_service)
+            except Exception as e:  # never let a bad file stop the pickup for good
+                log.exception("maildrop.error", error=str(e))
+            await asyncio.sleep(maildrop.PICKUP_EVERY)
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is stuck, systemd stops hearing from us and restarts.
