@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mailrelayd import __version__, history, maildrop, metrics
+from mailrelayd.api import ApiContext, ApiServer
 from mailrelayd.config import Config, ConfigError, HostPort, ListenerConfig, load_config
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxResolver
@@ -168,6 +169,7 @@ class Daemon:
         self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
         self._reloading = False
         self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
+        self.api: ApiServer | None = None
 
     # --- building -----------------------------------------------------------------------
     def _apply(self, rt: Runtime) -> None:
@@ -226,7 +228,9 @@ class Daemon:
         api_policy = self._local_policy(cfg, "http")
         self.api_submitter = LocalSubmitter(cfg, api_policy, self.make_intake(cfg, api_policy.check_headers, signer),
                                             listener="http", protocol="HTTPS" if cfg.api.tls else "HTTP")
-        self.api_keys = api_key_index(rt.users)
+        self.api_context = ApiContext(cfg, api_key_index(rt.users), self.api_submitter)
+        if self.api is not None:
+            self.api.context = self.api_context
 
     def make_intake(self, cfg: Config, check_headers: HeaderCheck, signer: Signer | None) -> Intake:
         """An :class:`Intake` for one front end (an SMTP listener, sendmail, HTTP) under ``cfg``.
@@ -290,6 +294,18 @@ class Daemon:
                                             admin=self._admin), started=self.started)
         http = cfg.http.address if cfg.http.enabled else None
         await self.sidecar.start(http.host if http else None, http.port if http else None, cfg.admin_socket)
+        if cfg.api.address is not None:
+            self.api = ApiServer(self.api_context)
+            try:
+                await self.api.start(cfg.api.address.host, cfg.api.address.port,
+                                     rt.tls_context if cfg.api.tls else None,
+                                     max_body=cfg.limits.max_message_size * 2 + 65536)
+            except OSError as e:
+                log.error("api.bind_failed", address=str(cfg.api.address), error=str(e))
+                await self._shutdown(0)
+                return 1
+            log.info("api.started", address=str(cfg.api.address), tls=cfg.api.tls,
+                     bound=f"{self.api.bound[0]}:{self.api.bound[1]}" if self.api.bound else None)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -316,6 +332,8 @@ class Daemon:
         while any(lst.sessions for lst in self.listeners) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         aborted = sum(lst.abort_sessions() for lst in self.listeners)
+        if self.api is not None:
+            await self.api.stop()
         # A commit that outlived its session still completes and is handed to the scheduler.
         await wait_commits(self._commits)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
@@ -375,6 +393,8 @@ class Daemon:
                 out.append(f"server.{key}")
         if old.http != new.http:
             out.append("http")
+        if old.api != new.api:
+            out.append("api")
         return out
 
     def stop(self) -> None:
