@@ -68,7 +68,8 @@ async def test_history_after_delivery_deferral_bounce_and_suppression(start_daem
         await asyncio.to_thread(d.daemon.suppressions.add, "flaky@dest.test", "complained by phone")
 
         async def settled() -> bool:
-            recs = {h.recipient: h.state for h in await d.spool.history(HistoryQuery(message_id="reset-42@example.com"))}
+            q = HistoryQuery(message_id="reset-42@example.com")
+            recs = {h.recipient: h.state for h in await d.spool.history(q)}
             return recs.get("flaky@dest.test") == "suppressed" and recs.get("ok@dest.test") == "delivered"
         await _until(settled)
 
