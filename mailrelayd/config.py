@@ -189,6 +189,12 @@ class ListenerConfig:
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     auth: bool = False
     """Relay listeners only: also offer AUTH (after TLS); authenticated clients may relay."""
+    proxy_protocol: bool = False
+    """Expect a PROXY protocol v1 or v2 header first on every connection (HAProxy, cloud TCP load
+    balancers): the address in it is the client for policy, limits, logs and Received. A connection
+    without a valid header is closed."""
+    proxy_networks: list[Network] = field(default_factory=list)
+    """With proxy_protocol: the proxies' own addresses; connections from elsewhere are closed (empty: any)."""
 
 
 @dataclass(frozen=True)
@@ -232,6 +238,11 @@ class LimitsConfig:
     max_connections_per_ip: int = 50
     max_errors: int = 10
     """Error replies in one session before it is closed with 421."""
+    max_data_memory: Size = 256 * 1024**2
+    """Message bytes held in memory across all connections (DATA being read or committed); past it, a
+    new DATA is answered 451 4.3.2 until some is freed."""
+    proxy_header_timeout: Duration = 10.0
+    """How long a proxy_protocol listener waits for the PROXY header before closing the connection."""
 
 
 @dataclass(frozen=True)
@@ -616,6 +627,11 @@ def _validate(cfg: Config, ld: _Loader) -> None:
                 raise ld.err("auth.users_file", f"required by submission listener {lst.name!r}")
         if lst.auth and lst.mode == "relay" and lst.tls == "none":
             raise ld.err(f"{key}.auth", "AUTH on a relay listener needs TLS (starttls or implicit)")
+        if lst.proxy_protocol and lst.tls == "implicit":
+            raise ld.err(f"{key}.proxy_protocol", "not supported with tls = \"implicit\": terminate TLS at "
+                         "the proxy, or use a STARTTLS listener behind it")
+        if lst.proxy_networks and not lst.proxy_protocol:
+            raise ld.err(f"{key}.proxy_networks", "only meaningful with proxy_protocol = true")
         if lst.auth and cfg.auth.users_file is None:
             raise ld.err("auth.users_file", f"required by listener {lst.name!r} (auth = true)")
     if need_tls:
@@ -637,7 +653,9 @@ def _validate(cfg: Config, ld: _Loader) -> None:
     for k in ("max_connections", "max_connections_per_ip", "max_errors"):
         if getattr(lim, k) < 1:
             raise ld.err(f"limits.{k}", "must be at least 1")
-    for k in ("command_timeout", "data_timeout", "tls_handshake_timeout"):
+    if lim.max_data_memory < lim.max_message_size:
+        raise ld.err("limits.max_data_memory", "must be at least limits.max_message_size")
+    for k in ("command_timeout", "data_timeout", "tls_handshake_timeout", "proxy_header_timeout"):
         if getattr(lim, k) <= 0:
             raise ld.err(f"limits.{k}", "must be greater than 0")
     seen_keys: set[tuple[str, str]] = set()

@@ -41,6 +41,7 @@ from mailrelayd.queueops import QueueOps
 from mailrelayd.ratelimit import MemoryRateLimiter
 from mailrelayd.sidecar import Sidecar, SidecarHooks
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
+from mailrelayd.smtp.dataread import MemoryBudget
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
@@ -191,7 +192,9 @@ class Daemon:
                                       tls_context=rt.tls_context, authenticator=authenticator,
                                       throttle=self.throttle, signer=signer, spool=self.spool,
                                       on_accepted=self._accepted,
-                                      intake=self.make_intake(cfg, policy.check_headers, signer))
+                                      intake=self.make_intake(cfg, policy.check_headers, signer),
+                                      budget=self.budget)
+        self.budget.limit = cfg.limits.max_data_memory
         local = {d.lower() for d in cfg.relay.local_domains}
         if cfg.feedback.bounce_domain:
             local.add(cfg.feedback.bounce_domain.lower())
@@ -254,6 +257,8 @@ class Daemon:
         self.throttle = AuthThrottle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self.rate_limiter = MemoryRateLimiter()
+        self.budget = MemoryBudget(cfg.limits.max_data_memory)
+        metrics.DATA_MEMORY.set_function(lambda: self.budget.used)
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         self._spool_lock = SpoolLock(cfg.server.spool_dir)
         try:

@@ -82,6 +82,11 @@ CONNECTIONS = Counter(
     ["listener", "result"],
 )
 CONNECTIONS_ACTIVE = Gauge("mailrelayd_connections_active", "Open inbound SMTP connections.", ["listener"])
+DATA_MEMORY = Gauge(
+    "mailrelayd_data_memory_bytes",
+    "Message bytes held in memory by inbound connections (DATA being read or committed); "
+    "bounded by limits.max_data_memory.",
+)
 MESSAGES_RECEIVED = Counter(
     "mailrelayd_messages_received_total", "Messages accepted into the spool (250 after DATA).", ["listener"]
 )

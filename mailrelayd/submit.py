@@ -67,7 +67,7 @@ class LocalSubmitter:
             sender = _mailbox(mail_from)
         except AddressError as e:
             raise MessageRefused(Reply(553, "5.1.7", f"Bad sender address syntax: {e}")) from None
-        refusal = self.policy.check_mail(facts, sender, len(data)) or await self.policy.check_rate(facts)
+        refusal = self.policy.check_mail(facts, sender, len(data)) or self.policy.check_rate(facts)
         if refusal is not None:
             raise MessageRefused(refusal)
         accepted: list[str] = []
