@@ -491,8 +491,11 @@ class Daemon:
 
 
 def run_daemon(config_path: Path, log_format: str | None = None) -> int:
-    """Entry point for ``mailrelayd run``: uvloop when available."""
+    """Entry point for ``mailrelayd run``: uvloop when available (``MAILRELAYD_EVENT_LOOP=asyncio``
+    selects asyncio's own loop: the tests run the daemon under both)."""
     daemon = Daemon(config_path, log_format=log_format)
+    if os.environ.get("MAILRELAYD_EVENT_LOOP") == "asyncio":
+        return asyncio.run(daemon.run())
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

@@ -83,9 +83,8 @@ class Sidecar:
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
             self._runners.append(runner)
-            server = site._server  # aiohttp keeps the asyncio server here
-            if server is not None and server.sockets:  # type: ignore[union-attr]
-                self.bound = server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+            if runner.addresses:  # public API: the bound (host, port[, ...]) of each site
+                self.bound = tuple(runner.addresses[0][:2])
         if admin_socket is not None:
             # Large enough for a sendmail submission (the message travels base64 in JSON).
             admin = web.Application(client_max_size=self.admin_max_body)

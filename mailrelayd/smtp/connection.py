@@ -152,6 +152,8 @@ class SmtpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if exc is not None and self.end == "closed":
+            self.end = f"network_error: {type(exc).__name__}"
         for h in (self._timer, self._grace, self._handshake):
             if h is not None:
                 h.cancel()

@@ -56,7 +56,7 @@ class DotReader:
     in them; the rest belongs to the next command), then ``result()``; ``release()`` once the message
     is no longer held (it gives the bytes back to the budget)."""
 
-    __slots__ = ("_buf", "_charged", "_dropped", "_tail", "budget", "done", "max_line", "max_size")
+    __slots__ = ("_buf", "_charged", "_dropped", "_result", "_tail", "budget", "done", "max_line", "max_size")
 
     def __init__(self, max_size: int, max_line: int, budget: MemoryBudget | None = None) -> None:
         self.max_size = max_size
@@ -66,6 +66,7 @@ class DotReader:
         self._tail = b""  # last bytes seen while dropping, to find a terminator split across feeds
         self._dropped: Reply | None = None
         self._charged = 0
+        self._result: tuple[bytes | None, Reply | None] | None = None
         self.done = False
 
     @property
@@ -87,8 +88,11 @@ class DotReader:
                 extra = len(buf) - end
                 if extra:
                     del buf[end:]
-                self._charge(len(data) - extra)
                 self.done = True
+                if not self._charge(len(data) - extra):
+                    self._buf = None
+                    self._dropped = NO_MEMORY
+                    self.release()
                 return len(data) - extra
             if len(buf) > self.max_size + 4096:  # our dot-stuffing slack; exact check in result()
                 self._drop(TOO_BIG)
@@ -126,6 +130,11 @@ class DotReader:
 
     def result(self) -> tuple[bytes | None, Reply | None]:
         """(message with dot-stuffing removed, None) or (None, refusal)."""
+        if self._result is None:
+            self._result = self._decide()
+        return self._result
+
+    def _decide(self) -> tuple[bytes | None, Reply | None]:
         if self._dropped is not None or self._buf is None:
             return None, self._dropped or TOO_BIG
         wire = self._buf
