@@ -325,7 +325,12 @@ class Spool:
         """Make ``msg`` durable. Returns only after the fsync; raises SpoolError otherwise."""
         self.check_space(len(msg.data))
         kinds = self._event_kinds
-        await self._write(lambda c: _insert(c, msg, kinds))
+
+        def op(c: sqlite3.Connection) -> None:
+            _insert(c, msg)
+            if "accepted" in kinds:
+                _accepted_events(c, msg)
+        await self._write(op)
 
     async def update(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (),
                      events: Sequence[Event] = ()) -> list[str]:
@@ -339,7 +344,9 @@ class Spool:
 
         def op(c: sqlite3.Connection) -> list[str]:
             for m in new_messages:
-                _insert(c, m, kinds)
+                _insert(c, m)
+                if "accepted" in kinds:
+                    _accepted_events(c, m)
             for e in events:
                 if e.kind in kinds:
                     _insert_event(c, e)
@@ -569,17 +576,13 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _insert(c: sqlite3.Connection, m: NewMessage, kinds: frozenset[str] = frozenset()) -> None:
+def _insert(c: sqlite3.Connection, m: NewMessage) -> None:
     c.execute(
         "INSERT INTO messages (qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn, "
         "message_id, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener, m.sender_domain, int(m.is_dsn),
          m.message_id, m.user),
     )
-    if "accepted" in kinds and m.queue == OUTBOUND and not m.is_dsn:
-        c.executemany(
-            f"INSERT INTO events ({_EVENT_COLS}) VALUES ('accepted', ?, ?, ?, ?, ?, ?, '', 0, '', '')",
-            [(m.received_at, m.queue_id, m.message_id, m.mail_from, r, m.user) for r in m.recipients])
     c.execute("INSERT INTO bodies (qid, data) VALUES (?, ?)", (m.queue_id, m.data))
     c.executemany(
         "INSERT INTO recipients (qid, idx, address, domain, state, next_attempt, updated_at) "
@@ -587,6 +590,14 @@ def _insert(c: sqlite3.Connection, m: NewMessage, kinds: frozenset[str] = frozen
         [(m.queue_id, i, r, r.rpartition("@")[2].lower(), m.received_at, m.received_at)
          for i, r in enumerate(m.recipients)],
     )
+
+
+def _accepted_events(c: sqlite3.Connection, m: NewMessage) -> None:
+    """One ``accepted`` event per recipient, in the transaction that makes the message durable."""
+    if m.queue == OUTBOUND and not m.is_dsn:
+        c.executemany(
+            f"INSERT INTO events ({_EVENT_COLS}) VALUES ('accepted', ?, ?, ?, ?, ?, ?, '', 0, '', '')",
+            [(m.received_at, m.queue_id, m.message_id, m.mail_from, r, m.user) for r in m.recipients])
 
 
 def _insert_event(c: sqlite3.Connection, e: Event) -> None:
