@@ -25,11 +25,13 @@ LOOPS = ["uvloop", "asyncio"]
 SUPPRESSED = [f"gone{i}@example.net" for i in range(10)]
 
 
-def _start(tmp: Path, tls_files: tuple[Path, Path], loop: str, over: dict) -> DaemonProcess:
+def _start(tmp: Path, tls_files: tuple[Path, Path], loop: str, over: dict, suppress: bool = False) -> DaemonProcess:
     cfg = write_config(tmp, deep_merge(base_config(tls_files), over))
-    for a in SUPPRESSED:
-        subprocess.run([*mailrelayd_cmd(), "suppress", "add", "-c", str(cfg), "--reason", "test", a],
-                       check=True, capture_output=True)
+    if suppress:
+        csv = tmp / "suppress.csv"
+        csv.write_text("address,reason\n" + "".join(f"{a},test\n" for a in SUPPRESSED))
+        subprocess.run([*mailrelayd_cmd(), "suppress", "import", "-c", str(cfg), str(csv)], check=True,
+                       capture_output=True, timeout=60)
     d = DaemonProcess(cfg, env={"MAILRELAYD_EVENT_LOOP": loop})
     # Shared by the module's tests (started once per loop): not killed after each test like the others.
     DaemonProcess.live.remove(d)
@@ -46,7 +48,7 @@ def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     d = _start(tmp_path_factory.mktemp(f"faults-{request.param}"), tls_files, request.param, {
         "limits": {"max_connections_per_ip": 5, "command_timeout": "3s", "tls_handshake_timeout": "1s",
                    "max_message_size": "64KB", "max_data_memory": "64KB"},
-    })
+    }, suppress=True)
     yield d
     assert d.stop() == 0
 
@@ -162,7 +164,7 @@ def test_connect_and_leave_frees_the_slot_at_once(daemon: DaemonProcess) -> None
 def test_after_the_dot_the_commit_is_always_scheduled_and_logged(daemon: DaemonProcess, how: str) -> None:
     qids = []
     sessions = lambda: sum(e.get("event") == "smtp.session" for e in daemon.events)  # noqa: E731
-    for i in range(10):
+    for i in range(6):
         n = sessions()
         c = Raw(daemon.ports["relay"])
         c.envelope(rcpt=f"{how}{i}@example.net")
@@ -334,3 +336,21 @@ def test_proxy_listener_closes_silence_and_foreign_sources(proxied: DaemonProces
     assert fenced.closed(timeout=10)  # 127.0.0.1 is not in proxy_networks
     for c in (silent, fenced):
         c.close()
+
+
+def test_sigterm_closes_idle_sessions_at_once(daemon: DaemonProcess) -> None:
+    """Last in the module: it stops the module's daemon (shutdown_timeout is 5 s in the test config)."""
+    import signal
+
+    idle = Raw(daemon.ports["relay"])
+    assert idle.cmd("EHLO client.test.example")[0] == 250
+    leaver = socket.create_connection(("127.0.0.1", daemon.ports["relay"]), timeout=10)
+    leaver.close()  # a health check that left: must not hold the drain either
+    t0 = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    code, text = idle.reply()
+    assert time.monotonic() - t0 < 4  # at once, not at the end of the drain
+    assert (code, text[:5]) == (421, "4.3.2"), text
+    assert idle.closed()
+    assert daemon.proc.wait(30) == 0
+    idle.close()

@@ -111,8 +111,7 @@ class SmtpConnection(asyncio.Protocol):
         if self.lcfg.tls == "implicit":
             # The loop gives a protocol its connection_made only after a completed handshake, and says
             # nothing about one that fails or never starts: count those when the timeout has passed.
-            self._handshake = self.loop.call_later(self.ctx.cfg.limits.tls_handshake_timeout + 1.0,
-                                                   self._handshake_expired)
+            self._handshake = self.loop.call_later(listener.handshake_timeout + 1.0, self._handshake_expired)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -237,7 +236,7 @@ class SmtpConnection(asyncio.Protocol):
             metrics.TLS_HANDSHAKE_FAILURES.labels(self.lcfg.name).inc()
             metrics.CONNECTIONS.labels(self.lcfg.name, "tls_failed").inc()
             log.info("smtp.tls_failed", listener=self.lcfg.name, implicit=True, end="tls_handshake_timeout",
-                     error=f"no TLS handshake completed within {self.ctx.cfg.limits.tls_handshake_timeout:g}s")
+                     error=f"no TLS handshake completed within {self.listener.handshake_timeout:g}s")
 
     # --- driving the protocol ------------------------------------------------------------
     def _handle(self, events: list[Event]) -> None:
@@ -248,7 +247,7 @@ class SmtpConnection(asyncio.Protocol):
             self.transport.write(out)
         for ev in events:
             if isinstance(ev, MessageReceived):
-                self._spawn(self._message(ev))
+                self._message(ev)
             elif isinstance(ev, AuthRequest):
                 self._spawn(self._auth(ev))
             elif isinstance(ev, StartTls):
@@ -330,27 +329,35 @@ class SmtpConnection(asyncio.Protocol):
         self._handle(proto.shutdown())
 
     # --- the work the protocol asks for --------------------------------------------------
-    async def _message(self, ev: MessageReceived) -> None:
+    def _message(self, ev: MessageReceived) -> None:
+        """Hand a complete message to the intake, now (not a loop turn later: see Intake.submit)."""
         proto = self.proto
         assert proto is not None
         f = proto.facts
         origin = Origin(listener=self.lcfg.name, peer_ip=f.peer_ip, helo=f.helo,
                         protocol=hdr.protocol_name(f.esmtp, f.tls, f.user is not None), tls=f.tls_desc,
                         user=f.user, session=self.id)
-        reply: Reply
         try:
-            qid = await self.ctx.intake.accept(origin, ev.mail_from, ev.recipients, ev.body,
-                                               outbound=not all(ev.local))
-            reply = accepted_reply(qid)
+            self.ctx.intake.submit(origin, ev.mail_from, ev.recipients, ev.body, outbound=not all(ev.local),
+                                   on_done=self._message_done)
         except Exception as e:
-            reply = reply_for(e)
-            if reply.code == 451 and not isinstance(e, SpoolError):
-                self._log.exception("smtp.accept_failed")
+            self._message_done(None, e)
+
+    def _message_done(self, qid: str | None, error: BaseException | None) -> None:
+        reply: Reply
+        if qid is not None:
+            reply = accepted_reply(qid)
+        else:
+            reply = reply_for(error) if error is not None else reply_for(RuntimeError("no queue id"))
+            if reply.code == 451 and not isinstance(error, SpoolError):
+                self._log.error("smtp.accept_failed", error=f"{type(error).__name__}: {error}"[:300],
+                                exc_info=error)
             else:
-                self._log.warning("smtp.accept_failed", error=str(e), reply=str(reply))
+                self._log.warning("smtp.accept_failed", error=str(error), reply=str(reply))
         # Whatever happened to the connection meanwhile, the protocol learns the outcome (it frees
         # the memory the message held); the reply goes out only if there is still someone to read it.
-        events = proto.message_result(reply)
+        assert self.proto is not None
+        events = self.proto.message_result(reply)
         if not self._closed:
             self._handle(events)
 
