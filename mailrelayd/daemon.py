@@ -27,10 +27,10 @@ from mailrelayd.api import ApiContext, ApiServer
 from mailrelayd.config import Config, ConfigError, HostPort, ListenerConfig, load_config
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxResolver
-from mailrelayd.delivery.scheduler import Hooks, Scheduler
+from mailrelayd.delivery.scheduler import RUNBOOK_SPOOL, Hooks, Scheduler
 from mailrelayd.delivery.transport import Transport
 from mailrelayd.dkim import DkimKeyError, DkimKeySpec, DkimSigner, LoadedKey, load_keys
-from mailrelayd.errors import DkimSignError
+from mailrelayd.errors import DkimSignError, SpoolCorruptError, SpoolError
 from mailrelayd.feedback.processor import FeedbackProcessor
 from mailrelayd.feedback.store import SqliteSuppressionStore
 from mailrelayd.feedback.verp import make_return_path
@@ -45,7 +45,7 @@ from mailrelayd.smtp.dataread import MemoryBudget
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
-from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
+from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool, check_database
 from mailrelayd.submit import LocalSubmitter
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
@@ -195,14 +195,17 @@ class Daemon:
                                       intake=self.make_intake(cfg, policy.check_headers, signer),
                                       budget=self.budget)
         self.budget.limit = cfg.limits.max_data_memory
-        local = {d.lower() for d in cfg.relay.local_domains}
-        if cfg.feedback.bounce_domain:
-            local.add(cfg.feedback.bounce_domain.lower())
-        self._local_domains = frozenset(local)
+        # One normalised set of our own domains, shared with every listener's Policy above.
+        self._local_domains = cfg.local_domains
         self.rate_limiter.forget(set(rt.users))
         self._apply_local_submission(rt, signer)
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
+        metrics.init_known_labels(  # every family exported from the first scrape (see metrics.py)
+            listeners=[lst.name for lst in cfg.listeners], sender_domains=sorted({d.domain for d in cfg.dkim}),
+            destination_domains=sorted({r.domain for r in cfg.routes if r.domain != "*"}),
+            dkim_keys=[(d.domain, d.algorithm) for d in cfg.dkim],
+            webhooks=[cfg.webhook_name(i) for i in range(len(cfg.webhooks))], users=sorted(rt.users))
         if rt.cert_info is not None:
             metrics.TLS_CERT_NOT_AFTER.set(rt.cert_info.not_after)
 
@@ -247,6 +250,19 @@ class Daemon:
     def _accepted(self, msg: NewMessage) -> None:
         self.scheduler.submit(msg)
 
+    async def _enqueue_report(self, recipients: tuple[str, ...], data: bytes, sender_domain: str) -> None:
+        """A TLS-RPT report mail (RFC 8460 §5.3) into our own queue: DKIM-signed when a key of the
+        reporting domain is configured, null sender (a report must not bounce back into the queue)."""
+        signer = self.rt.dkim_signer
+        if signer is not None:
+            res = await signer.sign_async(data)
+            if not res.error:
+                data = res.headers + data
+        msg = NewMessage(queue_id=self.spool.new_queue_id(), mail_from="", recipients=recipients, data=data,
+                         received_at=time.time(), listener="tlsrpt", sender_domain=sender_domain)
+        await self.spool.commit(msg)
+        self.scheduler.submit(msg)
+
     # --- running ------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = load_config(self.config_path)
@@ -266,7 +282,20 @@ class Daemon:
         except SpoolLockedError as e:
             raise SetupError(f"server.spool_dir: {e}") from None
         self.spool = Spool(cfg.server.spool_dir, min_free_space=cfg.server.min_free_space)
-        await self.spool.open()
+        try:
+            # Both databases pass PRAGMA quick_check before anything is accepted or delivered:
+            # a damaged spool would otherwise re-deliver everything it cannot mark delivered.
+            await self.spool.open()
+            await asyncio.to_thread(check_database, cfg.server.state_dir / "suppressions.db")
+        except SpoolCorruptError as e:
+            await self.spool.close()
+            self._spool_lock.release()
+            raise SetupError(f"{e}: refusing to start; restore the last backup (mailrelayd restore) or "
+                             f"salvage it, see {RUNBOOK_SPOOL}") from None
+        except SpoolError as e:
+            await self.spool.close()
+            self._spool_lock.release()
+            raise SetupError(f"server.spool_dir: {e}") from None
         self.suppressions = await asyncio.to_thread(
             SqliteSuppressionStore, cfg.server.state_dir / "suppressions.db",
             case_insensitive_local=cfg.feedback.case_insensitive_local_part,
@@ -274,6 +303,7 @@ class Daemon:
         self.feedback = FeedbackProcessor(self)
         self.resolver = MxResolver(cfg.dns)
         self.transport = Transport(cfg, self.resolver)
+        await self.transport.tls.load()
         self.scheduler = Scheduler(cfg, self.spool, self.transport, dsn_builder=build_dsn,
                                    local=self.feedback.process, hooks=_Hooks(self))
         self.queue_ops = QueueOps(self.spool, self.scheduler)
@@ -317,6 +347,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         self._bg.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         self._bg.append(asyncio.create_task(self._maildrop_loop(), name="maildrop"))
+        self._bg.append(asyncio.create_task(self.transport.tls.run(self._enqueue_report), name="outbound-tls"))
         if self.notifier.watchdog_interval:
             self._bg.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
         self.notifier.ready(status="accepting mail")
@@ -429,6 +460,11 @@ class Daemon:
             n = len(self.rt.dkim_keys)
             checks["dkim"] = "ok" if n == len(self.cfg.dkim) else f"fail: {n} of {len(self.cfg.dkim)} keys loaded"
         checks["scheduler"] = "ok" if self.scheduler.loaded else "fail: queue not loaded yet"
+        checks["spool_integrity"] = "ok" if self.spool.corrupt is None else \
+            f"fail: {self.spool.corrupt}; see {RUNBOOK_SPOOL}"
+        halted = self.scheduler.halted or \
+            ("the spool is damaged; deliveries are stopped" if self.spool.corrupt is not None else None)
+        checks["delivery"] = "ok" if halted is None else f"fail: {halted}"
         ok = all(v == "ok" for v in checks.values())
         metrics.READY.set(1 if ok else 0)
         for k, v in checks.items():

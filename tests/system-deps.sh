@@ -3,7 +3,8 @@
 #
 #   apt (Debian):  swaks, libnet-ssleay-perl  (swaks --tls, as in the dev set-up's hints)
 #                  libmail-dkim-perl          (Perl Mail::DKIM: independent DKIM verifier)
-#                  prometheus                 (promtool: docs/alerts.yml checks and rule unit tests)
+#                  prometheus                 (promtool: docs/alerts.yml checks and rule unit tests;
+#                                              the server: tests/test_prometheus_e2e.py)
 #                  nodejs [+ npm]             (only when `node` is missing altogether)
 #   npm:           tests/support/mailauth     (`npm ci` from its package-lock.json, only when
 #                                              node_modules is missing; needs Node >= 20.18.1)
@@ -32,7 +33,7 @@ missing=()
 have swaks || missing+=(swaks)
 perl_has Net::SSLeay || missing+=(libnet-ssleay-perl)
 perl_has Mail::DKIM::Verifier Net::DNS::Resolver JSON::PP || missing+=(libmail-dkim-perl)
-have promtool || missing+=(prometheus)
+have promtool && have prometheus || missing+=(prometheus)
 have node || missing+=(nodejs)
 
 apt_install() {  # apt_install PKG...: quiet, no recommends; apt's output is shown only on failure

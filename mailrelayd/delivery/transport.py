@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import ssl
 import time
@@ -20,7 +21,18 @@ from aiosmtplib import SMTPResponse
 
 from mailrelayd import metrics
 from mailrelayd.config import Config, RouteConfig
+from mailrelayd.delivery.mta_sts import StsPolicy
 from mailrelayd.delivery.mx import DnsError, DnsPermanentError, MxHost, MxResolver
+from mailrelayd.delivery.outbound_tls import OutboundTls
+from mailrelayd.delivery.tlspolicy import (
+    STARTTLS_NOT_SUPPORTED,
+    TLSA_INVALID,
+    VALIDATION_FAILURE,
+    HostPlan,
+    classify_tls_error,
+    failure_text,
+    testing_mx_mismatch,
+)
 from mailrelayd.log import get_logger
 
 log = get_logger()
@@ -29,8 +41,6 @@ MAX_ADDRESSES_TRIED = 5
 """Like Postfix's smtp_mx_address_limit: a broken domain costs a bounded number of connects."""
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-_DOT_STUFF = re.compile(rb"(?m)^\.")  # RFC 5321 §4.5.2
-_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +51,14 @@ class RcptResult:
     code: int
     enhanced: str
     text: str
+    """Our one-line account of what happened (never prefixed with the remote's name)."""
     remote_mta: str = ""
+    remote_reply: str = ""
+    """The remote's reply exactly as received, on one line (``"550 5.1.1 <x@y>: no such user"``);
+    empty when the outcome is our own (DNS, connect failure, timeout). It becomes the DSN's
+    ``Diagnostic-Code: smtp; ...`` (RFC 3464 §2.3.6)."""
+    stage: str = ""
+    """The command the reply answered (``"RCPT TO"``, ``"end of DATA"``...)."""
 
     @property
     def ok(self) -> bool:
@@ -71,13 +88,19 @@ def _one_line(text: str) -> str:
 class _TempFail(Exception):
     """This host could not take the message now; try the next one (code, enhanced, text)."""
 
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
+    def __init__(self, code: int, enhanced: str, text: str, mta: str = "", reply: str = "",
+                 stage: str = "") -> None:
         super().__init__(text)
         self.code, self.enhanced, self.text = code, enhanced, text
+        self.mta, self.reply, self.stage = mta, reply, stage  # the remote's own reply, if it gave one
 
 
 class _PermFail(_TempFail):
     """A host refused the session permanently (5xx greeting or EHLO, SMTPUTF8 unsupported...)."""
+
+
+class _ReportOnly(Exception):
+    """An MTA-STS testing policy's certificate check failed: reported; reconnect without it (RFC 8461 §5)."""
 
 
 @dataclass(eq=False)
@@ -91,23 +114,14 @@ class _Conn:
     idle_since: float = field(default_factory=time.monotonic)
 
 
-def _client_context(verify: bool) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if not verify:  # opportunistic TLS (Postfix "may"/"encrypt"): encryption without authentication
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 class Transport:
     """Delivers one message to one destination domain per call, reusing idle connections."""
 
-    def __init__(self, cfg: Config, resolver: MxResolver) -> None:
+    def __init__(self, cfg: Config, resolver: MxResolver, tls: OutboundTls | None = None) -> None:
         self.resolver = resolver
+        self.tls = tls or OutboundTls(cfg, resolver)
         self._idle: dict[str, list[_Conn]] = {}
         self._domain_sems: dict[str, asyncio.Semaphore] = {}
-        self._ctx_may = _client_context(False)
-        self._ctx_verify = _client_context(True)
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         self.reconfigure(cfg)
@@ -115,6 +129,7 @@ class Transport:
     def reconfigure(self, cfg: Config) -> None:
         """Apply a reloaded config; in-flight deliveries finish under the old limits."""
         self.cfg = cfg
+        self.tls.reconfigure(cfg)
         self._global = asyncio.Semaphore(cfg.delivery.max_concurrency)
         self._domain_sems = {}
         self._passwords: dict[str, str | None] = {}
@@ -132,6 +147,7 @@ class Transport:
         conns = [c for lst in self._idle.values() for c in lst]
         self._idle.clear()
         await asyncio.gather(*(self._quit(c) for c in conns), return_exceptions=True)
+        await self.tls.close()
 
     # --- the public operation ------------------------------------------------------------
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes
@@ -162,6 +178,7 @@ class Transport:
         except DnsError as e:
             code = 550 if isinstance(e, DnsPermanentError) else 451
             return [RcptResult(r, code, e.enhanced, str(e)) for r in rcpts]
+        sts = await self.tls.domain_policy(domain.lower(), route)
 
         sem = self._domain_sems.get(key)
         if sem is None:
@@ -170,10 +187,10 @@ class Transport:
             conn = await self._reuse(key)
             if conn is None:
                 try:
-                    conn = await self._connect(key, hosts, route)
+                    conn = await self._connect(key, hosts, route, domain.lower(), sts)
                 except _TempFail as e:
                     code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
-                    return [RcptResult(r, code, e.enhanced, e.text) for r in rcpts]
+                    return [RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage) for r in rcpts]
             results, reusable = await self._transaction(conn, mail_from, rcpts, data)
             if reusable and not self._closing and conn.used < self.cfg.delivery.max_messages_per_connection:
                 conn.idle_since = time.monotonic()
@@ -202,38 +219,54 @@ class Transport:
             await self._quit(conn)
         return None
 
-    async def _connect(self, key: str, hosts: list[MxHost], route: RouteConfig | None) -> _Conn:
+    async def _connect(self, key: str, hosts: list[MxHost], route: RouteConfig | None, domain: str,
+                       sts: StsPolicy | None) -> _Conn:
         """Try each MX address in order until one gives a usable session."""
         d = self.cfg.delivery
         last = _TempFail(451, "4.4.1", "no MX host could be tried")
         all_perm = True
         tried = 0
+        level = self.tls.level(route)
         for host in hosts:
+            plan = await self.tls.plan(level, domain, host, sts, via_mx=route is None)
+            if plan.refuse:  # MX not in an enforced MTA-STS policy, DANE lookup failed, dane-only...
+                self.tls.record(plan, host, "", plan.refuse_result)
+                all_perm = False
+                last = _TempFail(451, "4.7.5", plan.refuse)
+                continue
+            if testing_mx_mismatch(plan, sts, host.name):
+                self.tls.record(plan, host, "", VALIDATION_FAILURE, count_metric=False)
+                plan = dataclasses.replace(plan, sts_testing=False, report_success=False)
             for addr in host.addresses:
                 if tried >= MAX_ADDRESSES_TRIED:
                     break
                 tried += 1
                 try:
-                    return await self._open(key, host, addr, route, plaintext=False)
+                    try:
+                        return await self._open(key, host, addr, route, plan, plaintext=False)
+                    except _ReportOnly:
+                        return await self._open(key, host, addr, route,
+                                                dataclasses.replace(plan, sts_testing=False, report_success=False),
+                                                plaintext=False)
                 except _PermFail as e:
                     last = e
                 except _TempFail as e:
                     all_perm = False
                     last = e
-                    if e.enhanced == "4.7.5" and route is None and d.tls_fallback_plaintext and d.tls == "may":
+                    if e.enhanced == "4.7.5" and route is None and d.tls_fallback_plaintext and d.tls == "may" \
+                            and not plan.require_tls:
                         try:  # Postfix-like fallback for broken STARTTLS, only when configured
-                            return await self._open(key, host, addr, route, plaintext=True)
+                            return await self._open(key, host, addr, route, plan, plaintext=True)
                         except _TempFail as e2:
                             last = e2
         if isinstance(last, _PermFail) and not all_perm:
             # Some host might still take it later: a 5xx greeting from a backup MX is not final.
-            last = _TempFail(451, "4." + last.enhanced[2:], last.text)
+            last = _TempFail(451, "4." + last.enhanced[2:], last.text)  # our verdict: no remote reply kept
         raise last
 
-    async def _open(self, key: str, host: MxHost, addr: str, route: RouteConfig | None, *,
+    async def _open(self, key: str, host: MxHost, addr: str, route: RouteConfig | None, plan: HostPlan, *,
                     plaintext: bool) -> _Conn:
         d = self.cfg.delivery
-        tls_policy = route.tls if route else d.tls
         where = f"{host.name}[{addr}]:{host.port}"
         smtp = aiosmtplib.SMTP(hostname=addr, port=host.port, local_hostname=self.cfg.server.hostname,
                                timeout=d.greeting_timeout, start_tls=False, use_tls=False)
@@ -246,7 +279,8 @@ class Transport:
                 metrics.DELIVERY_CONNECTIONS.labels("refused_greeting").inc()
                 enh, text = _enhanced(e.code, e.message)
                 cls = _PermFail if e.code >= 500 else _TempFail
-                raise cls(e.code, enh, f"host {where} refused to talk to me: {e.code} {enh} {text}") from None
+                reply = f"{e.code} {_one_line(e.message)}"
+                raise cls(e.code, enh, f"host {where} refused to talk to me: {reply}", host.name, reply) from None
             except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPTimeoutError, TimeoutError):
                 metrics.DELIVERY_CONNECTIONS.labels("timeout").inc()
                 raise _TempFail(451, "4.4.1", f"connect to {where}: timed out") from None
@@ -254,25 +288,25 @@ class Transport:
                 metrics.DELIVERY_CONNECTIONS.labels("refused").inc()
                 raise _TempFail(451, "4.4.1", f"connect to {where}: {_one_line(str(e))}") from None
 
-            await self._ehlo(smtp, where)
+            await self._ehlo(smtp, where, host.name)
             tls = False
-            if tls_policy != "none" and not plaintext and smtp.supports_extension("starttls"):
-                ctx = self._ctx_verify if tls_policy == "verify" else self._ctx_may
-                try:
-                    await smtp.starttls(tls_context=ctx, server_hostname=host.name, timeout=d.greeting_timeout)
-                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
-                    metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
-                    raise _TempFail(451, "4.7.5", f"TLS with {where} failed: {_one_line(str(e))}") from None
+            local = smtp.get_transport_info("sockname")
+            src = str(local[0]) if local else ""
+            if plan.mode != "none" and not plaintext and smtp.supports_extension("starttls"):
+                await self._starttls(smtp, host, addr, where, plan, src)
                 tls = True
-                metrics.OUTBOUND_TLS.labels("verified" if tls_policy == "verify" else "starttls").inc()
-                await self._ehlo(smtp, where)  # RFC 3207 §4.2: forget what we knew, ask again
-            elif tls_policy in ("require", "verify"):
-                raise _TempFail(451, "4.7.5", f"TLS is required, but was not offered by host {where}")
+                await self._ehlo(smtp, where, host.name)  # RFC 3207 §4.2: forget what we knew, ask again
+            elif plan.require_tls:
+                self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, sending_ip=src)
+                why = f" by {plan.why}" if plan.why else ""
+                raise _TempFail(451, "4.7.5", f"TLS is required{why}, but was not offered by host {where}")
             else:
-                metrics.OUTBOUND_TLS.labels("plaintext").inc()
+                if plan.sts_testing and not plaintext:
+                    self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, count_metric=False, sending_ip=src)
+                self.tls.record(plan, host, addr, None, "plaintext")
 
             if route is not None and route.username:
-                if not tls and tls_policy != "none":
+                if not tls and plan.mode != "none":
                     raise _TempFail(451, "4.7.0", f"not sending AUTH credentials to {where} without TLS")
                 try:
                     await smtp.login(route.username, self._passwords.get(route.domain) or "",
@@ -288,7 +322,33 @@ class Transport:
         metrics.DELIVERY_CONNECTIONS.labels("ok").inc()
         return _Conn(smtp, host, addr, key, tls)
 
-    async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str) -> None:
+    async def _starttls(self, smtp: aiosmtplib.SMTP, host: MxHost, addr: str, where: str, plan: HostPlan,
+                        src: str) -> None:
+        """STARTTLS as the plan demands (RFC 3207); DANE is checked on the finished handshake."""
+        ctx = self.tls.ctx_verify if plan.sts_testing else self.tls.context(plan)
+        try:
+            await smtp.starttls(tls_context=ctx, server_hostname=host.name,
+                                timeout=self.cfg.delivery.greeting_timeout)
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+            rtype, reason = classify_tls_error(e)
+            if plan.sts_testing and isinstance(e, ssl.SSLCertVerificationError):
+                self.tls.record(plan, host, addr, rtype, count_metric=False, sending_ip=src)
+                log.info("delivery.mta_sts_testing_failure", host=host.name, address=addr, result=rtype,
+                         reason=reason)
+                raise _ReportOnly() from None
+            metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
+            self.tls.record(plan, host, addr, rtype, sending_ip=src)
+            text = failure_text(plan, host.name, reason) if plan.why else f"TLS with {where} failed: {reason}"
+            raise _TempFail(451, "4.7.5", f"{text} (host {where})" if plan.why else text) from None
+        problem = self.tls.check_dane(plan, smtp.get_transport_info("ssl_object"), host)
+        if problem is not None:
+            metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
+            self.tls.record(plan, host, addr, TLSA_INVALID, sending_ip=src)
+            raise _TempFail(451, "4.7.5", f"{failure_text(plan, host.name, problem)} (host {where})")
+        result = {"dane": "dane", "pkix": "verified"}.get(plan.auth, "encrypted")
+        self.tls.record(plan, host, addr, None, "verified" if plan.sts_testing else result, sending_ip=src)
+
+    async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str, mta: str) -> None:
         try:
             resp = await smtp.ehlo(timeout=self.cfg.delivery.greeting_timeout)
         except aiosmtplib.SMTPHeloError as e:
@@ -297,9 +357,11 @@ class Transport:
             raise _TempFail(451, "4.4.2", f"EHLO to {where}: {_one_line(str(e))}") from None
         if resp.code != 250:
             # RFC 5321 §4.1.4 allows falling back to HELO, but every MTA in use speaks ESMTP.
-            enh, text = _enhanced(resp.code, resp.message)
+            enh, _ = _enhanced(resp.code, resp.message)
             cls = _PermFail if resp.code >= 500 else _TempFail
-            raise cls(resp.code if resp.code >= 400 else 451, enh, f"EHLO rejected by {where}: {resp.code} {text}")
+            reply = f"{resp.code} {_one_line(resp.message)}"
+            raise cls(resp.code if resp.code >= 400 else 451, enh, f"EHLO rejected by {where}: {reply}", mta, reply,
+                      "EHLO")
 
     async def _quit(self, conn: _Conn) -> None:
         with contextlib.suppress(Exception):
@@ -339,6 +401,10 @@ class Transport:
         def finish(code: int, enhanced: str, text: str) -> list[RcptResult]:
             return [done.get(r) or RcptResult(r, code, enhanced, text, mta) for r in rcpts]
 
+        def finish_reply(resp: SMTPResponse, stage: str) -> list[RcptResult]:
+            """Every recipient not yet decided gets this reply of the remote's."""
+            return [done.get(r) or self._reply(r, resp, mta, stage) for r in rcpts]
+
         conn.used += 1
         utf8 = not (mail_from.isascii() and all(r.isascii() for r in rcpts))
         opts: list[bytes] = []
@@ -355,27 +421,20 @@ class Transport:
             resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode() + b">", *opts,
                                               timeout=d.mail_timeout)
             if resp.code != 250:
-                return finish(*self._reply(resp, mta, "MAIL FROM")), resp.code != 421
+                return finish_reply(resp, "MAIL FROM"), resp.code != 421
             accepted: list[str] = []
             for r in rcpts:
                 resp = await smtp.execute_command(b"RCPT", b"TO:<" + r.encode() + b">", timeout=d.rcpt_timeout)
                 if resp.code in (250, 251):
                     accepted.append(r)
                 elif resp.code == 421:
-                    return finish(*self._reply(resp, mta, "RCPT TO")), False
+                    return finish_reply(resp, "RCPT TO"), False
                 else:
-                    code, enh, text = self._reply(resp, mta, "RCPT TO")
-                    done[r] = RcptResult(r, code, enh, text, mta)
+                    done[r] = self._reply(r, resp, mta, "RCPT TO")
             if not accepted:
                 return finish(451, "4.3.0", "no recipient accepted"), True
-            resp = await smtp.execute_command(b"DATA", timeout=d.data_init_timeout)
-            if resp.code != 354:
-                return finish(*self._reply(resp, mta, "DATA")), resp.code != 421
-            resp = await self._send_body(smtp, data)
-            code, enh, text = self._reply(resp, mta, "end of DATA")
-            for r in accepted:
-                done[r] = RcptResult(r, code, enh, text, mta)
-            return finish(code, enh, text), resp.code != 421
+            resp = await self._data(smtp, data)
+            return finish_reply(resp, "end of DATA" if resp.code == 250 else "DATA"), resp.code != 421
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()
             return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
@@ -383,39 +442,25 @@ class Transport:
             smtp.close()
             return finish(451, "4.4.2", f"lost connection with {mta}[{conn.address}]: {_one_line(str(e))}"), False
 
-    async def _send_body(self, smtp: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
-        """Send the dot-stuffed message and read the final reply (RFC 5321 §4.1.1.4).
+    async def _data(self, smtp: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
+        """DATA, the message and the final reply through aiosmtplib's public ``data()`` (RFC 5321 §4.1.1.4):
+        it dot-stuffs, adds the terminator and serialises with its command lock.
 
-        The spool holds CRLF-only text (the listener refuses bare CR/LF), so only dot-stuffing and the
-        terminator are added here.
+        aiosmtplib applies one timeout to each of the two replies; the body is handed to the transport
+        in one write (it is in memory already), so ``data_done_timeout`` bounds a receiver that stops
+        reading as well as one that never answers. A refusal raises SMTPDataError, for the DATA command
+        and the final reply alike (aiosmtplib does not say which), so its text says "DATA".
         """
-        proto = smtp.protocol
-        if proto is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost before message data")
-        body = _DOT_STUFF.sub(b"..", data)
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
-        # Data blocks, each bounded by data_block_timeout (RFC 5321 §4.5.3.2.5). Waiting for the
-        # buffer to drain is safe only before the terminator: until it is sent no reply can come.
-        drain = getattr(proto, "_drain_helper", None)
-        d = self.cfg.delivery
-        for i in range(0, len(body), _BLOCK):
-            proto.write(body[i:i + _BLOCK])
-            if drain is not None:
-                try:
-                    await asyncio.wait_for(drain(), d.data_block_timeout)
-                except TimeoutError:
-                    smtp.close()
-                    raise aiosmtplib.SMTPTimeoutError("timed out sending message data") from None
-        proto.write(b".\r\n")
         try:
-            return await proto.read_response(timeout=d.data_done_timeout)
-        except aiosmtplib.SMTPTimeoutError:
-            smtp.close()
-            raise
+            return await smtp.data(data, timeout=self.cfg.delivery.data_done_timeout)
+        except aiosmtplib.SMTPDataError as e:
+            return SMTPResponse(e.code, e.message)
 
     @staticmethod
-    def _reply(resp: SMTPResponse, mta: str, stage: str) -> tuple[int, str, str]:
+    def _reply(rcpt: str, resp: SMTPResponse, mta: str, stage: str) -> RcptResult:
+        """A recipient's result from a remote reply: the reply is kept verbatim (once), the text
+        says where it came from."""
         enh, _ = _enhanced(resp.code, resp.message)
         code = resp.code if 200 <= resp.code < 600 else 451
-        return code, enh, f"host {mta} said: {resp.code} {_one_line(resp.message)} (in reply to {stage})"
+        reply = f"{resp.code} {_one_line(resp.message)}".strip()
+        return RcptResult(rcpt, code, enh, f"host {mta} said: {reply} (in reply to {stage})", mta, reply, stage)
