@@ -334,6 +334,10 @@ class Spool:
         self.check_space(len(msg.data))
         if self._writer is None:
             raise SpoolWriteError("spool is closed")
+        if self.corrupt is not None:
+            # Writing more into a damaged b-tree can only spread the damage.
+            metrics.SPOOL_WRITE_ERRORS.inc()
+            raise self.corrupt
         kinds = self._event_kinds  # the accepted events go into the same transaction (no extra fsync)
 
         def op(c: sqlite3.Connection) -> None:
@@ -345,6 +349,10 @@ class Spool:
     async def _await_write(self, fut: asyncio.Future[T]) -> T:
         try:
             return await fut
+        except SpoolCorruptError as e:
+            self.corrupt = e
+            metrics.SPOOL_WRITE_ERRORS.inc()
+            raise
         except SpoolError:
             metrics.SPOOL_WRITE_ERRORS.inc()
             raise
