@@ -334,7 +334,8 @@ _REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 # READY_CHECK is not declared: a check that does not apply (dkim without keys) must not read as failing;
 # the daemon sets every applicable check before it serves /metrics.
 declare_labels(CONNECTIONS, listener=LISTENERS,
-               result=("accepted", "rejected_limit", "rejected_per_ip", "draining", "pregreet"))
+               result=("accepted", "rejected_limit", "rejected_per_ip", "draining", "pregreet", "tls_failed",
+                       "proxy_invalid", "proxy_timeout", "proxy_not_allowed"))
 for _m in (CONNECTIONS_ACTIVE, MESSAGES_RECEIVED, RECIPIENTS_RECEIVED, MESSAGE_SIZE, AUTH_FAILURES, AUTH_THROTTLED,
            TLS_HANDSHAKE_FAILURES, ACCEPT_DURATION):
     declare_labels(_m, listener=LISTENERS)

@@ -21,9 +21,8 @@ LIBRARY_INTERNALS = {
     "_server", "_loop", "_waiter", "_paused", "_sock", "_ssl_protocol", "_app_protocol", "_tls_protocol",
     "_sslobj", "_extra", "_handler_coroutine", "_timeout_handle", "_sites", "_runner",
 }
-# delivery/transport.py's aiosmtplib internals are being removed on branch ``outbound-tls`` (issue 11,
-# outbound half); this entry goes when that merges. Every other file is held to the rule.
-PENDING_ELSEWHERE = {"delivery/transport.py"}
+# Files exempt while another branch removes their private accesses (none since outbound-tls merged).
+PENDING_ELSEWHERE: set[str] = set()
 STRICT = ("smtp/", "intake.py")  # the inbound path: no private access on anything but self/cls
 
 
