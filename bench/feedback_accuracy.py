@@ -5,19 +5,23 @@
 The corpus (see its README.md) has one manifest row per expected recipient. A row is right when:
 
 * hard_bounce / complaint / soft_bounce with a recipient: the parser reports that recipient
-  (case-insensitively) with that kind;
+  (case-insensitively) with that kind. The corpus's ``soft_bounce`` means "record, do not
+  suppress"; the parser splits that into ``soft_bounce`` (about the recipient), ``delayed``
+  (a delay warning), ``reputation`` and ``policy`` (about the sender), and each of them is
+  right for a soft_bounce row (the confusion table shows the split);
 * a row without a recipient (two redacted complaints, every not_feedback row): the parser gives
   the file that kind (``unparsable`` also counts for not_feedback) and suppresses nobody.
 
 A **false suppression** (the costly error) is a soft_bounce row whose recipient is suppressed
 (reported as hard_bounce or complaint), or whose file suppresses an address that is none of
 that file's expected hard/complaint recipients, or a not_feedback row whose file suppresses
-anyone. Targets: >= 95 % of hard_bounce + complaint rows right, <= 1 % of soft_bounce +
-not_feedback rows falsely suppressing.
+anyone. Targets (issue 12): >= 98 % of hard_bounce + complaint rows right, no soft_bounce or
+not_feedback row falsely suppressing; 1,000 mixed messages parsed in < 2 s.
 
 Also reported: a confusion table (expected kind x predicted kind, "missed" when the expected
 recipient is not in the report at all), which part of the parser decided each right row, and
-parse speed (the whole corpus, then 1,000 messages cycled from it).
+parse speed (the whole corpus, then 1,000 messages cycled from it; wall clock and CPU time of
+the process, since the wall clock on a loaded machine measures the machine).
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from mailrelayd.feedback.parse import (
 )
 
 KINDS = ("hard_bounce", "soft_bounce", "complaint", "not_feedback")
-PREDICTED = ("hard_bounce", "soft_bounce", "complaint", "not_feedback", "unparsable", "missed")
+PREDICTED = ("hard_bounce", "soft_bounce", "delayed", "reputation", "policy", "complaint", "not_feedback",
+             "unparsable", "missed")
+# Parser kinds that are right for a corpus soft_bounce row: recorded, never suppressing.
+SOFT_EQUIVALENT = frozenset({"soft_bounce", "delayed", "reputation", "policy"})
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "feedback"
 
 
@@ -78,12 +85,12 @@ class Score:
 
     @property
     def suppress_recall(self) -> float:
-        """Share of hard_bounce + complaint rows right (target >= 0.95)."""
+        """Share of hard_bounce + complaint rows right (target >= 0.98)."""
         return self.share("hard_bounce", "complaint")
 
     @property
     def false_suppression_rate(self) -> float:
-        """False suppressions over soft_bounce + not_feedback rows (target <= 0.01)."""
+        """False suppressions over soft_bounce + not_feedback rows (target: none)."""
         total = self.total["soft_bounce"] + self.total["not_feedback"]
         return len(self.false_suppressions) / total if total else 0.0
 
@@ -149,7 +156,9 @@ def score_corpus(corpus: Path, options: ParseOptions = DEFAULT_OPTIONS) -> Score
         if row.recipient:
             found = by_address.get(row.recipient)
             predicted = found.kind if found else "missed"
-            right = found is not None and found.kind == row.kind
+            right = found is not None and (
+                found.kind == row.kind or (row.kind == "soft_bounce" and found.kind in SOFT_EQUIVALENT)
+            )
         else:
             predicted = report.kind
             ok_kinds = {row.kind, "unparsable"} if row.kind == "not_feedback" else {row.kind}
@@ -194,14 +203,15 @@ def score_corpus(corpus: Path, options: ParseOptions = DEFAULT_OPTIONS) -> Score
     return score
 
 
-def throughput(corpus: Path, count: int = 1000) -> tuple[float, int]:
-    """Seconds to parse ``count`` messages cycled from the corpus (files read beforehand)."""
+def throughput(corpus: Path, count: int = 1000) -> tuple[float, int, float]:
+    """(wall seconds, count, CPU seconds) to parse ``count`` messages cycled from the corpus
+    (files read beforehand)."""
     files = sorted({row.file for row in load_manifest(corpus)})
     blobs = [(corpus / name).read_bytes() for name in files]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(count):
         parse_feedback(blobs[i % len(blobs)])
-    return time.perf_counter() - start, count
+    return time.perf_counter() - start, count, time.process_time() - cpu
 
 
 ABLATIONS = {
@@ -220,9 +230,9 @@ def _print_score(score: Score, verbose: bool) -> None:
     print(f"overall right: {score.share(*KINDS):.1%}")
     for kind in KINDS:
         print(f"  {kind:<13} {score.right[kind]:>4}/{score.total[kind]:<4} {score.share(kind):.1%}")
-    print(f"hard_bounce+complaint right (target >= 95%): {score.suppress_recall:.1%}")
+    print(f"hard_bounce+complaint right (target >= 98%): {score.suppress_recall:.1%}")
     print(
-        f"false suppressions (target <= 1% of soft+not_feedback rows): {len(score.false_suppressions)} "
+        f"false suppressions (target 0 of soft+not_feedback rows): {len(score.false_suppressions)} "
         f"= {score.false_suppression_rate:.2%}"
     )
     for fs in score.false_suppressions:
@@ -266,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no corpus at {args.corpus}", file=sys.stderr)
         return 0
     score = score_corpus(args.corpus)
-    seconds, count = throughput(args.corpus, args.count)
+    seconds, count, cpu_seconds = throughput(args.corpus, args.count)
     ablation = {}
     if args.ablation:
         for name, options in ABLATIONS.items():
@@ -280,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             }
     if args.json:
         doc = score.as_dict()
-        doc["throughput"] = {"messages": count, "seconds": seconds, "ms_per_message": 1000 * seconds / count}
+        doc["throughput"] = {"messages": count, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                             "ms_per_message": 1000 * seconds / count}
         if ablation:
             doc["ablation"] = ablation
         if not args.verbose:
@@ -288,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(doc, indent=2, default=lambda o: asdict(o)))
         return 0
     _print_score(score, args.verbose)
-    print(f"throughput: {count} messages in {seconds:.3f} s ({1000 * seconds / count:.2f} ms/message)")
+    print(f"throughput: {count} messages in {seconds:.3f} s wall, {cpu_seconds:.3f} s CPU "
+          f"({1000 * seconds / count:.2f} ms/message)")
     if ablation:
         print("\nablation (share right; false suppressions)")
         print(f"{'':<40}{'overall':>9}{'hard+cmp':>10}{'soft':>8}{'not_fb':>8}{'false':>7}")

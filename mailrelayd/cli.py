@@ -307,11 +307,15 @@ def _admin_request(cfg: Any, method: str, path: str, body: dict[str, Any] | None
         return resp.status, {"error": f"the daemon answered {resp.status}: {text[0] if text else 'no body'}"}
 
 
-async def _offline(cfg: Any, op: str, qid: str | None) -> tuple[int, Any]:
+async def _offline(cfg: Any, op: str, qid: str | None, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     """The same operations straight on the spool, when the daemon is not running."""
     from mailrelayd.delivery.dsn import build_dsn
-    from mailrelayd.delivery.scheduler import Scheduler
+    from mailrelayd.delivery.queuemanager import QueueManager
+    from mailrelayd.log import configure_logging
     from mailrelayd.queueops import QueueOps
+
+    # The queue manager logs what it does: to stderr, so stdout stays the command's answer.
+    configure_logging("console", "warning", sys.stderr)
     from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
     from mailrelayd.spool.store import Spool
 
@@ -325,19 +329,22 @@ async def _offline(cfg: Any, op: str, qid: str | None) -> tuple[int, Any]:
     spool = Spool(cfg.server.spool_dir)
     await spool.open()
     try:
-        sched = Scheduler(cfg, spool, transport=None, dsn_builder=build_dsn)  # type: ignore[arg-type]
-        ops = QueueOps(spool, sched)
+        qm = QueueManager(cfg, spool, dsn_builder=build_dsn)
+        await qm.load()
+        ops = QueueOps(spool, None, qm)
         if op == "list":
             return 200, await ops.list()
-        assert qid is not None or op == "flush"
+        if op == "destinations":
+            return 200, ops.destinations()
         path = "queue" + (f"/{qid}" if qid else "") + ("" if op == "show" else f"/{op}")
-        return await ops.handle("GET" if op == "show" else "POST", path, {})
+        return await ops.handle("GET" if op == "show" else "POST", path, body or {})
     finally:
         await spool.close()
         lock.release()
 
 
-def _queue_call(args: argparse.Namespace, op: str, qid: str | None = None) -> tuple[int, Any]:
+def _queue_call(args: argparse.Namespace, op: str, qid: str | None = None,
+                body: dict[str, Any] | None = None) -> tuple[int, Any]:
     from mailrelayd.spool.queueid import LENGTH, is_queue_id
 
     if qid is not None and not is_queue_id(qid.upper()):
@@ -345,13 +352,13 @@ def _queue_call(args: argparse.Namespace, op: str, qid: str | None = None) -> tu
         raise SystemExit(f"mailrelayd: {qid!r} is not a queue id ({LENGTH} letters and digits, "
                          "as `mailrelayd queue list` prints them)")
     cfg = _load(args)
-    method = "GET" if op in ("list", "show") else "POST"
+    method = "GET" if op in ("list", "show", "destinations") else "POST"
     path = "queue" + (f"/{qid.upper()}" if qid else "") + ("" if op in ("list", "show") else f"/{op}")
-    res = _admin_request(cfg, method, path)
+    res = _admin_request(cfg, method, path, body)
     if res is None:
         if not cfg.server.spool_dir.exists():
             raise SystemExit(f"mailrelayd: no spool at {cfg.server.spool_dir}")
-        res = asyncio.run(_offline(cfg, op, qid.upper() if qid else None))
+        res = asyncio.run(_offline(cfg, op, qid.upper() if qid else None, body))
     return res
 
 
@@ -382,8 +389,13 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         print(f"{m['queue_id']}  age {_age(m['age_s'])}  {m['size']} bytes  from <{m['sender']}>  next in {when}")
         for r in m["recipients"]:
             extra = f"  ({r['last_reply']})" if r["last_reply"] else ""
+            if r.get("destination") and r["destination"] != r["address"].rpartition("@")[2].lower():
+                extra = f"  via {r['destination']}" + extra
             print(f"    {r['state']:<10} {r['address']}  attempts {r['attempts']}{extra}")
     print(f"-- {len(items)} message(s)")
+    status, dests = _queue_call(args, "destinations")
+    if status == 200 and isinstance(dests, dict) and (dests.get("holds") or dests.get("destinations")):
+        _print_destinations(dests)
     return 0
 
 
@@ -397,12 +409,90 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 
 
 def _queue_action(args: argparse.Namespace, op: str) -> int:
-    status, item = _queue_call(args, op, getattr(args, "queue_id", None))
+    ids = list(getattr(args, "queue_ids", None) or [])
+    bulk = bool(getattr(args, "domain", None) or getattr(args, "sender", None) or getattr(args, "user", None)
+                or getattr(args, "older_than", None) or getattr(args, "dry_run", False) or len(ids) > 1
+                or op in ("hold", "release") or (not ids and op != "flush"))
+    if not bulk:  # one queue id (or `flush` of everything): the original single-message calls
+        status, item = _queue_call(args, op, ids[0] if ids else None)
+        if status != 200:
+            _err(item.get("error", str(item)) if isinstance(item, dict) else str(item))
+            return 1
+        print(json.dumps(item))
+        return 0
+    from mailrelayd.config import parse_duration
+    from mailrelayd.spool.queueid import is_queue_id
+
+    bad = [q for q in ids if not is_queue_id(q.upper())]
+    if bad:
+        _err(f"not a queue id: {bad[0]!r}")
+        return 2
+    filt: dict[str, Any] = {"queue_ids": [q.upper() for q in ids]}
+    for key in ("domain", "sender", "user"):
+        if getattr(args, key, None):
+            filt[key] = getattr(args, key)
+    try:
+        if getattr(args, "older_than", None):
+            filt["older_than"] = parse_duration(args.older_than)
+        hold_for = parse_duration(args.hold_for) if getattr(args, "hold_for", None) else None
+    except ValueError as e:
+        _err(str(e))
+        return 2
+    empty = len(filt) == 1 and not ids
+    if empty and op in ("hold", "delete", "bounce"):
+        _err(f"queue {op} needs queue ids or a filter (--domain, --sender, --user, --older-than)")
+        return 2
+    if empty and op == "release" and not getattr(args, "all", False):
+        _err("queue release needs queue ids, a filter (--domain, --sender, --user, --older-than) or --all")
+        return 2
+    body: dict[str, Any] = {"filter": filt, "dry_run": bool(getattr(args, "dry_run", False)),
+                            "reason": getattr(args, "reason", None) or ""}
+    if hold_for:
+        body["until"] = time.time() + hold_for
+    status, item = _queue_call(args, op, None, body)
     if status != 200:
         _err(item.get("error", str(item)) if isinstance(item, dict) else str(item))
         return 1
-    print(json.dumps(item))
+    if getattr(args, "json", False):
+        print(json.dumps(item))
+        return 0
+    past = {"hold": "held", "release": "released", "flush": "flushed", "delete": "deleted", "bounce": "bounced"}
+    verb = f"would {op}" if item.get("dry_run") else past[op]
+    print(f"{verb} {item['messages']} message(s), {item['recipients']} recipient(s)")
+    for r in item.get("rules") or []:
+        until = dt.datetime.fromtimestamp(r["until"], dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") \
+            if r.get("until") else "until released"
+        action = "rule removed" if op == "release" else "rule"
+        print(f"  {action}: {r['kind']} {r['value']} ({until}){': ' + r['reason'] if r.get('reason') else ''}")
     return 0
+
+
+def cmd_queue_destinations(args: argparse.Namespace) -> int:
+    status, item = _queue_call(args, "destinations")
+    if status != 200:
+        _err(item.get("error", str(item)) if isinstance(item, dict) else str(item))
+        return 2
+    if args.json:
+        print(json.dumps(item, indent=2))
+        return 0
+    _print_destinations(item)
+    return 0
+
+
+def _print_destinations(item: dict[str, Any]) -> None:
+    now = time.time()
+    for h in item.get("holds") or []:
+        until = f" for {_age(h['until'] - now)}" if h.get("until") else ""
+        print(f"hold   {h['kind']} {h['value']}{until}{'  (' + h['reason'] + ')' if h.get('reason') else ''}")
+    for d in item.get("destinations") or []:
+        flags = []
+        if d.get("held"):
+            flags.append("held")
+        if d.get("suspended_until"):
+            flags.append(f"suspended {_age(d['suspended_until'] - now)} more ({d.get('suspend_reply') or ''})")
+        rate = f", max {d['max_rate_per_s']}/s" if d.get("max_rate_per_s") else ""
+        print(f"dest   {d['destination']}  {d.get('active', 0)}/{d.get('max_connections', '-')} connections, "
+              f"{d.get('waiting', 0)} waiting{rate}{'  ' + '; '.join(flags) if flags else ''}")
 
 
 # --- suppressions -----------------------------------------------------------------------
@@ -645,7 +735,9 @@ def cmd_feedback_parse(args: argparse.Namespace) -> int:
         for item in out:
             print(f"{item['file']}: {item['kind']}")
             for r in item["recipients"]:
-                verdict = "suppress" if r["kind"] in ("hard_bounce", "complaint") else "record"
+                # Trust (VERP token, sent-to history, listed reporters) is decided by the daemon.
+                verdict = {"hard_bounce": "suppress", "complaint": "suppress", "soft_bounce": "record"}.get(
+                    r["kind"], "no-action")
                 print(f"    {verdict:<8} {r['address']}  {r['kind']}  {r['status'] or '-'}  {r['reason']}")
     return 0
 
@@ -787,14 +879,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = q.add_parser("show", parents=[common], help="one message: envelope, recipients, headers")
     s.add_argument("queue_id")
     s.set_defaults(func=cmd_queue_show)
-    s = q.add_parser("flush", parents=[common], help="retry now (one message, or every deferred one)")
-    s.add_argument("queue_id", nargs="?")
-    s.set_defaults(func=lambda a: _queue_action(a, "flush"))
-    for verb, text in (("delete", "remove a message without notifying anyone"),
-                       ("bounce", "give up on a message and send a DSN to its sender")):
-        s = q.add_parser(verb, parents=[common], help=text)
-        s.add_argument("queue_id")
+    filters = argparse.ArgumentParser(add_help=False, parents=[common])
+    filters.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID", help="queue ids (or use the filters)")
+    filters.add_argument("--domain", help="recipients at this domain")
+    filters.add_argument("--sender", help="envelope sender: an address, or @domain for a whole domain")
+    filters.add_argument("--user", help="messages submitted by this SASL user")
+    filters.add_argument("--older-than", metavar="AGE", help="messages queued longer than AGE (2h, 3d)")
+    filters.add_argument("--dry-run", action="store_true", help="only count what would be touched")
+    filters.add_argument("--json", action="store_true", help="print the result as JSON")
+    for verb, text in (("hold", "hold mail (a hold by --domain/--sender/--user also holds mail arriving later)"),
+                       ("release", "release held mail (the matching hold rules, or held queue ids)"),
+                       ("flush", "retry now (queue ids, a filter, or every deferred message)"),
+                       ("delete", "remove messages (or, with --domain, those recipients) without notifying anyone"),
+                       ("bounce", "give up on messages and send a DSN to their senders")):
+        s = q.add_parser(verb, parents=[filters], help=text)
+        if verb in ("hold", "delete", "bounce"):
+            s.add_argument("--reason", help="recorded with the hold / in the DSN")
+        if verb == "hold":
+            s.add_argument("--for", dest="hold_for", metavar="DURATION", help="release automatically after this")
+        if verb == "release":
+            s.add_argument("--all", action="store_true", help="release every hold")
         s.set_defaults(func=lambda a, v=verb: _queue_action(a, v))
+    s = q.add_parser("destinations", parents=[common], help="hold rules and busy, suspended or held destinations")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_queue_destinations)
 
     sp = sub.add_parser("suppress", help="the suppression list").add_subparsers(dest="sub", required=True)
     s = sp.add_parser("list", parents=[common], help="suppressed addresses")

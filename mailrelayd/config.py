@@ -352,6 +352,16 @@ class DeliveryConfig:
     data_block_timeout: Duration = 180.0
     data_done_timeout: Duration = 600.0
     """RFC 5321 §4.5.3.2: 5 min greeting/MAIL/RCPT, 2 min DATA initiation, 3 min per block, 10 min after '.'."""
+    ip_family: Literal["any", "ipv4", "ipv6", "prefer-ipv4", "prefer-ipv6"] = "prefer-ipv4"
+    """Which MX addresses to use and in what order. prefer-ipv4: an IPv4 address when the MX has one,
+    IPv6 only for IPv6-only MXes (large receivers hold IPv6 senders to stricter PTR/SPF rules)."""
+    source_address: str | None = None
+    """IPv4 address to bind outbound connections to (MX delivery and routes without their own)."""
+    source_address6: str | None = None
+    """IPv6 address to bind outbound connections to."""
+    throttle_backoff: Duration | None = None
+    """How long a destination without a [[shaping]] entry is suspended after a throttling reply
+    (default: retry_initial)."""
 
 
 @dataclass(frozen=True)
@@ -370,10 +380,28 @@ class RouteConfig:
     username: str | None = None
     password: str | None = None
     password_file: ConfPath | None = None
+    source_address: str | None = None
+    """Address (IPv4 or IPv6) to bind connections to this route's host; default [delivery] source_address(6)."""
+    helo_name: str | None = None
+    """Name sent in EHLO to this route's host; default server.hostname."""
 
     def __post_init__(self) -> None:
         if self.tls == "require":  # normalised once, at load: the rest of the code sees "encrypt"
             object.__setattr__(self, "tls", "encrypt")
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    match: str
+    """A recipient domain ("example.net"), or an MX host suffix starting with a dot (".google.com")
+    that groups every domain whose MX hosts are there into one destination."""
+    max_connections: int | None = None
+    """Transactions at once to the destination (default: delivery.domain_concurrency)."""
+    max_messages_per_connection: int | None = None
+    max_rate: str | None = None
+    """Messages per time unit to the destination: "600/min", "20/s", "10000/h", "50000/d"."""
+    throttle_backoff: Duration | None = None
+    """Suspend the destination this long after a throttling reply (default: delivery.throttle_backoff)."""
 
 
 @dataclass(frozen=True)
@@ -392,8 +420,24 @@ class FeedbackConfig:
     keep_unparsable: bool = True
     """Keep feedback messages that could not be parsed in <state_dir>/feedback-unparsable/ for inspection."""
     require_verp: bool = False
-    """Act on bounces only when they arrive at a valid VERP address: a forged bounce for an address we
-    never sent to cannot suppress it. Complaints (ARF) are always acted on."""
+    """Act on bounces only when they arrive at a valid VERP address. Without it, a bounce that has no
+    valid token is acted on only for recipients we sent to within ``sent_window``."""
+    trusted_reporters: list[str] = field(default_factory=list)
+    """Complaint (ARF/JMRP/SES) sources acted on without a VERP token: domains whose DKIM signature on
+    the report verifies (``"fbl.yahoo.com"``), or IP networks of the sending host (``"192.0.2.0/24"``)."""
+    sent_window: Duration = 7 * 86400.0
+    """Feedback without a valid VERP token is acted on only for addresses we sent to within this window."""
+    circuit_breaker: bool = False
+    """Hold a sending domain's outbound mail when its bounce or complaint rate passes a pause level."""
+    circuit_breaker_window: Duration = 86400.0
+    circuit_breaker_min_volume: int = 200
+    """Recipients a domain must have been sent to within the window before its rates count."""
+    circuit_breaker_bounce_warn_rate: float = 0.02
+    circuit_breaker_bounce_pause_rate: float = 0.10
+    circuit_breaker_complaint_warn_rate: float = 0.001
+    circuit_breaker_complaint_pause_rate: float = 0.005
+    circuit_breaker_pause: Duration = 6 * 3600.0
+    """How long a tripped domain stays held; 0 = until `mailrelayd queue release --sender @<domain>`."""
 
 
 @dataclass(frozen=True)
@@ -481,6 +525,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: list[RouteConfig] = field(default_factory=list)
+    shaping: list[ShapingConfig] = field(default_factory=list)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     webhooks: list[WebhookConfig] = field(default_factory=list)
@@ -794,6 +839,7 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         raise ld.err("delivery.ca_file", f"file not found: {dl.ca_file}")
     if cfg.tls_rpt.reporting_domain is not None:
         _check_domain(ld, "tls_rpt.reporting_domain", cfg.tls_rpt.reporting_domain)
+    _validate_delivery_control(cfg, ld)
     fb = cfg.feedback
     if fb.bounce_domain is not None:
         _check_domain(ld, "feedback.bounce_domain", fb.bounce_domain)
@@ -806,6 +852,33 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         raise ld.err("feedback.verp_secret_file", f"file not found: {fb.verp_secret_file}")
     if fb.soft_bounce_threshold < 1:
         raise ld.err("feedback.soft_bounce_threshold", "must be at least 1")
+    for i, reporter in enumerate(fb.trusted_reporters):
+        if not isinstance(reporter, str) or not reporter.strip():
+            raise ld.err(f"feedback.trusted_reporters[{i}]", "must be a domain or an IP network")
+        try:
+            ipaddress.ip_network(reporter.strip(), strict=False)
+        except ValueError:
+            try:
+                normalize_domain(reporter)
+            except ValueError:
+                raise ld.err(f"feedback.trusted_reporters[{i}]",
+                             f"{reporter!r} is neither a domain nor an IP network") from None
+    if fb.sent_window <= 0:
+        raise ld.err("feedback.sent_window", "must be greater than 0")
+    for k in ("circuit_breaker_bounce_warn_rate", "circuit_breaker_bounce_pause_rate",
+              "circuit_breaker_complaint_warn_rate", "circuit_breaker_complaint_pause_rate"):
+        if not 0 <= getattr(fb, k) <= 1:
+            raise ld.err(f"feedback.{k}", "must be a share from 0 to 1 (0.02 = 2 %; 0 turns that level off)")
+    if fb.circuit_breaker_window <= 0:
+        raise ld.err("feedback.circuit_breaker_window", "must be greater than 0")
+    if fb.circuit_breaker and fb.circuit_breaker_window > fb.verp_retention:
+        raise ld.err("feedback.circuit_breaker_window", "must not be longer than feedback.verp_retention "
+                     "(the delivery history it counts is kept that long)")
+    if fb.circuit_breaker_min_volume < 1:
+        raise ld.err("feedback.circuit_breaker_min_volume", "must be at least 1")
+    if fb.sent_window > fb.verp_retention:
+        raise ld.err("feedback.sent_window", "must not be longer than feedback.verp_retention "
+                     "(the delivery history is kept that long)")
     _validate_app_features(cfg, ld)
 
 
@@ -879,3 +952,71 @@ def _check_domain(ld: _Loader, key: str, value: str) -> None:
         normalize_domain(value)
     except ValueError:
         raise ld.err(key, f"{value!r} is not a valid domain name") from None
+
+
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
+_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
+               "d": 86400, "day": 86400}
+
+
+def parse_rate(value: str) -> tuple[int, float]:
+    """Parse ``"600/min"`` into (600, 60.0): a count per period in seconds."""
+    m = _RATE_RE.match(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"bad rate {value!r}: use a count per unit, like \"600/min\" or \"20/s\"")
+    return int(m.group(1)), float(_RATE_UNITS[m.group(2).lower()])
+
+
+def _ip_of(value: str, version: int | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        ip = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+    if version is not None and ip.version != version:
+        raise ValueError(f"{value!r} is not an IPv{version} address")
+    return ip
+
+
+def _validate_delivery_control(cfg: Config, ld: _Loader) -> None:
+    """[delivery] source addresses, per-route source/EHLO name, [[shaping]]."""
+    dl = cfg.delivery
+    for key, version in (("source_address", 4), ("source_address6", 6)):
+        v = getattr(dl, key)
+        if v is not None:
+            try:
+                _ip_of(v, version)
+            except ValueError as e:
+                raise ld.err(f"delivery.{key}", str(e)) from None
+    if dl.ip_family == "ipv4" and dl.source_address6 and not dl.source_address:
+        raise ld.err("delivery.source_address6", "set, but ip_family = \"ipv4\" never uses IPv6")
+    for i, r in enumerate(cfg.routes):
+        if r.source_address is not None:
+            try:
+                _ip_of(r.source_address, None)
+            except ValueError as e:
+                raise ld.err(f"routes[{i}].source_address", str(e)) from None
+        if r.helo_name is not None:
+            try:
+                normalize_domain(r.helo_name)
+            except ValueError:
+                raise ld.err(f"routes[{i}].helo_name", f"{r.helo_name!r} is not a valid host name") from None
+    seen: set[str] = set()
+    for i, sh in enumerate(cfg.shaping):
+        key = f"shaping[{i}]"
+        m = sh.match.strip().lower().rstrip(".")
+        try:
+            normalize_domain(m[1:] if m.startswith(".") else m)
+        except ValueError:
+            raise ld.err(f"{key}.match", f"{sh.match!r} is not a domain or an MX suffix like \".google.com\"") \
+                from None
+        if m in seen:
+            raise ld.err(f"{key}.match", f"duplicate [[shaping]] entry for {sh.match!r}")
+        seen.add(m)
+        for k in ("max_connections", "max_messages_per_connection"):
+            if getattr(sh, k) is not None and getattr(sh, k) < 1:
+                raise ld.err(f"{key}.{k}", "must be at least 1")
+        if sh.max_rate is not None:
+            try:
+                parse_rate(sh.max_rate)
+            except ValueError as e:
+                raise ld.err(f"{key}.max_rate", str(e)) from None

@@ -31,6 +31,8 @@ from mailrelayd.delivery.scheduler import RUNBOOK_SPOOL, Hooks, Scheduler
 from mailrelayd.delivery.transport import Transport
 from mailrelayd.dkim import DkimKeyError, DkimKeySpec, DkimSigner, LoadedKey, load_keys
 from mailrelayd.errors import DkimSignError, SpoolCorruptError, SpoolError
+from mailrelayd.feedback.breaker import CircuitBreaker
+from mailrelayd.feedback.breaker import settings_from as breaker_settings
 from mailrelayd.feedback.processor import FeedbackProcessor
 from mailrelayd.feedback.store import SqliteSuppressionStore
 from mailrelayd.feedback.verp import make_return_path
@@ -45,7 +47,7 @@ from mailrelayd.smtp.dataread import MemoryBudget
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
-from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool, check_database
+from mailrelayd.spool.store import MessageRecord, NewMessage, QueueFilter, RecipientRecord, Spool, check_database
 from mailrelayd.submit import LocalSubmitter
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
@@ -171,6 +173,7 @@ class Daemon:
         self._reloading = False
         self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
         self.api: ApiServer | None = None
+        self.breaker: CircuitBreaker | None = None
 
     # --- building -----------------------------------------------------------------------
     def _apply(self, rt: Runtime) -> None:
@@ -199,6 +202,8 @@ class Daemon:
         self._local_domains = cfg.local_domains
         self.rate_limiter.forget(set(rt.users))
         self._apply_local_submission(rt, signer)
+        if self.breaker is not None:
+            self.breaker.reconfigure(breaker_settings(cfg.feedback))
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
         metrics.init_known_labels(  # every family exported from the first scrape (see metrics.py)
@@ -250,6 +255,10 @@ class Daemon:
     def _accepted(self, msg: NewMessage) -> None:
         self.scheduler.submit(msg)
 
+    async def _mx_names(self, domain: str) -> list[str]:
+        """MX host names for [[shaping]] grouping by MX suffix (the resolver caches by TTL)."""
+        return [h.name for h in await self.resolver.resolve(domain, self.cfg.delivery.port)]
+
     async def _enqueue_report(self, recipients: tuple[str, ...], data: bytes, sender_domain: str) -> None:
         """A TLS-RPT report mail (RFC 8460 §5.3) into our own queue: DKIM-signed when a key of the
         reporting domain is configured, null sender (a report must not bounce back into the queue)."""
@@ -300,12 +309,15 @@ class Daemon:
             SqliteSuppressionStore, cfg.server.state_dir / "suppressions.db",
             case_insensitive_local=cfg.feedback.case_insensitive_local_part,
             soft_threshold=cfg.feedback.soft_bounce_threshold, soft_window=cfg.feedback.soft_bounce_window)
-        self.feedback = FeedbackProcessor(self)
+        self.breaker = CircuitBreaker(breaker_settings(cfg.feedback), self._hold_sender_domain)
+        self.feedback = FeedbackProcessor(self, on_outcome=self._feedback_outcome)
         self.resolver = MxResolver(cfg.dns)
         self.transport = Transport(cfg, self.resolver)
         await self.transport.tls.load()
         self.scheduler = Scheduler(cfg, self.spool, self.transport, dsn_builder=build_dsn,
-                                   local=self.feedback.process, hooks=_Hooks(self))
+                                   local=self.feedback.process, hooks=_Hooks(self), mx_names=self._mx_names)
+        # Outcomes, DSNs, holds and admin actions: ``queue_manager.hold(QueueFilter(...), until, reason)``.
+        self.queue_manager = self.scheduler.queue
         self.queue_ops = QueueOps(self.spool, self.scheduler)
         self.webhooks = Webhooks(self.spool)
         await self.webhooks.configure(cfg, rt.webhook_secrets)
@@ -347,6 +359,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         self._bg.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
         self._bg.append(asyncio.create_task(self._maildrop_loop(), name="maildrop"))
+        self._bg.append(asyncio.create_task(self._circuit_breaker(), name="circuit-breaker"))
         self._bg.append(asyncio.create_task(self.transport.tls.run(self._enqueue_report), name="outbound-tls"))
         if self.notifier.watchdog_interval:
             self._bg.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
@@ -518,6 +531,31 @@ class Daemon:
             except Exception as e:  # never let a bad file stop the pickup for good
                 log.exception("maildrop.error", error=str(e))
             await asyncio.sleep(maildrop.PICKUP_EVERY)
+
+    # --- feedback circuit breaker ([feedback] circuit_breaker) -------------------------------
+    def _feedback_outcome(self, sender_domain: str, kind: str) -> None:
+        if self.cfg.feedback.circuit_breaker and self.breaker is not None:
+            self.breaker.record(sender_domain, kind)
+
+    def _hold_sender_domain(self, domain: str, until: float, reason: str) -> None:
+        """The breaker's pause: hold the domain's outbound mail in the queue (``queue release`` ends it)."""
+        task = asyncio.ensure_future(self.queue_manager.hold(QueueFilter(sender="@" + domain), until or None, reason))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.error(
+            "feedback.circuit_breaker_hold_failed", sender_domain=domain, error=repr(t.exception())))
+
+    async def _circuit_breaker(self) -> None:
+        while True:
+            # Once a minute; a short window is evaluated more often (60 looks per window).
+            await asyncio.sleep(min(60.0, max(1.0, self.cfg.feedback.circuit_breaker_window / 60)))
+            if not self.cfg.feedback.circuit_breaker or self.breaker is None:
+                continue
+            try:
+                since = time.time() - self.cfg.feedback.circuit_breaker_window
+                self.breaker.set_volume(await self.spool.sent_count_by_sender_domain(since))
+                for trip in self.breaker.evaluate():
+                    metrics.CIRCUIT_BREAKER_TRIPS.labels(metrics.sender_domain_label(trip.domain), trip.reason).inc()
+            except Exception as e:  # the breaker must never take the daemon down
+                log.error("feedback.circuit_breaker_failed", error=repr(e))
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is stuck, systemd stops hearing from us and restarts.

@@ -38,6 +38,11 @@ Checks, each a :class:`CheckResult` with a status ``ok``, ``warn``, ``fail`` or 
 ``tls-rpt``
     Your own ``_smtp._tls.<domain>`` TXT (RFC 8460) with a ``mailto:``/``https:`` rua; none is a
     ``warn`` with the record to publish.
+``ipv6``
+    Only when the relay may send over IPv6 (``delivery.ip_family`` is not ``ipv4``) and has a
+    global IPv6 source address (``delivery.source_address6``, else the one the kernel would pick):
+    a ``warn`` unless its PTR names a host whose AAAA records include it (forward-confirmed
+    reverse DNS). Gmail refuses IPv6 mail without it (``550-5.7.1 ... IPv6 sending guidelines``).
 
 ``error`` means the check could not be made: a DNS timeout, SERVFAIL or refused answer, or an
 unreadable config (reported as a ``config`` check).
@@ -660,6 +665,48 @@ async def check_hostname(resolver: dns.asyncresolver.Resolver, cfg: Config,
     return CheckResult("hostname", "ok", f"{host} -> {', '.join(addrs)}")
 
 
+def outbound_ipv6(cfg: Config) -> str | None:
+    """The global IPv6 address mail would leave from: ``delivery.source_address6``, else the
+    kernel's source address for a route to the Internet (a UDP connect sends no packet); None
+    when the host has no global IPv6 route or address."""
+    import socket
+
+    if cfg.delivery.source_address6:
+        return cfg.delivery.source_address6
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.connect(("2001:4860:4860::8888", 25))
+            addr = str(s.getsockname()[0]).split("%")[0]
+    except OSError:
+        return None
+    return addr if ipaddress.ip_address(addr).is_global else None
+
+
+async def check_ipv6_ptr(resolver: dns.asyncresolver.Resolver, cfg: Config, addr: str) -> CheckResult:
+    """Forward-confirmed reverse DNS for the IPv6 source address ``addr``."""
+    import dns.reversename
+
+    family = cfg.delivery.ip_family
+    used = "used only for MXes without IPv4 (ip_family = prefer-ipv4)" if family == "prefer-ipv4" else \
+        f"used for delivery (ip_family = {family})"
+    fix = 'publish a PTR record that resolves back, or set [delivery] ip_family = "ipv4"'
+    rev = dns.reversename.from_address(addr).to_text()
+    try:
+        _, ptrs = await _query(resolver, rev, "PTR")
+        if not ptrs:
+            return CheckResult("ipv6", "warn", f"{addr} has no PTR record ({used}): Gmail refuses IPv6 mail from "
+                               f"addresses without one (550-5.7.1 IPv6 sending guidelines); {fix}")
+        names = [_normalize(r.target.to_text()) for r in ptrs]
+        for name in names:
+            _, aaaa = await _query(resolver, name, "AAAA")
+            if any(ipaddress.ip_address(r.address) == ipaddress.ip_address(addr) for r in aaaa):
+                return CheckResult("ipv6", "ok", f"{addr} -> {name} -> {addr} ({used})")
+    except _DnsUnavailable as e:
+        return CheckResult("ipv6", "error", f"cannot check the PTR of {addr}: {e}")
+    return CheckResult("ipv6", "warn", f"{addr} -> {', '.join(names)}, which does not resolve back to {addr} "
+                       f"({used}); {fix}")
+
+
 # --- running ----------------------------------------------------------------------------
 # --- inbound MTA-STS and TLS-RPT (RFC 8461, RFC 8460) --------------------------------------
 def _sts_suggestion(domain: str, mx_hosts: Sequence[str]) -> str:
@@ -742,7 +789,11 @@ async def diagnose(cfg: Config, domain: str, *, selector: str | None = None,
         check_mta_sts(resolver, cfg, domain),
         check_tls_rpt(resolver, domain),
     )
-    return [mx, spf, *dkim, dmarc, check_tls(cfg), check_spool(cfg), hostname, sts, rpt]
+    results = [mx, spf, *dkim, dmarc, check_tls(cfg), check_spool(cfg), hostname, sts, rpt]
+    v6 = None if cfg.delivery.ip_family == "ipv4" else await asyncio.to_thread(outbound_ipv6, cfg)
+    if v6 is not None:
+        results.append(await check_ipv6_ptr(resolver, cfg, v6))
+    return results
 
 
 def format_text(domain: str, results: Sequence[CheckResult], code: int) -> str:

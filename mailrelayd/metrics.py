@@ -206,9 +206,33 @@ DKIM_KEYS_LOADED = Gauge("mailrelayd_dkim_keys_loaded", "DKIM keys currently loa
 # --- feedback ---------------------------------------------------------------------------
 FEEDBACK_RECEIVED = Counter(
     "mailrelayd_feedback_received_total",
-    "Inbound feedback messages by kind (hard_bounce, soft_bounce, complaint, not_feedback, unparsable) "
+    "Inbound feedback messages by kind (hard_bounce, soft_bounce, complaint, delayed, reputation, policy, "
+    "not_feedback, unparsable, untrusted) "
     "and the sending domain they refer to (when known).",
     ["kind", "sender_domain"],
+)
+# Label values of the feedback families (kept bounded; the processor maps anything else to "other").
+FEEDBACK_KINDS = ("hard_bounce", "soft_bounce", "complaint", "delayed", "reputation", "policy", "not_feedback",
+                  "unparsable", "untrusted")
+REPUTATION_REASONS = ("blocked", "badreputation", "requireptr", "authfailure", "spamdetected", "virusdetected",
+                      "speeding", "toomanyconn", "rejected", "norelaying", "policyviolation", "securityerror",
+                      "contenterror", "notcompliantrfc", "syntaxerror", "failedstarttls", "other")
+REPUTATION_EVENTS = Counter(
+    "mailrelayd_reputation_events_total",
+    "Failures about our own sending (blocklist, PTR, SPF/DKIM/DMARC, spam/content, rate limits) by sending "
+    "domain and reason; never counted against the recipient.",
+    ["domain", "reason"],
+)
+REPUTATION_EVENTS_BY_DESTINATION = Counter(
+    "mailrelayd_reputation_events_by_destination_total",
+    "The same reputation/policy failures by destination (recipient) domain and reason.",
+    ["destination", "reason"],
+)
+CIRCUIT_BREAKER_TRIPS = Counter(
+    "mailrelayd_circuit_breaker_trips_total",
+    "Sending domains whose outbound mail the feedback circuit breaker held, by domain and reason "
+    "(bounce_rate, complaint_rate).",
+    ["domain", "reason"],
 )
 SUPPRESSIONS = Gauge("mailrelayd_suppressions", "Addresses on the suppression list by kind.", ["kind"])
 SUPPRESSED_REJECTIONS = Counter(
@@ -355,8 +379,10 @@ declare_labels(DSN_SENT, action=("failed", "delayed"))
 declare_label_sets(DKIM_SIGNATURES, lambda dims: [
     {"domain": key.split(" ")[0], "algorithm": key.split(" ")[1], "result": result}
     for key in dims[DKIM_KEYS.name] for result in ("ok", "error")])
-declare_labels(FEEDBACK_RECEIVED, sender_domain=SENDER_DOMAINS,
-               kind=("hard_bounce", "soft_bounce", "complaint", "not_feedback", "unparsable"))
+declare_labels(FEEDBACK_RECEIVED, sender_domain=SENDER_DOMAINS, kind=FEEDBACK_KINDS)
+declare_labels(REPUTATION_EVENTS, domain=SENDER_DOMAINS, reason=REPUTATION_REASONS)
+declare_labels(REPUTATION_EVENTS_BY_DESTINATION, destination=DESTINATION_DOMAINS, reason=REPUTATION_REASONS)
+declare_labels(CIRCUIT_BREAKER_TRIPS, domain=SENDER_DOMAINS, reason=("bounce_rate", "complaint_rate"))
 declare_labels(SUPPRESSIONS, kind=("hard_bounce", "soft_bounce", "complaint", "manual"))
 declare_labels(SUPPRESSED_REJECTIONS, stage=("rcpt", "delivery"))
 
@@ -365,3 +391,19 @@ for _m in (WEBHOOK_EVENTS_SENT, WEBHOOK_EVENTS_FAILED, WEBHOOK_BACKLOG):
 declare_labels(USER_RATE_LIMITED, user=USERS)
 declare_labels(API_REQUESTS, status=("202", "400", "401", "403", "413", "415", "422", "429", "503"))
 declare_labels(MAILDROP_MESSAGES, result=("queued", "failed"))
+# --- delivery control -------------------------------------------------------------------
+destination_label = BoundedLabel(100)
+DESTINATION_SUSPENDED = Gauge(
+    "mailrelayd_destination_suspended",
+    "Destinations (recipient domain or [[shaping]] MX group) suspended after a throttling reply: 1 or 0 per "
+    "destination; configured [[shaping]] destinations always have their own label, the first 100 others too, "
+    "the rest count together under 'other'.",
+    ["destination"],
+)
+DESTINATION_POSTPONED = Counter(
+    "mailrelayd_destination_postponed_total",
+    "Transactions postponed by shaping, by reason (suspended, connections, rate).",
+    ["reason"],
+)
+QUEUE_HELD = Gauge("mailrelayd_queue_held_rules", "Hold rules in force (queue hold --domain/--sender/--user).")
+declare_labels(DESTINATION_POSTPONED, reason=("suspended", "connections", "rate"))

@@ -1,9 +1,9 @@
-"""Queue administration (``mailrelayd queue ...``): list, show, flush, delete, bounce.
+"""Queue administration (``mailrelayd queue ...``): list, show, hold, release, flush, delete, bounce.
 
 While the daemon runs, the CLI reaches these through the sidecar's admin UNIX socket, so the
-scheduler learns about every change at once. When the daemon is stopped, the CLI runs the same
-operations directly on the spool (SQLite transactions keep it consistent; the daemon picks the
-changes up when it starts).
+delivery loop learns about every change at once. When the daemon is stopped, the CLI runs the same
+operations through a :class:`QueueManager` directly on the spool (SQLite transactions keep it
+consistent; the daemon picks the changes up when it starts).
 """
 
 from __future__ import annotations
@@ -11,72 +11,115 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from mailrelayd.delivery.queuemanager import BulkResult, QueueManager
 from mailrelayd.delivery.scheduler import Scheduler
 from mailrelayd.errors import SpoolError
 from mailrelayd.spool.queueid import is_queue_id
-from mailrelayd.spool.store import MessageRecord, Spool
+from mailrelayd.spool.store import MessageRecord, QueueFilter, Spool
+
+BULK_ACTIONS = ("hold", "release", "flush", "delete", "bounce")
 
 
-def message_json(m: MessageRecord, inflight: frozenset[str] = frozenset(), now: float | None = None) -> dict[str, Any]:
-    """A queued message as the CLI prints it (``--json``)."""
+def message_json(m: MessageRecord, inflight: frozenset[str] = frozenset(), now: float | None = None,
+                 qm: QueueManager | None = None, scheduler: Scheduler | None = None) -> dict[str, Any]:
+    """A queued message as the CLI prints it (``--json``). A held recipient has ``"state": "held"``."""
     now = time.time() if now is None else now
     active = m.active_recipients()
+
+    def state(r: Any) -> str:
+        if qm is not None:
+            return qm.recipient_state(m, r, inflight)
+        return "inflight" if (m.queue_id in inflight and r.active) else r.state
+
+    rcpts = []
+    for r in m.recipients:
+        item: dict[str, Any] = {"address": r.address, "state": state(r), "attempts": r.attempts,
+                                "next_attempt": r.next_attempt if r.active else None, "last_reply": r.last_reply}
+        if scheduler is not None and r.active:
+            item["destination"] = scheduler.destination_name(r.domain)
+        if item["state"] == "held" and qm is not None:
+            item["held_reason"] = qm.hold_reason(m, r)
+        rcpts.append(item)
+    held = bool(active) and all(x["state"] == "held" for x in rcpts if x["next_attempt"] is not None)
     return {
         "queue_id": m.queue_id,
         "age_s": round(now - m.received_at, 1),
         "received_at": m.received_at,
         "sender": m.mail_from,
+        "user": m.user or None,
         "size": m.size,
         "queue": m.queue,
         "dsn": m.is_dsn,
-        "next_attempt": min((r.next_attempt for r in active), default=None),
-        "recipients": [
-            {"address": r.address, "state": "inflight" if (m.queue_id in inflight and r.active) else r.state,
-             "attempts": r.attempts, "next_attempt": r.next_attempt if r.active else None,
-             "last_reply": r.last_reply}
-            for r in m.recipients
-        ],
+        "state": "held" if held else "active",
+        "next_attempt": None if held else min((r.next_attempt for r in active), default=None),
+        "recipients": rcpts,
     }
 
 
 class QueueOps:
-    def __init__(self, spool: Spool, scheduler: Scheduler | None) -> None:
+    def __init__(self, spool: Spool, scheduler: Scheduler | None, queue: QueueManager | None = None) -> None:
         self.spool = spool
         self.scheduler = scheduler
+        if queue is None:
+            assert scheduler is not None, "QueueOps needs a scheduler or a queue manager"
+            queue = scheduler.queue
+        self.queue = queue
+
+    def _inflight(self) -> frozenset[str]:
+        return self.scheduler.inflight if self.scheduler else frozenset()
 
     async def list(self, limit: int = 1000) -> list[dict[str, Any]]:
-        inflight = self.scheduler.inflight if self.scheduler else frozenset()
-        return [message_json(m, inflight) for m in await self.spool.list_messages(limit)]
+        inflight = self._inflight()
+        now = time.time()
+        return [message_json(m, inflight, now, self.queue, self.scheduler)
+                for m in await self.spool.list_messages(limit)]
 
     async def show(self, qid: str) -> dict[str, Any] | None:
         m = await self.spool.get(qid.upper())
         if m is None:
             return None
-        inflight = self.scheduler.inflight if self.scheduler else frozenset()
-        out = message_json(m, inflight)
+        out = message_json(m, self._inflight(), None, self.queue, self.scheduler)
         body = await self.spool.body(m.queue_id) or b""
         head_end = body.find(b"\r\n\r\n")
         out["headers"] = body[: head_end if head_end >= 0 else 4096].decode("utf-8", "replace")
         return out
 
+    def destinations(self) -> dict[str, Any]:
+        rules = [{"kind": r.kind, "value": r.value, "until": r.until or None, "reason": r.reason,
+                  "since": r.created_at} for r in self.queue.rules]
+        dests = self.scheduler.destinations_json() if self.scheduler is not None else []
+        return {"destinations": dests, "holds": rules}
+
     async def flush(self, qid: str | None) -> int:
-        n = await self.spool.reschedule(qid.upper() if qid else None, time.time())
-        if self.scheduler is not None:
-            self.scheduler.flush(qid.upper() if qid else None)
-        return n
+        f = QueueFilter(queue_ids=(qid.upper(),)) if qid else None
+        return (await self.queue.flush(f)).recipients
 
     async def delete(self, qid: str) -> bool:
-        assert self.scheduler is not None
-        return await self.scheduler.administrative(qid.upper(), "delete")
+        return await self.queue.administrative(qid.upper(), "delete")
 
     async def bounce(self, qid: str) -> bool:
-        assert self.scheduler is not None
-        return await self.scheduler.administrative(qid.upper(), "bounce")
+        return await self.queue.administrative(qid.upper(), "bounce")
+
+    async def bulk(self, action: str, f: QueueFilter, *, dry_run: bool = False, reason: str = "",
+                   until: float | None = None) -> BulkResult:
+        q = self.queue
+        if action == "hold":
+            return await q.hold(f, until=until, reason=reason, dry_run=dry_run)
+        if action == "release":
+            return await q.release(None if f.empty else f, dry_run=dry_run)
+        if action == "flush":
+            return await q.flush(None if f.empty else f, dry_run=dry_run)
+        if action == "delete":
+            return await q.delete(f, reason, dry_run=dry_run)
+        if action == "bounce":
+            return await q.bounce(f, reason, dry_run=dry_run)
+        raise ValueError(f"unknown action {action!r}")
 
     async def handle(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        """The admin API: ``GET queue``, ``GET queue/ID``, ``POST queue/flush``,
-        ``POST queue/ID/flush|delete|bounce``. A spool that cannot be read or written (disk full,
-        damaged) is a 503 with the reason, for the CLI to print."""
+        """The admin API: ``GET queue``, ``GET queue/destinations``, ``GET queue/ID``,
+        ``POST queue/hold|release|flush|delete|bounce`` with a JSON body ``{"filter": {...},
+        "dry_run": bool, "reason": str, "until": unix-time}``, ``POST queue/ID/<action>``. A spool
+        that cannot be read or written (disk full, damaged) is a 503 with the reason, for the CLI."""
         try:
             return await self._handle(method, path, body)
         except SpoolError as e:
@@ -86,13 +129,25 @@ class QueueOps:
         parts = [p for p in path.split("/") if p]
         if not parts or parts[0] != "queue":
             return 404, {"error": "unknown endpoint"}
+        body = body if isinstance(body, dict) else {}
         if method == "GET" and len(parts) == 1:
             return 200, await self.list(int(body.get("limit", 1000)) if body else 1000)
-        if method == "POST" and parts[1:] == ["flush"]:
-            return 200, {"rescheduled": await self.flush(None)}
+        if method == "GET" and parts[1:] == ["destinations"]:
+            return 200, self.destinations()
+        if method == "POST" and len(parts) == 2 and parts[1] in BULK_ACTIONS:
+            try:
+                f = QueueFilter.from_json(body.get("filter") or {})
+                if parts[1] == "flush" and f.empty and "filter" not in body and not body.get("dry_run"):
+                    return 200, {"rescheduled": await self.flush(None)}  # the 0.1 API
+                until = body.get("until")
+                res = await self.bulk(parts[1], f, dry_run=bool(body.get("dry_run")), reason=str(body.get("reason")
+                                      or ""), until=float(until) if until else None)
+            except (ValueError, TypeError) as e:
+                return 400, {"error": str(e)}
+            return 200, res.to_json()
         if len(parts) < 2 or not is_queue_id(parts[1]):
             return 400, {"error": "expected a queue id"}
-        qid = parts[1]
+        qid = parts[1].upper()
         if method == "GET" and len(parts) == 2:
             m = await self.show(qid)
             return (200, m) if m is not None else (404, {"error": f"no message {qid}"})
@@ -103,4 +158,7 @@ class QueueOps:
             if action in ("delete", "bounce"):
                 ok = await (self.delete(qid) if action == "delete" else self.bounce(qid))
                 return (200, {action: qid}) if ok else (404, {"error": f"no active message {qid}"})
+            if action in ("hold", "release"):
+                res = await self.bulk(action, QueueFilter(queue_ids=(qid,)), reason=str(body.get("reason") or ""))
+                return (200, res.to_json()) if res.messages else (404, {"error": f"no active message {qid}"})
         return 404, {"error": "unknown endpoint"}

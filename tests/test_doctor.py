@@ -69,6 +69,8 @@ def make_config(directory: Path, tls_files: tuple[Path, Path], srv: DnsServer, d
         # Generous: on a loaded CI machine the first of nine concurrent lookups can take over a second.
         "dns": {"nameservers": [srv.nameserver], "timeout": "3s"},
         "dkim": [{"domain": DOMAIN, "selector": SELECTOR, "key_file": str(dkim_key[0])}],
+        # The test host's own IPv6 set-up must not change these results (see test_ipv6_ptr_*).
+        "delivery": {"ip_family": "ipv4"},
     })
     return write_config(directory, deep_merge(data, over))
 
@@ -362,3 +364,32 @@ def test_existing_spool_is_write_tested(capsys: pytest.CaptureFixture[str], conf
     assert code == 0, report
     assert detail(report, "spool").startswith(f"{spool} writable, spool database 0 MB")
     assert list(spool.iterdir()) == []  # the probe file is removed
+
+
+@pytest.mark.parametrize("ptr,aaaa,status", [
+    ("relay6.example.com.", "2001:db8::25", "ok"),
+    ("relay6.example.com.", "2001:db8::26", "warn"),  # the PTR's name does not resolve back
+    (None, None, "warn"),  # no PTR at all
+])
+async def test_ipv6_ptr_check(tmp_path: Path, tls_files: tuple[Path, Path], zone: DnsServer,
+                              dkim_key: tuple[Path, str], ptr: str | None, aaaa: str | None, status: str) -> None:
+    import dns.reversename
+
+    from mailrelayd.config import load_config
+    from mailrelayd.delivery.mx import make_resolver
+    from mailrelayd.doctor import check_ipv6_ptr, diagnose, outbound_ipv6
+    rev = dns.reversename.from_address("2001:db8::25").to_text()
+    zone.remove(rev)
+    zone.remove("relay6.example.com.")
+    if ptr:
+        zone.add(rev, "PTR", ptr)
+        zone.add(ptr, "AAAA", aaaa or "")
+    cfg = load_config(make_config(tmp_path / "c6", tls_files, zone, dkim_key,
+                                  delivery={"ip_family": "any", "source_address6": "2001:db8::25"}))
+    res = await check_ipv6_ptr(make_resolver(cfg.dns), cfg, "2001:db8::25")
+    assert res.status == status, res
+    if status == "warn":
+        assert 'ip_family = "ipv4"' in res.detail
+    assert outbound_ipv6(cfg) == "2001:db8::25"  # the configured source address is the one checked
+    names = {r.name: r.status for r in await diagnose(cfg, DOMAIN)}
+    assert names["ipv6"] == status

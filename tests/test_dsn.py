@@ -178,8 +178,8 @@ def test_delayed() -> None:
     assert block["Status"] == "4.2.2"
     assert block["Will-Retry-Until"] is None
     report = parse_feedback(out)
-    assert report.kind == "soft_bounce"
-    assert [(x.address, x.kind, x.status) for x in report.recipients] == [("slow@example.org", "soft_bounce", "4.2.2")]
+    assert report.kind == "delayed"
+    assert [(x.address, x.kind, x.status) for x in report.recipients] == [("slow@example.org", "delayed", "4.2.2")]
 
 
 @pytest.mark.parametrize("action", ["bounced", "", "FAILED"])

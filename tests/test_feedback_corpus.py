@@ -2,8 +2,8 @@
 
 The corpus holds third-party files that must not enter the repository, so this test skips
 when it is absent. Targets (see the corpus README and bench/feedback_accuracy.py):
->= 95 % of hard_bounce + complaint rows suppressed with the right recipient, and at most 1 %
-of soft_bounce + not_feedback rows ending in a false suppression.
+>= 98 % of hard_bounce + complaint rows suppressed with the right recipient, and no
+soft_bounce or not_feedback row ending in a false suppression (issue 12).
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def score() -> Any:
 
 def test_suppresses_hard_bounces_and_complaints(score: Any) -> None:
     assert score.total["hard_bounce"] + score.total["complaint"] >= 150  # the corpus is really there
-    assert score.suppress_recall >= 0.95, [
+    assert score.suppress_recall >= 0.98, [
         w for w in score.wrong if w["expected"] in ("hard_bounce", "complaint")
     ]
 
 
-def test_false_suppressions_at_most_one_percent(score: Any) -> None:
-    assert score.false_suppression_rate <= 0.01, score.false_suppressions
+def test_no_false_suppressions(score: Any) -> None:
+    assert score.false_suppressions == [], score.false_suppressions
 
 
 def test_never_suppresses_on_not_feedback(score: Any) -> None:

@@ -53,45 +53,77 @@ def _store(d: Any) -> Any:
     return d.daemon.suppressions
 
 
-async def test_dsn_arf_and_non_feedback_over_smtp(start_daemon) -> None:
-    d = await start_daemon({"feedback": {"soft_bounce_threshold": 2}})
-    complaints = _received("complaint")
-
-    await _send(d, _fixture("dsn-hard.eml"))
-    hard = await asyncio.to_thread(_store(d).get, "Nobody-Here@example.net")
-    assert hard is not None and hard.kind == "hard_bounce" and hard.source == "dsn"
-    assert await asyncio.to_thread(_store(d).is_suppressed, "Nobody-Here@example.net")
-
-    await _send(d, _fixture("arf-abuse.eml"))
-    c = await asyncio.to_thread(_store(d).get, "complainer@example.net")
-    assert c is not None and c.kind == "complaint" and c.source == "arf"
-    assert _received("complaint") == complaints + 1
-
-    # One soft bounce is recorded, not suppressed; the threshold's worth suppresses.
-    await _send(d, _fixture("dsn-soft.eml"))
-    assert not await asyncio.to_thread(_store(d).is_suppressed, "full-box@example.org")
-    await _send(d, _fixture("dsn-soft.eml"))
-    soft = await asyncio.to_thread(_store(d).get, "full-box@example.org")
-    assert soft is not None and soft.kind == "soft_bounce"
-
-    # Auto-replies and ordinary mail to the bounce domain change nothing.
-    before = {s.address for s in await asyncio.to_thread(_store(d).list)}
-    await _send(d, _fixture("autoreply.eml"))
-    await _send(d, _fixture("ordinary.eml"))
-    await _send(d, _fixture("mdn.eml"))
-    assert {s.address for s in await asyncio.to_thread(_store(d).list)} == before
+async def _deliver_to(d: Any, client_tls: Any, sink: Sink, rcpts: list[str]) -> None:
+    """Really send one message to ``rcpts`` (feedback without a VERP token is acted on only for
+    addresses we sent to) and wait until the spool is done with it."""
+    c = aiosmtplib.SMTP(hostname="127.0.0.1", port=d.port("submission"), start_tls=True, tls_context=client_tls)
+    await c.connect()
+    await c.login("alice", TEST_PASSWORD)
+    _errors, reply = await c.sendmail("app@example.com", rcpts, b"From: app@example.com\r\nSubject: s\r\n\r\nx\r\n")
+    await c.quit()
+    qid = reply.rsplit(" ", 1)[1]
+    for _ in range(750):
+        if await d.spool.get(qid) is None:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"message {qid} not delivered")
 
 
-async def test_require_verp_ignores_unauthenticated_bounces_but_not_complaints(start_daemon) -> None:
-    d = await start_daemon({"feedback": {"bounce_domain": "bounces.test.example",
-                                         "verp_secret": "t0p-secret-for-the-tests", "require_verp": True}})
-    await _send(d, _fixture("dsn-hard.eml"), rcpt="postmaster@bounces.test.example")
-    assert not await asyncio.to_thread(_store(d).is_suppressed, "Nobody-Here@example.net")
-    # A forged VERP token is no better than none.
-    await _send(d, _fixture("dsn-hard.eml"), rcpt="bounces+06h0tmxxecqy7-0-2yxt6kv08g@bounces.test.example")
-    assert not await asyncio.to_thread(_store(d).is_suppressed, "Nobody-Here@example.net")
-    await _send(d, _fixture("arf-abuse.eml"), rcpt="fbl@bounces.test.example")
-    assert await asyncio.to_thread(_store(d).is_suppressed, "complainer@example.net")
+async def test_dsn_arf_and_non_feedback_over_smtp(start_daemon, client_tls) -> None:
+    sink = await Sink().start()
+    try:
+        d = await start_daemon({"feedback": {"soft_bounce_threshold": 2, "trusted_reporters": ["127.0.0.2/32"]},
+                                "routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}]})
+        await _deliver_to(d, client_tls, sink, ["Nobody-Here@example.net", "complainer@example.net",
+                                                "full-box@example.org"])
+        complaints = _received("complaint")
+
+        await _send(d, _fixture("dsn-hard.eml"))
+        hard = await asyncio.to_thread(_store(d).get, "Nobody-Here@example.net")
+        assert hard is not None and hard.kind == "hard_bounce" and hard.source == "dsn"
+        assert await asyncio.to_thread(_store(d).is_suppressed, "Nobody-Here@example.net")
+
+        await _send(d, _fixture("arf-abuse.eml"))
+        c = await asyncio.to_thread(_store(d).get, "complainer@example.net")
+        assert c is not None and c.kind == "complaint" and c.source == "arf"
+        assert _received("complaint") == complaints + 1
+
+        # One soft bounce is recorded, not suppressed; the threshold's worth suppresses.
+        await _send(d, _fixture("dsn-soft.eml"))
+        assert not await asyncio.to_thread(_store(d).is_suppressed, "full-box@example.org")
+        await _send(d, _fixture("dsn-soft.eml"))
+        soft = await asyncio.to_thread(_store(d).get, "full-box@example.org")
+        assert soft is not None and soft.kind == "soft_bounce"
+
+        # Auto-replies and ordinary mail to the bounce domain change nothing.
+        before = {s.address for s in await asyncio.to_thread(_store(d).list)}
+        await _send(d, _fixture("autoreply.eml"))
+        await _send(d, _fixture("ordinary.eml"))
+        await _send(d, _fixture("mdn.eml"))
+        assert {s.address for s in await asyncio.to_thread(_store(d).list)} == before
+    finally:
+        await sink.stop()
+
+
+async def test_require_verp_ignores_unauthenticated_bounces(start_daemon, client_tls) -> None:
+    sink = await Sink().start()
+    try:
+        d = await start_daemon({"feedback": {"bounce_domain": "bounces.test.example",
+                                             "verp_secret": "t0p-secret-for-the-tests", "require_verp": True,
+                                             "trusted_reporters": ["127.0.0.2/32"]},
+                                "routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}]})
+        await _deliver_to(d, client_tls, sink, ["Nobody-Here@example.net", "complainer@example.net"])
+        # Even for an address we sent to, a bounce without a token is not acted on.
+        await _send(d, _fixture("dsn-hard.eml"), rcpt="postmaster@bounces.test.example")
+        assert not await asyncio.to_thread(_store(d).is_suppressed, "Nobody-Here@example.net")
+        # A forged VERP token is no better than none.
+        await _send(d, _fixture("dsn-hard.eml"), rcpt="bounces+06h0tmxxecqy7-0-2yxt6kv08g@bounces.test.example")
+        assert not await asyncio.to_thread(_store(d).is_suppressed, "Nobody-Here@example.net")
+        # Complaints from a listed reporter about an address we sent to still count.
+        await _send(d, _fixture("arf-abuse.eml"), rcpt="fbl@bounces.test.example")
+        assert await asyncio.to_thread(_store(d).is_suppressed, "complainer@example.net")
+    finally:
+        await sink.stop()
 
 
 async def test_hostile_messages_never_crash_and_unparsable_is_kept(start_daemon) -> None:

@@ -32,7 +32,7 @@ FAMILIES = [
     # (fixture, report kind, {recipient: kind})
     ("dsn-hard.eml", "hard_bounce", {"nobody-here@example.net": "hard_bounce"}),
     ("dsn-soft.eml", "soft_bounce", {"full-box@example.org": "soft_bounce"}),
-    ("dsn-delayed.eml", "soft_bounce", {"slow@example.org": "soft_bounce"}),
+    ("dsn-delayed.eml", "delayed", {"slow@example.org": "delayed"}),
     ("dsn-base64.eml", "hard_bounce", {"gone@example.com": "hard_bounce"}),
     (
         "dsn-no-blank-line.eml",
@@ -48,7 +48,7 @@ FAMILIES = [
         "hard_bounce",
         {"ghost@example.net": "hard_bounce", "stuffed@example.net": "soft_bounce"},
     ),
-    ("postfix-plain-policy.eml", "soft_bounce", {"reader@example.org": "soft_bounce"}),
+    ("postfix-plain-policy.eml", "reputation", {"reader@example.org": "reputation"}),
     ("exchange-plain.eml", "hard_bounce", {"departed@example.org": "hard_bounce"}),
     ("autoreply.eml", "not_feedback", {}),
     ("delivered-dsn.eml", "not_feedback", {}),
@@ -56,6 +56,31 @@ FAMILIES = [
     ("arf-auth-failure.eml", "not_feedback", {}),
     ("ordinary.eml", "not_feedback", {}),
     ("broken-mime.eml", "not_feedback", {}),
+    # RFC 6533: message/global-delivery-status, utf-8 address type, U-label domain (IDNA-encoded).
+    ("dsn-global-utf8.eml", "hard_bounce", {"josé@xn--exmple-cua.net": "hard_bounce"}),
+    ("postfix-plain-utf8.eml", "hard_bounce", {"josé@xn--exmple-cua.net": "hard_bounce"}),
+    # About our sending, not the recipient: blocklist, PTR, DMARC (5.7.26), rate limit, local policy.
+    ("dsn-blocklist.eml", "reputation", {"reader@example.net": "reputation"}),
+    ("dsn-gmail-ptr.eml", "reputation", {"reader@gmail.example": "reputation"}),
+    ("dsn-dmarc-5.7.26.eml", "reputation", {"reader@gmail.example": "reputation"}),
+    ("dsn-rate-limit.eml", "policy", {"reader@example.net": "policy"}),
+    ("dsn-policy-local.eml", "policy", {"reader@example.org": "policy"}),
+    # Vague codes with a clear diagnostic; a disabled account (5.7.13); a network failure.
+    ("dsn-vague-5.0.0.eml", "hard_bounce", {"left@example.org": "hard_bounce"}),
+    ("dsn-4xx-user-unknown.eml", "hard_bounce", {"unverified@example.org": "hard_bounce"}),
+    ("dsn-suspended-5.7.13.eml", "hard_bounce", {"sleeper@example.org": "hard_bounce"}),
+    ("dsn-network-error.eml", "soft_bounce", {"reader@example.org": "soft_bounce"}),
+    # A bounce that names nobody: not feedback by itself (only a VERP token can attribute it).
+    ("bounce-no-recipient.eml", "not_feedback", {}),
+    # Amazon SES notifications by mail (plain and in the SNS envelope).
+    ("ses-bounce-permanent.eml", "hard_bounce", {"gone@example.org": "hard_bounce"}),
+    ("ses-bounce-transient-sns.eml", "soft_bounce", {"stuffed@example.org": "soft_bounce"}),
+    ("ses-bounce-suppressed.eml", "hard_bounce", {"listed@example.org": "hard_bounce"}),
+    ("ses-complaint.eml", "complaint", {"annoyed@example.org": "complaint"}),
+    ("ses-delivery.eml", "not_feedback", {}),
+    # ARF variants: fields in a text/plain part; base64 fields without Original-Rcpt-To.
+    ("arf-fields-in-text.eml", "complaint", {"grumpy@example.net": "complaint"}),
+    ("arf-base64-no-rcpt.eml", "complaint", {"pat@example.net": "complaint"}),
 ]
 
 
@@ -74,6 +99,31 @@ def test_crlf_gives_the_same_result() -> None:
     for fixture, _kind, _recipients in FAMILIES:
         raw = load(fixture)
         assert parse_feedback(raw.replace(b"\n", b"\r\n")) == parse_feedback(raw), fixture
+
+
+def test_unattributed_verdict_for_a_bounce_naming_nobody() -> None:
+    """A VERP token can still attribute it: the text's own status says what happened."""
+    report = parse_feedback(load("bounce-no-recipient.eml"))
+    assert report.unattributed is not None
+    assert (report.unattributed.kind, report.unattributed.reason) == ("hard_bounce", "userunknown")
+    assert parse_feedback(load("ordinary.eml")).unattributed is None
+
+
+def test_ses_details() -> None:
+    report = parse_feedback(load("ses-bounce-permanent.eml"))
+    assert report.parser == "ses" and report.original_from == "news@example.com"
+    assert report.original_message_id == "<newsletter-2025-03@example.com>"
+    assert report.recipients[0].status == "5.1.1"
+
+
+def test_utf8_address_forms() -> None:
+    from mailrelayd.feedback.addresses import address_from_field, find_addresses, normalise_address
+
+    # RFC 6533 section 3: \x{HEX} escapes in a utf-8 address field.
+    assert address_from_field("utf-8; jos\\x{E9}@ex\\x{E4}mple.net") == "josé@exämple.net"
+    assert normalise_address("jose\u0301@EXÄMPLE.net") == "josé@xn--exmple-cua.net"  # NFC, A-label
+    # In free text only a delimited UTF-8 address is taken (surrounding letters must not run in).
+    assert find_addresses("宛先kijitora@example.jp <josé@exämple.net>") == ["kijitora@example.jp", "josé@exämple.net"]
 
 
 def test_dsn_details() -> None:
@@ -97,10 +147,10 @@ def test_dsn_details() -> None:
     assert report.suppressions == report.recipients
 
 
-def test_delayed_dsn_is_soft_even_for_a_permanent_looking_text() -> None:
+def test_delayed_dsn_is_delayed_even_for_a_permanent_looking_text() -> None:
     raw = load("dsn-delayed.eml").replace(b"Connection\n    timed out", b"User unknown")
     report = parse_feedback(raw)
-    assert kinds(report) == {"slow@example.org": "soft_bounce"}
+    assert kinds(report) == {"slow@example.org": "delayed"}
     assert report.suppressions == ()
 
 
@@ -354,7 +404,53 @@ def test_classify_hard(status: str, diagnostic: str) -> None:
 @pytest.mark.parametrize(("status", "diagnostic"), SOFT_CASES)
 def test_classify_soft(status: str, diagnostic: str) -> None:
     kind, reason = classify_status(status, diagnostic)
-    assert kind == "soft_bounce", reason
+    assert kind in {"soft_bounce", "reputation", "policy"}, reason
+
+
+KIND_CASES = [
+    # Failures about our sending: reputation (blocklist, PTR, authentication) or policy.
+    ("5.7.1", "554 5.7.1 Service unavailable; Client host [192.0.2.1] blocked using zen.spamhaus.org", "reputation"),
+    ("5.7.1", "550-5.7.1 [2001:db8::1] Gmail has detected that this message does not meet IPv6 sending "
+              "guidelines regarding PTR records and authentication.", "reputation"),
+    ("5.7.26", "550-5.7.26 This mail is unauthenticated, which poses a security risk", "reputation"),
+    ("5.7.25", "550 5.7.25 The IP address sending this message does not have a PTR record setup", "reputation"),
+    ("5.7.23", "", "reputation"),
+    ("4.7.0", "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user "
+              "complaints", "reputation"),
+    ("5.0.0", "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP", "reputation"),
+    ("4.7.28", "421-4.7.28 Gmail has detected an unusual rate of unsolicited mail", "policy"),
+    ("", "421 Too many concurrent SMTP connections from this IP address; please try again later", "policy"),
+    ("5.7.1", "550 5.7.1 Message rejected due to local policy", "policy"),
+    ("5.0.0", "550 Requested action not taken: mailbox unavailable (policy)", "policy"),
+    # The address itself, with vague or transient-looking codes.
+    ("5.7.13", "550 5.7.13 User account disabled", "hard_bounce"),
+    ("5.0.0", "550 5.2.1 This mailbox has been suspended", "hard_bounce"),
+    ("5.0.0", "554 delivery error: This user doesnt have a yahoo.com account", "hard_bounce"),
+    # Network trouble is not an unknown host.
+    ("4.4.1", "connect to mx.example.org[192.0.2.7]:25: No route to host", "soft_bounce"),
+    ("5.0.0", "Host or domain name not found. Name service error for name=x.example type=MX: Host not found, "
+              "try again", "soft_bounce"),
+    ("4.4.3", "MX lookup failed for example.org (DNS timeout)", "soft_bounce"),
+    # A Status the reporting MTA filled in (5.1.1) against the remote's own words: the words win.
+    ("5.1.1", "connect to example.org[203.0.113.225]:25: Connection timed out", "soft_bounce"),
+    ("5.1.1", "503 Improper sequence of commands", "policy"),
+    ("5.1.1", "554 Host network not allowed", "policy"),
+    ("5.1.1", "550 Connection frequency limited", "policy"),
+    # ... but not when the remote's text itself carries the address-level code.
+    ("5.1.1", "550 5.1.1 Recipient rejected", "hard_bounce"),
+    ("5.1.1", "", "hard_bounce"),
+]
+
+
+@pytest.mark.parametrize(("status", "diagnostic", "kind"), KIND_CASES)
+def test_classify_kind(status: str, diagnostic: str, kind: str) -> None:
+    assert classify_status(status, diagnostic)[0] == kind
+
+
+def test_final_failure_with_a_transient_code_and_a_clear_diagnostic() -> None:
+    text = "450 4.1.1 <x@example.org>: Recipient address rejected: User unknown in local recipient table"
+    assert classify_failure("4.1.1", text).kind == "soft_bounce"  # a synchronous 450: try again
+    assert classify_failure("4.1.1", text, final=True).kind == "hard_bounce"  # the MTA gave up on it
 
 
 def test_classify_reasons() -> None:
@@ -384,7 +480,7 @@ def test_classify_evidence() -> None:
 def test_classify_never_raises(junk: str) -> None:
     start = time.perf_counter()
     kind, _reason = classify_status(junk, junk)
-    assert kind in {"hard_bounce", "soft_bounce"}
+    assert kind in {"hard_bounce", "soft_bounce", "reputation", "policy"}
     assert time.perf_counter() - start < 1.0
 
 

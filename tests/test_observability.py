@@ -165,8 +165,9 @@ async def test_one_message_followed_through_the_log(tmp_path: Path, tls_files, c
     # --- one feedback event per feedback message ------------------------------------------
     fb = [ev for ev in d.events if ev["event"] == "feedback.received"]
     assert len(fb) == 1 and fb[0]["queue_id"] == fb_qid
-    assert fb[0]["kind"] == "hard_bounce"
-    assert [r["address"].lower() for r in fb[0]["recipients"]] == ["nobody-here@example.net"]
+    # The bounce names an address this relay never sent to: logged and counted, not acted on.
+    assert fb[0]["kind"] == "untrusted" and fb[0]["report_kind"] == "hard_bounce"
+    assert [a.lower() for a in fb[0]["untrusted"]] == ["nobody-here@example.net"] and fb[0]["recipients"] == []
     fb_events = Counter(ev["event"] for ev in d.events if ev.get("queue_id") == fb_qid)
     assert fb_events == {"message.accepted": 1, "feedback.received": 1, "message.done": 1}, fb_events
 

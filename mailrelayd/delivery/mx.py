@@ -23,6 +23,9 @@ from mailrelayd.config import DnsConfig
 
 CACHE_SIZE = 50_000
 
+IpFamily = str
+"""One of "any", "ipv4", "ipv6", "prefer-ipv4", "prefer-ipv6" (``[delivery] ip_family``)."""
+
 
 class DnsError(Exception):
     """A DNS answer that stops delivery; ``enhanced`` is the RFC 3463 status it maps to."""
@@ -90,7 +93,7 @@ class MxResolver:
             self._cfg = cfg
             self.resolver = make_resolver(cfg)
 
-    async def resolve(self, domain: str, port: int) -> list[MxHost]:
+    async def resolve(self, domain: str, port: int, family: IpFamily = "any") -> list[MxHost]:
         """Hosts for ``domain`` by MX preference, shuffled among equal preferences (RFC 5321 §5.1).
 
         Raises DnsPermanentError for NXDOMAIN or a null MX, DnsTemporaryError when the answer could
@@ -109,7 +112,9 @@ class MxResolver:
             raise self._temporary("MX", domain, e) from None
 
         if not mxs:
-            addrs = await self._addresses(domain, permanent_if_none=True)
+            addrs = order_addresses(await self._addresses(domain, permanent_if_none=True, family=family), family)
+            if not addrs:
+                raise DnsTemporaryError(f"No {family} address for {domain} (delivery.ip_family)", "4.4.3")
             return [MxHost(domain, addrs, 0, port)]
         # RFC 7505 §3: a single "0 ." MX means the domain accepts no mail.
         real = [(p, x) for p, x in mxs if x != dns.name.root]
@@ -124,31 +129,40 @@ class MxResolver:
             random.shuffle(names)
             ordered.extend((p, n.to_text(omit_final_dot=True).lower()) for n in names)
 
-        results = await asyncio.gather(*(self._addresses(n) for _, n in ordered), return_exceptions=True)
-        hosts = [MxHost(n, r, p, port) for (p, n), r in zip(ordered, results, strict=True)
-                 if isinstance(r, tuple) and r]
+        results = await asyncio.gather(*(self._addresses(n, family=family) for _, n in ordered),
+                                       return_exceptions=True)
+        hosts = [MxHost(n, order_addresses(r, family), p, port) for (p, n), r in zip(ordered, results, strict=True)
+                 if isinstance(r, tuple) and order_addresses(r, family)]
         if not hosts:
-            raise DnsTemporaryError(f"No address for any MX host of {domain} "
+            which = "address" if family == "any" else f"{family} address (delivery.ip_family)"
+            raise DnsTemporaryError(f"No {which} for any MX host of {domain} "
                                     f"({', '.join(n for _, n in ordered)})", "4.4.3")
+        if family.startswith("prefer-"):
+            # Across hosts too: every preferred-family address before any other (Postfix
+            # smtp_address_preference orders within each MX preference; a stricter order suits
+            # receivers that treat IPv6 senders differently).
+            return _prefer_across(hosts, family)
         return hosts
 
-    async def resolve_host(self, host: str, port: int) -> list[MxHost]:
+    async def resolve_host(self, host: str, port: int, family: IpFamily = "any") -> list[MxHost]:
         """A route's fixed host (name or IP literal); unresolvable is temporary (operator's config)."""
         if _is_ip(host):
             return [MxHost(host, (host,), 0, port)]
         try:
-            addrs = await self._addresses(host)
+            addrs = order_addresses(await self._addresses(host, family=family), family)
         except DnsPermanentError as e:
             raise DnsTemporaryError(str(e), "4.4.3") from None
         if not addrs:
             raise DnsTemporaryError(f"No address for route host {host}", "4.4.3")
         return [MxHost(host, addrs, 0, port)]
 
-    async def _addresses(self, name: str, *, permanent_if_none: bool = False) -> tuple[str, ...]:
-        """AAAA then A addresses of ``name`` (both families are tried by the transport)."""
+    async def _addresses(self, name: str, *, permanent_if_none: bool = False, family: IpFamily = "any"
+                         ) -> tuple[str, ...]:
+        """AAAA then A addresses of ``name``; only the family asked for when restricted."""
         if _is_ip(name):
             return (name,)
-        res = await asyncio.gather(self._lookup(name, "AAAA"), self._lookup(name, "A"), return_exceptions=True)
+        types = ("A",) if family == "ipv4" else ("AAAA",) if family == "ipv6" else ("AAAA", "A")
+        res = await asyncio.gather(*(self._lookup(name, t) for t in types), return_exceptions=True)
         addrs: list[str] = []
         errors: list[BaseException] = []
         for r in res:
@@ -189,3 +203,24 @@ class MxResolver:
             reason, text = "error", type(e).__name__
         metrics.DNS_FAILURES.labels(rtype, reason).inc()
         return DnsTemporaryError(f"DNS lookup of {name} {rtype} failed: {text}", "4.4.3")
+
+
+def order_addresses(addrs: tuple[str, ...], family: IpFamily) -> tuple[str, ...]:
+    """Filter and order one host's addresses for ``[delivery] ip_family``: "ipv4"/"ipv6" keep one
+    family, "prefer-*" put that family first, "any" keeps the resolver's order (AAAA first)."""
+    if family == "any":
+        return addrs
+    v6 = tuple(a for a in addrs if ":" in a)
+    v4 = tuple(a for a in addrs if ":" not in a)
+    return {"ipv4": v4, "ipv6": v6, "prefer-ipv4": v4 + v6, "prefer-ipv6": v6 + v4}.get(family, addrs)
+
+
+def _prefer_across(hosts: list[MxHost], family: IpFamily) -> list[MxHost]:
+    """Every host's preferred-family addresses (in MX order), then the others: a backup MX over
+    IPv4 is tried before the primary over IPv6 with prefer-ipv4."""
+    want6 = family == "prefer-ipv6"
+    first = [MxHost(h.name, tuple(a for a in h.addresses if (":" in a) == want6), h.preference, h.port)
+             for h in hosts]
+    second = [MxHost(h.name, tuple(a for a in h.addresses if (":" in a) != want6), h.preference, h.port)
+              for h in hosts]
+    return [h for h in first + second if h.addresses]

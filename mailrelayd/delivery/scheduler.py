@@ -1,9 +1,16 @@
-"""The scheduler: decides when each queued recipient is tried, and records every outcome.
+"""The delivery loop: decides when each queued message is tried, and by which destination.
 
 Per recipient: pending -> (in flight) -> delivered | deferred (retry later) | bounced | expired |
-suppressed. The spool is the source of truth; in memory there is only a heap of
-(next attempt, queue id) and the set of messages in flight, so a queue of 100,000 deferred
-messages costs a few megabytes and one indexed query at start-up.
+suppressed; or held (see :mod:`mailrelayd.delivery.queuemanager`, which records every outcome).
+The spool is the source of truth; in memory there is only a heap of (next attempt, queue id), the
+set of messages in flight, the parked (held) messages and the destinations, so a queue of 100,000
+deferred messages costs a few megabytes and one indexed query at start-up.
+
+Destinations (:mod:`mailrelayd.delivery.shaping`): each transaction goes to one destination (the
+recipient domain, or its ``[[shaping]]`` MX group). A destination at its connection limit makes the
+message wait in its FIFO; one at its rate gives the message a reserved slot; a suspended one defers
+it to the end of the suspension without contacting anyone. Each decision is O(1); the heap makes
+the per-message work O(log n).
 
 Ordering of durability (promise 1): a recipient's result is written to the spool as soon as the
 transaction that produced it ends, before anything else is done about it. A crash after the
@@ -17,119 +24,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mailrelayd import metrics
 from mailrelayd.config import Config
+from mailrelayd.delivery.queuemanager import (  # re-exported: the daemon and feedback import them from here
+    PARKED,
+    DsnBuilder,
+    FailedRecipient,
+    Hooks,
+    LocalResult,
+    Outcome,
+    Postponed,
+    QueueManager,
+    RcptOutcome,
+    _diagnostic,
+    _Missing,
+    _reply_text,
+)
+from mailrelayd.delivery.shaping import Destination, Destinations, is_throttling
 from mailrelayd.errors import SpoolError
 from mailrelayd.log import get_logger
-from mailrelayd.spool.store import (
-    BOUNCED,
-    DEFERRED,
-    DELETED,
-    DELIVERED,
-    EXPIRED,
-    OUTBOUND,
-    PROCESSED,
-    SUPPRESSED,
-    Event,
-    MessageRecord,
-    NewMessage,
-    RecipientRecord,
-    RecipientUpdate,
-    Spool,
-)
+from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
 
 log = get_logger()
 
-
-class RcptOutcome(Protocol):
-    """One recipient's result from a delivery attempt (see delivery.transport.RcptResult)."""
-
-    address: str
-    code: int
-    enhanced: str
-    text: str
-    remote_mta: str
-    remote_reply: str
-    stage: str
-
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def permanent(self) -> bool: ...
+__all__ = ["RUNBOOK_SPOOL", "DsnBuilder", "FailedRecipient", "Hooks", "LocalDelivery", "LocalResult", "RcptOutcome",
+           "Scheduler", "TransportLike", "_diagnostic", "_reply_text"]
 
 
 class TransportLike(Protocol):
-    async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes
+    async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
+                      max_messages: int | None = None, max_connections: int | None = None
                       ) -> Sequence[RcptOutcome]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class LocalResult:
-    """Result of handing a local-domain recipient (bounce domain) to the feedback pipeline."""
-
-    ok: bool
-    detail: str
-    temporary: bool = False
-    events: tuple[Event, ...] = ()
-    """Events about earlier messages (complaints, asynchronous bounces), stored with this outcome."""
 
 
 LocalDelivery = Callable[[MessageRecord, bytes, Sequence[RecipientRecord]], Awaitable[Sequence[LocalResult]]]
 """Processes messages addressed to our own domains (feedback: bounces and complaints)."""
 
-DsnBuilder = Callable[..., bytes]
-
-
-@dataclass(frozen=True, slots=True)
-class FailedRecipient:
-    address: str
-    status: str
-    diagnostic: str
-    remote_mta: str
-    last_attempt: float
-    stage: str = ""
-
-
-@dataclass(slots=True)
-class _Unrecorded:
-    """The outcome of an attempt that the spool refused to record (kept to retry the write)."""
-
-    msg: MessageRecord
-    updates: list[RecipientUpdate]
-    failed: list[FailedRecipient]
-    now: float
-    delayed: Sequence[FailedRecipient]
-    events: Sequence[Event] = ()
-
+MxNames = Callable[[str], Awaitable[list[str]]]
+"""MX host names of a recipient domain (only asked when [[shaping]] groups by MX suffix)."""
 
 RUNBOOK_SPOOL = "docs/runbooks/MailrelaydSpoolDamaged.md"
 
-
-class Hooks:
-    """Optional integrations, wired by the daemon (all may be left as no-ops)."""
-
-    def is_suppressed(self, address: str) -> bool:
-        return False
-
-    def return_path(self, msg: MessageRecord, rcpt: RecipientRecord) -> str:
-        """Envelope sender for one recipient (VERP), or the original sender."""
-        return msg.mail_from
-
-    def verp_enabled(self, msg: MessageRecord) -> bool:
-        return False
-
-    def is_local(self, domain: str) -> bool:
-        return False
-
-    def permanent_failure(self, msg: MessageRecord, rcpt: RecipientRecord, outcome: RcptOutcome) -> None:
-        """Called for each synchronous 5xx (feeds the suppression classification)."""
+WAIT_RECHECK = 300.0
+"""A message waiting for a connection slot is looked at again after this long even if no slot
+was handed to it (a safety net, not the normal path: a freed slot wakes the first waiter)."""
 
 
 class Scheduler:
@@ -137,17 +82,22 @@ class Scheduler:
 
     def __init__(self, cfg: Config, spool: Spool, transport: TransportLike, *, dsn_builder: DsnBuilder,
                  local: LocalDelivery | None = None, hooks: Hooks | None = None,
-                 clock: Callable[[], float] = time.time, body_cache_bytes: int = 64 * 1024 * 1024) -> None:
+                 clock: Callable[[], float] = time.time, body_cache_bytes: int = 64 * 1024 * 1024,
+                 mx_names: MxNames | None = None, queue: QueueManager | None = None) -> None:
         self.cfg = cfg
         self.spool = spool
         self.transport = transport
         self.local = local
-        self.hooks = hooks or Hooks()
-        self.dsn_builder = dsn_builder
         self.clock = clock
+        self.queue = queue or QueueManager(cfg, spool, dsn_builder=dsn_builder, hooks=hooks, clock=clock)
+        self.queue.listener = self
+        self.hooks = self.queue.hooks
+        self.mx_names = mx_names
+        self.destinations = Destinations(cfg)
         self._heap: list[tuple[float, str]] = []
         self._scheduled: dict[str, float] = {}  # qid -> due time of its live heap entry
         self._inflight: set[str] = set()
+        self._parked: set[str] = set()  # only held recipients left: out of the heap until released
         # Spool state of recipients being attempted right now, so the queue gauges count each once.
         self.inflight_by_state: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -158,12 +108,23 @@ class Scheduler:
         self._body_bytes = 0
         self._body_cache_max = body_cache_bytes
         self._limit = asyncio.Semaphore(self._max_inflight(cfg))
+        # destination -> (end of suspension, its gauge label as counted when it began)
+        self._suspended: dict[str, tuple[float, str]] = {}
+        self._next_unsuspend = math.inf
+        self._last_prune = 0.0
         self.loaded = False
         # Set when an attempt's outcome could not be written: no delivery starts until the spool
         # takes the pending outcomes again (never retry into duplicates; promise 1).
         self.halted: str | None = None
-        self._unrecorded: list[_Unrecorded] = []
+        self._unrecorded: list[Outcome] = []
         self.record_retry_interval = 30.0
+        self._export_configured()
+
+    def _export_configured(self) -> None:
+        """Configured destinations are exported from the first scrape (0 = not suspended)."""
+        metrics.destination_label.set_always(self.destinations.configured)
+        for name in (*self.destinations.configured, metrics.BoundedLabel.OTHER):
+            metrics.DESTINATION_SUSPENDED.labels(name).inc(0)  # create at 0, keep a live count
 
     @staticmethod
     def _max_inflight(cfg: Config) -> int:
@@ -171,16 +132,22 @@ class Scheduler:
 
     def reconfigure(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.queue.reconfigure(cfg)
+        self.destinations.reconfigure(cfg)
+        self._export_configured()
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         """Load every unfinished message from the spool and start working."""
         t0 = time.perf_counter()
+        await self.queue.load()
         rows = await self.spool.active_schedule()
         for due, qid in rows:
             self._push(qid, due)
         self.loaded = True
-        log.info("scheduler.started", queued=len(rows), load_seconds=round(time.perf_counter() - t0, 3))
+        metrics.QUEUE_HELD.set(len(self.queue.rules))
+        log.info("scheduler.started", queued=len(rows), hold_rules=len(self.queue.rules),
+                 load_seconds=round(time.perf_counter() - t0, 3))
         self._runner = asyncio.create_task(self._run(), name="scheduler")
 
     async def stop(self, timeout: float) -> None:
@@ -198,56 +165,88 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        for _, label in self._suspended.values():  # the gauge counts live suspensions only
+            metrics.DESTINATION_SUSPENDED.labels(label).dec()
+        self._suspended.clear()
         if self._unrecorded:
             # Still active in the spool: delivered again after the restart (at least once).
             log.error("delivery.unrecorded_at_stop", queue_ids=[u.msg.queue_id for u in self._unrecorded])
 
-    # --- inputs -------------------------------------------------------------------------
+    # --- inputs (also the queue manager's QueueListener) ----------------------------------
     def submit(self, msg: NewMessage) -> None:
         """A message was just committed: deliver it now (its body is kept in memory for that)."""
         self._cache_body(msg.queue_id, msg.data)
         self._push(msg.queue_id, msg.received_at)
 
+    def wake(self, qids: Sequence[str], when: float) -> None:
+        """Look at these messages again at ``when`` (a release, a flush, a free connection slot)."""
+        for q in qids:
+            self._parked.discard(q)
+            self._push(q, when)
+
+    def poke(self) -> None:
+        """Re-evaluate the schedule now (tests with a fake clock call this after moving it)."""
+        self._wake.set()
+
     def flush(self, qid: str | None = None) -> None:
         """Retry now (all deferred messages, or one)."""
         now = self.clock()
         if qid is None:
-            for q in list(self._scheduled):
-                self._push(q, now)
-        elif qid not in self._inflight:
-            self._push(qid, now)
+            self.wake(list(self._scheduled), now)
+        else:
+            self.wake([qid], now)
 
     def forget(self, qid: str) -> None:
         self._scheduled.pop(qid, None)
+        self._parked.discard(qid)
 
     async def administrative(self, qid: str, action: str, reason: str = "") -> bool:
-        """``queue bounce`` (DSN to the sender) or ``queue delete`` (silently) for every active
-        recipient of one message. A delivery in flight for it cannot undo this: results are only
-        recorded for recipients that are still active."""
-        msg = await self.spool.get(qid)
-        if msg is None or not msg.active_recipients():
-            return False
-        now = self.clock()
-        why = reason or f"{action}d by the administrator"
-        updates: list[RecipientUpdate] = []
-        failed: list[FailedRecipient] = []
-        for r in msg.active_recipients():
-            if action == "bounce":
-                updates.append(RecipientUpdate(qid, r.index, BOUNCED, f"5.0.0 {why}", attempted=False))
-                failed.append(FailedRecipient(r.address, "5.0.0", why, "", now))
-            else:
-                updates.append(RecipientUpdate(qid, r.index, DELETED, why, attempted=False))
-        self.forget(qid)
-        await self._record(msg, updates, failed, now)
-        log.info("queue.admin", queue_id=qid, action=action, recipients=len(updates))
-        return True
+        """``queue bounce`` / ``queue delete`` of one message (see QueueManager)."""
+        return await self.queue.administrative(qid, action, reason)
 
     @property
     def inflight(self) -> frozenset[str]:
         return frozenset(self._inflight)
 
+    @property
+    def parked(self) -> frozenset[str]:
+        return frozenset(self._parked)
+
+    def quiescent(self) -> bool:
+        """Nothing in flight and nothing due now (tests with a fake clock wait for this)."""
+        if self._tasks or self._wake.is_set():
+            return False
+        now = self.clock()
+        if now >= min(self._next_unsuspend, self.queue.next_rule_expiry):
+            return False
+        return not any(due <= now and self._scheduled.get(q) == due for due, q in self._heap)
+
     def queued_count(self) -> int:
-        return len(self._scheduled) + len(self._inflight)
+        return len(self._scheduled) + len(self._inflight) + len(self._parked)
+
+    def destination_name(self, domain: str) -> str:
+        """The destination a recipient domain goes to, as far as known without a lookup."""
+        return self.destinations.cached_name(domain, self.clock()) or domain
+
+    def destinations_json(self) -> list[dict[str, Any]]:
+        """Destinations with something to show: busy, waiting, rate-limited, suspended or held."""
+        now = self.clock()
+        out = []
+        for d in sorted(self.destinations.all(), key=lambda d: d.name):
+            held = self.queue.domain_held(d.name)
+            if d.idle(now) and not held and d.name not in self.destinations.configured:
+                continue
+            out.append({"destination": d.name, "active": d.active, "waiting": len(d.waiting),
+                        "max_connections": d.limits.max_connections,
+                        "max_rate_per_s": round(1 / d.limits.rate_interval, 3) if d.limits.rate_interval else None,
+                        "suspended_until": d.suspended_until if d.suspended(now) else None,
+                        "suspend_reply": d.suspend_reply if d.suspended(now) else None,
+                        "held": held, "sent": d.sent})
+        for rule in self.queue.rules:
+            if rule.kind == "domain" and self.destinations.peek(rule.value) is None:
+                out.append({"destination": rule.value, "active": 0, "waiting": 0, "held": True,
+                            "suspended_until": None})
+        return out
 
     def _push(self, qid: str, due: float) -> None:
         if qid in self._inflight:
@@ -278,13 +277,14 @@ class Scheduler:
     async def _run(self) -> None:
         while not self._stopping:
             now = self.clock()
-            # Start everything that is due, up to the in-flight limit.
+            await self._timers(now)
             if self.halted is None and self.spool.corrupt is not None:
                 # Damage seen by any read or write: whatever we deliver now could not be recorded.
                 self.halted = f"the spool is damaged ({self.spool.corrupt}); deliveries are stopped"
                 log.error("delivery.halted", error=str(self.spool.corrupt), runbook=RUNBOOK_SPOOL)
             if self.halted is not None:
                 await self._retry_unrecorded()
+            # Start everything that is due, up to the in-flight limit.
             while self._heap and not self._stopping and self.halted is None:
                 due, qid = self._heap[0]
                 if self._scheduled.get(qid) != due:
@@ -303,16 +303,38 @@ class Scheduler:
                 t.add_done_callback(self._done)
             self._wake.clear()
             timeout: float | None = None
+            nxt = min(self._next_unsuspend, self.queue.next_rule_expiry)
             if self.halted is not None:
-                timeout = self.record_retry_interval
+                nxt = min(nxt, now + self.record_retry_interval)
             elif self._heap and not self._limit.locked():
-                timeout = max(0.0, min(self._heap[0][0] - self.clock(), 60.0))
+                nxt = min(nxt, self._heap[0][0])
             elif self._limit.locked():
-                timeout = 1.0
+                nxt = min(nxt, now + 1.0)
+            if nxt < math.inf:
+                timeout = max(0.0, min(nxt - self.clock(), 60.0))
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             except TimeoutError:
                 pass
+
+    async def _timers(self, now: float) -> None:
+        """Ends of suspensions (for the gauge), hold rules that run out, idle destinations."""
+        if now >= self._next_unsuspend:
+            for name, (until, label) in list(self._suspended.items()):
+                if until <= now:
+                    del self._suspended[name]
+                    metrics.DESTINATION_SUSPENDED.labels(label).dec()
+                    log.info("destination.resumed", destination=name)
+            self._next_unsuspend = min((u for u, _ in self._suspended.values()), default=math.inf)
+        if now >= self.queue.next_rule_expiry:
+            try:
+                await self.queue.expire_rules()
+            except Exception as e:  # a spool outage: try again on the next turn
+                log.exception("queue.hold_expiry_failed", error=str(e))
+            metrics.QUEUE_HELD.set(len(self.queue.rules))
+        if now - self._last_prune > 60:
+            self._last_prune = now
+            self.destinations.prune(now)
 
     def _done(self, t: asyncio.Task[Any]) -> None:
         self._tasks.discard(t)
@@ -331,57 +353,47 @@ class Scheduler:
             next_due = self.clock() + 60
         finally:
             self._inflight.discard(qid)
-            if next_due is not None and not self._stopping:
+            if next_due is PARKED or next_due == PARKED:
+                self._parked.add(qid)
+                self._take_body(qid)
+            elif next_due is not None and not self._stopping:
                 self._push(qid, next_due)
 
     async def _attempt_inner(self, qid: str) -> float | None:
         msg = await self.spool.get(qid)
-        if msg is None:
-            self._take_body(qid)
-            return None
-        active = msg.active_recipients()
-        if not active:
+        if msg is None or not msg.active_recipients():
             self._take_body(qid)
             return None
         now = self.clock()
-        body = self._take_body(qid)
-        if body is None:
-            body = await self.spool.body(qid)
-            if body is None:
-                log.error("delivery.missing_body", queue_id=qid)
-                return None
-        lifetime = self.cfg.delivery.bounce_queue_lifetime if msg.is_dsn else self.cfg.delivery.max_queue_lifetime
-        expired = now - msg.received_at >= lifetime
-        updates: list[RecipientUpdate] = []
-        failed: list[FailedRecipient] = []
-        to_try: list[RecipientRecord] = []
-        local: list[RecipientRecord] = []
-        for r in active:
-            if self.hooks.is_local(r.domain) and self.local is not None:
-                local.append(r)
-            elif expired:
-                reply = r.last_reply or "4.4.7 Delivery time expired"
-                updates.append(RecipientUpdate(qid, r.index, EXPIRED, f"expired: {reply}", attempted=False))
-                failed.append(FailedRecipient(r.address, _status_of(r.last_reply) or "4.4.7",
-                                              r.last_reply or "delivery time expired", "", now))
-                metrics.DELIVERY_ATTEMPTS.labels("expired", metrics.destination_domain_label(r.domain)).inc()
-            elif msg.queue == OUTBOUND and self.hooks.is_suppressed(r.address):
-                updates.append(RecipientUpdate(qid, r.index, SUPPRESSED, "5.7.1 recipient suppressed",
-                                               attempted=False))
-                failed.append(FailedRecipient(r.address, "5.7.1", "recipient is on the suppression list", "", now))
-                metrics.SUPPRESSED_REJECTIONS.labels("delivery").inc()
-                metrics.DELIVERY_ATTEMPTS.labels("suppressed", metrics.destination_domain_label(r.domain)).inc()
+        plan = self.queue.plan(msg, now, has_local=self.local is not None)
+        go: list[tuple[Destination, list[RecipientRecord]]] = []
+        postponed: list[Postponed] = []
+        for group in self._groups(msg, plan.to_try):
+            dest = await self._destination(group[0].domain, now)
+            why = self._admit(dest, qid, now)
+            if why is None:
+                dest.active += 1
+                go.append((dest, group))
             else:
-                to_try.append(r)
+                postponed.extend(Postponed(r, why[0], why[1], why[2]) for r in group)
         jobs: list[Awaitable[None]] = []
         results: list[tuple[RecipientRecord, RcptOutcome]] = []
         local_results: list[tuple[RecipientRecord, LocalResult]] = []
-        if local and self.local is not None:
-            jobs.append(self._run_local(msg, body, local, local_results))
-        for group in self._groups(msg, to_try):
-            jobs.append(self._run_group(msg, body, group, results))
+        if go or plan.local:
+            body = self._take_body(qid)
+            if body is None:
+                body = await self.spool.body(qid)
+            if body is None:
+                for dest, _ in go:
+                    self._release(dest)
+                log.error("delivery.missing_body", queue_id=qid)
+                return None
+            if plan.local and self.local is not None:
+                jobs.append(self._run_local(msg, body, plan.local, local_results))
+            for dest, group in go:
+                jobs.append(self._run_group(msg, body, dest, group, results, postponed))
         if jobs:
-            trying = [r.state for r in (*local, *to_try)]
+            trying = [r.state for r in plan.local] + [r.state for _, g in go for r in g]
             for st in trying:
                 self.inflight_by_state[st] = self.inflight_by_state.get(st, 0) + 1
             try:
@@ -389,57 +401,16 @@ class Scheduler:
             finally:
                 for st in trying:
                     self.inflight_by_state[st] -= 1
-        now = self.clock()
-        events = [e for _, lr in local_results for e in lr.events]
-        for r, lr in local_results:
-            if lr.ok:
-                updates.append(RecipientUpdate(qid, r.index, PROCESSED, lr.detail))
-            elif lr.temporary:
-                updates.append(RecipientUpdate(qid, r.index, DEFERRED, lr.detail, self._retry_at(r.attempts + 1, now)))
-            else:
-                updates.append(RecipientUpdate(qid, r.index, BOUNCED, lr.detail))
-        for r, res in results:
-            reply = _reply_text(res)
-            dom = metrics.destination_domain_label(r.domain)
-            if res.ok:
-                updates.append(RecipientUpdate(qid, r.index, DELIVERED, reply))
-                metrics.DELIVERY_ATTEMPTS.labels("delivered", dom).inc()
-            elif res.permanent:
-                updates.append(RecipientUpdate(qid, r.index, BOUNCED, reply))
-                failed.append(FailedRecipient(r.address, res.enhanced or "5.0.0", _diagnostic(res),
-                                              res.remote_mta, now, res.stage))
-                metrics.DELIVERY_ATTEMPTS.labels("bounced", dom).inc()
-                self.hooks.permanent_failure(msg, r, res)
-            else:
-                updates.append(RecipientUpdate(qid, r.index, DEFERRED, reply, self._retry_at(r.attempts + 1, now)))
-                metrics.DELIVERY_ATTEMPTS.labels("deferred", dom).inc()
-        delayed: list[FailedRecipient] = []
-        warn_after = self.cfg.delivery.delay_warning
-        if warn_after > 0 and not msg.warned and not msg.is_dsn and msg.mail_from and \
-                now - msg.received_at >= warn_after:
-            delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now,
-                                       res.stage)
-                       for r, res in results if not res.ok and not res.permanent]
+        outcome = self.queue.outcome(msg, plan, results, local_results, postponed, self.clock())
         try:
-            done = await self._record(msg, updates, failed, now, delayed=delayed, events=events)
+            return await self.queue.commit(outcome)
         except SpoolError as e:
             # The remote may already have the message: retrying now would deliver it again and
             # again (a damaged spool did: 3 copies in 140 s). Keep the outcome and stop delivering.
-            self._halt(_Unrecorded(msg, updates, failed, now, delayed, events), e)
+            self._halt(outcome, e)
             return None
-        return self._next_due(qid, updates, done, now)
 
-    def _next_due(self, qid: str, updates: Sequence[RecipientUpdate], done: Sequence[str], now: float
-                  ) -> float | None:
-        if qid in done:
-            return None
-        pending = [u.next_attempt for u in updates if u.state == DEFERRED]
-        if pending:
-            return min(pending)
-        # Recipients we did not touch this round (none expected): look again later.
-        return now + self.cfg.delivery.retry_initial
-
-    def _halt(self, item: _Unrecorded, err: SpoolError) -> None:
+    def _halt(self, item: Outcome, err: SpoolError) -> None:
         self._unrecorded.append(item)
         if self.halted is None:
             self.halted = f"the outcome of a delivery could not be recorded ({err}); deliveries are stopped"
@@ -454,17 +425,79 @@ class Scheduler:
         while self._unrecorded:
             u = self._unrecorded[0]
             try:
-                done = await self._record(u.msg, u.updates, u.failed, u.now, delayed=u.delayed, events=u.events)
+                nxt = await self.queue.commit(u)
             except SpoolError:
                 return
             self._unrecorded.pop(0)
-            nxt = self._next_due(u.msg.queue_id, u.updates, done, u.now)
-            if nxt is not None:
+            if nxt == PARKED:
+                self._parked.add(u.msg.queue_id)
+            elif nxt is not None:
                 self._push(u.msg.queue_id, nxt)
         if self._inflight or self.spool.corrupt is not None:
             return  # an attempt still running may add its own outcome; a damaged spool needs a restore
         log.info("delivery.resumed")
         self.halted = None
+
+    def _admit(self, dest: Destination, qid: str, now: float) -> tuple[float, str, bool] | None:
+        """None: send now. Else (when, reply, durable) for the postponed recipients."""
+        if dest.suspended(now):
+            metrics.DESTINATION_POSTPONED.labels("suspended").inc()
+            # In memory only: no spool write per queued message (a suspension of a big destination
+            # must not compete with accepting mail); after a restart it is tried once more.
+            # The spread keeps the backlog from returning in one burst.
+            spread = random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))
+            return dest.suspended_until + spread, "", False
+        if dest.active >= dest.limits.max_connections:
+            metrics.DESTINATION_POSTPONED.labels("connections").inc()
+            dest.wait(qid)
+            return now + WAIT_RECHECK, "", False
+        slot = dest.rate_slot(qid, now)
+        if slot is not None:
+            metrics.DESTINATION_POSTPONED.labels("rate").inc()
+            return slot, "", False
+        return None
+
+    def _release(self, dest: Destination) -> None:
+        """A transaction to ``dest`` ended: hand its slot to the first waiting message."""
+        dest.active -= 1
+        while dest.active < dest.limits.max_connections and (q := dest.next_waiter()) is not None:
+            if q in self._inflight or q in self._parked:
+                continue
+            self._push(q, self.clock())
+            break
+
+    async def _destination(self, domain: str, now: float) -> Destination:
+        name = self.destinations.cached_name(domain, now)
+        if name is None:
+            mx: list[str] = []
+            if self.mx_names is not None and self.cfg.route_for(domain) is None:
+                try:
+                    mx = await self.mx_names(domain)
+                except Exception as e:  # DNS trouble: shape by domain; the transport reports it
+                    log.debug("destination.mx_lookup_failed", domain=domain, error=str(e))
+            name = self.destinations.name_from_mx(domain, mx, now)
+        return self.destinations.get(name)
+
+    def _suspend(self, dest: Destination, reply: str, now: float) -> None:
+        backoff = dest.limits.throttle_backoff
+        if backoff <= 0:
+            return
+        until = now + backoff
+        if until <= dest.suspended_until:
+            return
+        fresh = not dest.suspended(now)
+        dest.suspended_until = until
+        dest.suspend_reply = reply[:300]
+        if dest.name in self._suspended:
+            self._suspended[dest.name] = (until, self._suspended[dest.name][1])
+        else:
+            label = metrics.destination_label(dest.name)
+            self._suspended[dest.name] = (until, label)
+            metrics.DESTINATION_SUSPENDED.labels(label).inc()
+        self._next_unsuspend = min(self._next_unsuspend, until)
+        if fresh:
+            log.warning("destination.suspended", destination=dest.name, seconds=backoff, reply=reply[:300])
+        self._wake.set()
 
     def _groups(self, msg: MessageRecord, rcpts: Sequence[RecipientRecord]) -> list[list[RecipientRecord]]:
         """One transaction per destination domain; one per recipient when VERP gives each
@@ -476,21 +509,38 @@ class Scheduler:
             by_domain.setdefault(r.domain, []).append(r)
         return list(by_domain.values())
 
-    async def _run_group(self, msg: MessageRecord, body: bytes, group: list[RecipientRecord],
-                         out: list[tuple[RecipientRecord, RcptOutcome]]) -> None:
+    async def _run_group(self, msg: MessageRecord, body: bytes, dest: Destination, group: list[RecipientRecord],
+                         out: list[tuple[RecipientRecord, RcptOutcome]], postponed: list[Postponed]) -> None:
         mail_from = self.hooks.return_path(msg, group[0])
         t0 = time.perf_counter()
-        res = await self.transport.deliver(group[0].domain, mail_from, [r.address for r in group], body)
+        try:
+            res = await self.transport.deliver(group[0].domain, mail_from, [r.address for r in group], body,
+                                               max_messages=dest.limits.max_messages_per_connection,
+                                               max_connections=dest.limits.max_connections)
+        finally:
+            self._release(dest)
+        dest.sent += 1
         by_addr = {x.address: x for x in res}
+        now = self.clock()
+        mine: list[tuple[RecipientRecord, RcptOutcome]] = []
         for r in group:
             outcome = by_addr.get(r.address)
             if outcome is None:  # a transport bug must not lose the recipient: retry
                 outcome = _Missing(r.address)
-            out.append((r, outcome))
-        log.info("delivery.attempt", queue_id=msg.queue_id, domain=group[0].domain, mail_from=mail_from,
-                 duration=round(time.perf_counter() - t0, 4),
+            mine.append((r, outcome))
+        for r, o in mine:
+            if not o.ok and not o.permanent and o.code and \
+                    is_throttling(o.code, o.enhanced, o.remote_reply or o.text):
+                self._suspend(dest, _reply_text(o), now)
+                if dest.suspended(now):
+                    until = dest.suspended_until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))
+                    postponed.append(Postponed(r, until, _reply_text(o), True, attempted=True))
+                    continue
+            out.append((r, o))
+        log.info("delivery.attempt", queue_id=msg.queue_id, domain=group[0].domain, destination=dest.name,
+                 mail_from=mail_from, duration=round(time.perf_counter() - t0, 4),
                  results=[{"rcpt": r.address, "code": o.code, "status": o.enhanced, "mta": o.remote_mta,
-                           "text": o.text[:200]} for r, o in out[-len(group):]])
+                           "text": o.text[:200]} for r, o in mine])
 
     async def _run_local(self, msg: MessageRecord, body: bytes, rcpts: list[RecipientRecord],
                          out: list[tuple[RecipientRecord, LocalResult]]) -> None:
@@ -501,97 +551,3 @@ class Scheduler:
             log.exception("feedback.error", queue_id=msg.queue_id, error=str(e))
             res = [LocalResult(False, f"4.3.0 feedback processing failed: {type(e).__name__}", True)] * len(rcpts)
         out.extend(zip(rcpts, res, strict=True))
-
-    async def _record(self, msg: MessageRecord, updates: list[RecipientUpdate], failed: list[FailedRecipient],
-                      now: float, delayed: Sequence[FailedRecipient] = (), events: Sequence[Event] = ()
-                      ) -> list[str]:
-        """Write outcomes durably, with the DSN (if any) in the same transaction."""
-        new: list[tuple[str, NewMessage]] = []
-        if failed and msg.mail_from and not msg.is_dsn:
-            new.append(("failed", await self._dsn(msg, failed, "failed", now)))
-        if delayed:
-            new.append(("delayed", await self._dsn(msg, delayed, "delayed", now)))
-        done = await self.spool.update(updates, [m for _, m in new], events)
-        if delayed:
-            try:
-                await self.spool.mark_warned(msg.queue_id)
-            except SpoolError as e:  # the outcome is recorded; at worst a second delay warning
-                log.error("spool.mark_warned_failed", queue_id=msg.queue_id, error=str(e))
-        for action, m in new:
-            metrics.DSN_SENT.labels(action).inc()
-            self.submit(m)
-        final = {DELIVERED: "delivered", BOUNCED: "bounced", EXPIRED: "expired", SUPPRESSED: "suppressed"}
-        sdom = metrics.sender_domain_label(msg.sender_domain)
-        for u in updates:
-            if u.state in final and msg.queue == OUTBOUND and not msg.is_dsn:
-                metrics.SENT_RECIPIENTS.labels(sdom, final[u.state]).inc()
-                metrics.DELIVERY_LATENCY.labels(final[u.state]).observe(max(0.0, now - msg.received_at))
-        if msg.queue_id in done:
-            states: dict[str, int] = {}
-            for u in updates:
-                states[u.state] = states.get(u.state, 0) + 1
-            log.info("message.done", queue_id=msg.queue_id, age=round(now - msg.received_at, 3), states=states)
-        return done
-
-    async def _dsn(self, msg: MessageRecord, failed: Sequence[FailedRecipient], action: str, now: float
-                   ) -> NewMessage:
-        original = await self.spool.body(msg.queue_id) or b""
-        from mailrelayd.delivery.dsn import DsnRecipient  # delivery.dsn is built alongside
-
-        data = self.dsn_builder(
-            reporting_mta=self.cfg.server.hostname, to=msg.mail_from, original=original, queue_id=msg.queue_id,
-            arrival_date=msg.received_at, action=action, now=now,
-            recipients=[DsnRecipient(f.address, f.status, f.diagnostic, f.remote_mta, f.last_attempt, f.stage)
-                        for f in failed],
-        )
-        qid = self.spool.new_queue_id()
-        log.info("dsn.generated", queue_id=qid, original_queue_id=msg.queue_id, action=action, to=msg.mail_from,
-                 recipients=[f.address for f in failed])
-        return NewMessage(queue_id=qid, mail_from="", recipients=(msg.mail_from,), data=data, received_at=now,
-                          queue=OUTBOUND, listener="dsn", sender_domain=self.cfg.server.hostname, is_dsn=True)
-
-    def _retry_at(self, attempts: int, now: float) -> float:
-        """Exponential backoff from retry_initial, capped at retry_max, with jitter (like Postfix's
-        minimal/maximal_backoff_time, plus jitter so a burst of deferrals does not retry in step)."""
-        d = self.cfg.delivery
-        delay = min(d.retry_max, d.retry_initial * (2 ** max(0, attempts - 1)))
-        j = d.retry_jitter
-        return now + delay * random.uniform(1 - j, 1 + j)
-
-
-class _Missing:
-    """Stands in for a result the transport did not return: treated as a temporary failure."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.code = 0
-        self.enhanced = "4.3.0"
-        self.text = "no result from transport"
-        self.remote_mta = ""
-        self.remote_reply = ""
-        self.stage = ""
-
-    ok = False
-    permanent = False
-
-
-def _reply_text(res: RcptOutcome) -> str:
-    """The recipient's ``last_reply`` in the spool: the remote's reply verbatim when there was one
-    (it starts with the 3-digit code), otherwise our status and explanation (``"4.4.1 connect to
-    ...: timed out"``, no reply code), so an expiry DSN can tell the two apart."""
-    return _diagnostic(res)[:1000]
-
-
-def _diagnostic(res: RcptOutcome) -> str:
-    """What a DSN reports as the Diagnostic-Code: the remote's reply once, never wrapped in our
-    own text (which already names the host): ``550 5.1.1 <x@y>: no such user``."""
-    if res.remote_reply:
-        return res.remote_reply
-    return f"{res.enhanced} {res.text}".strip()
-
-
-def _status_of(reply: str) -> str:
-    for tok in reply.split()[:2]:
-        if tok.count(".") == 2 and tok[0] in "245" and tok.replace(".", "").isdigit():
-            return tok
-    return ""

@@ -114,6 +114,17 @@ class _Conn:
     idle_since: float = field(default_factory=time.monotonic)
 
 
+def _source_for(cfg: Config, route: RouteConfig | None, addr: str) -> str | bool | None:
+    """The local address to bind for a connection to ``addr``: the route's source_address, else
+    [delivery] source_address / source_address6 by family; None = let the kernel choose; False =
+    the route's source is of the other family, so ``addr`` cannot be used."""
+    v6 = ":" in addr
+    if route is not None and route.source_address:
+        return route.source_address if (":" in route.source_address) == v6 else False
+    d = cfg.delivery
+    return (d.source_address6 if v6 else d.source_address) or None
+
+
 class Transport:
     """Delivers one message to one destination domain per call, reusing idle connections."""
 
@@ -150,12 +161,14 @@ class Transport:
         await self.tls.close()
 
     # --- the public operation ------------------------------------------------------------
-    async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes
-                      ) -> list[RcptResult]:
-        """One SMTP transaction for ``recipients`` (all at ``domain``); a result for every recipient."""
+    async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
+                      max_messages: int | None = None, max_connections: int | None = None) -> list[RcptResult]:
+        """One SMTP transaction for ``recipients`` (all at ``domain``); a result for every recipient.
+        ``max_messages`` / ``max_connections``: the destination's [[shaping]] limits (the scheduler
+        enforces connections per destination; this only keeps the per-domain cap from undercutting it)."""
         t0 = time.perf_counter()
         try:
-            results = await self._deliver(domain, mail_from, list(recipients), data)
+            results = await self._deliver(domain, mail_from, list(recipients), data, max_messages, max_connections)
         except Exception as e:  # a bug here must defer, not lose, the recipients
             log.exception("delivery.transport_error", domain=domain, error=str(e))
             results = [RcptResult(r, 451, "4.3.0", f"local error in delivery: {type(e).__name__}")
@@ -166,15 +179,17 @@ class Transport:
         metrics.DELIVERY_DURATION.labels(outcome).observe(time.perf_counter() - t0)
         return results
 
-    async def _deliver(self, domain: str, mail_from: str, rcpts: list[str], data: bytes) -> list[RcptResult]:
+    async def _deliver(self, domain: str, mail_from: str, rcpts: list[str], data: bytes,
+                       max_messages: int | None = None, max_connections: int | None = None) -> list[RcptResult]:
         route = self.cfg.route_for(domain)
         port = route.host.port if route else self.cfg.delivery.port
         key = f"route:{route.domain}" if route else domain.lower()
+        family = self.cfg.delivery.ip_family
         try:
             if route:
-                hosts = await self.resolver.resolve_host(route.host.host, port)
+                hosts = await self.resolver.resolve_host(route.host.host, port, family)
             else:
-                hosts = await self.resolver.resolve(domain, port)
+                hosts = await self.resolver.resolve(domain, port, family)
         except DnsError as e:
             code = 550 if isinstance(e, DnsPermanentError) else 451
             return [RcptResult(r, code, e.enhanced, str(e)) for r in rcpts]
@@ -182,7 +197,7 @@ class Transport:
 
         sem = self._domain_sems.get(key)
         if sem is None:
-            sem = self._domain_sems[key] = asyncio.Semaphore(self.cfg.delivery.domain_concurrency)
+            sem = self._domain_sems[key] = asyncio.Semaphore(max_connections or self.cfg.delivery.domain_concurrency)
         async with self._global, sem:
             conn = await self._reuse(key)
             if conn is None:
@@ -192,7 +207,8 @@ class Transport:
                     code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
                     return [RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage) for r in rcpts]
             results, reusable = await self._transaction(conn, mail_from, rcpts, data)
-            if reusable and not self._closing and conn.used < self.cfg.delivery.max_messages_per_connection:
+            if reusable and not self._closing and \
+                    conn.used < (max_messages or self.cfg.delivery.max_messages_per_connection):
                 conn.idle_since = time.monotonic()
                 self._idle.setdefault(key, []).append(conn)
                 self._ensure_reaper()
@@ -240,6 +256,8 @@ class Transport:
             for addr in host.addresses:
                 if tried >= MAX_ADDRESSES_TRIED:
                     break
+                if _source_for(self.cfg, route, addr) is False:
+                    continue  # no source address of this family to bind (route.source_address)
                 tried += 1
                 try:
                     try:
@@ -268,7 +286,10 @@ class Transport:
                     plaintext: bool) -> _Conn:
         d = self.cfg.delivery
         where = f"{host.name}[{addr}]:{host.port}"
-        smtp = aiosmtplib.SMTP(hostname=addr, port=host.port, local_hostname=self.cfg.server.hostname,
+        source = _source_for(self.cfg, route, addr)
+        helo = (route.helo_name if route is not None and route.helo_name else None) or self.cfg.server.hostname
+        smtp = aiosmtplib.SMTP(hostname=addr, port=host.port, local_hostname=helo,
+                               source_address=(source, 0) if isinstance(source, str) else None,
                                timeout=d.greeting_timeout, start_tls=False, use_tls=False)
         try:
             try:

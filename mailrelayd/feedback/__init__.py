@@ -1,16 +1,23 @@
-"""Feedback handling: bounces (DSNs and non-standard bounces), complaints (ARF, JMRP), VERP.
+"""Feedback handling: bounces (DSNs and non-standard bounces), complaints (ARF, JMRP, SES), VERP.
 
-Modules, one job each:
+Modules, one job each, in the order a message goes through them:
 
-* :mod:`~mailrelayd.feedback.parse`: :func:`parse_feedback`, raw message → :class:`FeedbackReport`;
-* :mod:`~mailrelayd.feedback.classify`: :func:`classify_status`, hard/soft rules for one failure
-  (also used for the synchronous replies of our own deliveries);
-* :mod:`~mailrelayd.feedback.verp`: VERP return paths (``bounces+<token>@<bounce domain>``);
+* :mod:`~mailrelayd.feedback.parse`: :func:`parse_feedback`, raw message → :class:`FeedbackReport`:
+  :mod:`~mailrelayd.feedback.tree` walks the MIME tree once, then the named recognizers of
+  :mod:`~mailrelayd.feedback.recognizers` (ARF, JMRP, MDN, RFC 3464/6533 DSN, SES, flufl.bounce,
+  text heuristics) return evidence;
+* :mod:`~mailrelayd.feedback.classify`: :func:`classify_status`, the rules for one failure
+  (hard, soft, reputation, policy; also used for the synchronous replies of our own deliveries);
+* :mod:`~mailrelayd.feedback.trust`: what to act on (VERP token first, then recipients we sent to,
+  complaints only from listed reporters);
 * :mod:`~mailrelayd.feedback.store`: the suppression list (:class:`SqliteSuppressionStore`);
+* :mod:`~mailrelayd.feedback.breaker`: the per-sending-domain circuit breaker;
+* :mod:`~mailrelayd.feedback.verp`: VERP return paths (``bounces+<token>@<bounce domain>``);
 * helpers: ``mime`` (bounded parsing), ``fields``/``dsn``/``arf`` (RFC 3464 / RFC 5965 fields),
   ``textbounce`` (plain-text heuristics), ``flufl_adapter`` (flufl.bounce detectors),
-  ``addresses``.
+  ``addresses`` (UTF-8 aware, RFC 6531/6533), ``report`` (the result types).
 """
+
 
 from mailrelayd.feedback.classify import classify_status
 from mailrelayd.feedback.parse import FeedbackRecipient, FeedbackReport, ParseOptions, parse_feedback

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # A pragmatic addr-spec: dot-atom or quoted local part, a domain with at least one dot (or an
 # address literal). Bounded quantifiers keep every search linear.
 _LOCAL = r'(?:"[^"\n]{1,64}"|[A-Za-z0-9!#$%&\'*+/=?^_`{|}~.-]{1,64})'
 _DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?\.){1,10}[A-Za-z0-9-]{2,63}"
 ADDRESS_RE = re.compile(rf"(?<![A-Za-z0-9!#$%&'*+/=?^_`{{|}}~.-]){_LOCAL}@{_DOMAIN}(?![A-Za-z0-9-])")
-_FULL = re.compile(rf"{_LOCAL}@{_DOMAIN}")
+# RFC 6531/6532: UTF-8 in the local part and U-labels in the domain.
+_U = "\u0080-\U0010ffff"
+_LOCAL_UTF8 = rf'(?:"[^"\n]{{1,64}}"|[A-Za-z0-9!#$%&\'*+/=?^_`{{|}}~.{_U}-]{{1,64}})'
+_DOMAIN_UTF8 = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]{{0,62}}[A-Za-z0-9{_U}])?\.){{1,10}}[A-Za-z0-9{_U}-]{{2,63}}"
+_FULL = re.compile(rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}")
+# In free text a UTF-8 address is only taken in angle brackets (Postfix, Exim and Sendmail write
+# recipients so): letters of a surrounding non-Latin text would otherwise run into it.
+UTF8_ADDRESS = rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}"
+_UTF8_IN_TEXT = re.compile(rf"<({UTF8_ADDRESS})>")
+# RFC 6533 section 3: utf-8-addr-xtext / utf-8-addr-unitext escape characters as \x{HEX}.
+_EMBEDDED_UNICODE = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
 
 # Local parts that name a mail system, never a person who could be suppressed.
 SYSTEM_LOCALS = frozenset(
@@ -28,11 +39,24 @@ SYSTEM_LOCALS = frozenset(
 )
 
 
-def normalise_address(address: str, *, lowercase_local: bool = False) -> str:
-    """Canonical form of an address: surrounding ``<>``/space removed, domain lowercased, no trailing dot.
+def normalise_domain(domain: str) -> str:
+    """A domain as the rest of mailrelayd compares it: lowercase ASCII, U-labels IDNA-encoded
+    (RFC 5890 A-labels, as :mod:`mailrelayd.smtp.address` does), no trailing dot."""
+    d = domain.strip().rstrip(".").lower()
+    if not d.isascii():
+        try:
+            d = d.encode("idna").decode("ascii")
+        except UnicodeError:
+            return d
+    return d
 
-    The local part is kept as given (RFC 5321 section 2.4: it is case-sensitive) unless
-    ``lowercase_local``. Returns ``""`` when ``address`` is not ``local@domain``.
+
+def normalise_address(address: str, *, lowercase_local: bool = False) -> str:
+    """Canonical form of an address: surrounding ``<>``/space removed, domain normalised
+    (:func:`normalise_domain`), the local part in Unicode NFC (RFC 6532 section 3.1).
+
+    The local part is otherwise kept as given (RFC 5321 section 2.4: it is case-sensitive)
+    unless ``lowercase_local``. Returns ``""`` when ``address`` is not ``local@domain``.
     """
     addr = address.strip().strip("<>").strip().strip("'`")
     if addr.lower().startswith("mailto:"):
@@ -40,9 +64,11 @@ def normalise_address(address: str, *, lowercase_local: bool = False) -> str:
     local, sep, domain = addr.rpartition("@")
     if not sep or not local or not domain:
         return ""
-    domain = domain.strip().rstrip(".").lower()
+    domain = normalise_domain(domain)
     if not domain or any(ch.isspace() for ch in domain) or any(ch.isspace() for ch in local.strip('"')):
         return ""
+    if not local.isascii():
+        local = unicodedata.normalize("NFC", local)
     if lowercase_local:
         local = local.lower()
     return f"{local}@{domain}"
@@ -57,14 +83,26 @@ def is_plausible_recipient(address: str) -> bool:
 
 
 def find_addresses(text: str) -> list[str]:
-    """Addresses in ``text`` in order of appearance (duplicates kept)."""
-    return [m.group(0) for m in ADDRESS_RE.finditer(text)]
+    """Addresses in ``text`` in order of appearance (duplicates kept), UTF-8 ones included."""
+    found = [(m.start(), m.group(0)) for m in ADDRESS_RE.finditer(text)]
+    if not text.isascii():
+        ascii_spans = {pos for pos, _a in found}
+        for m in _UTF8_IN_TEXT.finditer(text):
+            if not m.group(1).isascii() and m.start(1) not in ascii_spans:
+                found.append((m.start(1), m.group(1)))
+        found.sort()
+    return [a for _pos, a in found]
 
 
 def address_from_field(value: str) -> str:
-    """The address in a DSN/ARF address field: ``rfc822; <user@example.com>`` → ``user@example.com``."""
-    _type, sep, rest = value.partition(";")
+    """The address in a DSN/ARF address field: ``rfc822; <user@example.com>`` → ``user@example.com``.
+
+    RFC 6533 ``utf-8;`` typed values may carry raw UTF-8 or ``\\x{HEX}`` escapes.
+    """
+    addr_type, sep, rest = value.partition(";")
     text = (rest if sep else value).strip()
+    if sep and addr_type.strip().lower() == "utf-8" and "\\x{" in text:
+        text = _EMBEDDED_UNICODE.sub(lambda m: _chr(m.group(1)), text)
     candidate = text
     if candidate.startswith("<") and ">" in candidate:
         candidate = candidate[1 : candidate.index(">")]
@@ -76,3 +114,10 @@ def address_from_field(value: str) -> str:
     # Mangled values ("|/usr/bin/filter user@example.com /home"): take the one address inside.
     found = find_addresses(text)
     return found[0] if len(found) == 1 else ""
+
+
+def _chr(hex_digits: str) -> str:
+    try:
+        return chr(int(hex_digits, 16))
+    except (ValueError, OverflowError):
+        return "\ufffd"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mailrelayd.feedback.addresses import address_from_field
@@ -13,6 +14,27 @@ COMPLAINT_TYPES = frozenset({"abuse", "fraud", "virus", "opt-out", "optout", "un
 # RFC 6591 auth-failure and RFC 6650 not-spam are about the message, not a wish of the
 # recipient; "other" is too vague to suppress anyone on.
 NOT_COMPLAINT_TYPES = frozenset({"auth-failure", "not-spam", "other", "dmarc"})
+_ARF_FIELD = re.compile(
+    r"^(feedback-type|user-agent|version|original-rcpt-to|original-mail-from|removal-recipient|arrival-date|"
+    r"source-ip|reported-domain)[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def looks_like_feedback_report(text: str, *, strict: bool = True) -> bool:
+    """True when free text carries RFC 5965 report fields (a report written into a text part).
+
+    ``strict`` (no ``report-type=feedback-report`` around it) also wants a recipient field and
+    one more ARF field, so that a message merely quoting "Feedback-Type:" is not a complaint.
+    """
+    found = {m.group(1).lower() for m in _ARF_FIELD.finditer(text[:16384])}
+    if "feedback-type" not in found:
+        return False
+    if not strict:
+        return True
+    # RFC 5965 section 3.1: Feedback-Type, User-Agent and Version are the required fields.
+    if {"user-agent", "version"} <= found:
+        return True
+    return bool(found & {"original-rcpt-to", "removal-recipient"}) and bool(
+        found & {"user-agent", "version", "original-mail-from", "arrival-date", "source-ip"})
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,18 @@ from dataclasses import dataclass
 
 HARD = "hard_bounce"
 SOFT = "soft_bounce"
+# Failures about the *sender* (our IP, our domain, our content, our rate), not the recipient:
+# they are counted per sending domain and destination, never toward a recipient's suppression.
+REPUTATION = "reputation"
+POLICY = "policy"
+NOT_ABOUT_RECIPIENT = frozenset({REPUTATION, POLICY})
+# Blocklists, reputation, PTR, SPF/DKIM/DMARC (X.7.23-X.7.27): the sending host or domain.
+REPUTATION_REASONS = frozenset({"blocked", "badreputation", "requireptr", "authfailure"})
+# Content, spam, rate limits, sender address, relaying, protocol: what or how we sent.
+POLICY_REASONS = frozenset({
+    "spamdetected", "virusdetected", "speeding", "toomanyconn", "rejected", "norelaying", "policyviolation",
+    "securityerror", "contenterror", "notcompliantrfc", "syntaxerror", "failedstarttls",
+})
 
 _MAX_TEXT = 4000
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]\d)")
@@ -62,7 +74,7 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"too many (connections|recipients|messages|concurrent|mails|emails|sessions)",
         r"rate limit", r"rate.{0,20}(exceeded|too high)", r"receiving mail at a rate",
         r"sending (too fast|at a rate)",
-        r"throttl", r"has sent to too many", r"connection rate", r"too fast",
+        r"throttl", r"has sent to too many", r"connection rate", r"too fast", r"frequency limit",
     )),
     ("blocked", _rx(
         r"blocked using", r"black ?list", r"block ?list", r"deny ?list", r"spamhaus", r"spamcop", r"sorbs",
@@ -73,6 +85,9 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"reverse dns", r"\bptr\b", r"\brdns\b", r"reverse (dns|lookup|hostname)", r"dynamic ip", r"dial-?up",
         r"sender ip", r"not (be )?(permitted|allowed) to send", r"without a valid sender",
         r"envelope blocked", r"\bhelo\b", r"\behlo\b",
+        # Yahoo/AOL deferrals about the sender's traffic ("[TSS04] ... unexpected volume or user complaints").
+        r"\[ts[0-9]{2}\]", r"unexpected volume", r"(user|recipient|subscriber) complaints",
+        r"(from|of) (this|your|the sending) ip", r"traffic not accepted",
     )),
     ("spamdetected", _rx(
         r"spam", r"\bube\b", r"bulk (e-?mail|mail)", r"junk mail", r"content (was )?rejected",
@@ -83,7 +98,7 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"dmarc", r"\bspf\b", r"\bdkim\b", r"unauthenticated (e-?mail|sender|message)",
         r"authentication (required|failed|results|is required)", r"auth ?required", r"not authenticated",
         r"must authenticate", r"unauthenticated senders", r"authentication checks? failed",
-        r"authentication fail",
+        r"authentication fail", r"turn on smtp auth",
     )),
     ("rejected", _rx(
         r"sender (address |domain )?(rejected|denied|verify failed|unknown|is not|blocked|invalid)",
@@ -98,6 +113,12 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"relay(ing)? (access )?(denied|not permitted|not allowed|prohibited)",
         r"not (configured|permitted|allowed) to relay",
         r"unable to relay", r"we do not relay", r"relay (is )?not", r"cannot relay", r"no relaying",
+    )),
+    ("policyviolation", _rx(
+        r"\bpolicy (violation|rejection|reasons?)\b",
+        r"(violat\w*|against|due to|by|per) "
+        r"(our |local |the |site |security |content |organi[sz]ation(al)? )?polic(y|ies)",
+        r"(local|security|content|site|anti-?spam|organi[sz]ation(al)?) polic(y|ies)",
     )),
     ("filtered", _rx(
         r"recipient preferences", r"refused by (the )?recipient", r"recipient.{0,20}filter", r"filtered",
@@ -122,7 +143,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
     )),
     ("suspend", _rx(
         r"(account|mail ?box|user|address|recipient|e-?mail)( account)? (has been |is |was )?"
-        r"(disabled|deactivated|suspended|inactive|blocked|locked|closed|terminated|discontinued|frozen|cancell?ed|deleted|removed)",
+        r"(disabled|deactivated|suspended|inactive|locked|closed|terminated|discontinued|frozen|cancell?ed|deleted|removed|expired)",
         r"compte du destinataire est bloque", r"inactive (e-?mail|account|user|mail ?box|address)",
         r"(disabled|suspended|deactivated|closed|terminated|expired) (account|mail ?box|user|address)",
         r"account (is )?(no longer|not) (active|available|in use)",
@@ -138,9 +159,8 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"domain (does not|doesn't|did not) exist", r"invalid domain", r"host ?unknown",
         r"name service error",
         r"nxdomain", r"domain.{0,20}(is )?not (valid|reachable|resolvable)", r"unrouteable (mail )?domain",
-        r"unable to (resolve|route)", r"no (valid )?mx", r"mx (record )?(not found|lookup failed)",
+        r"no (valid )?mx", r"mx (record )?not found",
         r"domain .{0,40}could(n't| not) be found", r"couldn't find.{0,20}domain",
-        r"no route to (host|domain)",
         r"bad destination (system|host)", r"domain name service", r"unknown mail domain",
         r"(couldn't|could not|can't|cannot|unable to) find (a |any )?(mail exchanger|mx|host|domain)",
     )),
@@ -159,7 +179,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"mail ?box (not found|unavailable|does not exist|is unavailable|invalid|not available)",
         r"unrouteable address", r"unknown or illegal alias",
         r"(is|was) not (a )?(known|valid) (user|recipient)",
-        r"(don't|doesn't|does not) have an? .{0,40}account", r"no account", r"bad destination mail ?box",
+        r"(don'?t|doesn'?t|does not) have an? .{0,40}account", r"no account", r"bad destination mail ?box",
         r"user not found", r"recipient ?not ?found", r"recip ?not ?found", r"addressee unknown",
         r"destination address.{0,20}(invalid|unknown)", r"adresse destinataire invalide", r"not a known user",
         r"user (account )?(is )?unavailable", r"no longer (valid|exists?|available|active|in use)",
@@ -173,6 +193,15 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"invalid mailbox", r"err\.nosuchuser", r"nosuchuser",
     )),
 )
+
+# RFC 5321's stock 550 text ("Requested action not taken: mailbox unavailable") is also the
+# wording of many policy refusals; with a policy word beside it, the address is not the cause.
+_GENERIC_UNAVAILABLE = re.compile(r"(mail ?box|user)( is)? (unavailable|not available)")
+_POLICY_WORD = re.compile(r"\b(polic(y|ies)|blocked|banned|prohibited|not allowed|denied|refused)\b")
+
+# Weak causes that contradict an address-level Status the reporting MTA filled in.
+_NOT_ADDRESS_WEAK = frozenset({"networkerror", "syntaxerror", "systemerror", "mailererror", "expired",
+                               "policyviolation"})
 
 # Tier 3: generic soft causes, only when nothing above matched.
 _WEAK_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -193,7 +222,8 @@ _WEAK_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"connection (refused|reset|lost|closed|dropped)", r"could not connect", r"unable to connect",
         r"no route",
         r"network (is )?unreachable", r"too many hops", r"mail loop", r"loops? back", r"dns (failure|error)",
-        r"lost connection", r"connect to", r"hop count",
+        r"lost connection", r"connect to", r"hop count", r"unable to (resolve|route)", r"lookup failed",
+        r"not reachable", r"unreachable",
     )),
     ("policyviolation", _rx(r"policy", r"prohibited", r"not allowed", r"forbidden", r"violation")),
     ("systemerror", _rx(
@@ -214,6 +244,7 @@ _HARD_CODES = {
     (1, 6): "hasmoved",
     (1, 10): "notaccept",
     (4, 4): "hostunknown",
+    (7, 13): "suspend",  # RFC 3463 registry (RFC 5248): "User Account Disabled"
 }
 _SOFT_CODES = {
     (1, 7): "rejected",
@@ -240,11 +271,15 @@ _SOFT_CODES = {
     (6, 0): "contenterror",
     (7, 1): "securityerror",
     (7, 7): "securityerror",
+    (7, 20): "authfailure",
+    (7, 21): "authfailure",
+    (7, 22): "authfailure",
     (7, 23): "authfailure",
     (7, 24): "authfailure",
     (7, 25): "requireptr",
     (7, 26): "authfailure",
-    (7, 27): "notaccept",
+    (7, 27): "authfailure",  # X.7.27: the *sender* domain has a null MX (RFC 7505 section 4.2)
+    (7, 28): "spamdetected",  # X.7.28: mail flood detected
 }
 
 
@@ -279,6 +314,9 @@ def _match(rules: tuple[tuple[str, re.Pattern[str]], ...], text: str) -> str:
 class Classification:
     """The outcome of :func:`classify_failure`: kind, reason and what decided it.
 
+    ``kind`` is ``hard_bounce`` (the address is unusable), ``soft_bounce`` (a failure about
+    the recipient that may pass), or ``reputation`` / ``policy`` (the failure is about the
+    sender: see :data:`REPUTATION_REASONS` and :data:`POLICY_REASONS`).
     ``evidence`` is ``"soft-text"`` (a non-address cause named in the text), ``"hard-text"``
     (the text says the address is unusable), ``"code"`` (an enhanced or basic status code),
     ``"weak-text"`` (generic words such as "refused" or "policy") or ``"none"``.
@@ -294,14 +332,31 @@ class Classification:
         return self.evidence in ("soft-text", "hard-text")
 
 
-def classify_status(status: str, diagnostic: str, *, smtp_code: int | None = None) -> tuple[str, str]:
-    """Classify one failed recipient as ``("hard_bounce" | "soft_bounce", reason)``.
+def bucket(kind: str, reason: str, evidence: str = "") -> str:
+    """Move a soft failure whose reason is about the sender into ``reputation`` or ``policy``.
 
-    ``status`` is the RFC 3463 enhanced status code reported for the recipient (``"5.1.1"``,
-    possibly with a comment, or ``""``); ``diagnostic`` the remote server's text (a DSN
-    ``Diagnostic-Code``, the lines of a plain-text bounce about this recipient, or the reply
-    our own delivery attempt received, e.g. ``"550 5.1.1 <x@y>: Recipient address rejected:
-    User unknown"``); ``smtp_code`` the basic reply code when the caller has it separately.
+    Generic refusal words ("rejected", "denied": weak evidence) are ``policy``: they may be about
+    either side, and a vague refusal must not count toward a recipient's suppression either.
+    """
+    if kind != SOFT:
+        return kind
+    if reason in REPUTATION_REASONS:
+        return POLICY if evidence == "weak-text" else REPUTATION
+    if reason in POLICY_REASONS:
+        return POLICY
+    return kind
+
+
+def classify_status(status: str, diagnostic: str, *, smtp_code: int | None = None) -> tuple[str, str]:
+    """Classify one failed recipient as ``(kind, reason)``.
+
+    ``kind`` is ``"hard_bounce"``, ``"soft_bounce"``, ``"reputation"`` or ``"policy"`` (see
+    :class:`Classification`). ``status`` is the RFC 3463 enhanced status code reported for the
+    recipient (``"5.1.1"``, possibly with a comment, or ``""``); ``diagnostic`` the remote
+    server's text (a DSN ``Diagnostic-Code``, the lines of a plain-text bounce about this
+    recipient, or the reply our own delivery attempt received, e.g. ``"550 5.1.1 <x@y>:
+    Recipient address rejected: User unknown"``); ``smtp_code`` the basic reply code when the
+    caller has it separately.
 
     ``reason`` uses sisimai's vocabulary (``userunknown``, ``hostunknown``, ``suspend``,
     ``hasmoved``, ``notaccept``, ``mailboxfull``, ``blocked``, ``spamdetected``, ``expired``,
@@ -311,8 +366,21 @@ def classify_status(status: str, diagnostic: str, *, smtp_code: int | None = Non
     return result.kind, result.reason
 
 
-def classify_failure(status: str, diagnostic: str, *, smtp_code: int | None = None) -> Classification:
-    """Like :func:`classify_status`, also telling which evidence decided (see :class:`Classification`)."""
+def classify_failure(
+    status: str, diagnostic: str, *, smtp_code: int | None = None, final: bool = False
+) -> Classification:
+    """Like :func:`classify_status`, also telling which evidence decided (see :class:`Classification`).
+
+    ``final``: the reporting MTA gave up on the recipient (DSN ``Action: failed``, RFC 3464
+    section 2.3.3). A ``4.x.x`` status then only says the MTA's last attempt was transient;
+    when the text says the address does not exist, that is the verdict.
+    """
+    result = _classify(status, diagnostic, smtp_code, final)
+    kind = bucket(result.kind, result.reason, result.evidence)
+    return result if kind == result.kind else Classification(kind, result.reason, result.evidence)
+
+
+def _classify(status: str, diagnostic: str, smtp_code: int | None, final: bool) -> Classification:
     # URLs carry no reason but do carry words ("https://.../#filtered", "...?ip=1.2.3.4");
     # addresses neither ("filtered@example.com").
     text = _URL.sub(" ", str(diagnostic or "")[:_MAX_TEXT].lower())
@@ -324,9 +392,13 @@ def classify_failure(status: str, diagnostic: str, *, smtp_code: int | None = No
         match = _REPLY.search(text)
         reply = int(match.group(0)) if match else None
 
-    # Permanence: the reported status class wins (RFC 3464 section 2.3.4), then codes in the text.
+    # Permanence: the reported status class wins (RFC 3464 section 2.3.4), then codes in the
+    # text. A permanent code quoted from the remote server outranks a generic 4.x.x the
+    # reporting MTA filled in after giving up.
     if status_code is not None:
-        permanent = status_code[0] == 5
+        permanent = status_code[0] == 5 or (
+            final and ((text_code is not None and text_code[0] == 5) or (reply is not None and reply >= 500))
+        )
     elif text_code is not None:
         permanent = text_code[0] == 5
     elif reply is not None:
@@ -341,20 +413,33 @@ def classify_failure(status: str, diagnostic: str, *, smtp_code: int | None = No
         return Classification(SOFT, reason, "soft-text")
     reason = _match(_HARD, text)
     if reason:
+        # "User unknown" in a final failure whose only code is a transient one: the address
+        # does not exist (Postfix "450 4.1.1 unverified address ... User unknown", then expiry).
+        if reason == "userunknown" and _POLICY_WORD.search(text) and _GENERIC_UNAVAILABLE.search(text) and \
+                _match(_HARD, _GENERIC_UNAVAILABLE.sub(" ", text)) != "userunknown":
+            return Classification(SOFT, "policyviolation", "soft-text")
+        if final and reason in ("userunknown", "hostunknown", "suspend"):
+            permanent = True
         return Classification(HARD if permanent else SOFT, reason, "hard-text")
 
     # A code quoted from the remote server is more specific than a generic Status the
     # reporting MTA filled in (Status: 5.0.0, "550 5.1.1 ..."). An address-level code outranks
     # the generic words below ("Recipient rejected", "denied").
     codes = [c for c in (text_code, status_code) if c is not None and (c[1], c[2]) != (0, 0)]
+    weak = _match(_WEAK_SOFT, text)
     if permanent:
         for code in codes:
             if code[0] == 5:
                 address_level, reason = _reason_from_code(code)
+                # Only the reporting MTA's Status names the address, while the remote server's own
+                # words name a network, protocol or system failure ("Connection timed out", "503
+                # Improper sequence of commands"): the Status was filled in, the text is what happened.
+                if address_level and code is status_code and text_code is None and weak in _NOT_ADDRESS_WEAK:
+                    break
                 if address_level:
                     return Classification(HARD, reason, "code")
                 break
-    reason = _match(_WEAK_SOFT, text)
+    reason = weak
     if reason:
         return Classification(SOFT, reason, "weak-text")
     for code in codes:

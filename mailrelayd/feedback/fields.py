@@ -93,7 +93,7 @@ def block_text(part: Message) -> str:
                 # line, after a broken line) into the block's payload.
                 body = block.get_payload()
                 if isinstance(body, str) and body.strip():
-                    lines.append(body)
+                    lines.append(_body_text(block, body))
                 blocks.append("\n".join(lines))
         text = "\n\n".join(blocks)
     else:
@@ -105,6 +105,18 @@ def block_text(part: Message) -> str:
         if decoded:
             text = text + "\n\n" + decoded
     return text
+
+
+def _body_text(block: Message, body: str) -> str:
+    """The text after a block's fields. 8-bit bytes there are UTF-8 (RFC 6533 global parts);
+    compat32's ``get_payload()`` would decode them as ASCII with replacement characters."""
+    if body.isascii():
+        return body
+    try:
+        raw = block.get_payload(decode=True)
+    except Exception:
+        raw = None
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else body
 
 
 _BASE64_RUN = re.compile(r"(?:^[A-Za-z0-9+/]{16,76}={0,2}[ \t]*\n?){2,}", re.MULTILINE)

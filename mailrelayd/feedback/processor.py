@@ -5,13 +5,15 @@ Inbound feedback arrives over SMTP like any mail, is spooled durably first (so a
 loses a bounce), and is then processed here by the scheduler as a "local delivery":
 
 1. parse the message (:func:`parse_feedback`, in a thread: it is CPU work);
-2. if it arrived at a VERP address with a valid token, the token names the recipient we sent
-   to: that address is authoritative (a bounce's own text may name a forwarding target, or be
-   too mangled to parse); invalid tokens are ignored, never trusted;
-3. record each failed recipient in the suppression store: hard bounces and complaints
+2. weigh it with the trust model (:mod:`mailrelayd.feedback.trust`): a valid VERP token names
+   the recipient and wins; without one, only addresses we sent to within
+   ``feedback.sent_window`` are acted on, and complaints only from ``feedback.trusted_reporters``;
+3. record each trusted failure in the suppression store: hard bounces and complaints
    suppress; soft bounces suppress only after ``feedback.soft_bounce_threshold`` of them within
-   ``feedback.soft_bounce_window``;
-4. count and log one ``feedback.received`` event; keep unparsable messages for inspection.
+   ``feedback.soft_bounce_window``; delay warnings are never recorded; reputation and policy
+   failures (about our sending) are counted per sending domain and destination instead;
+4. count and log one ``feedback.received`` event; keep unparsable and untrusted messages for
+   inspection.
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mailrelayd import metrics
 from mailrelayd.delivery.scheduler import LocalResult
-from mailrelayd.feedback.classify import classify_status
+from mailrelayd.feedback.classify import NOT_ABOUT_RECIPIENT, classify_status
 from mailrelayd.feedback.parse import FeedbackReport, parse_feedback
+from mailrelayd.feedback.trust import (
+    Action,
+    Decision,
+    ReporterPolicy,
+    VerpMatch,
+    decide,
+    peer_ip_of,
+    reporter_is_trusted,
+)
 from mailrelayd.feedback.verp import parse_return_path
 from mailrelayd.log import get_logger
 from mailrelayd.spool.store import Event, MessageRecord, RecipientRecord
@@ -42,28 +52,33 @@ if TYPE_CHECKING:
 log = get_logger()
 
 SUPPRESSING = ("hard_bounce", "complaint")
+__all__ = ["SUPPRESSING", "Action", "FeedbackProcessor"]
+
+# Reasons that get their own label on the reputation metrics (the classifier's vocabulary).
+_REASON_LABELS = frozenset(metrics.REPUTATION_REASONS)
 
 
-@dataclass(frozen=True, slots=True)
-class Action:
-    """One suppression-store record to make."""
-
-    address: str
-    kind: str
-    reason: str
-    status: str
-    source: str
+def count_sender_event(sender_domain: str, destination: str, kind: str, reason: str) -> None:
+    """One reputation/policy failure: per sending domain and per destination (bounded labels)."""
+    label = reason if reason in _REASON_LABELS else "other"
+    metrics.REPUTATION_EVENTS.labels(metrics.sender_domain_label(sender_domain), label).inc()
+    metrics.REPUTATION_EVENTS_BY_DESTINATION.labels(metrics.destination_domain_label(destination), label).inc()
 
 
 class FeedbackProcessor:
     """Applies parsed feedback to the suppression store. ``owner`` provides ``cfg``, ``spool``,
-    ``suppressions`` and ``verp_secrets`` (the daemon; kept by reference so reloads apply)."""
+    ``suppressions`` and ``verp_secrets`` (the daemon; kept by reference so reloads apply).
+    ``on_outcome`` (optional) is told every trusted outcome per sending domain (the circuit
+    breaker's input): ``on_outcome(sender_domain, kind)``."""
 
-    def __init__(self, owner: Any) -> None:
+    def __init__(self, owner: Any, *, on_outcome: Callable[[str, str], None] | None = None) -> None:
         self.owner = owner
+        self.on_outcome = on_outcome
         # The store is one SQLite connection: all its writes go through one thread, in order.
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="suppress")
         self._parse_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
+        self._resolver: Any = None
+        self._resolver_cfg: Any = None
 
     @property
     def cfg(self) -> Config:
@@ -85,8 +100,8 @@ class FeedbackProcessor:
         """Handle one spooled feedback message (all its local recipients at once)."""
         loop = asyncio.get_running_loop()
         report: FeedbackReport = await loop.run_in_executor(self._parse_pool, parse_feedback, body)
-        verp_rcpts: list[tuple[str, str, str]] = []  # (address we sent to, sender domain, our queue id)
         fb = self.cfg.feedback
+        verp: VerpMatch | None = None
         if fb.bounce_domain:
             secrets = self.owner.verp_secrets
             for r in rcpts:
@@ -95,15 +110,56 @@ class FeedbackProcessor:
                     continue
                 found = await self.spool.lookup_recipient(tok.queue_id, tok.rcpt_index)
                 if found is not None:
-                    verp_rcpts.append((found[0], found[1], tok.queue_id))
-        actions = self.decide(report, verp_rcpts)
-        sender_domain = verp_rcpts[0][1] if verp_rcpts else _domain(report.original_from)
+                    verp = VerpMatch(found[0], found[1], tok.queue_id)
+                    break
+            if verp is None and report.original_return_path:
+                # A report sent to the plain address (an ARF feedback loop) that quotes our VERP
+                # return path (Original-Mail-From, the original's Return-Path): the token names
+                # the recipient just as well.
+                tok = parse_return_path(report.original_return_path, fb.bounce_domain, secrets)
+                found = await self.spool.lookup_recipient(tok.queue_id, tok.rcpt_index) if tok else None
+                if tok is not None and found is not None:
+                    verp = VerpMatch(found[0], found[1], tok.queue_id)
+        sent: set[str] = set()
+        trusted, why = False, ""
+        if verp is None:
+            named = [r.address for r in report.recipients if r.address]
+            if named:
+                sent = await self.spool.sent_to_since(named, msg.received_at - fb.sent_window)
+            if report.kind == "complaint":
+                trusted, why = await self._reporter_trusted(body)
+        decision = decide(report, verp=verp, sent=sent, reporter_trusted=trusted, require_verp=fb.require_verp)
+        sender_domain = verp.sender_domain if verp else _domain(report.original_from)
         # The message that bounced (named by the VERP token) is what an operator looks for; else the report's.
-        origin_qid = verp_rcpts[0][2] if verp_rcpts else msg.queue_id
+        origin_qid = verp.queue_id if verp else msg.queue_id
+        suppressed = await self._apply(decision, origin_qid)
+        events = _events(decision, origin_qid, suppressed) if verp is not None else []
+        for event in decision.sender_events:
+            count_sender_event(sender_domain, _domain(event.address), event.kind, event.reason)
+        if self.on_outcome is not None and sender_domain:
+            for a in decision.actions:
+                self.on_outcome(sender_domain, a.kind)
+        kind = decision.kind_label or report.kind
+        if kind == "complaint" and not decision.actions and verp is None and not trusted:
+            kind = "untrusted"  # a complaint naming nobody (redacted) counts only from a listed reporter
+        metrics.FEEDBACK_RECEIVED.labels(kind, metrics.sender_domain_label(sender_domain)).inc()
+        if kind in ("unparsable", "untrusted") and fb.keep_unparsable:
+            await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body, kind)
+        log.info("feedback.received", queue_id=msg.queue_id, kind=kind, report_kind=report.kind,
+                 parser=report.parser or None, feedback_type=report.feedback_type or None, verp=verp is not None,
+                 basis=decision.basis, reporter=why or None,
+                 recipients=[{"address": a.address, "kind": a.kind, "status": a.status, "reason": a.reason}
+                             for a in decision.actions],
+                 sender_events=[{"address": e.address, "kind": e.kind, "status": e.status, "reason": e.reason}
+                                for e in decision.sender_events],
+                 untrusted=list(decision.untrusted) or None, suppressed=suppressed, detail=report.detail or None)
+        detail = f"processed: {kind}" + (f", suppressed {len(suppressed)}" if suppressed else "")
+        return [LocalResult(True, detail, events=tuple(events) if i == 0 else ()) for i in range(len(rcpts))]
+
+    async def _apply(self, decision: Decision, origin_qid: str) -> list[str]:
+        loop = asyncio.get_running_loop()
         suppressed: list[str] = []
-        events: list[Event] = []
-        now = time.time()
-        for a in actions:
+        for a in decision.actions:
             try:
                 now_suppressed = await loop.run_in_executor(
                     self._store_pool, lambda a=a: self.store.record(a.address, a.kind, a.reason, a.source,
@@ -112,51 +168,55 @@ class FeedbackProcessor:
                 continue
             if now_suppressed:
                 suppressed.append(a.address)
-            if verp_rcpts:  # events name a message of ours; without VERP we cannot say which
-                kind = "complained" if a.kind == "complaint" else "bounced"
-                events.append(Event(kind, now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason,
-                                    reply=a.status))
-                if now_suppressed:
-                    events.append(Event("suppressed", now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason))
-        metrics.FEEDBACK_RECEIVED.labels(report.kind, metrics.sender_domain_label(sender_domain)).inc()
-        if report.kind == "unparsable" and fb.keep_unparsable:
-            await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body)
-        log.info("feedback.received", queue_id=msg.queue_id, kind=report.kind,
-                 feedback_type=report.feedback_type or None, verp=bool(verp_rcpts),
-                 recipients=[{"address": a.address, "kind": a.kind, "status": a.status, "reason": a.reason}
-                             for a in actions], suppressed=suppressed, detail=report.detail or None)
-        detail = f"processed: {report.kind}" + (f", suppressed {len(suppressed)}" if suppressed else "")
-        return [LocalResult(True, detail, events=tuple(events) if i == 0 else ()) for i in range(len(rcpts))]
+        return suppressed
 
-    def decide(self, report: FeedbackReport, verp: Sequence[tuple[str, str, str]]) -> list[Action]:
-        """Which addresses to record, and how. Pure: no I/O."""
-        kind = report.kind
-        if kind not in ("hard_bounce", "soft_bounce", "complaint"):
-            return []
-        source = "arf" if kind == "complaint" else "dsn"
-        if verp and kind != "complaint":
-            # The token names exactly one recipient of ours; take the report's verdict about it
-            # (or, if the report names several, the one that matches, else the worst).
-            target = verp[0][0]
-            match = next((r for r in report.recipients if r.address.lower() == target.lower()), None)
-            pick = match or (report.recipients[0] if report.recipients else None)
-            rkind = pick.kind if pick is not None else kind
-            return [Action(target, rkind, pick.reason if pick else "", pick.status if pick else "", source)]
-        if kind != "complaint" and self.cfg.feedback.require_verp:
-            return []
-        actions = [Action(r.address, r.kind, r.reason, r.status, source) for r in report.recipients if r.address]
-        if not actions and verp and kind == "complaint":
-            actions = [Action(verp[0][0], "complaint", report.feedback_type or "abuse", "", source)]
-        return actions
+    async def _reporter_trusted(self, body: bytes) -> tuple[bool, str]:
+        fb = self.cfg.feedback
+        if not fb.trusted_reporters:
+            return False, "feedback.trusted_reporters is empty"
+        policy = ReporterPolicy.from_config(fb.trusted_reporters)
+        loop = asyncio.get_running_loop()
+
+        async def run_blocking(fn: Any, *args: Any) -> bool:
+            return bool(await loop.run_in_executor(self._parse_pool, fn, *args))
+
+        return await reporter_is_trusted(body, peer_ip=peer_ip_of(body, self.cfg.server.hostname), policy=policy,
+                                         txt=self._txt, run_blocking=run_blocking)
+
+    async def _txt(self, name: str) -> bytes | None:
+        """One TXT record (the DKIM key of a reporter), joined; None when there is none."""
+        import dns.exception
+
+        from mailrelayd.delivery.mx import make_resolver
+
+        if self._resolver is None or self._resolver_cfg is not self.cfg.dns:
+            self._resolver, self._resolver_cfg = make_resolver(self.cfg.dns), self.cfg.dns
+        try:
+            answer = await self._resolver.resolve(name, "TXT", search=False)
+        except (dns.exception.DNSException, OSError) as exc:
+            log.info("feedback.dkim_key_lookup_failed", name=name, error=type(exc).__name__)
+            return None
+        for rr in answer:
+            return b"".join(rr.strings)
+        return None
 
     def smtp_failure(self, msg: MessageRecord, rcpt: RecipientRecord, outcome: Any) -> None:
         """A synchronous 5xx from our own delivery (e.g. ``550 5.1.1 user unknown`` at RCPT):
-        classify it like a bounce and record it (hard suppresses, soft counts)."""
+        classify it like a bounce and record it (hard suppresses, soft counts); a failure about
+        our sending (blocklist, PTR, DMARC, spam, rate) is counted as a reputation event instead."""
         if msg.is_dsn:
             return
         kind, reason = classify_status(outcome.enhanced or "", outcome.text or "", smtp_code=outcome.code or None)
+        if kind in NOT_ABOUT_RECIPIENT:
+            count_sender_event(msg.sender_domain, rcpt.domain, kind, reason)
+            log.warning("feedback.reputation_event", queue_id=msg.queue_id, sender_domain=msg.sender_domain,
+                        destination=rcpt.domain, kind=kind, reason=reason, status=outcome.enhanced,
+                        reply=(outcome.text or "")[:300])
+            return
         if kind not in ("hard_bounce", "soft_bounce"):
             return
+        if self.on_outcome is not None and msg.sender_domain:
+            self.on_outcome(msg.sender_domain, kind)
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(self._store_pool, lambda: self.store.record(
             rcpt.address, kind, reason, "smtp", msg.queue_id))
@@ -165,8 +225,8 @@ class FeedbackProcessor:
         log.info("feedback.smtp_failure", queue_id=msg.queue_id, rcpt=rcpt.address, kind=kind, reason=reason,
                  status=outcome.enhanced)
 
-    def _keep(self, qid: str, body: bytes) -> None:
-        d = Path(self.cfg.server.state_dir) / "feedback-unparsable"
+    def _keep(self, qid: str, body: bytes, kind: str = "unparsable") -> None:
+        d = Path(self.cfg.server.state_dir) / f"feedback-{kind}"
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".{qid}.eml"
         with open(tmp, "wb") as f:
@@ -185,3 +245,16 @@ def _domain(addr: str) -> str:
     a = (addr or "").strip().strip("<>")
     return a.rpartition("@")[2].lower().rstrip(".") if "@" in a else ""
 
+
+
+def _events(decision: Decision, origin_qid: str, suppressed: Sequence[str]) -> list[Event]:
+    """Webhook events about the message the VERP token names (without it we cannot say which of
+    ours it was): recorded with this feedback message's outcome, in the same transaction."""
+    now = time.time()
+    out: list[Event] = []
+    for a in decision.actions:
+        kind = "complained" if a.kind == "complaint" else "bounced"
+        out.append(Event(kind, now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason, reply=a.status))
+        if a.address in suppressed:
+            out.append(Event("suppressed", now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason))
+    return out

@@ -22,11 +22,14 @@ import csv
 import sqlite3
 import threading
 import time
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
+
+from mailrelayd.feedback.addresses import normalise_domain
 
 KINDS = ("hard_bounce", "complaint", "soft_bounce", "manual")
 SOURCES = ("dsn", "arf", "smtp", "manual")
@@ -79,7 +82,9 @@ class Suppression:
 
 
 def normalise(address: str, *, case_insensitive_local: bool = False) -> str:
-    """The key an address is stored under: no ``<>``/spaces, domain lowercased without trailing dot.
+    """The key an address is stored under: no ``<>``/spaces, domain lowercased without trailing dot
+    and IDNA-encoded (U-labels become A-labels, as in :mod:`mailrelayd.smtp.address`), a UTF-8
+    local part in NFC (RFC 6532 section 3.1).
 
     The local part is kept as given (RFC 5321 section 2.4: only the receiving host may treat
     it case-insensitively) unless ``case_insensitive_local``. Raises ``ValueError`` when the
@@ -87,9 +92,11 @@ def normalise(address: str, *, case_insensitive_local: bool = False) -> str:
     """
     text = str(address).strip().strip("<>").strip()
     local, sep, domain = text.rpartition("@")
-    domain = domain.strip().rstrip(".").lower()
+    domain = normalise_domain(domain)
     if not sep or not local or not domain or any(ch.isspace() or ord(ch) < 32 for ch in text):
         raise ValueError(f"not an address: {address!r}")
+    if not local.isascii():
+        local = unicodedata.normalize("NFC", local)
     return f"{local.lower() if case_insensitive_local else local}@{domain}"
 
 

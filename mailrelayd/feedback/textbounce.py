@@ -14,6 +14,7 @@ from email.message import Message
 
 from mailrelayd.feedback.addresses import (
     ADDRESS_RE,
+    UTF8_ADDRESS,
     find_addresses,
     is_plausible_recipient,
     normalise_address,
@@ -102,6 +103,8 @@ _RECIPIENT_LINES = (
     re.compile(r"^[ \t]{0,20}(?:[245]\d\d[ -])?<(" + _ADDR + r")>(?:[ \t]|\.\.\.)", re.MULTILINE),
     # Exchange's "'user@example.com' on 3/9/2025 10:00 AM" (the leading quote is stripped later)
     re.compile(r"^[ \t]{0,20}(" + _ADDR + r")'?[ \t]+on[ \t]+\d", re.MULTILINE),
+    # RFC 6531 recipients in angle brackets: "<josé@exämple.net>: host ... said: 550 5.1.1 ..."
+    re.compile(r"^[ \t]{0,20}<(" + UTF8_ADDRESS + r")>[ \t]*:", re.MULTILINE),
 )
 _RECIPIENT_KEYWORD = re.compile(
     r"(?:rcpt to|recipients?(?: address(?:es)?)?|original-recipient|final-recipient|failed recipient|"

@@ -60,7 +60,11 @@ CREATE TABLE IF NOT EXISTS messages (
     listener TEXT NOT NULL,
     sender_domain TEXT NOT NULL,
     is_dsn INTEGER NOT NULL DEFAULT 0,
-    warned INTEGER NOT NULL DEFAULT 0
+    warned INTEGER NOT NULL DEFAULT 0,
+    user TEXT NOT NULL DEFAULT '',
+    held_at REAL NOT NULL DEFAULT 0,
+    held_reason TEXT NOT NULL DEFAULT '',
+    hold_credit REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS bodies (
     qid TEXT PRIMARY KEY,
@@ -92,6 +96,19 @@ CREATE TABLE IF NOT EXISTS history (
     PRIMARY KEY (qid, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS history_done ON history(done_at);
+-- Feedback without a VERP token is acted on only for addresses we sent to (sent_to_since).
+CREATE INDEX IF NOT EXISTS history_address ON history(address COLLATE NOCASE);
+-- Hold rules (`queue hold --domain/--sender/--user`): they hold matching mail already queued and
+-- mail that arrives later, until released or until `until` (0 = no end).
+CREATE TABLE IF NOT EXISTS holds (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    value TEXT NOT NULL,
+    until REAL NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    UNIQUE (kind, value)
+);
 PRAGMA user_version = 1;
 """
 
@@ -196,7 +213,7 @@ class NewMessage:
     message_id: str = ""
     """The Message-ID header value (with its angle brackets), for history and events."""
     user: str = ""
-    """The authenticated user who submitted it, if any."""
+    """The authenticated (SASL) user who submitted it, "" for relayed mail (``queue hold --user``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +244,94 @@ class MessageRecord:
     is_dsn: bool
     warned: bool
     recipients: tuple[RecipientRecord, ...]
+    user: str = ""
+    held_at: float = 0.0
+    """When the whole message was put on hold (by queue id or age); 0 = not held that way."""
+    held_reason: str = ""
+    hold_credit: float = 0.0
+    """Seconds spent on hold so far: they do not count towards the queue lifetime."""
 
     def active_recipients(self) -> list[RecipientRecord]:
         return [r for r in self.recipients if r.state in ACTIVE]
+
+
+HOLD_KINDS = ("domain", "sender", "user")
+
+
+@dataclass(frozen=True, slots=True)
+class HoldRule:
+    """A persistent hold: every active recipient at ``domain`` / every message from ``sender`` (an
+    address, or "@domain" for a whole sending domain) / submitted by ``user``, now and later."""
+
+    kind: str
+    value: str
+    until: float = 0.0
+    """Automatic release time (Unix time); 0 = until released by hand."""
+    reason: str = ""
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFilter:
+    """Which queued mail a bulk action applies to (all given criteria must match; none = all).
+
+    ``domain`` selects recipients at that domain only; the other criteria select whole messages.
+    Values are normalised by :meth:`normalized` (lower case, no trailing dot).
+    """
+
+    domain: str | None = None
+    sender: str | None = None
+    user: str | None = None
+    older_than: float | None = None
+    queue_ids: tuple[str, ...] = ()
+
+    def normalized(self) -> QueueFilter:
+        return QueueFilter(
+            domain=self.domain.strip().rstrip(".").lower() if self.domain else None,
+            sender=self.sender.strip().lower() if self.sender is not None else None,
+            user=self.user.strip() if self.user else None,
+            older_than=self.older_than,
+            queue_ids=tuple(q.strip().upper() for q in self.queue_ids),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.domain or self.sender is not None or self.user or self.older_than is not None
+                    or self.queue_ids)
+
+    def rules(self) -> list[tuple[str, str]]:
+        """The persistent part of a hold: (kind, value) for domain, sender and user. A filter with
+        queue ids or an age selects only mail queued now, so it makes no rule."""
+        if self.queue_ids or self.older_than is not None:
+            return []
+        out = []
+        if self.domain:
+            out.append(("domain", self.domain))
+        if self.sender is not None:
+            out.append(("sender", self.sender))
+        if self.user:
+            out.append(("user", self.user))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in (("domain", self.domain), ("sender", self.sender), ("user", self.user),
+                                  ("older_than", self.older_than), ("queue_ids", list(self.queue_ids)))
+                if v not in (None, [])}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> QueueFilter:
+        older = data.get("older_than")
+        return cls(domain=data.get("domain"), sender=data.get("sender"), user=data.get("user"),
+                   older_than=float(older) if older is not None else None,
+                   queue_ids=tuple(str(q) for q in data.get("queue_ids") or ())).normalized()
+
+
+def sender_matches(pattern: str, mail_from: str) -> bool:
+    """``--sender`` semantics: a whole address, or "@domain" for every address at that domain."""
+    s = mail_from.lower()
+    if pattern.startswith("@"):
+        return s.endswith(pattern)
+    return s == pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,6 +692,38 @@ class Spool:
             return (row[0], row[1]) if row else None
         return await self._read(fn)
 
+    async def sent_count_by_sender_domain(self, since: float) -> dict[str, int]:
+        """{sending domain: recipients delivered or bounced at or after ``since``} from the history
+        (the circuit breaker's denominator)."""
+        def fn(c: sqlite3.Connection) -> dict[str, int]:
+            rows = c.execute("SELECT lower(sender_domain), COUNT(*) FROM history WHERE done_at >= ? "
+                             "AND state IN ('delivered', 'bounced') GROUP BY lower(sender_domain)", (since,))
+            return {str(d): int(n) for d, n in rows if d}
+        return await self._read(fn)
+
+    async def sent_to_since(self, addresses: Sequence[str], since: float) -> set[str]:
+        """Which of ``addresses`` (compared case-insensitively) we attempted delivery to at or
+        after ``since``: finished recipients in the history, and queued ones with an attempt.
+        Returns the matching addresses of the argument, lowercased. For feedback that carries no
+        VERP token (a DSN to the plain bounce address, an ARF report)."""
+        wanted = sorted({a.lower() for a in addresses if a})[:100]
+
+        def fn(c: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for address in wanted:
+                row = c.execute("SELECT 1 FROM history WHERE address = ? COLLATE NOCASE AND done_at >= ? "
+                                "AND state IN ('delivered', 'bounced', 'expired') LIMIT 1",
+                                (address, since)).fetchone()
+                if row is None:
+                    row = c.execute("SELECT 1 FROM recipients r JOIN messages m ON m.qid = r.qid "
+                                    "WHERE r.address = ? COLLATE NOCASE AND m.queue = 'outbound' "
+                                    "AND r.attempts > 0 AND r.updated_at >= ? LIMIT 1",
+                                    (address, since)).fetchone()
+                if row is not None:
+                    found.add(address)
+            return found
+        return await self._read(fn) if wanted else set()
+
     async def recipient_outcomes(self, qid: str) -> dict[str, tuple[str, str]]:
         """{address: (state, last reply)} for message ``qid``, queued or finished (history)."""
         def fn(c: sqlite3.Connection) -> dict[str, tuple[str, str]]:
@@ -602,7 +736,108 @@ class Spool:
         return await self._read(fn)
 
 
+    # --- holds and bulk selection (queue manager) ---------------------------------------
+    async def select(self, f: QueueFilter, now: float | None = None, *, only_held: bool = False
+                     ) -> list[tuple[str, int]]:
+        """Active recipients matching a filter, as (queue id, recipient index)."""
+        t = time.time() if now is None else now
+        return await self._read(lambda c: _select(c, f, t, only_held))
+
+    async def reschedule_many(self, qids: Sequence[str], when: float) -> int:
+        """Make the active recipients of these messages due at ``when``, in one transaction."""
+        def op(c: sqlite3.Connection) -> int:
+            return sum(c.execute("UPDATE recipients SET next_attempt = ? WHERE qid = ? AND "
+                                 "state IN ('pending','deferred')", (when, q)).rowcount for q in qids)
+        return await self._write(op)
+
+    async def hold_rules(self) -> list[HoldRule]:
+        return await self._read(lambda c: [HoldRule(*r) for r in c.execute(
+            "SELECT kind, value, until, reason, created_at FROM holds ORDER BY id").fetchall()])
+
+    async def add_hold_rule(self, rule: HoldRule) -> HoldRule:
+        """Store a hold rule; one rule per (kind, value): a second hold updates until/reason and
+        keeps the original start (the lifetime credit counts from it)."""
+        def op(c: sqlite3.Connection) -> HoldRule:
+            c.execute("INSERT INTO holds (kind, value, until, reason, created_at) VALUES (?, ?, ?, ?, ?) "
+                      "ON CONFLICT (kind, value) DO UPDATE SET until = excluded.until, reason = excluded.reason",
+                      (rule.kind, rule.value, rule.until, rule.reason, rule.created_at))
+            row = c.execute("SELECT kind, value, until, reason, created_at FROM holds WHERE kind = ? AND value = ?",
+                            (rule.kind, rule.value)).fetchone()
+            return HoldRule(*row)
+        return await self._write(op)
+
+    async def remove_hold_rule(self, rule: HoldRule, qids: Sequence[str], now: float) -> bool:
+        """Delete a rule and, in the same transaction, credit the messages it held (``qids``) with
+        the time they spent held, so it does not count towards their queue lifetime."""
+        def op(c: sqlite3.Connection) -> bool:
+            n = c.execute("DELETE FROM holds WHERE kind = ? AND value = ?", (rule.kind, rule.value)).rowcount
+            c.executemany("UPDATE messages SET hold_credit = hold_credit + MAX(0, ? - MAX(?, received_at)) "
+                          "WHERE qid = ?", [(now, rule.created_at, q) for q in qids])
+            return n > 0
+        return await self._write(op)
+
+    async def set_held(self, qids: Sequence[str], held_at: float, reason: str) -> int:
+        """Hold whole messages (by queue id or age); a message already held keeps its start."""
+        def op(c: sqlite3.Connection) -> int:
+            n = 0
+            for q in qids:
+                n += c.execute("UPDATE messages SET held_at = ?, held_reason = ? WHERE qid = ? AND held_at = 0",
+                               (held_at, reason, q)).rowcount
+            return n
+        return await self._write(op)
+
+    async def clear_held(self, qids: Sequence[str], now: float) -> int:
+        """Release whole-message holds, crediting the time held against the queue lifetime."""
+        def op(c: sqlite3.Connection) -> int:
+            n = 0
+            for q in qids:
+                n += c.execute("UPDATE messages SET hold_credit = hold_credit + MAX(0, ? - MAX(held_at, received_at)), "
+                               "held_at = 0, held_reason = '' WHERE qid = ? AND held_at > 0", (now, q)).rowcount
+            return n
+        return await self._write(op)
+
+
 # --- SQL helpers (run on the writer or reader thread) -------------------------------------
+_MESSAGE_COLUMNS_ADDED = (("user", "TEXT NOT NULL DEFAULT ''"), ("held_at", "REAL NOT NULL DEFAULT 0"),
+                          ("held_reason", "TEXT NOT NULL DEFAULT ''"), ("hold_credit", "REAL NOT NULL DEFAULT 0"))
+
+
+def _select(c: sqlite3.Connection, f: QueueFilter, now: float, only_held: bool = False) -> list[tuple[str, int]]:
+    """(queue id, recipient index) of every active recipient matching ``f`` (of messages held
+    as a whole, with ``only_held``)."""
+    where = ["r.state IN ('pending','deferred')"]
+    if only_held:
+        where.append("m.held_at > 0")
+    args: list[Any] = []
+    if f.domain:
+        where.append("r.domain = ?")
+        args.append(f.domain)
+    if f.sender is not None:
+        if f.sender.startswith("@"):
+            where.append("lower(m.mail_from) LIKE ? ESCAPE '\\'")
+            args.append("%" + f.sender.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_"))
+        else:
+            where.append("lower(m.mail_from) = ?")
+            args.append(f.sender)
+    if f.user:
+        where.append("m.user = ?")
+        args.append(f.user)
+    if f.older_than is not None:
+        where.append("m.received_at <= ?")
+        args.append(now - f.older_than)
+    rows: list[tuple[str, int]] = []
+    base = ("SELECT r.qid, r.idx FROM recipients r JOIN messages m ON m.qid = r.qid WHERE "
+            + " AND ".join(where))
+    if f.queue_ids:
+        for i in range(0, len(f.queue_ids), 500):
+            chunk = f.queue_ids[i:i + 500]
+            rows += c.execute(base + f" AND r.qid IN ({','.join('?' * len(chunk))}) ORDER BY r.qid, r.idx",
+                              [*args, *chunk]).fetchall()
+    else:
+        rows = c.execute(base + " ORDER BY r.qid, r.idx", args).fetchall()
+    return [(q, i) for q, i in rows]
+
+
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA busy_timeout = 30000")
@@ -694,14 +929,15 @@ def _finish(c: sqlite3.Connection, qid: str, now: float) -> None:
 
 def _get(c: sqlite3.Connection, qid: str) -> MessageRecord | None:
     row = c.execute(
-        "SELECT qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn, warned "
-        "FROM messages WHERE qid = ?", (qid,)).fetchone()
+        "SELECT qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn, warned, "
+        "user, held_at, held_reason, hold_credit FROM messages WHERE qid = ?", (qid,)).fetchone()
     if row is None:
         return None
     rcpts = tuple(RecipientRecord(*r) for r in c.execute(
         "SELECT idx, address, domain, state, attempts, next_attempt, last_reply, updated_at "
         "FROM recipients WHERE qid = ? ORDER BY idx", (qid,)))
-    return MessageRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), bool(row[8]), rcpts)
+    return MessageRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), bool(row[8]), rcpts,
+                         row[9], row[10], row[11], row[12])
 
 
 # SQLite primary result codes (the low byte of an extended code), https://sqlite.org/rescode.html
@@ -762,6 +998,10 @@ class _Writer(threading.Thread):
             cols = {r[1] for r in self._conn.execute("PRAGMA table_info(history)")}
             if "last_reply" not in cols:  # spools from 0.1 pre-releases
                 self._conn.execute("ALTER TABLE history ADD COLUMN last_reply TEXT NOT NULL DEFAULT ''")
+            mcols = {r[1] for r in self._conn.execute("PRAGMA table_info(messages)")}
+            for col, decl in _MESSAGE_COLUMNS_ADDED:  # spools from before queue holds
+                if col not in mcols:
+                    self._conn.execute(f"ALTER TABLE messages ADD COLUMN {col} {decl}")
             for table, col, decl in _COLUMNS:
                 if col not in {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}:
                     self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")

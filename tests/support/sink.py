@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ class Received:
     tls: bool
     session_id: int
     mail_options: list[str]
+    peer: str = ""
+    helo: str = ""
+    at: float = 0.0
 
 
 class _Handler:
@@ -35,6 +39,7 @@ class _Handler:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
+        self.sink.mail_seen.append(time.monotonic())
         if self.sink.mail_reply:
             return self.sink.mail_reply
         envelope.mail_from = address
@@ -64,7 +69,9 @@ class _Handler:
             return "451 dropped"
         self.sink.messages.append(Received(
             envelope.mail_from or "", list(envelope.rcpt_tos), bytes(envelope.original_content or b""),
-            session.ssl is not None, id(session), list(envelope.mail_options)))
+            session.ssl is not None, id(session), list(envelope.mail_options),
+            str(session.peer[0]) if isinstance(session.peer, tuple) else str(session.peer), session.host_name or "",
+            time.monotonic()))
         self.sink.received.set()
         return self.sink.data_reply
 
@@ -76,6 +83,7 @@ class Sink:
         self.port = 0
         self.messages: list[Received] = []
         self.rcpt_seen: list[str] = []
+        self.mail_seen: list[float] = []  # time.monotonic() of every MAIL command
         self.rcpt_replies: dict[str, str] = {}
         self.mail_reply: str | None = None
         self.data_reply = "250 2.0.0 Ok: queued"

@@ -1,0 +1,506 @@
+"""Named recognizers: each looks at the one :class:`~mailrelayd.feedback.tree.MessageTree` and
+returns evidence (a :class:`FeedbackReport` naming recipients and their kinds) or ``None``.
+
+:data:`RECOGNIZERS` is the ordered list :func:`mailrelayd.feedback.parse.parse_feedback` runs;
+the order is the weight of the evidence: standard machine-readable reports first (RFC 5965 ARF,
+Microsoft JMRP, RFC 8098 MDN, RFC 3464/6533 DSN), then provider notifications (Amazon SES),
+then the gate that stops at auto-replies and ordinary mail, then DSN fields pasted into text,
+flufl.bounce's detectors, and the plain-text heuristics. Every hard/soft decision is
+:func:`mailrelayd.feedback.classify.classify_failure`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailrelayd.feedback.addresses import find_addresses, is_plausible_recipient, normalise_address
+from mailrelayd.feedback.arf import NOT_COMPLAINT_TYPES, looks_like_feedback_report, parse_feedback_report
+from mailrelayd.feedback.classify import HARD, POLICY, SOFT, Classification, bucket, classify_failure
+from mailrelayd.feedback.dsn import looks_like_delivery_status, normalise_status, parse_delivery_status
+from mailrelayd.feedback.flufl_adapter import run_flufl
+from mailrelayd.feedback.mime import header_str, parse_bytes, part_text
+from mailrelayd.feedback.report import (
+    COMPLAINT,
+    DELAYED,
+    NOT_FEEDBACK,
+    SEVERITY,
+    SOFT_BOUNCE,
+    UNPARSABLE,
+    FeedbackRecipient,
+    FeedbackReport,
+)
+from mailrelayd.feedback.textbounce import (
+    excluded_addresses,
+    find_recipients,
+    from_mail_system,
+    is_auto_reply,
+    is_warning,
+    looks_like_bounce,
+    returned_recipient,
+    snippet_for,
+)
+from mailrelayd.feedback.tree import ARF_TYPE, DSN_TYPES, MDN_TYPES, MessageTree, first_address
+
+# flufl.bounce reads the whole tree; it only gets this much of the message (see flufl_adapter).
+FLUFL_MAX_BYTES = 32 * 1024
+MAX_RECIPIENTS = 100
+_GENERIC_REASONS = frozenset({"onhold", ""})
+_HEADER_START = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,60}[ \t]*:")
+
+
+@dataclass(frozen=True)
+class ParseOptions:
+    """Which groups of recognizers run. All on in production; the bench switches them off one by one."""
+
+    standard: bool = True
+    flufl: bool = True
+    heuristics: bool = True
+
+
+DEFAULT_OPTIONS = ParseOptions()
+
+
+@dataclass
+class Scan:
+    """State shared by the recognizers of one parse (computed once, on first need)."""
+
+    tree: MessageTree
+    options: ParseOptions
+    _excluded: set[str] | None = None
+    _warning: bool | None = None
+
+    def excluded(self) -> set[str]:
+        if self._excluded is None:
+            self._excluded = excluded_addresses(self.tree.msg, self.tree.original)
+        return self._excluded
+
+    def warning(self) -> bool:
+        if self._warning is None:
+            self._warning = is_warning(self.tree.msg, self.tree.text())
+        return self._warning
+
+
+Recognizer = Callable[[Scan], FeedbackReport | None]
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def report(
+    tree: MessageTree, kind: str, *, recipients: tuple[FeedbackRecipient, ...] = (), **kw: str
+) -> FeedbackReport:
+    """A report with the tree's original-message fields; ``kind`` is the worst recipient's."""
+    if recipients:
+        kind = max((r.kind for r in recipients), key=lambda k: SEVERITY.get(k, 0))
+    if tree.original is None and kind in SEVERITY:
+        _inline_original(tree)
+    return FeedbackReport(
+        kind=kind,
+        recipients=recipients,
+        original_message_id=kw.pop("original_message_id", tree.original_message_id),
+        original_from=kw.pop("original_from", tree.original_from),
+        original_return_path=kw.pop("original_return_path", tree.original_return_path),
+        **kw,
+    )
+
+
+def _inline_original(tree: MessageTree) -> None:
+    """Fill ``tree.original_*`` from a returned message quoted as text after the notification."""
+    from email.parser import HeaderParser
+    from email.policy import compat32
+
+    lines = tree.returned_text()[:16384].split("\n")
+    start = 0 if lines and _HEADER_START.match(lines[0]) else 1  # skip the marker line
+    while start < len(lines) and not lines[start].strip():
+        start += 1
+    if start >= len(lines) or not _HEADER_START.match(lines[start]):
+        return
+    try:
+        headers = HeaderParser(policy=compat32).parsestr("\n".join(lines[start:]), headersonly=True)
+    except Exception:
+        return
+    tree.original_from = tree.original_from or first_address(header_str(headers, "from"))
+    tree.original_message_id = tree.original_message_id or header_str(headers, "message-id").strip()
+    tree.original_return_path = tree.original_return_path or first_address(header_str(headers, "return-path"))
+
+
+def dedupe(recipients: list[FeedbackRecipient]) -> tuple[FeedbackRecipient, ...]:
+    """One entry per address (case-insensitive), keeping the most severe."""
+    best: dict[str, FeedbackRecipient] = {}
+    for recipient in recipients:
+        key = recipient.address.lower()
+        current = best.get(key)
+        if current is None or SEVERITY.get(recipient.kind, 0) > SEVERITY.get(current.kind, 0):
+            best[key] = recipient
+    return tuple(best.values())[:MAX_RECIPIENTS]
+
+
+def _delayed_reason(result: Classification) -> str:
+    return "expired" if result.reason in _GENERIC_REASONS else result.reason
+
+
+# --- standard reports -------------------------------------------------------------------------
+
+
+def recognize_arf(scan: Scan) -> FeedbackReport | None:
+    """RFC 5965 ARF: the complainer is Original-Rcpt-To (or the opt-out draft's Removal-Recipient).
+
+    Variants seen in the wild: the report fields in a ``text/plain`` part (or the whole body)
+    instead of ``message/feedback-report``, base64-encoded fields, no Feedback-Type, the
+    original only as ``text/rfc822-headers``.
+    """
+    tree = scan.tree
+    text = tree.report_text(ARF_TYPE)
+    if not text:
+        text = _arf_in_text(tree)
+        if not text:
+            return None
+    fields = parse_feedback_report(text)
+    ftype = fields.feedback_type
+    return_path = fields.original_mail_from or tree.original_return_path
+    if ftype in NOT_COMPLAINT_TYPES:
+        return report(tree, NOT_FEEDBACK, feedback_type=ftype, detail=f"feedback type {ftype} is not a complaint",
+                      parser="arf", original_return_path=return_path)
+    addresses = list(fields.original_rcpt_to or fields.removal_recipients)
+    if not addresses and tree.original is not None:
+        # No Original-Rcpt-To: the reported message's single To address, if it has one.
+        found = [a for a in find_addresses(header_str(tree.original, "to")) if is_plausible_recipient(a)]
+        if len(found) == 1:
+            addresses = found
+    recipients = dedupe([
+        FeedbackRecipient(normalise_address(a), COMPLAINT, reason="feedback", diagnostic=ftype or "abuse")
+        for a in addresses if normalise_address(a)
+    ])
+    return report(tree, COMPLAINT, recipients=recipients, feedback_type=ftype or "abuse",
+                  detail="" if recipients else "complaint without a recoverable recipient", parser="arf",
+                  original_return_path=return_path)
+
+
+def _arf_in_text(tree: MessageTree) -> str:
+    """ARF fields written into a text part of a feedback report instead of their own part."""
+    for leaf in tree.leaves:
+        if leaf.in_original or not leaf.ctype.startswith("text/") or leaf.ctype == "text/html":
+            continue
+        text = part_text(leaf.part, 16 * 1024)
+        if looks_like_feedback_report(text, strict=tree.report_type != "feedback-report"):
+            return text
+    return ""
+
+
+def recognize_jmrp(scan: Scan) -> FeedbackReport | None:
+    """Microsoft JMRP: a reported message carrying ``X-HmXmrOriginalRecipient`` (wrapped or not)."""
+    tree = scan.tree
+    # The reported message's headers may also come as a text/rfc822-headers part (tree.original).
+    candidates = [*tree.nodes, *([(1, tree.original)] if tree.original is not None else [])]
+    for depth, part in candidates:
+        value = header_str(part, "x-hmxmroriginalrecipient")
+        if not value:
+            continue
+        found = [a for a in find_addresses(value) if normalise_address(a)]
+        recipients = tuple(
+            FeedbackRecipient(normalise_address(a), COMPLAINT, reason="feedback", diagnostic="jmrp")
+            for a in found[:1]
+        )
+        original_from = first_address(header_str(part, "from")) if depth > 0 or tree.original is None else ""
+        extra = {"original_from": original_from} if original_from else {}
+        return report(tree, COMPLAINT, recipients=recipients, feedback_type="abuse", parser="jmrp",
+                      detail="" if recipients else "complaint without a recoverable recipient", **extra)
+    return None
+
+
+def recognize_mdn(scan: Scan) -> FeedbackReport | None:
+    """RFC 8098 read receipts: never feedback."""
+    tree = scan.tree
+    if tree.report_type == "disposition-notification" or tree.report_part(*MDN_TYPES) is not None:
+        return report(tree, NOT_FEEDBACK, detail="read receipt (MDN, RFC 8098)", parser="mdn")
+    return None
+
+
+def recognize_dsn(scan: Scan) -> FeedbackReport | None:
+    """RFC 3464 ``message/delivery-status`` and RFC 6533 ``message/global-delivery-status``."""
+    text = scan.tree.report_text(*DSN_TYPES)
+    return from_dsn_text(scan, text, parser="dsn") if text else None
+
+
+def from_dsn_text(scan: Scan, text: str, *, parser: str) -> FeedbackReport | None:
+    tree = scan.tree
+    fields = parse_delivery_status(text)
+    if not fields.recipients:
+        return None
+    recipients: list[FeedbackRecipient] = []
+    addresses = [r.address for r in fields.recipients]
+    for r in fields.recipients:
+        if r.action in ("delivered", "relayed", "expanded"):
+            continue  # RFC 3464 section 2.3.3: not failures
+        address = normalise_address(r.address)
+        if not address:
+            continue
+        status = r.status or normalise_status(r.diagnostic)
+        if r.action == "delayed":
+            # Still being retried: a warning, never a bounce, whatever its text says.
+            result = classify_failure(status or "4.0.0", r.diagnostic)
+            recipients.append(FeedbackRecipient(address, DELAYED, status, _delayed_reason(result), r.diagnostic,
+                                                r.remote_mta))
+            continue
+        result = classify_failure(status, r.diagnostic, final=True)
+        if not result.decisive:
+            # No telling Diagnostic-Code: the human-readable part may name the cause.
+            snippet = snippet_for(tree.text(), r.address, addresses)
+            if snippet:
+                from_text = classify_failure(status, snippet, final=True)
+                if from_text.decisive or result.reason in _GENERIC_REASONS:
+                    result = from_text
+        recipients.append(FeedbackRecipient(address, result.kind, status, result.reason, r.diagnostic,
+                                            r.remote_mta))
+    if not recipients:
+        return report(tree, NOT_FEEDBACK, detail="delivery report without failures (delivered/relayed)",
+                      parser=parser, original_envelope_id=fields.envelope_id)
+    return report(tree, SOFT_BOUNCE, recipients=dedupe(recipients), parser=parser,
+                  original_envelope_id=fields.envelope_id)
+
+
+# --- provider notifications -------------------------------------------------------------------
+
+_JSON_START = re.compile(r'\{\s*"')
+# SES bounce sub-types (bounceType Permanent) that name the address itself.
+_SES_ADDRESS_SUBTYPES = {"general": "userunknown", "noemail": "userunknown", "suppressed": "suppressed",
+                         "onaccountsuppressionlist": "suppressed"}
+_SES_TRANSIENT_SUBTYPES = {"mailboxfull": "mailboxfull", "messagetoolarge": "mesgtoobig",
+                           "contentrejected": "contenterror", "attachmentrejected": "contenterror"}
+
+
+def recognize_ses(scan: Scan) -> FeedbackReport | None:
+    """Amazon SES bounce/complaint notifications delivered by mail (an SNS e-mail subscription).
+
+    The body is the notification JSON (``notificationType`` or ``eventType``: Bounce,
+    Complaint, DeliveryDelay, Delivery...), possibly wrapped in the SNS envelope (``Type:
+    Notification``, the JSON again as a string in ``Message``). Field names from the SES
+    developer guide, "Contents of notifications for Amazon SES".
+    """
+    tree = scan.tree
+    doc = _ses_document(tree)
+    if doc is None:
+        return None
+    event = str(doc.get("notificationType") or doc.get("eventType") or "").lower()
+    mail = doc.get("mail") if isinstance(doc.get("mail"), dict) else {}
+    headers = mail.get("commonHeaders") if isinstance(mail.get("commonHeaders"), dict) else {}
+    from_list = headers.get("from") if isinstance(headers.get("from"), list) else []
+    extra = {
+        "original_return_path": normalise_address(str(mail.get("source") or "")) or tree.original_return_path,
+        "original_from": first_address(str(from_list[0])) if from_list else tree.original_from,
+        "original_message_id": str(headers.get("messageId") or mail.get("messageId") or tree.original_message_id),
+    }
+    if event == "bounce":
+        return _ses_bounce(tree, doc.get("bounce"), extra)
+    if event == "complaint":
+        return _ses_complaint(tree, doc.get("complaint"), extra)
+    if event == "deliverydelay":
+        delay = doc.get("deliveryDelay") if isinstance(doc.get("deliveryDelay"), dict) else {}
+        recipients = [
+            FeedbackRecipient(normalise_address(str(r.get("emailAddress", ""))), DELAYED, str(r.get("status") or ""),
+                              "expired", str(r.get("diagnosticCode") or ""))
+            for r in _dicts(delay.get("delayedRecipients")) if normalise_address(str(r.get("emailAddress", "")))
+        ]
+        return report(tree, DELAYED, recipients=dedupe(recipients), parser="ses", **extra)
+    return report(tree, NOT_FEEDBACK, detail=f"SES {event or 'unknown'} notification", parser="ses", **extra)
+
+
+def _dicts(value: object) -> list[dict[str, object]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _ses_bounce(tree: MessageTree, bounce: object, extra: dict[str, str]) -> FeedbackReport:
+    bounce = bounce if isinstance(bounce, dict) else {}
+    btype = str(bounce.get("bounceType") or "").lower()
+    subtype = str(bounce.get("bounceSubType") or "").replace(" ", "").lower()
+    recipients: list[FeedbackRecipient] = []
+    for r in _dicts(bounce.get("bouncedRecipients")):
+        address = normalise_address(str(r.get("emailAddress") or ""))
+        if not address:
+            continue
+        status = normalise_status(str(r.get("status") or ""))
+        diagnostic = str(r.get("diagnosticCode") or "")
+        result = classify_failure(status, diagnostic, final=btype == "permanent")
+        kind, reason = result.kind, result.reason
+        if btype == "permanent" and subtype in _SES_ADDRESS_SUBTYPES and kind != HARD and (
+                result.evidence == "none" or (subtype != "general" and not result.decisive)):
+            # SES itself says the address is unusable (NoEmail, Suppressed; General only when
+            # the remote gave no reason at all) and the remote text names no other cause.
+            kind, reason = HARD, _SES_ADDRESS_SUBTYPES[subtype]
+        elif btype == "transient" and kind == HARD:
+            kind = SOFT
+        if kind == SOFT and reason in _GENERIC_REASONS and subtype in _SES_TRANSIENT_SUBTYPES:
+            reason = _SES_TRANSIENT_SUBTYPES[subtype]
+            kind = bucket(SOFT, reason)
+        recipients.append(FeedbackRecipient(address, kind, status, reason, diagnostic,
+                                            str(bounce.get("remoteMtaIp") or "")))
+    if not recipients:
+        return report(tree, UNPARSABLE, detail="SES bounce without a recipient", parser="ses", **extra)
+    return report(tree, SOFT_BOUNCE, recipients=dedupe(recipients), parser="ses", **extra)
+
+
+def _ses_complaint(tree: MessageTree, complaint: object, extra: dict[str, str]) -> FeedbackReport:
+    complaint = complaint if isinstance(complaint, dict) else {}
+    ftype = str(complaint.get("complaintFeedbackType") or "abuse").lower()
+    if ftype in NOT_COMPLAINT_TYPES:
+        return report(tree, NOT_FEEDBACK, feedback_type=ftype, detail=f"SES complaint type {ftype}",
+                      parser="ses", **extra)
+    recipients = dedupe([
+        FeedbackRecipient(normalise_address(str(r.get("emailAddress") or "")), COMPLAINT, reason="feedback",
+                          diagnostic=ftype)
+        for r in _dicts(complaint.get("complainedRecipients")) if normalise_address(str(r.get("emailAddress") or ""))
+    ])
+    return report(tree, COMPLAINT, recipients=recipients, feedback_type=ftype, parser="ses",
+                  detail="" if recipients else "complaint without a recoverable recipient", **extra)
+
+
+def _ses_document(tree: MessageTree) -> dict[str, object] | None:
+    text = tree.text()
+    if "notificationType" not in text and "eventType" not in text:
+        # The notification as an attachment (application/json) rather than the body.
+        text = "\n".join(part_text(leaf.part, 64 * 1024) for leaf in tree.leaves
+                          if leaf.ctype == "application/json" and not leaf.in_original)
+    if "notificationType" not in text and "eventType" not in text:
+        return None
+    # strict=False: mail transport folds long lines, leaving raw line breaks inside JSON strings.
+    decoder = json.JSONDecoder(strict=False)
+    for match in _JSON_START.finditer(text[:64 * 1024]):
+        try:
+            doc, _end = decoder.raw_decode(text, match.start())
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("Message"), str) and doc.get("Type") == "Notification":
+            try:
+                doc = decoder.decode(doc["Message"])
+            except ValueError:
+                continue
+        if isinstance(doc, dict) and ("notificationType" in doc or "eventType" in doc) and "mail" in doc:
+            return doc
+    return None
+
+
+# --- the gate ---------------------------------------------------------------------------------
+
+
+def recognize_not_bounce(scan: Scan) -> FeedbackReport | None:
+    """RFC 3834 auto-replies and mail that does not present itself as a bounce stop here."""
+    tree = scan.tree
+    # Auto-replies are answered by people's mailboxes, bounces by mail systems (which also set
+    # Auto-Submitted: auto-replied, so the header alone does not tell them apart).
+    if is_auto_reply(tree.msg) and not from_mail_system(tree.msg):
+        return report(tree, NOT_FEEDBACK, detail="auto-reply", parser="autoreply")
+    if not looks_like_bounce(tree.msg, tree.text()):
+        return nothing_found(tree, "not a bounce or complaint")
+    return None
+
+
+# --- non-standard bounces ---------------------------------------------------------------------
+
+
+def recognize_dsn_in_text(scan: Scan) -> FeedbackReport | None:
+    """DSN fields pasted into a text part."""
+    text = scan.tree.text()
+    return from_dsn_text(scan, text, parser="heuristic:dsn-in-text") if looks_like_delivery_status(text) else None
+
+
+def recognize_flufl(scan: Scan) -> FeedbackReport | None:
+    """flufl.bounce's detectors (Mailman): addresses only; each is classified from the text about it."""
+    tree = scan.tree
+    msg = tree.msg if len(tree.data) <= FLUFL_MAX_BYTES else parse_bytes(tree.data[:FLUFL_MAX_BYTES])
+    result = run_flufl(msg)
+    if result is None:
+        return None
+    excluded = scan.excluded()
+    usable = [
+        a for a in (*result.permanent, *result.temporary)
+        if is_plausible_recipient(a) and normalise_address(a).lower() not in excluded
+    ]
+    if not usable:
+        return None
+    return from_addresses(scan, usable, result.temporary, parser=f"flufl:{result.detector}")
+
+
+def recognize_text(scan: Scan) -> FeedbackReport | None:
+    """Recipient lines of common plain-text formats, then a returned message's single To."""
+    tree = scan.tree
+    text = tree.text()
+    excluded = scan.excluded()
+    addresses = find_recipients(text, excluded)
+    if addresses:
+        return from_addresses(scan, addresses, (), parser="heuristic:text")
+    # The bounce names nobody at all (old Sendmail: "Deferred: Connection timed out"): the
+    # returned message's single To is the recipient it is about. Not when the text names an
+    # address we excluded (it may be the real one, equal to a sender address).
+    to = ""
+    if not find_recipients(text, set()):
+        to = returned_recipient(tree.returned_text(), excluded)
+        if not to and tree.original is not None:
+            to = returned_recipient("To: " + header_str(tree.original, "to"), excluded)
+    if to:
+        return from_addresses(scan, [to], (), parser="heuristic:returned-to")
+    return None
+
+
+def from_addresses(scan: Scan, addresses: list[str], temporary: tuple[str, ...], *, parser: str) -> FeedbackReport:
+    text = scan.tree.text()
+    warning = scan.warning()
+    recipients: list[FeedbackRecipient] = []
+    for address in addresses:
+        normalised = normalise_address(address)
+        if not normalised:
+            continue
+        snippet = snippet_for(text, address, addresses)
+        status = normalise_status(snippet)
+        if warning or address in temporary:
+            result = classify_failure(status or "4.0.0", snippet or text)
+            kind, reason = DELAYED, _delayed_reason(result)
+        elif len(addresses) == 1:
+            # The lines about the recipient first; if they do not name a cause, the whole
+            # notification (it is about this one recipient).
+            result = classify_failure(status, snippet, final=True)
+            if not result.decisive:
+                result = classify_failure(status or normalise_status(text), text, final=True)
+            kind, reason = result.kind, result.reason
+        else:
+            # Several recipients: only the lines about this one count (another one's "user
+            # unknown" must not suppress it).
+            result = classify_failure(status, snippet, final=True)
+            kind, reason = result.kind, result.reason
+        recipients.append(FeedbackRecipient(normalised, kind, status, reason, " ".join(snippet.split())[:500]))
+    return report(scan.tree, SOFT_BOUNCE, recipients=dedupe(recipients), parser=parser)
+
+
+def nothing_found(tree: MessageTree, detail: str) -> FeedbackReport:
+    """No recipient anywhere. A message carrying a report part is a broken report, not "not
+    feedback": call it unparsable so it is counted and kept for inspection. Either way, say what
+    the text's codes and words give (``unattributed``) for a VERP-identified recipient."""
+    broken = tree.report_part(*DSN_TYPES) is not None
+    text = tree.text()
+    if broken or looks_like_bounce(tree.msg, text):
+        result = classify_failure(normalise_status(text), text)
+        kind = DELAYED if is_warning(tree.msg, text) else result.kind
+        unattributed = FeedbackRecipient("", kind, normalise_status(text), result.reason, " ".join(text.split())[:500])
+    else:
+        unattributed = None
+    out = report(tree, UNPARSABLE if broken else NOT_FEEDBACK,
+                 detail="delivery-status report without a usable recipient" if broken else detail, parser="none")
+    return FeedbackReport(**{**out.__dict__, "unattributed": unattributed})
+
+
+# The order is the weight of the evidence (see the module docstring). Each entry: (name, group, recognizer).
+RECOGNIZERS: tuple[tuple[str, str, Recognizer], ...] = (
+    ("arf", "standard", recognize_arf),
+    ("jmrp", "standard", recognize_jmrp),
+    ("mdn", "standard", recognize_mdn),
+    ("dsn", "standard", recognize_dsn),
+    ("ses", "standard", recognize_ses),
+    ("not-bounce", "gate", recognize_not_bounce),
+    ("dsn-in-text", "heuristics", recognize_dsn_in_text),
+    ("flufl", "flufl", recognize_flufl),
+    ("text", "heuristics", recognize_text),
+)
+
+__all__ = ["DEFAULT_OPTIONS", "POLICY", "RECOGNIZERS", "ParseOptions", "Scan", "nothing_found"]
