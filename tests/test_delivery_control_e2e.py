@@ -128,10 +128,11 @@ async def test_max_rate_is_observed_at_the_sink(start_daemon, client_tls) -> Non
         await _submit_many(d.port("submission"), client_tls, [[f"r{i}@dest.test"] for i in range(n)])
         msgs = await sink.wait_for(n, timeout=60)
         times = sorted(m.at for m in msgs)
-        # 600/min = one every 100 ms: any 11 consecutive arrivals span at least ~1 s (10 intervals,
-        # less a little for the variable time each transaction takes).
+        # 600/min = one every 100 ms: any 11 consecutive arrivals span about 1 s (10 intervals, less
+        # the jitter of a loaded machine, where one late transaction bunches up with the next).
+        # Unshaped, all 25 arrive within a few hundred ms, so 0.7 s still tells them apart.
         spans = [times[i + 10] - times[i] for i in range(n - 10)]
-        assert min(spans) >= 0.85, spans
+        assert min(spans) >= 0.7, spans
         assert times[-1] - times[0] >= 2.2
     finally:
         await sink.stop()

@@ -434,30 +434,13 @@ class Spool:
         result. Writes are committed in groups, and one queued an event-loop turn later can miss the
         group being written and wait a whole fsync more (the SMTP edge calls this from a callback)."""
         self.check_space(len(msg.data))
-        if self._writer is None:
-            raise SpoolWriteError("spool is closed")
-        if self.corrupt is not None:
-            # Writing more into a damaged b-tree can only spread the damage.
-            metrics.SPOOL_WRITE_ERRORS.inc()
-            raise self.corrupt
         kinds = self._event_kinds  # the accepted events go into the same transaction (no extra fsync)
 
         def op(c: sqlite3.Connection) -> None:
             _insert(c, msg)
             if "accepted" in kinds:
                 _accepted_events(c, msg)
-        return self._await_write(self._writer.submit(op))
-
-    async def _await_write(self, fut: asyncio.Future[T]) -> T:
-        try:
-            return await fut
-        except SpoolCorruptError as e:
-            self.corrupt = e
-            metrics.SPOOL_WRITE_ERRORS.inc()
-            raise
-        except SpoolError:
-            metrics.SPOOL_WRITE_ERRORS.inc()
-            raise
+        return self._await_write(self._submit_write(op))
 
     async def update(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (),
                      events: Sequence[Event] = ()) -> list[str]:
@@ -531,14 +514,20 @@ class Spool:
         return await self._write(op)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._await_write(self._submit_write(fn))
+
+    def _submit_write(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         if self._writer is None:
             raise SpoolWriteError("spool is closed")
         if self.corrupt is not None:
             # Writing more into a damaged b-tree can only spread the damage.
             metrics.SPOOL_WRITE_ERRORS.inc()
             raise self.corrupt
+        return self._writer.submit(fn)
+
+    async def _await_write(self, fut: asyncio.Future[T]) -> T:
         try:
-            return await self._writer.submit(fn)
+            return await fut
         except SpoolCorruptError as e:
             self.corrupt = e
             metrics.SPOOL_WRITE_ERRORS.inc()
