@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEV    := var/dev
 
-.PHONY: run test lint bench-accept bench-dkim bench-feedback clean
+.PHONY: run test lint bench-accept bench-dkim bench-feedback bench-latency clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.run-installed
+
+# The benchmarks' own extra (pynacl), on top of the daemon: no test extras needed.
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
 	touch $@ $(VENV)/.run-installed
 
 # Start the daemon in the foreground on loopback high ports (a dev set-up is created in var/dev once).
@@ -34,14 +39,17 @@ test: $(VENV)/.test-installed
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check mailrelayd tests bench
 
-bench-accept: $(VENV)/.run-installed
+bench-accept: $(VENV)/.bench-installed
 	$(BIN)/python bench/accept.py
 
-bench-dkim: $(VENV)/.run-installed
+bench-dkim: $(VENV)/.bench-installed
 	$(BIN)/python bench/dkim_sign.py
 
-bench-feedback: $(VENV)/.run-installed
+bench-feedback: $(VENV)/.bench-installed
 	$(BIN)/python bench/feedback_accuracy.py --corpus ../shared/corpus/feedback
+
+bench-latency: $(VENV)/.bench-installed
+	$(BIN)/python bench/latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -4,6 +4,10 @@ enhanced status codes RFC 3463)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mailrelayd.smtp.address import AddressError
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,4 +87,23 @@ def reply_for(exc: BaseException) -> Reply:
         return SPOOL_WRITE
     if isinstance(exc, DkimSignError):
         return SIGN_FAILED
+    if isinstance(exc, EnvelopeEncodingError):
+        return ENVELOPE_ENCODING
     return INTERNAL
+
+
+def address_refusal(exc: AddressError, *, sender: bool) -> Reply:
+    """The reply to a MAIL FROM (``sender``) or RCPT TO path that did not parse: 553 (RFC 5321 §4.2.2,
+    "mailbox name not allowed") with the code the error type carries (5.1.7 / 5.1.3 syntax, 5.6.7 for
+    bytes that are not UTF-8 or need SMTPUTF8, RFC 6531 §3.7.4). Never a 4xx: retrying cannot help."""
+    if sender:
+        return Reply(553, exc.enhanced_sender, f"Bad sender address syntax: {exc}")
+    return Reply(553, exc.enhanced_rcpt, f"Bad recipient address syntax: {exc}")
+
+
+class EnvelopeEncodingError(ValueError):
+    """An envelope address that cannot be stored as text (not valid UTF-8). The session refuses such
+    addresses at MAIL/RCPT; the spool checks again so no path can turn them into a spool write error."""
+
+
+ENVELOPE_ENCODING = Reply(554, "5.6.7", "Envelope address is not valid UTF-8")

@@ -235,6 +235,15 @@ async def test_rate_is_a_schedule_not_a_burst(rig_factory: Callable[..., Any]) -
         assert rig.delivered_to("x.example") == step + 1
     times = [t for t, d, _ in rig.transport.calls]
     assert all(b - a >= 0.1 - 1e-6 for a, b in itertools.pairwise(times))
+    # After a stall (the loop woke late), reservations that fell due together still go one
+    # interval apart.
+    for _ in range(5):
+        await rig.submit("a@x.example")
+    await rig.advance(1.0)
+    assert rig.delivered_to("x.example") == 21
+    for step in range(1, 5):
+        await rig.advance(0.1)
+        assert rig.delivered_to("x.example") == 21 + step
     # An unshaped domain is not slowed by the shaped one's backlog.
     await rig.submit("a@other.example")
     await rig.settle()

@@ -53,6 +53,8 @@ class Destination:
     waiting_set: set[str] = field(default_factory=set)  # O(1) membership for ``waiting``
     next_slot: float = 0.0
     """GCRA theoretical arrival time: the earliest the next unreserved message may go."""
+    last_start: float = float("-inf")
+    """When the last rate-limited transaction started."""
     tickets: dict[str, float] = field(default_factory=dict)
     """Queue id -> reserved send time, for messages told to come back later for the rate."""
     suspended_until: float = 0.0
@@ -76,21 +78,30 @@ class Destination:
         return None
 
     def rate_slot(self, qid: str, now: float) -> float | None:
-        """None: go now (a slot is taken). Otherwise the reserved time to come back at."""
+        """None: go now (a slot is taken). Otherwise the reserved time to come back at.
+
+        Two rules: reservations keep a backlog in order (each message gets the next free slot),
+        and no two transactions start closer than the interval, so reservations that fall due
+        together after a stall (a busy event loop) go one interval apart, not in a burst."""
         interval = self.limits.rate_interval
         if interval <= 0:
             return None
+        eps = 1e-6
+        earliest = self.last_start + interval
         ticket = self.tickets.pop(qid, None)
-        if ticket is not None and ticket <= now + 1e-6:
-            return None
-        if ticket is not None:  # woken early (a flush): keep the reservation
-            self.tickets[qid] = ticket
-            return ticket
-        if self.next_slot <= now:
+        if ticket is not None:
+            if ticket <= now + eps and earliest <= now + eps:
+                self.last_start = now
+                return None
+            when = max(ticket, earliest)
+            self.tickets[qid] = when
+            return when
+        if self.next_slot <= now + eps and earliest <= now + eps:
             self.next_slot = now + interval
+            self.last_start = now
             return None
-        when = self.next_slot
-        self.next_slot += interval
+        when = max(self.next_slot, earliest)
+        self.next_slot = when + interval
         self.tickets[qid] = when
         return when
 
@@ -129,6 +140,7 @@ class Destinations:
             new = self.limits_for(dest.name)
             if new.rate_interval != dest.limits.rate_interval:
                 dest.next_slot = 0.0  # a new rate starts a new schedule (reservations are kept)
+                dest.last_start = float("-inf")
             dest.limits = new
         self._mx_cache.clear()
 

@@ -31,6 +31,7 @@ from mailrelayd import metrics
 from mailrelayd.delivery.scheduler import LocalResult
 from mailrelayd.feedback.classify import NOT_ABOUT_RECIPIENT, classify_status
 from mailrelayd.feedback.parse import FeedbackReport, parse_feedback
+from mailrelayd.feedback.report import NOT_FEEDBACK
 from mailrelayd.feedback.trust import (
     Action,
     Decision,
@@ -43,6 +44,7 @@ from mailrelayd.feedback.trust import (
 from mailrelayd.feedback.verp import parse_return_path
 from mailrelayd.log import get_logger
 from mailrelayd.spool.store import Event, MessageRecord, RecipientRecord
+from mailrelayd.statefiles import private_dir, write_private
 
 if TYPE_CHECKING:
     from mailrelayd.config import Config
@@ -145,6 +147,12 @@ class FeedbackProcessor:
         metrics.FEEDBACK_RECEIVED.labels(kind, metrics.sender_domain_label(sender_domain)).inc()
         if kind in ("unparsable", "untrusted") and fb.keep_unparsable:
             await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body, kind)
+        if report.kind == NOT_FEEDBACK and any(r.address.rpartition("@")[0].lower() == "postmaster" for r in rcpts):
+            # Mail for the postmaster (RFC 5321 §4.5.1) that is no report at all is for a person: keep it
+            # where the operator looks, like a local mailbox.
+            await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body, kind, "postmaster")
+            log.info("postmaster.received", queue_id=msg.queue_id, mail_from=msg.mail_from or None,
+                     kept=str(Path(self.cfg.server.state_dir) / "postmaster" / f"{msg.queue_id}.eml"))
         log.info("feedback.received", queue_id=msg.queue_id, kind=kind, report_kind=report.kind,
                  parser=report.parser or None, feedback_type=report.feedback_type or None, verp=verp is not None,
                  basis=decision.basis, reporter=why or None,
@@ -225,14 +233,11 @@ class FeedbackProcessor:
         log.info("feedback.smtp_failure", queue_id=msg.queue_id, rcpt=rcpt.address, kind=kind, reason=reason,
                  status=outcome.enhanced)
 
-    def _keep(self, qid: str, body: bytes, kind: str = "unparsable") -> None:
-        d = Path(self.cfg.server.state_dir) / f"feedback-{kind}"
-        d.mkdir(parents=True, exist_ok=True)
+    def _keep(self, qid: str, body: bytes, kind: str = "unparsable", folder: str | None = None) -> None:
+        d = Path(self.cfg.server.state_dir) / (folder or f"feedback-{kind}")
+        private_dir(d)
         tmp = d / f".{qid}.eml"
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+        write_private(tmp, body)  # a report quotes the message: 0600, like the spool
         os.replace(tmp, d / f"{qid}.eml")
         with contextlib.suppress(OSError):
             # Keep the folder bounded: the newest 1000 are enough to debug a parser gap.

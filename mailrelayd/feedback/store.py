@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Protocol, runtime_checkable
 
 from mailrelayd.feedback.addresses import normalise_domain
+from mailrelayd.statefiles import prepare_sqlite
 
 KINDS = ("hard_bounce", "complaint", "soft_bounce", "manual")
 SOURCES = ("dsn", "arf", "smtp", "manual")
@@ -182,6 +183,7 @@ class SqliteSuppressionStore:
         self._lock = threading.Lock()
         # isolation_level=None: no implicit transactions; writes use BEGIN IMMEDIATE so two
         # processes never deadlock upgrading a read lock.
+        prepare_sqlite(self.path)  # suppressions.db and its -wal/-shm: 0600 whatever the umask
         self._db = sqlite3.connect(
             str(self.path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )

@@ -9,6 +9,8 @@ and the domain is compared lowercased without a trailing dot.
 
 from __future__ import annotations
 
+import email.errors
+import email.policy
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -31,7 +33,21 @@ _SOURCE_ROUTE = re.compile(r"@[^,:@<>\s]+(?:,@[^,:@<>\s]+)*:")
 
 
 class AddressError(ValueError):
-    """The path is not a valid RFC 5321 mailbox."""
+    """The path is not a valid RFC 5321 mailbox. ``enhanced_sender``/``enhanced_rcpt`` are the RFC 3463
+    codes for a bad MAIL FROM / RCPT TO path (mapped to a reply in :mod:`mailrelayd.errors`)."""
+
+    enhanced_sender = "5.1.7"
+    enhanced_rcpt = "5.1.3"
+
+
+class AddressEncodingError(AddressError):
+    """The address is not valid UTF-8, or is non-ASCII without SMTPUTF8 (RFC 6531 §3.5: 553 5.6.7)."""
+
+    enhanced_sender = enhanced_rcpt = "5.6.7"
+
+
+# RFC 5321 §4.5.1: every SMTP server MUST accept "<Postmaster>" (case-insensitive, no domain) in RCPT.
+POSTMASTER = "postmaster"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +96,12 @@ def split_path(arg: str) -> tuple[str, str]:
 
 
 def parse_mailbox(path: str, *, utf8: bool = False) -> Mailbox:
-    """Parse a path (without angle brackets) into a :class:`Mailbox`. Raises AddressError."""
+    """Parse a path (without angle brackets) into a :class:`Mailbox`. Raises AddressError.
+
+    A quoted local part is kept in its canonical form: without quotes when its content is a
+    dot-atom (``"alice"@x`` is ``alice@x``, RFC 5321 §4.1.2), else quoted with only ``"`` and
+    ``\\`` escaped."""
+    check_encoding(path, utf8=utf8)
     if len(path) > MAX_PATH - 2:
         raise AddressError("address too long")
     if path.startswith("@"):
@@ -100,7 +121,7 @@ def parse_mailbox(path: str, *, utf8: bool = False) -> Mailbox:
         pattern = _DOT_ATOM_UTF8 if utf8 else _DOT_ATOM
         if not pattern.match(local):
             raise AddressError("invalid character in local part")
-    if not local:
+    if not local or local == '""':
         raise AddressError("empty local part")
     if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL:
         raise AddressError("local part longer than 64 octets")
@@ -108,12 +129,32 @@ def parse_mailbox(path: str, *, utf8: bool = False) -> Mailbox:
     return Mailbox(local, dom, literal)
 
 
-def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False) -> tuple[Mailbox | None, str]:
+def check_encoding(text: str, *, utf8: bool) -> None:
+    """Raise AddressEncodingError if ``text`` came from bytes that were not UTF-8 (the session decodes
+    with ``surrogateescape``, so such bytes are lone surrogates here: they could never be stored or
+    sent), or is non-ASCII when SMTPUTF8 was not asked for."""
+    if text.isascii():
+        return
+    if not utf8:
+        raise AddressEncodingError("non-ASCII address without SMTPUTF8")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AddressEncodingError("address is not valid UTF-8") from None
+
+
+def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False,
+                       postmaster_domain: str | None = None) -> tuple[Mailbox | None, str]:
     """Parse the argument of MAIL FROM:/RCPT TO: after the keyword.
 
     Returns (mailbox, params); mailbox is None for the null reverse-path ``<>`` (only when
-    ``allow_null``). Raises AddressError for anything else that is not a valid mailbox.
+    ``allow_null``). With ``postmaster_domain`` (RCPT only), the bare ``<Postmaster>`` of RFC 5321
+    §4.5.1 is ``postmaster@postmaster_domain``. Raises AddressError for anything else that is not a
+    valid mailbox (AddressEncodingError when the bytes were not UTF-8).
     """
+    # Any byte that is not UTF-8 anywhere in the arguments: refused here, before it can reach a log
+    # line, a policy lookup or the spool (the spool stores text and would fail with a 4xx).
+    check_encoding(arg, utf8=True)
     m = _FAST.match(arg.lstrip(" "))
     if m is not None:
         local, domain, rest = m.groups()
@@ -126,26 +167,84 @@ def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False) -> tup
         if allow_null:
             return None, rest
         raise AddressError("null address not allowed here")
-    if any(c in path for c in " \t\r\n\x00"):
+    if postmaster_domain is not None and path.lower() == POSTMASTER:
+        return Mailbox(POSTMASTER, postmaster_domain), rest
+    # A quoted local part may hold spaces (RFC 5321 qtextSMTP); _quoted_local checks its characters.
+    unquoted = path.rpartition('"')[2] if path.startswith('"') else path
+    if any(c in unquoted for c in " \t\r\n\x00"):
         raise AddressError("whitespace or control character in address")
     return parse_mailbox(path, utf8=utf8), rest
 
 
+# The shapes nearly every From has, parsed without the generic parser (an order of magnitude faster):
+# "addr-spec", or an optional display name of atoms, spaces and periods, or one plain quoted string,
+# then "<addr-spec>". Anything else (comments, groups, lists, encoded words, escapes) takes the email path.
+_HDR_ADDR = rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
+_HDR_SIMPLE = re.compile(rf'[ \t]*(?:({_HDR_ADDR})|(?:[ \t.{_ATEXT}]*|"[^"\\\r\n]*")[ \t]*<({_HDR_ADDR})>)[ \t]*\Z')
+
+
+def parse_header_mailboxes(value: str) -> list[Mailbox]:
+    """The mailboxes of an address header field such as From or Sender (RFC 5322 §3.6.2 mailbox-list),
+    parsed with the ``email`` package's RFC 5322 parser and then held to the envelope rules above.
+
+    Raises AddressError unless every entry is a valid mailbox: a group (``undisclosed-recipients:;``),
+    an invalid entry (``ceo@victim.com@example.com``, which receivers read differently) or an
+    undecodable byte refuses the whole field, so no receiver can see a different author than we check.
+    Obsolete but unambiguous syntax (a period in a display name, a route) is accepted."""
+    m = _HDR_SIMPLE.match(value)
+    if m is not None:
+        return [parse_mailbox(m.group(1) or m.group(2), utf8=True)]
+    return header_mailboxes_by_email(value)
+
+
+def header_mailboxes_by_email(value: str) -> list[Mailbox]:
+    """:func:`parse_header_mailboxes` without its fast path: every value through the ``email`` parser."""
+    field = email.policy.default.header_factory("From", value)
+    for defect in field.defects:
+        if isinstance(defect, email.errors.InvalidHeaderDefect | email.errors.UndecodableBytesDefect):
+            raise AddressError(f"invalid address field: {defect}")
+    out: list[Mailbox] = []
+    for group in field.groups:
+        if group.display_name is not None:
+            raise AddressError("a group is not a mailbox")
+        for a in group.addresses:
+            if not a.username or not a.domain:
+                raise AddressError("incomplete address")
+            local = a.username if _DOT_ATOM_UTF8.match(a.username) else _canonical_quoted(a.username)
+            out.append(parse_mailbox(f"{local}@{a.domain}", utf8=True))
+    if not out:
+        raise AddressError("no mailbox")
+    return out
+
+
 def _quoted_local(path: str) -> tuple[str, str]:
+    """(canonical local part, rest after the closing quote) for a path starting with a quote."""
     i, n = 1, len(path)
+    content: list[str] = []
     while i < n:
         c = path[i]
         if c == "\\":
             if i + 1 >= n or not (" " <= path[i + 1] <= "~"):
                 raise AddressError("bad quoted-pair in local part")
+            content.append(path[i + 1])
             i += 2
             continue
         if c == '"':
-            return path[: i + 1], path[i + 1:]
+            return _canonical_quoted("".join(content)), path[i + 1:]
         if ord(c) < 32 or c == "\x7f":
             raise AddressError("control character in quoted local part")
+        content.append(c)
         i += 1
     raise AddressError("unterminated quoted local part")
+
+
+def _canonical_quoted(content: str) -> str:
+    # RFC 5321 §4.1.2: a local part that is a dot-atom SHOULD NOT be quoted; one spelling per mailbox
+    # keeps policy, suppression and duplicate checks from seeing two addresses.
+    if _DOT_ATOM_UTF8.match(content):
+        return content
+    return '"' + content.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
 
 
 def _parse_domain(domain: str, *, utf8: bool) -> tuple[str, bool]:

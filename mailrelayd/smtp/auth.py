@@ -14,9 +14,28 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Container
 from concurrent.futures import Executor
 
 from mailrelayd.users import DUMMY_HASH, User, verify_password
+
+# Per process: the same mistyped name hashes alike within one run (an operator can see repeats), but
+# the hash is useless offline, so a password typed into the username field cannot be recovered.
+_LOG_KEY = secrets.token_bytes(32)
+
+
+def username_for_log(username: bytes, known: Container[str] = ()) -> str:
+    """How a failed AUTH username appears in logs, everywhere. A configured user's name is shown as is
+    (operators need to see who is being guessed); anything else may be a password typed into the
+    username field (AUTH LOGIN prompts for both), so it is logged only as a keyed hash and its length."""
+    try:
+        name = username.decode("utf-8")
+    except UnicodeDecodeError:
+        name = None
+    if name is not None and name in known:
+        return name
+    digest = hmac.new(_LOG_KEY, username, hashlib.sha256).hexdigest()[:12]
+    return f"unknown:{digest}:len={len(username)}"
 
 
 class AuthThrottle:
@@ -71,6 +90,9 @@ class Authenticator:
         self._cache: OrderedDict[bytes, float] = OrderedDict()
         self._ttl = cache_ttl
         self._size = cache_size
+
+    def username_for_log(self, username: bytes) -> str:
+        return username_for_log(username, self.users)
 
     async def verify(self, username: bytes, password: bytes) -> User | None:
         """The user if the credentials are right, else None. Never raises for bad input."""

@@ -4,28 +4,50 @@ Date) and the trace and identification fields we add (RFC 5321 §4.4, RFC 5322 �
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from dataclasses import dataclass, field
+
+from mailrelayd.smtp.address import AddressError, Mailbox, parse_header_mailboxes
 
 
 @dataclass(slots=True)
 class HeaderScan:
-    """What the policy needs from the header block, found without building a Message object."""
+    """What the policy needs from the header block, found without building a Message object.
 
-    end: int  # offset of the blank line that ends the header block (or len(data) if none)
+    The header block ends at the first empty line or, as Postfix's cleanup(8) and the ``email``
+    parser read it, at the first line that is neither a header field nor a continuation of one: a
+    message that starts with ``just a body line`` has an empty header block and all of it is body.
+    ``needs_separator`` is then true, and :func:`insert_fields` adds the missing empty line."""
+
+    end: int  # offset where the header block ends: fields are inserted here
     from_values: list[str] = field(default_factory=list)
     sender_values: list[str] = field(default_factory=list)
     has_message_id: bool = False
     has_date: bool = False
     message_id: str = ""
     """The first Message-ID field's value, unfolded and stripped (for history, events and logs)."""
+    needs_separator: bool = False  # a body follows the header block without the empty line
+
+    def from_mailboxes(self) -> list[Mailbox]:
+        """Every mailbox in the From fields. Raises AddressError unless each is a valid mailbox."""
+        return [m for v in self.from_values for m in parse_header_mailboxes(v)]
+
+    def sender_mailboxes(self) -> list[Mailbox]:
+        return [m for v in self.sender_values for m in parse_header_mailboxes(v)]
 
     def from_addresses(self) -> list[str]:
-        """Every mailbox address in the From fields (lowercased domain)."""
-        return _addresses(self.from_values)
+        """Every mailbox address in the From fields, or [] if one of them is not a valid mailbox."""
+        try:
+            return [str(m) for m in self.from_mailboxes()]
+        except AddressError:
+            return []
 
     def sender_addresses(self) -> list[str]:
-        return _addresses(self.sender_values)
+        try:
+            return [str(m) for m in self.sender_mailboxes()]
+        except AddressError:
+            return []
 
     @property
     def from_domain(self) -> str:
@@ -34,50 +56,64 @@ class HeaderScan:
 
 
 _WATCH = {b"from": "from_values", b"sender": "sender_values"}
+# RFC 5322 §3.6.8 field-name = 1*ftext (printable US-ASCII but ":"), then the colon. The obsolete form
+# with spaces before the colon (§4.5.3) is not a field here: Python's email parser and others read it
+# as the start of the body, and fields we insert must land in the header block for every receiver.
+_FIELD = re.compile(rb"([!-9;-~]+):")
 
 
 def scan_headers(data: bytes) -> HeaderScan:
-    """Scan the header block of a CRLF message. Tolerates a missing body and a header-only message."""
-    if data.startswith(b"\r\n"):
-        return HeaderScan(end=0)
-    end = data.find(b"\r\n\r\n")
-    end = len(data) if end < 0 else end + 2
-    scan = HeaderScan(end=end)
+    """Scan the header block of a CRLF message. Tolerates a missing body, a header-only message and
+    a message with no header block at all."""
+    scan = HeaderScan(end=len(data))
     current: str | None = None
-    for line in data[:end].split(b"\r\n"):
-        if not line:
-            continue
+    in_field = False
+    pos, n = 0, len(data)
+    while pos < n:
+        eol = data.find(b"\r\n", pos)
+        if eol < 0:
+            eol = n
+        line = data[pos:eol]
+        if not line:  # the empty line that separates header and body
+            scan.end = pos
+            return scan
         if line[0] in b" \t":
+            if not in_field:  # a continuation with no field before it: the body has begun
+                break
             if current is not None:  # folded continuation of a watched field
                 lst = getattr(scan, current)
                 lst[-1] += " " + line.strip().decode("utf-8", "replace")
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon:
-            current = None
-            continue
-        key = name.strip().lower()
-        current = _WATCH.get(key)
-        if current is not None:
-            getattr(scan, current).append(value.strip().decode("utf-8", "replace"))
-        elif key == b"message-id":
-            if not scan.has_message_id:
-                scan.message_id = value.strip().decode("utf-8", "replace")[:998]
-            scan.has_message_id = True
-        elif key == b"date":
-            scan.has_date = True
+        else:
+            m = _FIELD.match(line)
+            if m is None:  # not a header field: the body has begun
+                break
+            in_field = True
+            key = m.group(1).lower()
+            current = _WATCH.get(key)
+            if current is not None:
+                getattr(scan, current).append(line[m.end():].strip().decode("utf-8", "replace"))
+            elif key == b"message-id":
+                if not scan.has_message_id:
+                    scan.message_id = line[m.end():].strip().decode("utf-8", "replace")[:998]
+                scan.has_message_id = True
+            elif key == b"date":
+                scan.has_date = True
+        pos = eol + 2
+    else:
+        return scan  # header-only message: nothing to separate
+    scan.end = pos
+    scan.needs_separator = True
     return scan
 
 
-def _addresses(values: list[str]) -> list[str]:
-    out = []
-    for _name, addr in email.utils.getaddresses(values):
-        if addr and "@" in addr:
-            local, _, dom = addr.rpartition("@")
-            out.append(f"{local}@{dom.lower().rstrip('.')}")
-        elif addr:
-            out.append(addr)
-    return out
+def insert_fields(data: bytes, scan: HeaderScan, fields: bytes) -> bytes:
+    """``data`` with ``fields`` (CRLF-terminated header lines) appended to its header block, and the
+    empty line added after them when the message had none before its body (RFC 5322 §2.1; Postfix's
+    cleanup does the same), so receivers never read our From/Date/Message-ID as body text."""
+    sep = b"\r\n" if scan.needs_separator else b""
+    if not fields and not sep:
+        return data
+    return data[:scan.end] + fields + sep + data[scan.end:]
 
 
 def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, queue_id: str,

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailrelayd import metrics
-from mailrelayd.config import Config, ListenerConfig, Network
+from mailrelayd.config import Config, ListenerConfig, Network, normalize_domain
 from mailrelayd.errors import Reply
 from mailrelayd.log import get_logger
 from mailrelayd.ratelimit import Rate, RateLimiter, parse_rate
-from mailrelayd.smtp.address import Mailbox
+from mailrelayd.smtp.address import AddressError, Mailbox
 from mailrelayd.smtp.headers import HeaderScan
 from mailrelayd.users import User
 
@@ -37,6 +37,8 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 LITERAL_RCPT = Reply(550, "5.1.2", "Address literals are not accepted as recipients")
 MULTIPLE_FROM = Reply(550, "5.7.1", "More than one From header field, or several authors without a Sender")
 NO_FROM = Reply(550, "5.6.0", "Message has no From header field (RFC 5322 §3.6.2)")
+INVALID_FROM = Reply(550, "5.7.1", "From header field must hold valid mailboxes only (no group, no malformed address)")
+INVALID_SENDER = Reply(550, "5.7.1", "Sender header field must hold exactly one valid mailbox")
 
 log = get_logger()
 
@@ -68,6 +70,12 @@ class Policy:
         self.submission = listener.mode == "submission"
         self.auth_offered = self.submission or listener.auth
         self.local_domains = cfg.local_domains  # the same object the scheduler consults
+        # RFC 5321 §4.5.1: the bare "<Postmaster>" must be accepted. It names the postmaster of a domain we
+        # handle locally (the bounce domain first), so it goes to the feedback pipeline like any other
+        # local mail: reports sent there are processed, anything else is kept for a person in
+        # <state_dir>/postmaster/. With no local domain at all, it is postmaster@server.hostname.
+        first_local = next(iter(cfg.relay.local_domains), None)
+        self.postmaster_domain: str = cfg.feedback.bounce_domain or first_local or normalize_domain(cfg.server.hostname)
         self._trusted: tuple[Network, ...] = tuple(cfg.relay.trusted_networks)
         self._is_suppressed = is_suppressed
 
@@ -150,8 +158,16 @@ class Policy:
             return None
         if len(scan.from_values) > 1:
             return MULTIPLE_FROM
-        from_addrs = scan.from_addresses()
-        sender_addrs = scan.sender_addresses()
+        try:
+            from_addrs = [str(m) for m in scan.from_mailboxes()]
+        except AddressError:
+            return INVALID_FROM
+        try:
+            sender_addrs = [str(m) for m in scan.sender_mailboxes()]
+        except AddressError:
+            return INVALID_SENDER
+        if len(scan.sender_values) > 1 or len(sender_addrs) > 1:
+            return INVALID_SENDER
         if len(from_addrs) > 1 and not sender_addrs:
             return MULTIPLE_FROM
         if facts.user is None:

@@ -6,6 +6,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from mailrelayd.statefiles import private_dir
+
 
 class SpoolLockedError(Exception):
     """Another process holds the spool."""
@@ -20,8 +22,8 @@ class SpoolLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

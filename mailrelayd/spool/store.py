@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailrelayd import metrics
-from mailrelayd.errors import SpoolCorruptError, SpoolError, SpoolFullError, SpoolWriteError
+from mailrelayd.errors import EnvelopeEncodingError, SpoolCorruptError, SpoolError, SpoolFullError, SpoolWriteError
 from mailrelayd.spool.queueid import QueueIdGenerator
+from mailrelayd.statefiles import prepare_sqlite, private_dir
 
 T = TypeVar("T")
 
@@ -376,7 +377,7 @@ class Spool:
     async def open(self) -> None:
         """Create the directory and schema and start the writer. Committed data survives any
         crash; an uncommitted transaction from a crash is rolled back by SQLite here."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_dir(self.directory)
         loop = asyncio.get_running_loop()
         self._writer = _Writer(self.path, loop, self._batch_max)
         self._writer.start()
@@ -426,13 +427,15 @@ class Spool:
 
     # --- writes (group-committed) -------------------------------------------------------
     async def commit(self, msg: NewMessage) -> None:
-        """Make ``msg`` durable. Returns only after the fsync; raises SpoolError otherwise."""
+        """Make ``msg`` durable. Returns only after the fsync; raises SpoolError otherwise
+        (EnvelopeEncodingError, before any write, for an address that is not valid UTF-8)."""
         await self.start_commit(msg)
 
     def start_commit(self, msg: NewMessage) -> Awaitable[None]:
         """:meth:`commit` with the write queued now, before the caller's next await; await the
         result. Writes are committed in groups, and one queued an event-loop turn later can miss the
         group being written and wait a whole fsync more (the SMTP edge calls this from a callback)."""
+        _check_envelope(msg)
         self.check_space(len(msg.data))
         kinds = self._event_kinds  # the accepted events go into the same transaction (no extra fsync)
 
@@ -449,6 +452,8 @@ class Spool:
         queue ids that are now finished and removed."""
         if not updates and not new_messages and not events:
             return []
+        for m in new_messages:
+            _check_envelope(m)
         now = time.time()
         kinds = self._event_kinds
 
@@ -724,7 +729,6 @@ class Spool:
             return {a: (st, lr or "") for a, st, lr in rows}
         return await self._read(fn)
 
-
     # --- holds and bulk selection (queue manager) ---------------------------------------
     async def select(self, f: QueueFilter, now: float | None = None, *, only_held: bool = False
                      ) -> list[tuple[str, int]]:
@@ -784,6 +788,17 @@ class Spool:
                                "held_at = 0, held_reason = '' WHERE qid = ? AND held_at > 0", (now, q)).rowcount
             return n
         return await self._write(op)
+
+
+def _check_envelope(m: NewMessage) -> None:
+    # Addresses are TEXT: a lone surrogate (a non-UTF-8 byte decoded with surrogateescape) would fail
+    # inside the writer and count as a spool write error (a paging alert) for what is bad input.
+    for a in (m.mail_from, *m.recipients):
+        if not a.isascii():
+            try:
+                a.encode("utf-8")
+            except UnicodeEncodeError:
+                raise EnvelopeEncodingError(f"{m.queue_id}: envelope address is not valid UTF-8") from None
 
 
 # --- SQL helpers (run on the writer or reader thread) -------------------------------------
@@ -981,6 +996,7 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         try:
+            prepare_sqlite(self._path)  # spool.db and its -wal/-shm: 0600 whatever the umask
             self._conn = _connect(self._path)
             quick_check(self._conn, self._path)
             self._conn.executescript(_SCHEMA)

@@ -11,12 +11,17 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import mailrelayd_cmd
+
+LOOPS = ("uvloop", "asyncio")
+# The CLI with uvloop made unimportable: run_daemon() then uses asyncio.run().
+_WITHOUT_UVLOOP = "import sys; sys.modules['uvloop'] = None; from mailrelayd.cli import main; sys.exit(main())"
 
 
 class DaemonProcess:
@@ -30,12 +35,16 @@ class DaemonProcess:
                 d.proc.kill()
                 d.proc.wait(10)
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None, loop: str = "uvloop") -> None:
+        """``loop="asyncio"`` runs the same daemon on asyncio's own event loop (``mailrelayd run`` falls back
+        to it when uvloop cannot be imported), so socket tests can run under both loops."""
         self.config = config
+        self.loop = loop
         e = dict(os.environ)
         e.pop("NOTIFY_SOCKET", None)
         e.update(env or {})
-        self.proc = subprocess.Popen([*mailrelayd_cmd(), "run", "-c", str(config), "--log-format", "json"],
+        cmd = mailrelayd_cmd() if loop == "uvloop" else [sys.executable, "-c", _WITHOUT_UVLOOP]
+        self.proc = subprocess.Popen([*cmd, "run", "-c", str(config), "--log-format", "json"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e)
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []
@@ -100,6 +109,10 @@ class DaemonProcess:
     def kill9(self) -> None:
         self.proc.kill()
         self.proc.wait(10)
+
+    def uses_uvloop(self) -> bool:
+        """Whether uvloop's extension is loaded in the daemon process (Linux /proc)."""
+        return "uvloop" in Path(f"/proc/{self.proc.pid}/maps").read_text()
 
     @property
     def output(self) -> str:
