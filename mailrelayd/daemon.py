@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mailrelayd import __version__, metrics
-from mailrelayd.config import Config, ConfigError, load_config
+from mailrelayd import __version__, history, maildrop, metrics
+from mailrelayd.api import ApiContext, ApiServer
+from mailrelayd.config import Config, ConfigError, HostPort, ListenerConfig, load_config
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxResolver
 from mailrelayd.delivery.scheduler import RUNBOOK_SPOOL, Hooks, Scheduler
@@ -37,7 +38,9 @@ from mailrelayd.feedback.store import SqliteSuppressionStore
 from mailrelayd.feedback.verp import make_return_path
 from mailrelayd.intake import HeaderCheck, Intake, Signer, wait_commits
 from mailrelayd.log import configure_logging, get_logger
+from mailrelayd.maildrop import SendmailService
 from mailrelayd.queueops import QueueOps
+from mailrelayd.ratelimit import MemoryRateLimiter
 from mailrelayd.sidecar import Sidecar, SidecarHooks
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
 from mailrelayd.smtp.dataread import MemoryBudget
@@ -45,9 +48,12 @@ from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListene
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
 from mailrelayd.spool.store import MessageRecord, NewMessage, QueueFilter, RecipientRecord, Spool, check_database
+from mailrelayd.submit import LocalSubmitter
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
-from mailrelayd.users import User, UsersFileError, load_users
+from mailrelayd.users import User, UsersFileError, api_key_index, load_users
+from mailrelayd.webhooks import Webhooks
+from mailrelayd.webhooks import read_secret as read_webhook_secret
 
 log = get_logger()
 
@@ -67,6 +73,7 @@ class Runtime:
     dkim_keys: tuple[LoadedKey, ...]
     dkim_signer: DkimSigner | None
     verp_secrets: tuple[bytes, ...] = ()
+    webhook_secrets: tuple[bytes, ...] = ()
 
 
 def build_runtime(cfg: Config) -> Runtime:
@@ -109,7 +116,15 @@ def build_runtime(cfg: Config) -> Runtime:
                 r.password_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise SetupError(f"routes[{i}].password_file: {r.password_file}: cannot read: {e}") from None
-    return Runtime(cfg, tls_context, cert_info, users, keys, signer, verp)
+    hook_secrets = []
+    for i, w in enumerate(cfg.webhooks):
+        try:
+            hook_secrets.append(read_webhook_secret(w.secret_file))
+        except (OSError, ValueError) as e:
+            raise SetupError(f"webhooks[{i}].secret_file: {w.secret_file}: cannot use: {e}") from None
+    if cfg.sendmail.user is not None and cfg.sendmail.user not in users:
+        raise SetupError(f"sendmail.user: no user {cfg.sendmail.user!r} in {cfg.auth.users_file}")
+    return Runtime(cfg, tls_context, cert_info, users, keys, signer, verp, tuple(hook_secrets))
 
 
 def check(path: Path) -> Runtime:
@@ -157,6 +172,7 @@ class Daemon:
         self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
         self._reloading = False
         self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
+        self.api: ApiServer | None = None
         self.breaker: CircuitBreaker | None = None
 
     # --- building -----------------------------------------------------------------------
@@ -174,7 +190,7 @@ class Daemon:
         for lst in self.listeners:
             lcfg = next((x for x in cfg.listeners if x.name == lst.name), lst.config)
             lst.config = replace(lcfg, address=lst.config.address)  # the bound address needs a restart
-            policy = Policy(cfg, lst.config, self.suppressions.is_suppressed)
+            policy = Policy(cfg, lst.config, self.suppressions.is_suppressed, limiter=self.rate_limiter)
             lst.context = SmtpContext(cfg=cfg, policy=policy,
                                       tls_context=rt.tls_context, authenticator=authenticator,
                                       throttle=self.throttle, signer=signer, spool=self.spool,
@@ -184,6 +200,8 @@ class Daemon:
         self.budget.limit = cfg.limits.max_data_memory
         # One normalised set of our own domains, shared with every listener's Policy above.
         self._local_domains = cfg.local_domains
+        self.rate_limiter.forget(set(rt.users))
+        self._apply_local_submission(rt, signer)
         if self.breaker is not None:
             self.breaker.reconfigure(breaker_settings(cfg.feedback))
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
@@ -191,7 +209,8 @@ class Daemon:
         metrics.init_known_labels(  # every family exported from the first scrape (see metrics.py)
             listeners=[lst.name for lst in cfg.listeners], sender_domains=sorted({d.domain for d in cfg.dkim}),
             destination_domains=sorted({r.domain for r in cfg.routes if r.domain != "*"}),
-            dkim_keys=[(d.domain, d.algorithm) for d in cfg.dkim])
+            dkim_keys=[(d.domain, d.algorithm) for d in cfg.dkim],
+            webhooks=[cfg.webhook_name(i) for i in range(len(cfg.webhooks))], users=sorted(rt.users))
         if rt.cert_info is not None:
             metrics.TLS_CERT_NOT_AFTER.set(rt.cert_info.not_after)
 
@@ -203,6 +222,26 @@ class Daemon:
                 raise DkimSignError(res.error)
             return res.headers
         return sign
+
+    def _local_policy(self, cfg: Config, name: str) -> Policy:
+        # Local front ends follow submission rules: the user is known, allowed_from and limits apply.
+        lcfg = ListenerConfig(name=name, address=HostPort("127.0.0.1", 0), mode="submission", tls="none")
+        return Policy(cfg, lcfg, self.suppressions.is_suppressed, limiter=self.rate_limiter)
+
+    def _apply_local_submission(self, rt: Runtime, signer: Signer | None) -> None:
+        """The sendmail service and the HTTP API's submitter under this runtime."""
+        cfg = rt.cfg
+        policy = self._local_policy(cfg, "sendmail")
+        user = rt.users.get(cfg.sendmail.user) if cfg.sendmail.user else None
+        submitter = LocalSubmitter(cfg, policy, self.make_intake(cfg, policy.check_headers, signer),
+                                   listener="sendmail", protocol="LOCAL")
+        self.sendmail_service = SendmailService(cfg, user, submitter if user else None)
+        api_policy = self._local_policy(cfg, "http")
+        self.api_submitter = LocalSubmitter(cfg, api_policy, self.make_intake(cfg, api_policy.check_headers, signer),
+                                            listener="http", protocol="HTTPS" if cfg.api.tls else "HTTP")
+        self.api_context = ApiContext(cfg, api_key_index(rt.users), self.api_submitter)
+        if self.api is not None:
+            self.api.context = self.api_context
 
     def make_intake(self, cfg: Config, check_headers: HeaderCheck, signer: Signer | None) -> Intake:
         """An :class:`Intake` for one front end (an SMTP listener, sendmail, HTTP) under ``cfg``.
@@ -242,6 +281,7 @@ class Daemon:
         metrics.CONFIG_LAST_RELOAD_SUCCESS.set(1)
         self.throttle = AuthThrottle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        self.rate_limiter = MemoryRateLimiter()
         self.budget = MemoryBudget(cfg.limits.max_data_memory)
         metrics.DATA_MEMORY.set_function(lambda: self.budget.used)
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
@@ -279,6 +319,8 @@ class Daemon:
         # Outcomes, DSNs, holds and admin actions: ``queue_manager.hold(QueueFilter(...), until, reason)``.
         self.queue_manager = self.scheduler.queue
         self.queue_ops = QueueOps(self.spool, self.scheduler)
+        self.webhooks = Webhooks(self.spool)
+        await self.webhooks.configure(cfg, rt.webhook_secrets)
         # Listeners are created before _apply so it can give them their context.
         self.listeners = [SmtpListener(lc, None, self.limiter) for lc in cfg.listeners]  # type: ignore[arg-type]
         self._apply(rt)
@@ -296,14 +338,27 @@ class Daemon:
         # The admin socket is served even without the HTTP sidecar: the queue CLI must never fall
         # back to editing the spool under a running daemon.
         self.sidecar = Sidecar(SidecarHooks(readiness=self.readiness, before_scrape=self._update_gauges,
-                                            admin=self.queue_ops.handle), started=self.started)
+                                            admin=self._admin), started=self.started)
         http = cfg.http.address if cfg.http.enabled else None
         await self.sidecar.start(http.host if http else None, http.port if http else None, cfg.admin_socket)
+        if cfg.api.address is not None:
+            self.api = ApiServer(self.api_context)
+            try:
+                await self.api.start(cfg.api.address.host, cfg.api.address.port,
+                                     rt.tls_context if cfg.api.tls else None,
+                                     max_body=cfg.limits.max_message_size * 2 + 65536)
+            except OSError as e:
+                log.error("api.bind_failed", address=str(cfg.api.address), error=str(e))
+                await self._shutdown(0)
+                return 1
+            log.info("api.started", address=str(cfg.api.address), tls=cfg.api.tls,
+                     bound=f"{self.api.bound[0]}:{self.api.bound[1]}" if self.api.bound else None)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         self._bg.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._bg.append(asyncio.create_task(self._maildrop_loop(), name="maildrop"))
         self._bg.append(asyncio.create_task(self._circuit_breaker(), name="circuit-breaker"))
         self._bg.append(asyncio.create_task(self.transport.tls.run(self._enqueue_report), name="outbound-tls"))
         if self.notifier.watchdog_interval:
@@ -326,6 +381,8 @@ class Daemon:
         while any(lst.sessions for lst in self.listeners) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         aborted = sum(lst.abort_sessions() for lst in self.listeners)
+        if self.api is not None:
+            await self.api.stop()
         # A commit that outlived its session still completes and is handed to the scheduler.
         await wait_commits(self._commits)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
@@ -334,6 +391,7 @@ class Daemon:
         await self.transport.close()
         if self.sidecar is not None:
             await self.sidecar.stop()
+        await self.webhooks.close()
         await self.spool.close()
         self._spool_lock.release()
         await asyncio.to_thread(self.suppressions.close)
@@ -355,6 +413,7 @@ class Daemon:
                 # Implicit-TLS servers hold the old context object: load the new chain into it too.
                 load_chain(self.rt.tls_context, cfg.tls.cert_file, cfg.tls.key_file)
             self._apply(rt)
+            await self.webhooks.configure(cfg, rt.webhook_secrets)
             self.scheduler.reconfigure(cfg)
             self.transport.reconfigure(cfg)
             self.resolver.reconfigure(cfg.dns)
@@ -383,6 +442,8 @@ class Daemon:
                 out.append(f"server.{key}")
         if old.http != new.http:
             out.append("http")
+        if old.api != new.api:
+            out.append("api")
         return out
 
     def stop(self) -> None:
@@ -435,6 +496,7 @@ class Daemon:
             metrics.SUPPRESSIONS.labels(kind).set(n)
         self.readiness()
         self.spool.free_bytes(force=True)
+        await self.webhooks.update_gauges()
 
     async def _housekeeping(self) -> None:
         last_prune = 0.0
@@ -447,7 +509,28 @@ class Daemon:
             if now - last_prune > 3600:
                 last_prune = now
                 with contextlib.suppress(Exception):
-                    await self.spool.prune_history(now - self.cfg.feedback.verp_retention)
+                    keep = max(self.cfg.feedback.verp_retention, self.cfg.history.retention)
+                    await self.spool.prune_history(now - keep)
+
+    async def _admin(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """The admin socket: ``history`` here, the queue verbs in QueueOps."""
+        parts = [p for p in path.split("/") if p]
+        if parts == ["history"] and method in ("GET", "POST"):
+            return await history.handle(self.spool, body)
+        if parts == ["sendmail"] and method == "POST":
+            return await self.sendmail_service.handle(body)
+        return await self.queue_ops.handle(method, path, body)
+
+    async def _maildrop_loop(self) -> None:
+        """Messages `sendmail` left while the daemon was down (or could not reach the socket)."""
+        while True:
+            directory = self.cfg.maildrop_dir
+            try:
+                await asyncio.to_thread(maildrop.ensure_dir, directory)
+                await maildrop.pickup(directory, self.sendmail_service)
+            except Exception as e:  # never let a bad file stop the pickup for good
+                log.exception("maildrop.error", error=str(e))
+            await asyncio.sleep(maildrop.PICKUP_EVERY)
 
     # --- feedback circuit breaker ([feedback] circuit_breaker) -------------------------------
     def _feedback_outcome(self, sender_domain: str, kind: str) -> None:

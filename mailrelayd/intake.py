@@ -123,6 +123,7 @@ class Intake:
                                     hostname=cfg.server.hostname, protocol=origin.protocol, queue_id=qid,
                                     tls=origin.tls, user=user, now=now)
         from_domain = scan.from_domain
+        message_id = scan.message_id
         if outbound:
             # Submission and trusted relay: complete the header like a submission server
             # (RFC 6409 §8): Message-ID and Date when missing, From from the envelope when absent.
@@ -133,7 +134,8 @@ class Intake:
                 extra += f"From: <{mail_from}>\r\n".encode("utf-8", "surrogateescape")
                 from_domain = mail_from.rpartition("@")[2]
             if not scan.has_message_id:
-                extra += hdr.message_id(qid, cfg.server.hostname)
+                message_id = hdr.message_id_value(qid, cfg.server.hostname)
+                extra += f"Message-ID: {message_id}\r\n".encode()
             if not scan.has_date:
                 extra += hdr.date_header(now)
             body = hdr.insert_fields(body, scan, extra)
@@ -141,7 +143,8 @@ class Intake:
             body = hdr.insert_fields(body, scan, b"")
         msg = NewMessage(queue_id=qid, mail_from=mail_from, recipients=tuple(recipients), data=trace + body,
                          received_at=now, queue=OUTBOUND if outbound else FEEDBACK, listener=origin.listener,
-                         sender_domain=from_domain, user=origin.user.name if origin.user else "")
+                         sender_domain=from_domain, message_id=message_id,
+                         user=origin.user.name if origin.user else "")
         return msg, outbound and self.signer is not None
 
     async def _finish(self, origin: Origin, msg: NewMessage, pending: Awaitable[None] | None, t0: float,
@@ -170,7 +173,8 @@ class Intake:
                 bound = bound.bind(session=origin.session)
             bound.info("message.accepted", queue_id=msg.queue_id, mail_from=msg.mail_from,
                        rcpts=len(msg.recipients), size=len(msg.data), queue=msg.queue,
-                       user=origin.user.name if origin.user else None, from_domain=msg.sender_domain or None)
+                       user=origin.user.name if origin.user else None, from_domain=msg.sender_domain or None,
+                       message_id=msg.message_id or None)
         finally:
             self.on_accepted(msg)
         if on_done is not None:

@@ -241,6 +241,36 @@ SUPPRESSED_REJECTIONS = Counter(
     ["stage"],
 )
 
+# --- applications: webhooks, per-user limits, HTTP API, sendmail ---------------------------
+WEBHOOK_EVENTS_SENT = Counter(
+    "mailrelayd_webhook_events_sent_total", "Events delivered to a webhook (its receiver answered 2xx).",
+    ["webhook"],
+)
+WEBHOOK_EVENTS_FAILED = Counter(
+    "mailrelayd_webhook_events_failed_total",
+    "Events in webhook POSTs that failed (connection error, timeout or non-2xx reply); each POST is retried "
+    "with backoff, so one event may count several times.",
+    ["webhook"],
+)
+WEBHOOK_BACKLOG = Gauge(
+    "mailrelayd_webhook_backlog_events", "Events stored for a webhook and not yet delivered to it.", ["webhook"]
+)
+WEBHOOK_EVENTS_DROPPED = Counter(
+    "mailrelayd_webhook_events_dropped_total",
+    "Events deleted undelivered because the stored backlog passed events.max_backlog.",
+)
+USER_RATE_LIMITED = Counter(
+    "mailrelayd_user_rate_limited_total", "Messages refused (451 4.7.1) because the user is over their sending rate.",
+    ["user"],
+)
+API_REQUESTS = Counter(
+    "mailrelayd_api_requests_total", "HTTP API submissions by HTTP status code.", ["status"]
+)
+MAILDROP_MESSAGES = Counter(
+    "mailrelayd_maildrop_messages_total",
+    "Messages picked up from the sendmail maildrop directory, by result (queued, failed: kept in maildrop/failed).",
+    ["result"],
+)
 
 # --- label values known at start -----------------------------------------------------------
 # A labelled family has no series until its first ``labels(...)`` call, so a fresh scrape lacks
@@ -274,6 +304,10 @@ DESTINATION_DOMAINS = Dimension("destination_domains")
 """Route domains plus "other"."""
 DKIM_KEYS = Dimension("dkim_keys")
 """(domain, algorithm) of each configured key, as "domain algorithm" strings."""
+WEBHOOKS = Dimension("webhooks")
+"""Names of the configured [[webhooks]]."""
+USERS = Dimension("users")
+"""Users of the users file."""
 
 LabelSpec = tuple[str, ...] | Dimension
 _DECLARED: list[tuple[Any, dict[str, LabelSpec]]] = []
@@ -292,8 +326,8 @@ def declare_label_sets(metric: Any, fn: Callable[[Mapping[str, Sequence[str]]], 
 
 
 def init_known_labels(*, listeners: Iterable[str] = (), sender_domains: Iterable[str] = (),
-                      destination_domains: Iterable[str] = (), dkim_keys: Iterable[tuple[str, str]] = ()
-                      ) -> int:
+                      destination_domains: Iterable[str] = (), dkim_keys: Iterable[tuple[str, str]] = (),
+                      webhooks: Iterable[str] = (), users: Iterable[str] = ()) -> int:
     """Create every declared label combination (at zero; existing series keep their values).
     Returns how many combinations were touched."""
     dims: dict[str, Sequence[str]] = {
@@ -301,6 +335,8 @@ def init_known_labels(*, listeners: Iterable[str] = (), sender_domains: Iterable
         SENDER_DOMAINS.name: tuple(dict.fromkeys([*sender_domains, BoundedLabel.OTHER, "none"])),
         DESTINATION_DOMAINS.name: tuple(dict.fromkeys([*destination_domains, BoundedLabel.OTHER])),
         DKIM_KEYS.name: tuple(f"{d} {a}" for d, a in dict.fromkeys(dkim_keys)),
+        WEBHOOKS.name: tuple(dict.fromkeys(webhooks)),
+        USERS.name: tuple(dict.fromkeys(users)),
     }
     n = 0
     for metric, spec in _DECLARED:
@@ -350,6 +386,11 @@ declare_labels(CIRCUIT_BREAKER_TRIPS, domain=SENDER_DOMAINS, reason=("bounce_rat
 declare_labels(SUPPRESSIONS, kind=("hard_bounce", "soft_bounce", "complaint", "manual"))
 declare_labels(SUPPRESSED_REJECTIONS, stage=("rcpt", "delivery"))
 
+for _m in (WEBHOOK_EVENTS_SENT, WEBHOOK_EVENTS_FAILED, WEBHOOK_BACKLOG):
+    declare_labels(_m, webhook=WEBHOOKS)
+declare_labels(USER_RATE_LIMITED, user=USERS)
+declare_labels(API_REQUESTS, status=("202", "400", "401", "403", "413", "415", "422", "429", "503"))
+declare_labels(MAILDROP_MESSAGES, result=("queued", "failed"))
 # --- delivery control -------------------------------------------------------------------
 destination_label = BoundedLabel(100)
 DESTINATION_SUSPENDED = Gauge(

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mailrelayd import metrics
@@ -36,6 +36,7 @@ from mailrelayd.spool.store import (
     OUTBOUND,
     PROCESSED,
     SUPPRESSED,
+    Event,
     HoldRule,
     MessageRecord,
     NewMessage,
@@ -80,6 +81,8 @@ class LocalResult:
     ok: bool
     detail: str
     temporary: bool = False
+    events: tuple[Event, ...] = ()
+    """Events about earlier messages (complaints, asynchronous bounces), stored with this outcome."""
 
 
 DsnBuilder = Callable[..., bytes]
@@ -163,6 +166,8 @@ class Outcome:
     later: list[float]
     """In-memory times of postponed recipients (rate, connection slot, suspension)."""
     held: bool
+    events: list[Event] = field(default_factory=list)
+    """Webhook events from feedback processing, recorded in the same transaction as the updates."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,13 +474,14 @@ class QueueManager:
                                        res.stage)
                        for r, res in results if not res.ok and not res.permanent]
         later = [pp.when for pp in postponed if not pp.durable]
-        return Outcome(msg, updates, failed, delayed, now, later, bool(plan.held))
+        events = [e for _, lr in local_results for e in lr.events]
+        return Outcome(msg, updates, failed, delayed, now, later, bool(plan.held), events)
 
     async def commit(self, o: Outcome) -> float | None:
         """Record an outcome durably (raises SpoolError if the spool refuses it). Returns when to
         look at the message again: a time, :data:`PARKED` (only held recipients are left) or None
         (nothing is left)."""
-        done = await self.record(o.msg, o.updates, o.failed, o.now, delayed=o.delayed)
+        done = await self.record(o.msg, o.updates, o.failed, o.now, delayed=o.delayed, events=o.events)
         if o.msg.queue_id in done:
             return None
         pending = [u.next_attempt for u in o.updates if u.state == DEFERRED] + o.later
@@ -493,14 +499,15 @@ class QueueManager:
         return await self.commit(self.outcome(msg, plan, results, local_results, postponed, now))
 
     async def record(self, msg: MessageRecord, updates: list[RecipientUpdate], failed: list[FailedRecipient],
-                     now: float, delayed: Sequence[FailedRecipient] = ()) -> list[str]:
-        """Write outcomes durably, with the DSN (if any) in the same transaction."""
+                     now: float, delayed: Sequence[FailedRecipient] = (), events: Sequence[Event] = ()
+                     ) -> list[str]:
+        """Write outcomes durably, with the DSN (if any) and events in the same transaction."""
         new: list[tuple[str, NewMessage]] = []
         if failed and msg.mail_from and not msg.is_dsn:
             new.append(("failed", await self._dsn(msg, failed, "failed", now)))
         if delayed:
             new.append(("delayed", await self._dsn(msg, delayed, "delayed", now)))
-        done = await self._commit(updates, new)
+        done = await self._commit(updates, new, events)
         if delayed:
             try:
                 await self.spool.mark_warned(msg.queue_id)
@@ -519,8 +526,9 @@ class QueueManager:
             log.info("message.done", queue_id=msg.queue_id, age=round(now - msg.received_at, 3), states=states)
         return done
 
-    async def _commit(self, updates: list[RecipientUpdate], new: list[tuple[str, NewMessage]]) -> list[str]:
-        done = await self.spool.update(updates, [m for _, m in new])
+    async def _commit(self, updates: list[RecipientUpdate], new: list[tuple[str, NewMessage]],
+                      events: Sequence[Event] = ()) -> list[str]:
+        done = await self.spool.update(updates, [m for _, m in new], events)
         for action, m in new:
             metrics.DSN_SENT.labels(action).inc()
             if self.listener is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,7 +43,7 @@ from mailrelayd.feedback.trust import (
 )
 from mailrelayd.feedback.verp import parse_return_path
 from mailrelayd.log import get_logger
-from mailrelayd.spool.store import MessageRecord, RecipientRecord
+from mailrelayd.spool.store import Event, MessageRecord, RecipientRecord
 from mailrelayd.statefiles import private_dir, write_private
 
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class FeedbackProcessor:
         # The message that bounced (named by the VERP token) is what an operator looks for; else the report's.
         origin_qid = verp.queue_id if verp else msg.queue_id
         suppressed = await self._apply(decision, origin_qid)
+        events = _events(decision, origin_qid, suppressed) if verp is not None else []
         for event in decision.sender_events:
             count_sender_event(sender_domain, _domain(event.address), event.kind, event.reason)
         if self.on_outcome is not None and sender_domain:
@@ -160,7 +162,7 @@ class FeedbackProcessor:
                                 for e in decision.sender_events],
                  untrusted=list(decision.untrusted) or None, suppressed=suppressed, detail=report.detail or None)
         detail = f"processed: {kind}" + (f", suppressed {len(suppressed)}" if suppressed else "")
-        return [LocalResult(True, detail) for _ in rcpts]
+        return [LocalResult(True, detail, events=tuple(events) if i == 0 else ()) for i in range(len(rcpts))]
 
     async def _apply(self, decision: Decision, origin_qid: str) -> list[str]:
         loop = asyncio.get_running_loop()
@@ -248,3 +250,16 @@ def _domain(addr: str) -> str:
     a = (addr or "").strip().strip("<>")
     return a.rpartition("@")[2].lower().rstrip(".") if "@" in a else ""
 
+
+
+def _events(decision: Decision, origin_qid: str, suppressed: Sequence[str]) -> list[Event]:
+    """Webhook events about the message the VERP token names (without it we cannot say which of
+    ours it was): recorded with this feedback message's outcome, in the same transaction."""
+    now = time.time()
+    out: list[Event] = []
+    for a in decision.actions:
+        kind = "complained" if a.kind == "complaint" else "bounced"
+        out.append(Event(kind, now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason, reply=a.status))
+        if a.address in suppressed:
+            out.append(Event("suppressed", now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason))
+    return out

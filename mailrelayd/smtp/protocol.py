@@ -558,7 +558,7 @@ class ServerProtocol:
         facts = self._facts()
         # The size limit first: a declared size over it is the client's problem (552 5.3.4), not a
         # lack of disk space here (RFC 1870 §6.1).
-        refusal = self.hooks.policy.check_mail(facts, sender, size)
+        refusal = self.hooks.policy.check_mail(facts, sender, size) or self.hooks.policy.check_rate(facts)
         if refusal is None:
             try:
                 self.hooks.check_space(size or 0)
