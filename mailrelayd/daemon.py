@@ -31,7 +31,7 @@ from mailrelayd.delivery.transport import Transport
 from mailrelayd.dkim import DkimKeyError, DkimKeySpec, DkimSigner, LoadedKey, load_keys
 from mailrelayd.errors import DkimSignError
 from mailrelayd.feedback.processor import FeedbackProcessor
-from mailrelayd.feedback.store import SqliteSuppressionStore
+from mailrelayd.feedback.store import open_store
 from mailrelayd.feedback.verp import make_return_path
 from mailrelayd.log import configure_logging, get_logger
 from mailrelayd.queueops import QueueOps
@@ -105,6 +105,12 @@ def build_runtime(cfg: Config) -> Runtime:
                 r.password_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise SetupError(f"routes[{i}].password_file: {r.password_file}: cannot read: {e}") from None
+    if cfg.feedback.store_password_file is not None:
+        try:
+            cfg.feedback.store_password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SetupError(f"feedback.store_password_file: {cfg.feedback.store_password_file}: "
+                             f"cannot read: {e}") from None
     return Runtime(cfg, tls_context, cert_info, users, keys, signer, verp)
 
 
@@ -190,6 +196,15 @@ class Daemon:
             return res.headers
         return sign
 
+    def _share_limits(self, cfg: Config) -> None:
+        """With a shared (PostgreSQL) store, the AUTH lockout counts across every node too."""
+        client = getattr(self.suppressions, "client", None)
+        if client is not None:
+            from mailrelayd.sharedlimits import SharedAuthThrottle
+
+            self.throttle = SharedAuthThrottle(client, asyncio.get_running_loop(), cfg.auth.max_failures,
+                                               cfg.auth.failure_window, cfg.auth.lockout)
+
     def policy_domains(self, domain: str) -> bool:
         return domain in self._local_domains
 
@@ -213,10 +228,13 @@ class Daemon:
             raise SetupError(f"server.spool_dir: {e}") from None
         self.spool = Spool(cfg.server.spool_dir, min_free_space=cfg.server.min_free_space)
         await self.spool.open()
-        self.suppressions = await asyncio.to_thread(
-            SqliteSuppressionStore, cfg.server.state_dir / "suppressions.db",
-            case_insensitive_local=cfg.feedback.case_insensitive_local_part,
-            soft_threshold=cfg.feedback.soft_bounce_threshold, soft_window=cfg.feedback.soft_bounce_window)
+        try:
+            self.suppressions = await asyncio.to_thread(open_store, cfg.feedback, cfg.server.state_dir, daemon=True)
+        except (OSError, UnicodeDecodeError, RuntimeError) as e:
+            await self.spool.close()
+            self._spool_lock.release()
+            raise SetupError(f"feedback.store: {e}") from None
+        self._share_limits(cfg)
         self.feedback = FeedbackProcessor(self)
         self.resolver = MxResolver(cfg.dns)
         self.transport = Transport(cfg, self.resolver)
@@ -323,6 +341,9 @@ class Daemon:
                 out.append(f"server.{key}")
         if old.http != new.http:
             out.append("http")
+        for key in ("store", "store_password_file", "store_poll_interval", "store_connect_timeout"):
+            if getattr(old.feedback, key) != getattr(new.feedback, key):
+                out.append(f"feedback.{key}")
         return out
 
     def stop(self) -> None:
@@ -352,7 +373,13 @@ class Daemon:
             n = len(self.rt.dkim_keys)
             checks["dkim"] = "ok" if n == len(self.cfg.dkim) else f"fail: {n} of {len(self.cfg.dkim)} keys loaded"
         checks["scheduler"] = "ok" if self.scheduler.loaded else "fail: queue not loaded yet"
-        ok = all(v == "ok" for v in checks.values())
+        # A shared store that is unreachable degrades the node but never makes it unready: every
+        # node would fail together, and the last known list still protects every recipient.
+        st = self.suppressions.status()
+        checks["suppression_store"] = "ok" if st.up else f"degraded: {st.detail}"
+        metrics.SUPPRESSION_STORE_UP.set(1 if st.up else 0)
+        metrics.SUPPRESSION_OUTBOX.set(st.outbox)
+        ok = all(not v.startswith("fail") for v in checks.values())
         metrics.READY.set(1 if ok else 0)
         for k, v in checks.items():
             metrics.READY_CHECK.labels(k).set(1 if v == "ok" else 0)
