@@ -31,7 +31,7 @@ from mailrelayd.delivery.transport import Transport
 from mailrelayd.dkim import DkimKeyError, DkimKeySpec, DkimSigner, LoadedKey, load_keys
 from mailrelayd.errors import DkimSignError
 from mailrelayd.feedback.processor import FeedbackProcessor
-from mailrelayd.feedback.store import open_store
+from mailrelayd.feedback.store import StoreUnavailableError, open_store
 from mailrelayd.feedback.verp import make_return_path
 from mailrelayd.log import configure_logging, get_logger
 from mailrelayd.queueops import QueueOps
@@ -393,7 +393,11 @@ class Daemon:
         metrics.QUEUE_RECIPIENTS.labels("inflight").set(sum(busy.values()))
         metrics.QUEUE_MESSAGES.set(st.messages)
         metrics.QUEUE_OLDEST_AGE.set(max(0.0, time.time() - st.oldest_received_at) if st.oldest_received_at else 0)
-        for kind, n in (await asyncio.to_thread(self.suppressions.counts_by_kind)).items():
+        try:
+            counts = await asyncio.to_thread(self.suppressions.counts_by_kind)
+        except StoreUnavailableError:
+            counts = {}  # a shared store that is down: the gauges keep their last values
+        for kind, n in counts.items():
             metrics.SUPPRESSIONS.labels(kind).set(n)
         self.readiness()
         self.spool.free_bytes(force=True)
