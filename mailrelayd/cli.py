@@ -121,12 +121,84 @@ def cmd_user_add(args: argparse.Namespace) -> int:
             return 2
     old = users.get(args.name)
     allowed = tuple(args.allow_from) if args.allow_from else (old.allowed_from if old else ())
-    users[args.name] = User(args.name, hash_password(password), allowed)
+    rate = _rate_arg(args.rate) if args.rate is not None else (old.rate if old else None)
+    users[args.name] = User(args.name, hash_password(password), allowed, rate, old.api_keys if old else ())
     save_users(path, users)
     print(f"{'updated' if old else 'added'} user {args.name} in {path}; allowed senders: "
           f"{', '.join(allowed) or '(none: set --allow-from)'}")
     if generated:
         print(f"password: {password}    (printed once; run `mailrelayd user add {args.name}` again to change it)")
+    print("Reload the daemon to apply: systemctl reload mailrelayd", file=sys.stderr)
+    return 0
+
+
+def _rate_arg(text: str) -> str | None:
+    """--rate: "500/h" style, "default" (back to auth.default_rate) or "unlimited"."""
+    from mailrelayd.ratelimit import parse_rate
+
+    if text.strip().lower() == "default":
+        return None
+    try:
+        rate = parse_rate(text)
+    except ValueError as e:
+        raise SystemExit(f"mailrelayd: --rate: {e}") from None
+    return str(rate) if rate is not None else "unlimited"
+
+
+def cmd_user_set(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mailrelayd.users import UsersFileError, save_users
+
+    path = _users_file(args)
+    try:
+        users = _read_users(path)
+    except UsersFileError as e:
+        _err(str(e))
+        return 1
+    u = users.get(args.name)
+    if u is None:
+        _err(f"no user {args.name!r} in {path} (create it with `mailrelayd user add`)")
+        return 1
+    if args.rate is None and not args.allow_from:
+        _err("nothing to change: give --rate and/or --allow-from")
+        return 2
+    if args.rate is not None:
+        u = dataclasses.replace(u, rate=_rate_arg(args.rate))
+    if args.allow_from:
+        u = dataclasses.replace(u, allowed_from=tuple(args.allow_from))
+    users[args.name] = u
+    save_users(path, users)
+    print(f"updated user {u.name}: rate {u.rate or 'default'}; allowed senders: {', '.join(u.allowed_from) or '-'}")
+    print("Reload the daemon to apply: systemctl reload mailrelayd", file=sys.stderr)
+    return 0
+
+
+def cmd_user_apikey(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mailrelayd.users import UsersFileError, new_api_key, save_users
+
+    path = _users_file(args)
+    try:
+        users = _read_users(path)
+    except UsersFileError as e:
+        _err(str(e))
+        return 1
+    u = users.get(args.name)
+    if u is None:
+        _err(f"no user {args.name!r} in {path}")
+        return 1
+    if args.revoke_all:
+        users[args.name] = dataclasses.replace(u, api_keys=())
+        save_users(path, users)
+        print(f"revoked {len(u.api_keys)} API key(s) of {u.name}")
+    else:
+        key, stored = new_api_key()
+        users[args.name] = dataclasses.replace(u, api_keys=(*u.api_keys, stored))
+        save_users(path, users)
+        print(f"API key for {u.name} (printed once; only its hash is stored):")
+        print(key)
     print("Reload the daemon to apply: systemctl reload mailrelayd", file=sys.stderr)
     return 0
 
@@ -147,7 +219,9 @@ def cmd_user_del(args: argparse.Namespace) -> int:
 
 def cmd_user_list(args: argparse.Namespace) -> int:
     for u in sorted(_read_users(_users_file(args)).values(), key=lambda u: u.name):
-        print(f"{u.name}\t{', '.join(u.allowed_from)}")
+        extra = f"\trate {u.rate}" if u.rate else ""
+        extra += f"\t{len(u.api_keys)} API key(s)" if u.api_keys else ""
+        print(f"{u.name}\t{', '.join(u.allowed_from)}{extra}")
     return 0
 
 
@@ -449,6 +523,58 @@ def cmd_suppress_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- history ----------------------------------------------------------------------------
+async def _history_offline(cfg: Any, query: dict[str, Any]) -> tuple[int, Any]:
+    from mailrelayd import history
+    from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
+    from mailrelayd.spool.store import Spool
+
+    lock = SpoolLock(cfg.server.spool_dir)
+    try:
+        lock.acquire()
+    except SpoolLockedError:
+        return 503, {"error": f"the daemon owns {cfg.server.spool_dir} but its admin socket "
+                              f"{cfg.admin_socket} did not answer"}
+    spool = Spool(cfg.server.spool_dir)
+    await spool.open()
+    try:
+        return await history.handle(spool, query)
+    finally:
+        await spool.close()
+        lock.release()
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    query: dict[str, Any] = {"limit": args.limit}
+    for k in ("message_id", "rcpt", "sender", "user"):
+        if getattr(args, k):
+            query[k] = getattr(args, k)
+    since = _parse_since(args.since)
+    if since is not None:
+        query["since"] = since
+    res = _admin_request(cfg, "POST", "history", query)
+    if res is None:
+        if not cfg.server.spool_dir.exists():
+            raise SystemExit(f"mailrelayd: no spool at {cfg.server.spool_dir}")
+        res = asyncio.run(_history_offline(cfg, query))
+    status, rows = res
+    if status != 200:
+        _err(rows.get("error", str(rows)) if isinstance(rows, dict) else str(rows))
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        reply = f"  ({r['last_reply']})" if r["last_reply"] else ""
+        print(f"{r['time']}  {r['queue_id']}  {r['state']:<10} {r['recipient']}  from <{r['sender']}>  "
+              f"{r['message_id'] or '-'}  user {r['user'] or '-'}{reply}")
+    if not rows:
+        print("no matching messages", file=sys.stderr)
+        return 1
+    return 0
+
+
 # --- feedback ---------------------------------------------------------------------------
 def cmd_feedback_parse(args: argparse.Namespace) -> int:
     from mailrelayd.feedback.parse import parse_feedback
@@ -509,7 +635,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--allow-from", action="append", default=[], metavar="PATTERN",
                    help="allowed sender: \"@example.com\" (any address at that domain) or a whole address; repeat")
+    s.add_argument("--rate", metavar="N/PERIOD", help="sending limit: 500/h, 20/min, 5000/d, unlimited, or default "
+                   "([auth] default_rate)")
     s.set_defaults(func=cmd_user_add)
+    s = u.add_parser("set", parents=[ucommon], help="change a user's sending rate or allowed senders")
+    s.add_argument("name")
+    s.add_argument("--rate", metavar="N/PERIOD", help="500/h, 20/min, 5000/d, unlimited, or default")
+    s.add_argument("--allow-from", action="append", default=[], metavar="PATTERN",
+                   help="replace the allowed senders (repeat)")
+    s.set_defaults(func=cmd_user_set)
+    s = u.add_parser("apikey", parents=[ucommon], help="create an HTTP API key for a user (printed once)")
+    s.add_argument("name")
+    s.add_argument("--revoke-all", action="store_true", help="remove every API key of the user instead")
+    s.set_defaults(func=cmd_user_apikey)
     s = u.add_parser("del", parents=[ucommon], help="delete a user")
     s.add_argument("name")
     s.set_defaults(func=cmd_user_del)
@@ -570,6 +708,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--password-file", help="file whose first line is the password (default: "
                    "[feedback] store_password_file, then PGPASSFILE / ~/.pgpass)")
     s.set_defaults(func=cmd_suppress_migrate)
+
+    s = sub.add_parser("history", parents=[common], help="what happened to a message: one line per recipient")
+    s.add_argument("--message-id", help="the Message-ID header value (angle brackets optional)")
+    s.add_argument("--rcpt", help="recipient address")
+    s.add_argument("--sender", help="envelope sender address")
+    s.add_argument("--user", help="authenticated user who submitted it")
+    s.add_argument("--since", help="only since: a duration (2h, 7d) or a date (2026-11-01)")
+    s.add_argument("--limit", type=int, default=1000, help="at most this many records (newest first)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_history)
 
     f = sub.add_parser("feedback", help="bounce and complaint parsing").add_subparsers(dest="sub", required=True)
     s = f.add_parser("parse", help="classify message files without touching the suppression list")

@@ -206,6 +206,8 @@ class AuthConfig:
     lockout: Duration = 900.0
     received_show_user: bool = False
     """Name the authenticated user in the Received header (off: it leaks account names)."""
+    default_rate: str = "unlimited"
+    """Messages per user and period ("500/h", "20/min", "5000/d" or "unlimited"); users may override it."""
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,59 @@ class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+EVENT_KINDS = ("accepted", "delivered", "deferred", "bounced", "expired", "complained", "suppressed")
+EventKind = Literal["accepted", "delivered", "deferred", "bounced", "expired", "complained", "suppressed"]
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    url: str
+    """http:// or https:// URL that receives the event POSTs."""
+    secret_file: ConfPath
+    """File holding the HMAC-SHA256 secret (surrounding whitespace stripped)."""
+    events: list[EventKind] = field(default_factory=lambda: list(EVENT_KINDS))
+    name: str | None = None
+    """Label in metrics and logs, and the key of its delivery position; default: the URL's host."""
+    batch_size: int = 100
+    """Events per POST at most; 1 sends single event objects instead of {"events": [...]}."""
+    timeout: Duration = 10.0
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    max_backlog: int = 100_000
+    """Events kept for webhooks that have not received them; past this the oldest are dropped (counted, logged)."""
+    retry_initial: Duration = 1.0
+    retry_max: Duration = 300.0
+    """Backoff between failed POSTs to one webhook: doubles from retry_initial up to retry_max."""
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    retention: Duration = 30 * 86400.0
+    """How long finished recipients stay queryable by `mailrelayd history`."""
+
+
+@dataclass(frozen=True)
+class SendmailConfig:
+    user: str | None = None
+    """Users-file user the `sendmail` command submits as (its allowed_from and rate apply); unset: disabled."""
+    default_from: str | None = None
+    """Envelope sender when neither -f nor a From header gives one; default: root@<server.hostname>."""
+    domain: str | None = None
+    """Domain appended to bare local parts ("root") in the envelope and From; default: server.hostname."""
+    maildrop_dir: ConfPath | None = None
+    """Where `sendmail` leaves messages while the daemon is down; default: <state_dir>/maildrop."""
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    address: HostPort | None = None
+    """HTTP submission API address (e.g. "127.0.0.1:9026"); unset: no API."""
+    tls: bool = True
+    """TLS with the [tls] certificate; false is allowed on loopback addresses only."""
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig
@@ -357,11 +412,28 @@ class Config:
     routes: list[RouteConfig] = field(default_factory=list)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    webhooks: list[WebhookConfig] = field(default_factory=list)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
     source: Path = field(default=Path("mailrelayd.toml"), metadata={"internal": True})
 
     @property
     def admin_socket(self) -> Path:
         return self.server.admin_socket or (self.server.state_dir / "admin.sock")
+
+    @property
+    def maildrop_dir(self) -> Path:
+        return self.sendmail.maildrop_dir or (self.server.state_dir / "maildrop")
+
+    def webhook_name(self, i: int) -> str:
+        w = self.webhooks[i]
+        if w.name:
+            return w.name
+        from urllib.parse import urlsplit
+
+        return urlsplit(w.url).netloc or f"webhook{i}"
 
     def verp_secrets(self) -> list[bytes]:
         """Current VERP secret first, then previous ones (rotation)."""
@@ -647,6 +719,7 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         raise ld.err("feedback.store_poll_interval", "must be greater than 0 and at most 60s")
     if fb.store_connect_timeout <= 0:
         raise ld.err("feedback.store_connect_timeout", "must be greater than 0")
+    _validate_app_features(cfg, ld)
 
 
 def parse_store_url(value: str) -> str:
@@ -673,6 +746,71 @@ def parse_store_url(value: str) -> str:
     if not url.path.strip("/"):
         raise ValueError("the URL needs a database name (postgresql://user@host:5432/dbname)")
     return text
+
+
+def _validate_app_features(cfg: Config, ld: _Loader) -> None:
+    """[auth] default_rate, [[webhooks]], [events], [sendmail], [api]."""
+    from urllib.parse import urlsplit
+
+    from mailrelayd.ratelimit import parse_rate
+
+    try:
+        parse_rate(cfg.auth.default_rate)
+    except ValueError as e:
+        raise ld.err("auth.default_rate", str(e)) from None
+    names: set[str] = set()
+    for i, w in enumerate(cfg.webhooks):
+        key = f"webhooks[{i}]"
+        u = urlsplit(w.url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ld.err(f"{key}.url", f"must be an http:// or https:// URL, not {w.url!r}")
+        if not w.secret_file.is_file():
+            raise ld.err(f"{key}.secret_file", f"file not found: {w.secret_file}")
+        if not w.events:
+            raise ld.err(f"{key}.events", "must name at least one event")
+        if not 1 <= w.batch_size <= 1000:
+            raise ld.err(f"{key}.batch_size", "must be between 1 and 1000")
+        if w.timeout <= 0:
+            raise ld.err(f"{key}.timeout", "must be greater than 0")
+        name = cfg.webhook_name(i)
+        if name in names:
+            raise ld.err(f"{key}.name", f"duplicate webhook name {name!r} (set name = \"...\" to tell them apart)")
+        names.add(name)
+    ev = cfg.events
+    if ev.max_backlog < 1:
+        raise ld.err("events.max_backlog", "must be at least 1")
+    if ev.retry_initial <= 0:
+        raise ld.err("events.retry_initial", "must be greater than 0")
+    if ev.retry_max < ev.retry_initial:
+        raise ld.err("events.retry_max", "must not be less than events.retry_initial")
+    if cfg.history.retention < 86400:
+        raise ld.err("history.retention", "must be at least 1d")
+    sm = cfg.sendmail
+    if sm.user is not None and cfg.auth.users_file is None:
+        raise ld.err("sendmail.user", "needs auth.users_file (the user is looked up there)")
+    if sm.domain is not None:
+        _check_domain(ld, "sendmail.domain", sm.domain)
+    if sm.default_from is not None and "@" not in sm.default_from:
+        raise ld.err("sendmail.default_from", "must be a whole address like \"root@host.example.com\"")
+    api = cfg.api
+    if api.address is not None:
+        if cfg.auth.users_file is None:
+            raise ld.err("api.address", "needs auth.users_file (API keys belong to users)")
+        if api.tls:
+            if cfg.tls.cert_file is None or cfg.tls.key_file is None:
+                raise ld.err("api.tls", "needs [tls] cert_file and key_file (or tls = false on a loopback address)")
+        elif not _is_loopback(api.address.host):
+            raise ld.err("api.tls", f"tls = false is only allowed on a loopback address, not {api.address.host}: "
+                         "API keys would cross the network in plaintext")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_domain(ld: _Loader, key: str, value: str) -> None:

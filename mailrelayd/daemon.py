@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mailrelayd import __version__, metrics
+from mailrelayd import __version__, history, metrics
 from mailrelayd.config import Config, ConfigError, load_config
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxResolver
@@ -33,8 +33,10 @@ from mailrelayd.errors import DkimSignError
 from mailrelayd.feedback.processor import FeedbackProcessor
 from mailrelayd.feedback.store import StoreUnavailableError, open_store
 from mailrelayd.feedback.verp import make_return_path
+from mailrelayd.intake import HeaderCheck, Intake, Signer, wait_commits
 from mailrelayd.log import configure_logging, get_logger
 from mailrelayd.queueops import QueueOps
+from mailrelayd.ratelimit import MemoryRateLimiter
 from mailrelayd.sidecar import Sidecar, SidecarHooks
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
@@ -44,6 +46,8 @@ from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, S
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
 from mailrelayd.users import User, UsersFileError, load_users
+from mailrelayd.webhooks import Webhooks
+from mailrelayd.webhooks import read_secret as read_webhook_secret
 
 log = get_logger()
 
@@ -63,6 +67,7 @@ class Runtime:
     dkim_keys: tuple[LoadedKey, ...]
     dkim_signer: DkimSigner | None
     verp_secrets: tuple[bytes, ...] = ()
+    webhook_secrets: tuple[bytes, ...] = ()
 
 
 def build_runtime(cfg: Config) -> Runtime:
@@ -111,7 +116,15 @@ def build_runtime(cfg: Config) -> Runtime:
         except (OSError, UnicodeDecodeError) as e:
             raise SetupError(f"feedback.store_password_file: {cfg.feedback.store_password_file}: "
                              f"cannot read: {e}") from None
-    return Runtime(cfg, tls_context, cert_info, users, keys, signer, verp)
+    hook_secrets = []
+    for i, w in enumerate(cfg.webhooks):
+        try:
+            hook_secrets.append(read_webhook_secret(w.secret_file))
+        except (OSError, ValueError) as e:
+            raise SetupError(f"webhooks[{i}].secret_file: {w.secret_file}: cannot use: {e}") from None
+    if cfg.sendmail.user is not None and cfg.sendmail.user not in users:
+        raise SetupError(f"sendmail.user: no user {cfg.sendmail.user!r} in {cfg.auth.users_file}")
+    return Runtime(cfg, tls_context, cert_info, users, keys, signer, verp, tuple(hook_secrets))
 
 
 def check(path: Path) -> Runtime:
@@ -158,6 +171,7 @@ class Daemon:
         self._bg: list[asyncio.Task[Any]] = []
         self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
         self._reloading = False
+        self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
 
     # --- building -----------------------------------------------------------------------
     def _apply(self, rt: Runtime) -> None:
@@ -174,14 +188,17 @@ class Daemon:
         for lst in self.listeners:
             lcfg = next((x for x in cfg.listeners if x.name == lst.name), lst.config)
             lst.config = replace(lcfg, address=lst.config.address)  # the bound address needs a restart
-            lst.context = SmtpContext(cfg=cfg, policy=Policy(cfg, lst.config, self.suppressions.is_suppressed),
+            policy = Policy(cfg, lst.config, self.suppressions.is_suppressed, limiter=self.rate_limiter)
+            lst.context = SmtpContext(cfg=cfg, policy=policy,
                                       tls_context=rt.tls_context, authenticator=authenticator,
                                       throttle=self.throttle, signer=signer, spool=self.spool,
-                                      on_accepted=self._accepted)
+                                      on_accepted=self._accepted,
+                                      intake=self.make_intake(cfg, policy.check_headers, signer))
         local = {d.lower() for d in cfg.relay.local_domains}
         if cfg.feedback.bounce_domain:
             local.add(cfg.feedback.bounce_domain.lower())
         self._local_domains = frozenset(local)
+        self.rate_limiter.forget(set(rt.users))
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
         if rt.cert_info is not None:
@@ -205,6 +222,12 @@ class Daemon:
             self.throttle = SharedAuthThrottle(client, asyncio.get_running_loop(), cfg.auth.max_failures,
                                                cfg.auth.failure_window, cfg.auth.lockout)
 
+    def make_intake(self, cfg: Config, check_headers: HeaderCheck, signer: Signer | None) -> Intake:
+        """An :class:`Intake` for one front end (an SMTP listener, sendmail, HTTP) under ``cfg``.
+        All share one set of commits in flight, which shutdown waits for before closing the spool."""
+        return Intake(cfg, check_headers=check_headers, signer=signer, spool=self.spool,
+                      on_accepted=self._accepted, committing=self._commits)
+
     def policy_domains(self, domain: str) -> bool:
         return domain in self._local_domains
 
@@ -220,6 +243,7 @@ class Daemon:
         metrics.CONFIG_LAST_RELOAD_SUCCESS.set(1)
         self.throttle = AuthThrottle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+        self.rate_limiter = MemoryRateLimiter()
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         self._spool_lock = SpoolLock(cfg.server.spool_dir)
         try:
@@ -241,6 +265,8 @@ class Daemon:
         self.scheduler = Scheduler(cfg, self.spool, self.transport, dsn_builder=build_dsn,
                                    local=self.feedback.process, hooks=_Hooks(self))
         self.queue_ops = QueueOps(self.spool, self.scheduler)
+        self.webhooks = Webhooks(self.spool)
+        await self.webhooks.configure(cfg, rt.webhook_secrets)
         # Listeners are created before _apply so it can give them their context.
         self.listeners = [SmtpListener(lc, None, self.limiter) for lc in cfg.listeners]  # type: ignore[arg-type]
         self._apply(rt)
@@ -258,7 +284,7 @@ class Daemon:
         # The admin socket is served even without the HTTP sidecar: the queue CLI must never fall
         # back to editing the spool under a running daemon.
         self.sidecar = Sidecar(SidecarHooks(readiness=self.readiness, before_scrape=self._update_gauges,
-                                            admin=self.queue_ops.handle), started=self.started)
+                                            admin=self._admin), started=self.started)
         http = cfg.http.address if cfg.http.enabled else None
         await self.sidecar.start(http.host if http else None, http.port if http else None, cfg.admin_socket)
         loop = asyncio.get_running_loop()
@@ -286,12 +312,15 @@ class Daemon:
         while any(lst.sessions for lst in self.listeners) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         aborted = sum(lst.abort_sessions() for lst in self.listeners)
+        # A commit that outlived its session still completes and is handed to the scheduler.
+        await wait_commits(self._commits)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         for t in self._bg:
             t.cancel()
         await self.transport.close()
         if self.sidecar is not None:
             await self.sidecar.stop()
+        await self.webhooks.close()
         await self.spool.close()
         self._spool_lock.release()
         await asyncio.to_thread(self.suppressions.close)
@@ -313,6 +342,7 @@ class Daemon:
                 # Implicit-TLS servers hold the old context object: load the new chain into it too.
                 load_chain(self.rt.tls_context, cfg.tls.cert_file, cfg.tls.key_file)
             self._apply(rt)
+            await self.webhooks.configure(cfg, rt.webhook_secrets)
             self.scheduler.reconfigure(cfg)
             self.transport.reconfigure(cfg)
             self.resolver.reconfigure(cfg.dns)
@@ -401,6 +431,7 @@ class Daemon:
             metrics.SUPPRESSIONS.labels(kind).set(n)
         self.readiness()
         self.spool.free_bytes(force=True)
+        await self.webhooks.update_gauges()
 
     async def _housekeeping(self) -> None:
         last_prune = 0.0
@@ -413,7 +444,15 @@ class Daemon:
             if now - last_prune > 3600:
                 last_prune = now
                 with contextlib.suppress(Exception):
-                    await self.spool.prune_history(now - self.cfg.feedback.verp_retention)
+                    keep = max(self.cfg.feedback.verp_retention, self.cfg.history.retention)
+                    await self.spool.prune_history(now - keep)
+
+    async def _admin(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """The admin socket: ``history`` here, the queue verbs in QueueOps."""
+        parts = [p for p in path.split("/") if p]
+        if parts == ["history"] and method in ("GET", "POST"):
+            return await history.handle(self.spool, body)
+        return await self.queue_ops.handle(method, path, body)
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is stuck, systemd stops hearing from us and restarts.

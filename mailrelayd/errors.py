@@ -32,6 +32,11 @@ class SmtpRefusal(Exception):
         self.reply = reply
 
 
+class MessageRefused(SmtpRefusal):
+    """The content of a complete message is refused by policy (header From rules, no From):
+    raised by :meth:`mailrelayd.intake.Intake.accept`, answered with its reply."""
+
+
 class SpoolError(Exception):
     """The spool could not make a message durable (the client must get a 4xx, never a 250)."""
 

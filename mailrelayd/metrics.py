@@ -213,3 +213,34 @@ SUPPRESSION_OUTBOX = Gauge(
     "mailrelayd_suppression_outbox_records",
     "Feedback records kept in the local outbox while the shared suppression store is unreachable.",
 )
+
+# --- applications: webhooks, per-user limits, HTTP API, sendmail ---------------------------
+WEBHOOK_EVENTS_SENT = Counter(
+    "mailrelayd_webhook_events_sent_total", "Events delivered to a webhook (its receiver answered 2xx).",
+    ["webhook"],
+)
+WEBHOOK_EVENTS_FAILED = Counter(
+    "mailrelayd_webhook_events_failed_total",
+    "Events in webhook POSTs that failed (connection error, timeout or non-2xx reply); each POST is retried "
+    "with backoff, so one event may count several times.",
+    ["webhook"],
+)
+WEBHOOK_BACKLOG = Gauge(
+    "mailrelayd_webhook_backlog_events", "Events stored for a webhook and not yet delivered to it.", ["webhook"]
+)
+WEBHOOK_EVENTS_DROPPED = Counter(
+    "mailrelayd_webhook_events_dropped_total",
+    "Events deleted undelivered because the stored backlog passed events.max_backlog.",
+)
+USER_RATE_LIMITED = Counter(
+    "mailrelayd_user_rate_limited_total", "Messages refused (451 4.7.1) because the user is over their sending rate.",
+    ["user"],
+)
+API_REQUESTS = Counter(
+    "mailrelayd_api_requests_total", "HTTP API submissions by HTTP status code.", ["status"]
+)
+MAILDROP_MESSAGES = Counter(
+    "mailrelayd_maildrop_messages_total",
+    "Messages picked up from the sendmail maildrop directory, by result (queued, failed: kept in maildrop/failed).",
+    ["result"],
+)

@@ -6,6 +6,8 @@ at start and on SIGHUP. Format::
     [users.alice]
     password = "$scrypt$ln=15,r=8,p=1$<salt>$<hash>"
     allowed_from = ["@example.com", "alerts@example.org"]
+    rate = "500/h"                      # optional: overrides [auth] default_rate
+    api_keys = ["sha256:<hex>"]         # optional: hashes of HTTP API keys (`mailrelayd user apikey`)
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import tomli_w
 
+from mailrelayd.ratelimit import parse_rate
+
 # scrypt cost: 2**15 * 8 * 128 = 32 MiB and ~50-100 ms per verification (OWASP minimum is 2**17
 # for interactive logins with r=8; SMTP clients re-authenticate on every connection, so verified
 # credentials are cached in memory by smtp.auth, which keeps the per-connection cost low).
@@ -39,6 +43,10 @@ class User:
     name: str
     password_hash: str
     allowed_from: tuple[str, ...]
+    rate: str | None = None
+    """Sending limit ("500/h", "unlimited"); None: [auth] default_rate applies."""
+    api_keys: tuple[str, ...] = ()
+    """``sha256:<hex>`` of each HTTP API key (keys are random 256-bit tokens: a fast hash suffices)."""
 
     def may_send_as(self, address: str) -> bool:
         """True if ``address`` matches one of the user's allowed sender patterns.
@@ -116,7 +124,7 @@ def load_users(path: Path) -> dict[str, User]:
         key = f"users.{name}"
         if not isinstance(entry, dict):
             raise UsersFileError(f"{path}: {key}: must be a table")
-        extra = set(entry) - {"password", "allowed_from"}
+        extra = set(entry) - {"password", "allowed_from", "rate", "api_keys"}
         if extra:
             raise UsersFileError(f"{path}: {key}.{sorted(extra)[0]}: unknown key")
         pw = entry.get("password")
@@ -125,16 +133,49 @@ def load_users(path: Path) -> dict[str, User]:
         allowed = entry.get("allowed_from", [])
         if not isinstance(allowed, list) or not all(isinstance(a, str) and a for a in allowed):
             raise UsersFileError(f"{path}: {key}.allowed_from: must be an array of patterns like \"@example.com\"")
-        users[name] = User(name, pw, tuple(allowed))
+        rate = entry.get("rate")
+        if rate is not None:
+            try:
+                parse_rate(rate)
+            except ValueError as e:
+                raise UsersFileError(f"{path}: {key}.rate: {e}") from None
+        keys = entry.get("api_keys", [])
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k.startswith("sha256:") for k in keys):
+            raise UsersFileError(f"{path}: {key}.api_keys: must be an array of hashes written by "
+                                 "`mailrelayd user apikey`")
+        users[name] = User(name, pw, tuple(allowed), rate, tuple(keys))
     return users
+
+
+def new_api_key() -> tuple[str, str]:
+    """A new HTTP API key and the hash to store: (key, "sha256:<hex>")."""
+    key = "mrk_" + secrets.token_urlsafe(32)
+    return key, api_key_hash(key)
+
+
+def api_key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def api_key_index(users: dict[str, User]) -> dict[str, User]:
+    """{stored hash: user}, for looking a presented key up in one step."""
+    return {h: u for u in users.values() for h in u.api_keys}
 
 
 def save_users(path: Path, users: dict[str, User]) -> None:
     """Write the users file atomically (temp file, fsync, rename, fsync dir), mode 0640."""
-    doc = {"users": {u.name: {"password": u.password_hash, "allowed_from": list(u.allowed_from)}
-                     for u in sorted(users.values(), key=lambda u: u.name)}}
+    doc = {"users": {u.name: _user_doc(u) for u in sorted(users.values(), key=lambda u: u.name)}}
     body = "# Written by `mailrelayd user`; edits by hand are kept but comments are not.\n" + tomli_w.dumps(doc)
     atomic_write(path, body.encode(), mode=0o640)
+
+
+def _user_doc(u: User) -> dict[str, object]:
+    d: dict[str, object] = {"password": u.password_hash, "allowed_from": list(u.allowed_from)}
+    if u.rate is not None:
+        d["rate"] = u.rate
+    if u.api_keys:
+        d["api_keys"] = list(u.api_keys)
+    return d
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -36,6 +36,7 @@ from mailrelayd.spool.store import (
     OUTBOUND,
     PROCESSED,
     SUPPRESSED,
+    Event,
     MessageRecord,
     NewMessage,
     RecipientRecord,
@@ -73,6 +74,8 @@ class LocalResult:
     ok: bool
     detail: str
     temporary: bool = False
+    events: tuple[Event, ...] = ()
+    """Events about earlier messages (complaints, asynchronous bounces), stored with this outcome."""
 
 
 LocalDelivery = Callable[[MessageRecord, bytes, Sequence[RecipientRecord]], Awaitable[Sequence[LocalResult]]]
@@ -352,6 +355,7 @@ class Scheduler:
                 for st in trying:
                     self.inflight_by_state[st] -= 1
         now = self.clock()
+        events = [e for _, lr in local_results for e in lr.events]
         for r, lr in local_results:
             if lr.ok:
                 updates.append(RecipientUpdate(qid, r.index, PROCESSED, lr.detail))
@@ -380,7 +384,7 @@ class Scheduler:
                 now - msg.received_at >= warn_after:
             delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now)
                        for r, res in results if not res.ok and not res.permanent]
-        done = await self._record(msg, updates, failed, now, delayed=delayed)
+        done = await self._record(msg, updates, failed, now, delayed=delayed, events=events)
         if qid in done:
             return None
         pending = [u.next_attempt for u in updates if u.state == DEFERRED]
@@ -426,14 +430,15 @@ class Scheduler:
         out.extend(zip(rcpts, res, strict=True))
 
     async def _record(self, msg: MessageRecord, updates: list[RecipientUpdate], failed: list[FailedRecipient],
-                      now: float, delayed: Sequence[FailedRecipient] = ()) -> list[str]:
+                      now: float, delayed: Sequence[FailedRecipient] = (), events: Sequence[Event] = ()
+                      ) -> list[str]:
         """Write outcomes durably, with the DSN (if any) in the same transaction."""
         new: list[tuple[str, NewMessage]] = []
         if failed and msg.mail_from and not msg.is_dsn:
             new.append(("failed", await self._dsn(msg, failed, "failed", now)))
         if delayed:
             new.append(("delayed", await self._dsn(msg, delayed, "delayed", now)))
-        done = await self.spool.update(updates, [m for _, m in new])
+        done = await self.spool.update(updates, [m for _, m in new], events)
         if delayed:
             await self.spool.mark_warned(msg.queue_id)
         for action, m in new:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from mailrelayd.feedback.classify import classify_status
 from mailrelayd.feedback.parse import FeedbackReport, parse_feedback
 from mailrelayd.feedback.verp import parse_return_path
 from mailrelayd.log import get_logger
-from mailrelayd.spool.store import MessageRecord, RecipientRecord
+from mailrelayd.spool.store import Event, MessageRecord, RecipientRecord
 
 if TYPE_CHECKING:
     from mailrelayd.config import Config
@@ -100,6 +101,8 @@ class FeedbackProcessor:
         # The message that bounced (named by the VERP token) is what an operator looks for; else the report's.
         origin_qid = verp_rcpts[0][2] if verp_rcpts else msg.queue_id
         suppressed: list[str] = []
+        events: list[Event] = []
+        now = time.time()
         for a in actions:
             try:
                 now_suppressed = await loop.run_in_executor(
@@ -109,6 +112,12 @@ class FeedbackProcessor:
                 continue
             if now_suppressed:
                 suppressed.append(a.address)
+            if verp_rcpts:  # events name a message of ours; without VERP we cannot say which
+                kind = "complained" if a.kind == "complaint" else "bounced"
+                events.append(Event(kind, now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason,
+                                    reply=a.status))
+                if now_suppressed:
+                    events.append(Event("suppressed", now, origin_qid, a.address, fb_kind=a.kind, reason=a.reason))
         metrics.FEEDBACK_RECEIVED.labels(report.kind, metrics.sender_domain_label(sender_domain)).inc()
         if report.kind == "unparsable" and fb.keep_unparsable:
             await loop.run_in_executor(self._store_pool, self._keep, msg.queue_id, body)
@@ -117,7 +126,7 @@ class FeedbackProcessor:
                  recipients=[{"address": a.address, "kind": a.kind, "status": a.status, "reason": a.reason}
                              for a in actions], suppressed=suppressed, detail=report.detail or None)
         detail = f"processed: {report.kind}" + (f", suppressed {len(suppressed)}" if suppressed else "")
-        return [LocalResult(True, detail) for _ in rcpts]
+        return [LocalResult(True, detail, events=tuple(events) if i == 0 else ()) for i in range(len(rcpts))]
 
     def decide(self, report: FeedbackReport, verp: Sequence[tuple[str, str, str]]) -> list[Action]:
         """Which addresses to record, and how. Pure: no I/O."""

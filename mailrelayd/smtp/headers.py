@@ -17,6 +17,8 @@ class HeaderScan:
     sender_values: list[str] = field(default_factory=list)
     has_message_id: bool = False
     has_date: bool = False
+    message_id: str = ""
+    """The first Message-ID field's value, unfolded and stripped (for history, events and logs)."""
 
     def from_addresses(self) -> list[str]:
         """Every mailbox address in the From fields (lowercased domain)."""
@@ -59,6 +61,8 @@ def scan_headers(data: bytes) -> HeaderScan:
         if current is not None:
             getattr(scan, current).append(value.strip().decode("utf-8", "replace"))
         elif key == b"message-id":
+            if not scan.has_message_id:
+                scan.message_id = value.strip().decode("utf-8", "replace")[:998]
             scan.has_message_id = True
         elif key == b"date":
             scan.has_date = True
@@ -92,7 +96,12 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, qu
 
 
 def message_id(queue_id: str, hostname: str) -> bytes:
-    return f"Message-ID: <{queue_id}.{int(time.time())}@{hostname}>\r\n".encode()
+    return f"Message-ID: {message_id_value(queue_id, hostname)}\r\n".encode()
+
+
+def message_id_value(queue_id: str, hostname: str) -> str:
+    """The Message-ID we add (RFC 5322 §3.6.4): unique by queue id, time and host."""
+    return f"<{queue_id}.{int(time.time())}@{hostname}>"
 
 
 def date_header(now: float | None = None) -> bytes:

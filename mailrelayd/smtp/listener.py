@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,13 +13,11 @@ from prometheus_client import Counter
 
 from mailrelayd import metrics
 from mailrelayd.config import Config, ListenerConfig
+from mailrelayd.intake import Intake, Signer
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.smtp.session import SmtpSession
 from mailrelayd.spool.store import NewMessage, Spool
-
-Signer = Callable[[bytes, str], Awaitable[bytes]]
-"""Given the message and its header From domain, returns DKIM-Signature fields to prepend (or b"")."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +32,7 @@ class SmtpContext:
     signer: Signer | None
     spool: Spool
     on_accepted: Callable[[NewMessage], None]
+    intake: Intake  # header policy, trace, DKIM, durable commit, scheduling (shared with other front ends)
 
 
 class ConnectionLimiter:

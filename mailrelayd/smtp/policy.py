@@ -17,8 +17,11 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailrelayd import metrics
 from mailrelayd.config import Config, ListenerConfig, Network
 from mailrelayd.errors import Reply
+from mailrelayd.log import get_logger
+from mailrelayd.ratelimit import Rate, RateLimiter, parse_rate
 from mailrelayd.smtp.address import Mailbox
 from mailrelayd.smtp.headers import HeaderScan
 from mailrelayd.users import User
@@ -35,6 +38,13 @@ LITERAL_RCPT = Reply(550, "5.1.2", "Address literals are not accepted as recipie
 MULTIPLE_FROM = Reply(550, "5.7.1", "More than one From header field, or several authors without a Sender")
 NO_FROM = Reply(550, "5.6.0", "Message has no From header field (RFC 5322 §3.6.2)")
 
+log = get_logger()
+
+
+def rate_limited(rate: Rate) -> Reply:
+    # RFC 3463 X.7.1 "delivery not authorized"; 4xx: the client keeps the message and retries.
+    return Reply(451, "4.7.1", f"Sending rate limit exceeded for this user ({rate}), try again later")
+
 
 @dataclass(frozen=True, slots=True)
 class Facts:
@@ -48,8 +58,12 @@ class Facts:
 class Policy:
     """Decisions for one listener under one config (rebuilt on reload)."""
 
-    def __init__(self, cfg: Config, listener: ListenerConfig, is_suppressed: Callable[[str], bool]) -> None:
+    def __init__(self, cfg: Config, listener: ListenerConfig, is_suppressed: Callable[[str], bool],
+                 limiter: RateLimiter | None = None) -> None:
         self.cfg = cfg
+        self._limiter = limiter
+        self._default_rate = parse_rate(cfg.auth.default_rate)
+        self._rates: dict[str, Rate | None] = {}
         self.listener = listener
         self.submission = listener.mode == "submission"
         self.auth_offered = self.submission or listener.auth
@@ -88,6 +102,32 @@ class Policy:
             # reject_sender_login_mismatch: bounces come from the MTA, not from applications.
             return SENDER_NOT_OWNED
         return None
+
+    def rate_for(self, user: User) -> Rate | None:
+        """The user's own rate (users file), else ``auth.default_rate``; None: unlimited."""
+        if user.rate is None:
+            return self._default_rate
+        if user.rate not in self._rates:  # validated when the users file was loaded
+            self._rates[user.rate] = parse_rate(user.rate)
+        return self._rates[user.rate]
+
+    async def check_rate(self, facts: Facts) -> Reply | None:
+        """Per-user sending limit, counted at MAIL (like Postfix's anvil message rate): one
+        accepted MAIL takes one from the user's budget. Call after :meth:`check_mail` passed."""
+        user = facts.user
+        if user is None or self._limiter is None:
+            return None
+        rate = self.rate_for(user)
+        if rate is None:
+            return None
+        verdict = await self._limiter.take(user.name, rate)
+        if verdict.allowed:
+            return None
+        metrics.USER_RATE_LIMITED.labels(user.name).inc()
+        if verdict.first_refusal:  # once per window, not once per message
+            log.warning("user.rate_limited", user=user.name, rate=str(rate), retry_after=round(verdict.retry_after),
+                        peer=facts.peer_ip)
+        return rate_limited(rate)
 
     # --- RCPT ---------------------------------------------------------------------------
     def check_rcpt(self, facts: Facts, trusted: bool, rcpt: Mailbox, count: int) -> tuple[Reply | None, bool]:

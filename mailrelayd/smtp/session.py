@@ -29,11 +29,11 @@ from aiosmtpd.smtp import SMTP as _AiosmtpdSMTP
 
 from mailrelayd import metrics
 from mailrelayd.errors import Reply, SpoolError, reply_for
+from mailrelayd.intake import Origin, accepted_reply
 from mailrelayd.log import get_logger
 from mailrelayd.smtp import headers as hdr
 from mailrelayd.smtp.address import AddressError, Mailbox, parse_command_path
-from mailrelayd.smtp.policy import AUTH_REQUIRED, NO_FROM, STARTTLS_FIRST, Facts
-from mailrelayd.spool.store import FEEDBACK, OUTBOUND, NewMessage
+from mailrelayd.smtp.policy import AUTH_REQUIRED, STARTTLS_FIRST, Facts
 from mailrelayd.users import User
 
 if TYPE_CHECKING:
@@ -532,7 +532,8 @@ class SmtpSession(_AiosmtpdSMTP):
         except SpoolError as e:
             await self.reply("MAIL", reply_for(e))
             return
-        refusal = self.ctx.policy.check_mail(self._facts(), sender, size)
+        facts = self._facts()
+        refusal = self.ctx.policy.check_mail(facts, sender, size) or await self.ctx.policy.check_rate(facts)
         if refusal is not None:
             await self.reply("MAIL", refusal)
             return
@@ -596,7 +597,6 @@ class SmtpSession(_AiosmtpdSMTP):
             await self.reply("DATA", problem)
             return
         assert data is not None
-        t0 = time.perf_counter()
         try:
             result = await self._accept(tx, data)
         except Exception as e:
@@ -606,7 +606,6 @@ class SmtpSession(_AiosmtpdSMTP):
             else:
                 self._log.warning("smtp.accept_failed", error=str(e), reply=str(r))
             result = r
-        metrics.ACCEPT_DURATION.labels(self.lcfg.name).observe(time.perf_counter() - t0)
         await self.reply("DATA", result)
 
     async def _read_data(self) -> tuple[bytes | None, Reply | None]:
@@ -654,57 +653,15 @@ class SmtpSession(_AiosmtpdSMTP):
         return body, None
 
     async def _accept(self, tx: Transaction, body: bytes) -> Reply:
-        """Policy on the content, headers we add, DKIM, durable spool commit. Returns the reply."""
+        """Hand the message to the intake (policy, headers, DKIM, durable commit). Returns the reply."""
         s = self.session
         assert s is not None
-        ctx = self.ctx
-        cfg = ctx.cfg
-        outbound = not all(tx.local)
-        scan = hdr.scan_headers(body)
-        refusal = ctx.policy.check_headers(self._facts(), scan, outbound)
-        if refusal is not None:
-            return refusal
-        qid = ctx.spool.new_queue_id()
-        now = time.time()
-        user = s.user.name if (s.user and cfg.auth.received_show_user) else None
-        trace = hdr.received_header(helo=s.helo or "unknown", peer_ip=s.peer_ip, hostname=cfg.server.hostname,
-                                    protocol=hdr.protocol_name(s.esmtp, s.tls, s.user is not None),
-                                    queue_id=qid, tls=s.tls_desc, user=user, now=now)
-        from_domain = scan.from_domain
-        if outbound:
-            # Submission and trusted relay: complete the header like a submission server
-            # (RFC 6409 §8): Message-ID and Date when missing, From from the envelope when absent.
-            extra = b""
-            if not scan.from_values:
-                if not tx.mail_from:
-                    return NO_FROM
-                extra += f"From: <{tx.mail_from}>\r\n".encode("utf-8", "surrogateescape")
-                from_domain = tx.mail_from.rpartition("@")[2]
-            if not scan.has_message_id:
-                extra += hdr.message_id(qid, cfg.server.hostname)
-            if not scan.has_date:
-                extra += hdr.date_header(now)
-            if extra:
-                body = body[:scan.end] + extra + body[scan.end:]
-            data = trace + body
-            if ctx.signer is not None:
-                data = await ctx.signer(data, from_domain) + data
-        else:
-            data = trace + body
-        queue = OUTBOUND if outbound else FEEDBACK
-        msg = NewMessage(queue_id=qid, mail_from=tx.mail_from, recipients=tuple(tx.rcpts), data=data,
-                         received_at=now, queue=queue, listener=self.lcfg.name, sender_domain=from_domain)
-        await ctx.spool.commit(msg)
-        # Durable from here on: count, log, hand to the scheduler, then say 250.
+        origin = Origin(listener=self.lcfg.name, peer_ip=s.peer_ip, helo=s.helo,
+                        protocol=hdr.protocol_name(s.esmtp, s.tls, s.user is not None), tls=s.tls_desc,
+                        user=s.user, session=s.id)
+        qid = await self.ctx.intake.accept(origin, tx.mail_from, tx.rcpts, body, outbound=not all(tx.local))
         s.messages += 1
-        metrics.MESSAGES_RECEIVED.labels(self.lcfg.name).inc()
-        metrics.RECIPIENTS_RECEIVED.labels(self.lcfg.name).inc(len(tx.rcpts))
-        metrics.MESSAGE_SIZE.labels(self.lcfg.name).observe(len(data))
-        self._log.info("message.accepted", queue_id=qid, mail_from=tx.mail_from, rcpts=len(tx.rcpts),
-                       size=len(data), queue=queue, user=s.user.name if s.user else None,
-                       from_domain=from_domain or None)
-        ctx.on_accepted(msg)
-        return Reply(250, "2.0.0", f"Ok: queued as {qid}")
+        return accepted_reply(qid)
 
     async def smtp_RSET(self, arg: str) -> None:
         if arg:

@@ -95,6 +95,90 @@ CREATE INDEX IF NOT EXISTS history_done ON history(done_at);
 PRAGMA user_version = 1;
 """
 
+# Added after 0.1: (table, column, definition). Applied with ALTER TABLE to older spools.
+_COLUMNS = (
+    ("messages", "message_id", "TEXT NOT NULL DEFAULT ''"),
+    ("messages", "user", "TEXT NOT NULL DEFAULT ''"),
+    ("history", "mail_from", "TEXT NOT NULL DEFAULT ''"),
+    ("history", "message_id", "TEXT NOT NULL DEFAULT ''"),
+    ("history", "user", "TEXT NOT NULL DEFAULT ''"),
+    ("history", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("history", "received_at", "REAL NOT NULL DEFAULT 0"),
+)
+
+# Delivery events for webhooks (mailrelayd.webhooks), written in the same transaction as the
+# outcome they describe. AUTOINCREMENT: ids never go back, so a webhook's position stays valid
+# after every event has been pruned.
+_SCHEMA_EVENTS = """
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    time REAL NOT NULL,
+    qid TEXT NOT NULL,
+    message_id TEXT NOT NULL DEFAULT '',
+    sender TEXT NOT NULL DEFAULT '',
+    recipient TEXT NOT NULL DEFAULT '',
+    user TEXT NOT NULL DEFAULT '',
+    reply TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    fb_kind TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS event_cursors (
+    name TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_message_id ON history(message_id) WHERE message_id != '';
+CREATE INDEX IF NOT EXISTS history_address ON history(address);
+"""
+
+# Recipient state -> event name.
+EVENT_OF_STATE = {DELIVERED: "delivered", DEFERRED: "deferred", BOUNCED: "bounced", EXPIRED: "expired",
+                  SUPPRESSED: "suppressed"}
+_EVENT_COLS = "kind, time, qid, message_id, sender, recipient, user, reply, attempts, fb_kind, reason"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A delivery event as stored (and sent to webhooks). ``id`` is 0 until stored."""
+
+    kind: str
+    time: float
+    queue_id: str
+    recipient: str
+    message_id: str = ""
+    sender: str = ""
+    user: str = ""
+    reply: str = ""
+    attempts: int = 0
+    fb_kind: str = ""
+    reason: str = ""
+    id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    message_id: str | None = None
+    recipient: str | None = None
+    sender: str | None = None
+    user: str | None = None
+    since: float | None = None
+    limit: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    queue_id: str
+    message_id: str
+    sender: str
+    recipient: str
+    user: str
+    state: str
+    last_reply: str
+    attempts: int
+    time: float
+    received_at: float
+
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
@@ -109,6 +193,10 @@ class NewMessage:
     listener: str = ""
     sender_domain: str = ""
     is_dsn: bool = False
+    message_id: str = ""
+    """The Message-ID header value (with its angle brackets), for history and events."""
+    user: str = ""
+    """The authenticated user who submitted it, if any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +266,7 @@ class Spool:
         self._reader_local = threading.local()
         self._free_checked = 0.0
         self._free = 0
+        self._event_kinds: frozenset[str] = frozenset()
 
     # --- lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -226,23 +315,35 @@ class Spool:
         if self.free_bytes() - incoming < self.min_free_space:
             raise SpoolFullError(f"spool free space below {self.min_free_space} bytes")
 
+    # --- events -------------------------------------------------------------------------
+    def record_events(self, kinds: frozenset[str]) -> None:
+        """Which event kinds to store from now on (those some webhook wants; none: no cost)."""
+        self._event_kinds = frozenset(kinds)
+
     # --- writes (group-committed) -------------------------------------------------------
     async def commit(self, msg: NewMessage) -> None:
         """Make ``msg`` durable. Returns only after the fsync; raises SpoolError otherwise."""
         self.check_space(len(msg.data))
-        await self._write(lambda c: _insert(c, msg))
+        kinds = self._event_kinds
+        await self._write(lambda c: _insert(c, msg, kinds))
 
-    async def update(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = ()) -> list[str]:
+    async def update(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (),
+                     events: Sequence[Event] = ()) -> list[str]:
         """Record recipient outcomes (and, atomically with them, new messages such as the DSN
-        that reports them). Returns the queue ids that are now finished and removed."""
-        if not updates and not new_messages:
+        that reports them, and events such as a complaint about an earlier message). Returns the
+        queue ids that are now finished and removed."""
+        if not updates and not new_messages and not events:
             return []
         now = time.time()
+        kinds = self._event_kinds
 
         def op(c: sqlite3.Connection) -> list[str]:
             for m in new_messages:
-                _insert(c, m)
-            return _apply_updates(c, updates, now)
+                _insert(c, m, kinds)
+            for e in events:
+                if e.kind in kinds:
+                    _insert_event(c, e)
+            return _apply_updates(c, updates, now, kinds)
 
         return await self._write(op)
 
@@ -263,6 +364,37 @@ class Spool:
 
     async def prune_history(self, before: float) -> int:
         return await self._write(lambda c: c.execute("DELETE FROM history WHERE done_at < ?", (before,)).rowcount)
+
+    async def sync_event_cursors(self, names: Sequence[str]) -> None:
+        """One delivery position per webhook: new ones start at the next event, removed ones are
+        forgotten (so they hold no events back)."""
+        def op(c: sqlite3.Connection) -> None:
+            row = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+            top = row[0] if row else 0
+            c.executemany("INSERT OR IGNORE INTO event_cursors (name, last_id) VALUES (?, ?)",
+                          [(n, top) for n in names])
+            have = [r[0] for r in c.execute("SELECT name FROM event_cursors")]
+            c.executemany("DELETE FROM event_cursors WHERE name = ?", [(n,) for n in have if n not in names])
+        await self._write(op)
+
+    async def ack_events(self, name: str, last_id: int) -> None:
+        await self._write(lambda c: c.execute(
+            "UPDATE event_cursors SET last_id = MAX(last_id, ?) WHERE name = ?", (last_id, name)) and None)
+
+    async def prune_events(self, max_backlog: int) -> int:
+        """Delete events every webhook has received; then, past ``max_backlog``, the oldest ones.
+        Returns how many were dropped undelivered."""
+        def op(c: sqlite3.Connection) -> int:
+            (low,) = c.execute("SELECT MIN(last_id) FROM event_cursors").fetchone()
+            if low is None:
+                c.execute("DELETE FROM events")
+                return 0
+            c.execute("DELETE FROM events WHERE id <= ?", (low,))
+            lo, hi = c.execute("SELECT MIN(id), MAX(id) FROM events").fetchone()
+            if lo is None or hi - lo + 1 <= max_backlog:  # ids are dense: only the oldest are ever deleted
+                return 0
+            return c.execute("DELETE FROM events WHERE id <= ?", (hi - max_backlog,)).rowcount
+        return await self._write(op)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
@@ -325,6 +457,81 @@ class Spool:
             return SpoolStats(n, by_state, oldest)
         return await self._read(fn)
 
+    async def read_events(self, name: str, kinds: Sequence[str], limit: int
+                          ) -> tuple[list[Event], int, int] | None:
+        """The next events (of ``kinds``) for webhook ``name`` in order, the id up to which the
+        events were looked at (the position to acknowledge once these are delivered, so events
+        of other kinds never hold it back), and the current position. None if the webhook has
+        no position."""
+        marks = ",".join("?" * len(kinds))
+
+        def fn(c: sqlite3.Connection) -> tuple[list[Event], int, int] | None:
+            c.execute("BEGIN")  # one snapshot for both reads
+            try:
+                row = c.execute("SELECT last_id FROM event_cursors WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    return None
+                rows = c.execute(f"SELECT {_EVENT_COLS}, id FROM events WHERE id > ? AND kind IN ({marks}) "
+                                 "ORDER BY id LIMIT ?", (row[0], *kinds, limit)).fetchall()
+                evs = [Event(r[0], r[1], r[2], r[5], r[3], r[4], r[6], r[7], r[8], r[9], r[10], r[11])
+                       for r in rows]
+                if len(evs) == limit:
+                    return evs, evs[-1].id, row[0]
+                (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+                return evs, max(top, row[0]), row[0]
+            finally:
+                c.execute("COMMIT")
+        return await self._read(fn)
+
+    async def event_backlog(self, name: str, kinds: Sequence[str]) -> int:
+        marks = ",".join("?" * len(kinds))
+        return await self._read(lambda c: c.execute(
+            f"SELECT COUNT(*) FROM events WHERE kind IN ({marks}) AND id > "
+            "COALESCE((SELECT last_id FROM event_cursors WHERE name = ?), 0)", (*kinds, name)).fetchone()[0])
+
+    async def history(self, q: HistoryQuery) -> list[HistoryRecord]:
+        """One record per recipient, queued or finished (within the history retention), newest first."""
+        def fn(c: sqlite3.Connection) -> list[HistoryRecord]:
+            out: list[HistoryRecord] = []
+            for live in (True, False):
+                where, args = [], []
+                col = {"message_id": "m.message_id" if live else "h.message_id",
+                       "recipient": "r.address" if live else "h.address",
+                       "sender": "m.mail_from" if live else "h.mail_from",
+                       "user": "m.user" if live else "h.user",
+                       "time": "r.updated_at" if live else "h.done_at"}
+                if q.message_id:
+                    mid = q.message_id.strip()
+                    where.append(f"{col['message_id']} IN (?, ?)")
+                    args += [mid, f"<{mid.strip('<>')}>"]
+                for k in ("recipient", "sender"):
+                    v = getattr(q, k)
+                    if v:
+                        where.append(f"{col[k]} = ? COLLATE NOCASE")
+                        args.append(v.strip().strip("<>"))
+                if q.user:
+                    where.append(f"{col['user']} = ?")
+                    args.append(q.user)
+                if q.since is not None:
+                    where.append(f"{col['time']} >= ?")
+                    args.append(q.since)
+                cond = (" AND " + " AND ".join(where)) if where else ""
+                if live:
+                    sql = ("SELECT r.qid, m.message_id, m.mail_from, r.address, m.user, r.state, r.last_reply, "
+                           "r.attempts, r.updated_at, m.received_at FROM recipients r JOIN messages m ON "
+                           f"m.qid = r.qid WHERE m.queue = 'outbound'{cond} "
+                           "ORDER BY r.updated_at DESC LIMIT ?")
+                else:
+                    sql = ("SELECT h.qid, h.message_id, h.mail_from, h.address, h.user, h.state, h.last_reply, "
+                           f"h.attempts, h.done_at, h.received_at FROM history h WHERE 1 = 1{cond} "
+                           "ORDER BY h.done_at DESC LIMIT ?")
+                for r in c.execute(sql, (*args, q.limit)):
+                    state = "queued" if r[5] == PENDING else r[5]
+                    out.append(HistoryRecord(r[0], r[1], r[2], r[3], r[4], state, r[6] or "", r[7], r[8], r[9]))
+            out.sort(key=lambda h: h.time, reverse=True)
+            return out[:q.limit]
+        return await self._read(fn)
+
     async def lookup_recipient(self, qid: str, index: int) -> tuple[str, str] | None:
         """(address, sender domain) of recipient ``index`` of message ``qid``, whether it is still
         queued or finished within the history retention. For VERP."""
@@ -362,12 +569,17 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _insert(c: sqlite3.Connection, m: NewMessage) -> None:
+def _insert(c: sqlite3.Connection, m: NewMessage, kinds: frozenset[str] = frozenset()) -> None:
     c.execute(
-        "INSERT INTO messages (qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener, m.sender_domain, int(m.is_dsn)),
+        "INSERT INTO messages (qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn, "
+        "message_id, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener, m.sender_domain, int(m.is_dsn),
+         m.message_id, m.user),
     )
+    if "accepted" in kinds and m.queue == OUTBOUND and not m.is_dsn:
+        c.executemany(
+            f"INSERT INTO events ({_EVENT_COLS}) VALUES ('accepted', ?, ?, ?, ?, ?, ?, '', 0, '', '')",
+            [(m.received_at, m.queue_id, m.message_id, m.mail_from, r, m.user) for r in m.recipients])
     c.execute("INSERT INTO bodies (qid, data) VALUES (?, ?)", (m.queue_id, m.data))
     c.executemany(
         "INSERT INTO recipients (qid, idx, address, domain, state, next_attempt, updated_at) "
@@ -377,15 +589,36 @@ def _insert(c: sqlite3.Connection, m: NewMessage) -> None:
     )
 
 
-def _apply_updates(c: sqlite3.Connection, updates: Sequence[RecipientUpdate], now: float) -> list[str]:
+def _insert_event(c: sqlite3.Connection, e: Event) -> None:
+    msg_id, sender, user = e.message_id, e.sender, e.user
+    if not (msg_id or sender or user):  # about an earlier message (a complaint): name it as it was sent
+        row = c.execute("SELECT message_id, mail_from, user FROM messages WHERE qid = ?", (e.queue_id,)).fetchone() \
+            or c.execute("SELECT message_id, mail_from, user FROM history WHERE qid = ? LIMIT 1",
+                         (e.queue_id,)).fetchone()
+        if row is not None:
+            msg_id, sender, user = row
+    c.execute(f"INSERT INTO events ({_EVENT_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+              (e.kind, e.time, e.queue_id, msg_id, sender, e.recipient, user, e.reply[:1000], e.attempts,
+               e.fb_kind, e.reason[:1000]))
+
+
+def _apply_updates(c: sqlite3.Connection, updates: Sequence[RecipientUpdate], now: float,
+                   kinds: frozenset[str] = frozenset()) -> list[str]:
     touched: dict[str, None] = {}
     for u in updates:
-        c.execute(
+        cur = c.execute(
             "UPDATE recipients SET state = ?, attempts = attempts + ?, next_attempt = ?, last_reply = ?, "
             "updated_at = ? WHERE qid = ? AND idx = ? AND state IN ('pending','deferred')",
             (u.state, int(u.attempted), u.next_attempt, u.last_reply[:1000], now, u.queue_id, u.index),
         )
         touched[u.queue_id] = None
+        kind = EVENT_OF_STATE.get(u.state)
+        if kind in kinds and cur.rowcount:
+            c.execute(
+                f"INSERT INTO events ({_EVENT_COLS}) SELECT ?, ?, r.qid, m.message_id, m.mail_from, r.address, "
+                "m.user, r.last_reply, r.attempts, '', '' FROM recipients r JOIN messages m ON m.qid = r.qid "
+                "WHERE r.qid = ? AND r.idx = ? AND m.queue = 'outbound' AND m.is_dsn = 0",
+                (kind, now, u.queue_id, u.index))
     done: list[str] = []
     for qid in touched:
         if c.execute("SELECT 1 FROM recipients WHERE qid = ? AND state IN ('pending','deferred') LIMIT 1",
@@ -397,8 +630,10 @@ def _apply_updates(c: sqlite3.Connection, updates: Sequence[RecipientUpdate], no
 
 def _finish(c: sqlite3.Connection, qid: str, now: float) -> None:
     c.execute(
-        "INSERT OR REPLACE INTO history (qid, idx, address, sender_domain, state, done_at, last_reply) "
-        "SELECT r.qid, r.idx, r.address, m.sender_domain, r.state, ?, r.last_reply FROM recipients r "
+        "INSERT OR REPLACE INTO history (qid, idx, address, sender_domain, state, done_at, last_reply, mail_from, "
+        "message_id, user, attempts, received_at) "
+        "SELECT r.qid, r.idx, r.address, m.sender_domain, r.state, ?, r.last_reply, m.mail_from, m.message_id, "
+        "m.user, r.attempts, m.received_at FROM recipients r "
         "JOIN messages m ON m.qid = r.qid WHERE r.qid = ? AND m.queue = 'outbound'",
         (now, qid),
     )
@@ -466,6 +701,10 @@ class _Writer(threading.Thread):
             cols = {r[1] for r in self._conn.execute("PRAGMA table_info(history)")}
             if "last_reply" not in cols:  # spools from 0.1 pre-releases
                 self._conn.execute("ALTER TABLE history ADD COLUMN last_reply TEXT NOT NULL DEFAULT ''")
+            for table, col, decl in _COLUMNS:
+                if col not in {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+            self._conn.executescript(_SCHEMA_EVENTS)
         except BaseException as e:  # surfaced by wait_open() and to every waiter
             self._open_error = e
             self._conn = None
