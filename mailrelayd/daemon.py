@@ -214,13 +214,15 @@ class Daemon:
         return sign
 
     def _share_limits(self, cfg: Config) -> None:
-        """With a shared (PostgreSQL) store, the AUTH lockout counts across every node too."""
+        """With a shared (PostgreSQL) store, the AUTH lockout and the per-user sending limits count
+        across every node too."""
         client = getattr(self.suppressions, "client", None)
         if client is not None:
-            from mailrelayd.sharedlimits import SharedAuthThrottle
+            from mailrelayd.sharedlimits import PgRateLimiter, SharedAuthThrottle
 
             self.throttle = SharedAuthThrottle(client, asyncio.get_running_loop(), cfg.auth.max_failures,
                                                cfg.auth.failure_window, cfg.auth.lockout)
+            self.rate_limiter = PgRateLimiter(client, fallback=self.rate_limiter)  # type: ignore[assignment]
 
     def make_intake(self, cfg: Config, check_headers: HeaderCheck, signer: Signer | None) -> Intake:
         """An :class:`Intake` for one front end (an SMTP listener, sendmail, HTTP) under ``cfg``.

@@ -275,3 +275,26 @@ def test_cli_list_import_export_and_migrate(tmp_path: Path, pg_url: str, pg_serv
         pg_server.start()
     assert r.returncode == 2 and "unreachable" in r.stderr and "Traceback" not in r.stderr
     assert "pg-test-secret" not in r.stderr + r.stdout
+
+
+async def test_rate_limiter_counts_across_nodes_with_a_sliding_window(nodes) -> None:
+    from mailrelayd.ratelimit import MemoryRateLimiter, Rate
+    from mailrelayd.sharedlimits import PgRateLimiter
+
+    a, b = await asyncio.to_thread(nodes, "a"), await asyncio.to_thread(nodes, "b")
+    now = [1_000_000 * 3600.0 + 10]
+    la = PgRateLimiter(a.client, MemoryRateLimiter(lambda: now[0]), clock=lambda: now[0])
+    lb = PgRateLimiter(b.client, MemoryRateLimiter(lambda: now[0]), clock=lambda: now[0])
+    rate = Rate(4, 3600)
+    verdicts = [await (la if i % 2 else lb).take("alice", rate) for i in range(6)]
+    assert [v.allowed for v in verdicts] == [True] * 4 + [False] * 2
+    assert verdicts[4].first_refusal and verdicts[5].first_refusal  # logged once per window on each node
+    assert not (await la.take("alice", rate)).first_refusal
+    assert 0 < verdicts[4].retry_after <= 3600
+    assert (await la.take("bob", rate)).allowed  # per user
+    # Half-way through the next window half of the previous window's count still weighs.
+    now[0] += 3600 + 1800 - 10
+    assert [(await la.take("alice", rate)).allowed for _ in range(3)] == [True, True, False]
+    # Two windows later the slate is clean.
+    now[0] += 7200
+    assert (await lb.take("alice", rate)).allowed

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import base_config, deep_merge, mailrelayd_cmd, write_config
+from tests.conftest import TEST_PASSWORD, base_config, deep_merge, mailrelayd_cmd, write_config
 from tests.support.proc import DaemonProcess
 from tests.support.sink import Sink
 from tests.support.smtptalk import SmtpTalk
@@ -260,3 +260,39 @@ async def test_auth_lockout_counts_across_nodes(tmp_path, tls_files, pg_url, pas
         assert time.monotonic() < deadline, "node B did not apply the lockout decided with node A's failures"
         await asyncio.sleep(0.05)
     assert await auth(a) == 421
+
+
+async def test_a_user_limit_of_10_per_hour_across_two_nodes_allows_10_not_20(tmp_path, tls_files, pg_url,
+                                                                            password) -> None:
+    configs = [write_config(tmp_path / name, deep_merge(base_config(tls_files), {
+        "auth": {"default_rate": "10/h"},
+        "feedback": {"store": pg_url, "store_password_file": str(password)}})) for name in ("a", "b")]
+    a, b = await _start(*configs)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    plain = base64.b64encode(b"\0alice\0" + TEST_PASSWORD.encode()).decode()
+
+    async def session(node: DaemonProcess) -> SmtpTalk:
+        t = await SmtpTalk.connect(node.ports["submission"])
+        await t.ehlo()
+        await t.starttls(ctx)
+        await t.ehlo()
+        code, text = await t.cmd(f"AUTH PLAIN {plain}")
+        assert code == 235, text
+        return t
+
+    ta, tb = await session(a), await session(b)
+    replies: list[tuple[str, int, str]] = []
+    for i in range(20):  # alternate nodes, as a load balancer would
+        name, t = ("a", ta) if i % 2 == 0 else ("b", tb)
+        code, text = await t.cmd("MAIL FROM:<app@example.com>")
+        replies.append((name, code, text))
+        assert (await t.cmd("RSET"))[0] == 250
+    await ta.close()
+    await tb.close()
+    accepted = [r for r in replies if r[1] == 250]
+    refused = [r for r in replies if r[1] != 250]
+    assert len(accepted) == 10, replies
+    assert {r[0] for r in accepted} == {"a", "b"}  # both nodes took part
+    assert all(code == 451 and text.startswith("4.7.1") for _, code, text in refused), refused
