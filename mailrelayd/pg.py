@@ -223,12 +223,13 @@ class PgClient:
     # --- calls ---------------------------------------------------------------------------------
     def call(self, fn: Callable[[Conn], Awaitable[T]], timeout: float | None = None) -> T:
         """Run ``fn(conn)`` on a pooled connection, waiting for the result (from any other thread).
-        Raises :class:`PgUnavailable` when down or when the connection fails."""
+        ``timeout``: for the whole call (default: twice the configured timeout). Raises
+        :class:`PgUnavailable` when down or when the connection fails."""
         if threading.current_thread() is self._thread:
             raise RuntimeError("PgClient.call from its own loop would deadlock; await acall")
-        fut = asyncio.run_coroutine_threadsafe(self.acall(fn), self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self.acall(fn, timeout), self._loop)
         try:
-            return fut.result((timeout or self.settings.timeout) * 2 + 1)
+            return fut.result((timeout or self.settings.timeout * 2) + 1)
         except TimeoutError:
             fut.cancel()
             raise PgUnavailable("timed out") from None
@@ -237,13 +238,13 @@ class PgClient:
         """Schedule a coroutine on this loop without waiting (thread-safe)."""
         return asyncio.run_coroutine_threadsafe(fn(), self._loop)
 
-    async def acall(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+    async def acall(self, fn: Callable[[Conn], Awaitable[T]], timeout: float | None = None) -> T:
         """:meth:`call` for code already on this loop."""
         pool = self._pool
         if not self.up or pool is None:
             raise PgUnavailable(self.last_error)
         try:
-            async with asyncio.timeout(self.settings.timeout * 2):
+            async with asyncio.timeout(timeout or self.settings.timeout * 2):
                 async with pool.acquire(timeout=self.settings.timeout) as conn:
                     return await fn(conn)
         except CONNECTION_ERRORS as e:

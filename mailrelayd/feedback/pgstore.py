@@ -59,9 +59,8 @@ _COLUMNS = "address, kind, reason, source, queue_id, first_seen, last_seen, coun
 _RANKS = "ARRAY['soft_bounce', 'hard_bounce', 'complaint', 'manual']::text[]"
 _STRONGER = f"coalesce(array_position({_RANKS}, EXCLUDED.kind), 0) >= coalesce(array_position({_RANKS}, s.kind), 0)"
 # Insert, or merge into the existing row: the kind (and its reason/source/queue id) only moves up;
-# the times widen; ``count`` adds up (``$9``: true = take the larger count instead, for idempotent copies).
-_UPSERT = f"""
-INSERT INTO mailrelayd_suppressions AS s ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+# the times widen; ``count`` adds up (``{flag}`` true = take the larger count instead, for idempotent copies).
+_ON_CONFLICT = f"""
 ON CONFLICT (address) DO UPDATE SET
     kind = CASE WHEN {_STRONGER} THEN EXCLUDED.kind ELSE s.kind END,
     reason = CASE WHEN {_STRONGER} THEN EXCLUDED.reason ELSE s.reason END,
@@ -69,9 +68,34 @@ ON CONFLICT (address) DO UPDATE SET
     queue_id = CASE WHEN {_STRONGER} THEN EXCLUDED.queue_id ELSE s.queue_id END,
     first_seen = least(s.first_seen, EXCLUDED.first_seen),
     last_seen = greatest(s.last_seen, EXCLUDED.last_seen),
-    count = CASE WHEN $9 THEN greatest(s.count, EXCLUDED.count) ELSE s.count + EXCLUDED.count END
-RETURNING (xmax = 0) AS inserted
+    count = CASE WHEN {{flag}} THEN greatest(s.count, EXCLUDED.count) ELSE s.count + EXCLUDED.count END
 """
+_UPSERT = (f"INSERT INTO mailrelayd_suppressions AS s ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+           + _ON_CONFLICT.format(flag="$9") + " RETURNING (xmax = 0) AS inserted")
+# Bulk (import, migrate): COPY into a temporary table, then one merge.
+_UPSERT_BULK = (f"INSERT INTO mailrelayd_suppressions AS s ({_COLUMNS}) SELECT {_COLUMNS} FROM mailrelayd_bulk"
+                + _ON_CONFLICT.format(flag="$1"))
+_RANK = {"soft_bounce": 1, "hard_bounce": 2, "complaint": 3, "manual": 4}
+
+
+def _bulk_timeout(rows: int) -> float:
+    """Imports and migrations run for as long as they need: a minute plus a second per 2,000 rows."""
+    return 60.0 + rows / 2000
+
+
+def _merge_rows(rows: Iterable[tuple[Any, ...]], idempotent: bool) -> list[tuple[Any, ...]]:
+    """One row per address (a single INSERT ... ON CONFLICT may not touch a row twice), merged by
+    the same rules as the upsert, in order."""
+    merged: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        old = merged.get(row[0])
+        if old is None:
+            merged[row[0]] = row
+            continue
+        top = row if _RANK.get(row[1], 0) >= _RANK.get(old[1], 0) else old
+        count = max(old[7], row[7]) if idempotent else old[7] + row[7]
+        merged[row[0]] = (*top[:5], min(old[5], row[5]), max(old[6], row[6]), count)
+    return list(merged.values())
 
 
 @dataclass(frozen=True)
@@ -215,9 +239,9 @@ class PostgresSuppressionStore:
     def _key(self, address: str) -> str:
         return normalise(address, case_insensitive_local=self.case_insensitive_local)
 
-    def _call(self, fn: Any) -> Any:
+    def _call(self, fn: Any, timeout: float | None = None) -> Any:
         try:
-            return self.client.call(fn)
+            return self.client.call(fn, timeout)
         except PgUnavailable as e:
             raise StoreUnavailableError(f"PostgreSQL at {self.client.settings.where} is unreachable: {e}") from None
 
@@ -385,8 +409,14 @@ class PostgresSuppressionStore:
 
     async def _merge_many(self, conn: Conn, rows: list[tuple[Any, ...]], idempotent: bool) -> int:
         """Upsert many full rows in one transaction, then tell every node to reload."""
+        rows = _merge_rows(rows, idempotent)
+        timeout = _bulk_timeout(len(rows))
         async with conn.transaction():
-            await conn.executemany(_UPSERT, [(*r, idempotent) for r in rows])
+            await conn.execute("CREATE TEMPORARY TABLE mailrelayd_bulk (LIKE mailrelayd_suppressions)"
+                               " ON COMMIT DROP")
+            await conn.copy_records_to_table("mailrelayd_bulk", records=rows, columns=_COLUMNS.split(", "),
+                                             timeout=timeout)
+            await conn.execute(_UPSERT_BULK, idempotent, timeout=timeout)
             g = await self._bump(conn, "reload", "") if rows else None
         if g is not None:
             self._apply(g, "reload", "")
@@ -469,7 +499,7 @@ class PostgresSuppressionStore:
         now = time.time()
         rows = [(key, kind, reason, source, "", now, now, 1) for key, reason, kind, source
                 in parse_import_csv(fileobj, self._key)]
-        return int(self._call(lambda c: self._merge_many(c, rows, False)))
+        return int(self._call(lambda c: self._merge_many(c, rows, False), _bulk_timeout(len(rows))))
 
     def export_csv(self, fileobj: IO[str]) -> None:
         write_export_csv(fileobj, self.list())
@@ -484,13 +514,13 @@ class PostgresSuppressionStore:
 
         async def go(conn: Conn) -> int:
             async with conn.transaction():
-                await conn.executemany(
+                await conn.executemany(  # soft bounces inside the window: a few per address at most
                     "INSERT INTO mailrelayd_soft_bounces (address, reason, source, queue_id, seen)"
                     " SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM mailrelayd_soft_bounces"
-                    " WHERE address = $1 AND seen = $5)", soft)
+                    " WHERE address = $1 AND seen = $5)", soft, timeout=_bulk_timeout(len(soft)))
                 return await self._merge_many(conn, rows, True)
 
-        return int(self._call(go))
+        return int(self._call(go, _bulk_timeout(len(rows) + len(soft))))
 
     def refresh(self) -> bool:
         """Nothing to do: LISTEN/NOTIFY and the poll keep the set current."""
