@@ -62,7 +62,7 @@ domain = "*"
 host = "127.0.0.1:9"
 
 [logging]
-level = "warning"
+level = "info"
 format = "json"
 """
 
@@ -89,25 +89,25 @@ def start_daemon(directory: Path, store_lines: str) -> tuple[subprocess.Popen[by
     cfg = directory / "mailrelayd.toml"
     cfg.write_text(CONFIG + store_lines)
     exe = Path(sys.executable).parent / "mailrelayd"
-    proc = subprocess.Popen([str(exe), "run", "-c", str(cfg), "--log-format", "json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": ""})
-    assert proc.stdout is not None
-    port = 0
+    log = directory / "daemon.log"
+    with open(log, "wb") as out:  # a file, not a pipe: a full pipe would stall the daemon
+        proc = subprocess.Popen([str(exe), "run", "-c", str(cfg), "--log-format", "json"], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": ""})
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            continue
-        if ev.get("event") == "listener.started":
-            port = int(ev["bound"].rsplit(":", 1)[1])
-        if ev.get("event") == "daemon.ready":
-            return proc, port
+    while time.monotonic() < deadline and proc.poll() is None:
+        port = 0
+        for line in log.read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == "listener.started":
+                port = int(ev["bound"].rsplit(":", 1)[1])
+            if ev.get("event") == "daemon.ready" and port:
+                return proc, port
+        time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("daemon did not start")
+    raise RuntimeError(f"daemon did not start; see {log}")
 
 
 async def rcpt_load(port: int, rcpts: list[str], sessions: int) -> tuple[list[float], float]:
