@@ -62,9 +62,11 @@ class SharedAuthThrottle(AuthThrottle):
         return locked
 
     def success(self, ip: str) -> None:
+        had_failures = self.failures(ip) > 0
         super().success(ip)
-        self._client.submit(lambda: self._send(
-            lambda c: c.execute("DELETE FROM mailrelayd_auth_failures WHERE ip = $1", ip)))
+        if had_failures:  # most successes follow no failure: no database write for those
+            self._client.submit(lambda: self._send(
+                lambda c: c.execute("DELETE FROM mailrelayd_auth_failures WHERE ip = $1", ip)))
 
     async def _send(self, fn: object) -> None:
         try:

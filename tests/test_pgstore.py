@@ -110,14 +110,15 @@ def test_concurrent_writers_from_both_nodes_converge(nodes) -> None:
 
 def test_import_export_list_and_a_late_node_loads_everything(nodes) -> None:
     a = nodes("a")
-    n = a.import_csv(io.StringIO("address,reason,kind\nx@example.com,imported,\ny@example.com,why,complaint\n\n"))
-    assert n == 2
+    n = a.import_csv(io.StringIO("address,reason,kind\nx@example.com,imported,\ny@example.com,why,hard_bounce\n\n"
+                                 "y@example.com,worse,complaint\n"))
+    assert n == 2  # one row per address: the same address twice is merged (the kind only moves up)
     with pytest.raises(ValueError, match="line 2"):
         a.import_csv(io.StringIO("address,reason\nnot-an-address,x\n"))
     out = io.StringIO()
     a.export_csv(out)
     assert out.getvalue().splitlines()[0] == "address,reason,kind,source,queue_id,first_seen,last_seen,count"
-    assert [s.kind for s in a.list()] == ["manual", "complaint"]
+    assert [(s.kind, s.reason, s.count) for s in a.list()] == [("manual", "imported", 1), ("complaint", "worse", 2)]
     assert [s.address for s in a.list(kind="complaint")] == ["y@example.com"]
     b = nodes("b")  # started after the writes: loads the whole list at connect
     assert b.is_suppressed("x@example.com") and b.is_suppressed("y@example.com")

@@ -59,6 +59,10 @@ class AuthThrottle:
     def success(self, ip: str) -> None:
         self._failures.pop(ip, None)
 
+    def failures(self, ip: str) -> int:
+        """Failures of ``ip`` counted here and not yet expired or cleared (the window is checked lazily)."""
+        return len(self._failures.get(ip, ()))
+
     def lock(self, ip: str, seconds: float) -> None:
         """Lock ``ip`` out for ``seconds`` from now (a lockout decided elsewhere, e.g. by another node)."""
         until = time.monotonic() + seconds
