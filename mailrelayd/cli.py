@@ -292,12 +292,19 @@ def _admin_request(cfg: Any, method: str, path: str, body: dict[str, Any] | None
         conn.request(method, "/" + path, body=payload,
                      headers={"Content-Type": "application/json"} if payload else {})
         resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"null")
+        raw = resp.read()
     except (FileNotFoundError, ConnectionRefusedError):
         return None
     except PermissionError:
         raise SystemExit(f"mailrelayd: permission denied on {sock_path} (run as root or the mailrelayd user)") \
             from None
+    except (OSError, http.client.HTTPException) as e:
+        raise SystemExit(f"mailrelayd: the daemon's admin socket {sock_path} failed: {e}") from None
+    try:
+        return resp.status, json.loads(raw or b"null")
+    except ValueError:
+        text = raw.decode("utf-8", "replace").strip().splitlines()
+        return resp.status, {"error": f"the daemon answered {resp.status}: {text[0] if text else 'no body'}"}
 
 
 async def _offline(cfg: Any, op: str, qid: str | None) -> tuple[int, Any]:
@@ -331,6 +338,12 @@ async def _offline(cfg: Any, op: str, qid: str | None) -> tuple[int, Any]:
 
 
 def _queue_call(args: argparse.Namespace, op: str, qid: str | None = None) -> tuple[int, Any]:
+    from mailrelayd.spool.queueid import LENGTH, is_queue_id
+
+    if qid is not None and not is_queue_id(qid.upper()):
+        # Checked before it becomes part of a URL: "a b" must not reach http.client as a path.
+        raise SystemExit(f"mailrelayd: {qid!r} is not a queue id ({LENGTH} letters and digits, "
+                         "as `mailrelayd queue list` prints them)")
     cfg = _load(args)
     method = "GET" if op in ("list", "show") else "POST"
     path = "queue" + (f"/{qid.upper()}" if qid else "") + ("" if op in ("list", "show") else f"/{op}")
@@ -601,6 +614,39 @@ def cmd_feedback_parse(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- backup / restore -------------------------------------------------------------------
+def cmd_backup(args: argparse.Namespace) -> int:
+    from mailrelayd.spool.backup import BackupError, backup
+
+    cfg = _load(args)
+    try:
+        res = backup(cfg, Path(args.directory))
+    except BackupError as e:
+        _err(str(e))
+        return 1
+    files = ", ".join(f"{n} ({size} bytes)" for n, size in res.files.items())
+    print(f"backed up {res.messages} queued message(s) to {res.directory}: {files} in {res.seconds:.1f}s")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from mailrelayd.spool.backup import BackupError, restore
+
+    cfg = _load(args)
+    try:
+        res = restore(cfg, Path(args.directory), force=args.force)
+    except BackupError as e:
+        _err(str(e))
+        return 1
+    for name, path in res.installed.items():
+        print(f"restored {name} -> {path}")
+    for p in res.moved_aside:
+        print(f"previous file kept as {p}")
+    print(f"{res.messages} queued message(s); start the daemon to deliver them "
+          "(messages delivered after the backup was taken are delivered again)")
+    return 0
+
+
 # --- doctor -----------------------------------------------------------------------------
 def cmd_doctor(args: argparse.Namespace) -> int:
     from mailrelayd.doctor import run_doctor
@@ -725,6 +771,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_feedback_parse)
 
+    s = sub.add_parser("backup", parents=[common], help="consistent copy of the spool and the suppression list "
+                       "into a new directory (safe while the daemon runs)")
+    s.add_argument("directory")
+    s.set_defaults(func=cmd_backup)
+    s = sub.add_parser("restore", parents=[common], help="check a backup and install it (the daemon must be stopped)")
+    s.add_argument("directory")
+    s.add_argument("--force", action="store_true", help="replace existing databases (moved aside, not deleted)")
+    s.set_defaults(func=cmd_restore)
+
     s = sub.add_parser("doctor", parents=[common], help="check DNS (MX, SPF, DKIM, DMARC) and the relay's own set-up")
     s.add_argument("--domain", required=True)
     s.add_argument("--selector")
@@ -736,12 +791,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import sqlite3
+
     from mailrelayd.config import ConfigError
+    from mailrelayd.errors import SpoolCorruptError, SpoolError
 
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         _err(str(e))
+        return 1
+    # The crash paths of any verb end in one line, never a traceback (the spool and the state
+    # databases on a full or damaged disk, unreadable files).
+    except SpoolCorruptError as e:
+        _err(f"spool: {e}; see docs/runbooks/MailrelaydSpoolDamaged.md")
+        return 1
+    except SpoolError as e:
+        _err(f"spool: {e}")
+        return 1
+    except sqlite3.Error as e:
+        _err(f"database error: {e}")
+        return 1
+    except OSError as e:
+        _err(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
         return 1
     except Exception as e:
         from mailrelayd.feedback.store import StoreUnavailableError

@@ -12,6 +12,7 @@ default and a docstring comment; nothing else has to change.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -50,6 +51,19 @@ class _Path:
 Duration = Annotated[float, _Duration]
 Size = Annotated[int, _Size]
 ConfPath = Annotated[Path, _Path]
+
+
+class _Domain:
+    """Marker: a domain name normalised on load by :func:`normalize_domain` (``"*"`` allowed
+    where ``wildcard`` is set)."""
+
+    def __init__(self, wildcard: bool = False) -> None:
+        self.wildcard = wildcard
+
+
+Domain = Annotated[str, _Domain()]
+"""A domain as the rest of the code compares it: lower case, IDNA (A-labels), no trailing dot."""
+DomainOrWildcard = Annotated[str, _Domain(wildcard=True)]
 
 
 @dataclass(frozen=True)
@@ -149,15 +163,49 @@ def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
 
 
 def normalize_domain(value: str) -> str:
-    """Lowercase, strip a trailing dot, IDNA-encode; raise ValueError if not a valid domain."""
-    d = value.strip().rstrip(".").lower()
-    try:
-        d = d.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError(f"bad domain {value!r}") from None
+    """The one normal form of a domain name, used for config values (routes, local domains, DKIM,
+    shaping) and SMTP envelope domains alike: lower case, IDNA-encoded (A-labels, RFC 5890), and
+    without the root's trailing dot (``"Partner.Example."`` -> ``"partner.example"``).
+    Raises ValueError if it is not a valid host name."""
+    d = value.strip()
+    if d.endswith(".") and not d.endswith(".."):
+        d = d[:-1]  # one trailing dot is the DNS root; "a.." is malformed
+    d = d.lower()
+    if not d.isascii():
+        try:
+            d = d.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f"bad domain {value!r}") from None
     if not _DOMAIN_RE.match(d):
         raise ValueError(f"bad domain {value!r}")
     return d
+
+
+@dataclass(frozen=True)
+class LocalDomains:
+    """The domains whose mail we process ourselves (``relay.local_domains`` plus
+    ``feedback.bounce_domain``), normalised. One object per config (``Config.local_domains``),
+    shared by SMTP policy (accept from anyone) and the scheduler (hand to the feedback pipeline
+    instead of the outbound transport), so the two can never disagree."""
+
+    domains: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> LocalDomains:
+        local = set(cfg.relay.local_domains)
+        if cfg.feedback.bounce_domain:
+            local.add(cfg.feedback.bounce_domain)
+        return cls(frozenset(local))
+
+    def __contains__(self, domain: object) -> bool:
+        # Callers pass domains already normalised where they entered (SMTP command, spool record).
+        return domain in self.domains
+
+    def __iter__(self) -> typing.Iterator[str]:
+        return iter(sorted(self.domains))
+
+    def __len__(self) -> int:
+        return len(self.domains)
 
 
 # --- the schema -------------------------------------------------------------------------
@@ -212,7 +260,7 @@ class AuthConfig:
 
 @dataclass(frozen=True)
 class RelayConfig:
-    local_domains: list[str] = field(default_factory=list)
+    local_domains: list[Domain] = field(default_factory=list)
     trusted_networks: list[Network] = field(default_factory=list)
 
 
@@ -236,7 +284,7 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class DkimConfig:
-    domain: str
+    domain: Domain
     selector: str
     key_file: ConfPath
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
@@ -298,7 +346,7 @@ class DnsConfig:
 
 @dataclass(frozen=True)
 class RouteConfig:
-    domain: str
+    domain: DomainOrWildcard
     """Recipient domain this route applies to, or "*" for every domain (smarthost)."""
     host: Annotated[HostPort, _DefaultPort(25)]
     tls: Literal["may", "require", "verify", "none"] = "may"
@@ -309,7 +357,7 @@ class RouteConfig:
 
 @dataclass(frozen=True)
 class FeedbackConfig:
-    bounce_domain: str | None = None
+    bounce_domain: Domain | None = None
     """VERP return-path domain; its mail (bounces, complaints) is parsed into the suppression list."""
     verp_secret: str | None = None
     verp_secret_file: ConfPath | None = None
@@ -447,8 +495,14 @@ class Config:
         secrets.extend(fb.verp_previous_secrets)
         return [s.encode() for s in secrets]
 
+    @functools.cached_property
+    def local_domains(self) -> LocalDomains:
+        """Our own domains, built once per loaded config and shared by policy and scheduler."""
+        return LocalDomains.from_config(self)
+
     def route_for(self, domain: str) -> RouteConfig | None:
-        """The route for a recipient domain: exact match, then parent domains, then "*"."""
+        """The route for a recipient domain: exact match, then parent domains, then "*".
+        Route domains are normalised on load (see :data:`Domain`)."""
         by_domain = {r.domain: r for r in self.routes}
         d = domain.lower().rstrip(".")
         while d:
@@ -496,6 +550,15 @@ class _Loader:
                 return parse_duration(value)
             if marker is _Size:
                 return parse_size(value)
+            if isinstance(marker, _Domain):
+                if not isinstance(value, str):
+                    raise ValueError(f"must be a domain name string, not {_tname(value)}")
+                if marker.wildcard and value.strip() == "*":
+                    return "*"
+                try:
+                    return normalize_domain(value)
+                except ValueError:
+                    raise ValueError(f"{value!r} is not a valid domain name") from None
             if origin in (typing.Union, types.UnionType):
                 args = [a for a in get_args(tp) if a is not type(None)]
                 if tp == Network or set(args) == {ipaddress.IPv4Network, ipaddress.IPv6Network}:

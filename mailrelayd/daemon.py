@@ -26,10 +26,10 @@ from mailrelayd import __version__, history, metrics
 from mailrelayd.config import Config, ConfigError, load_config
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxResolver
-from mailrelayd.delivery.scheduler import Hooks, Scheduler
+from mailrelayd.delivery.scheduler import RUNBOOK_SPOOL, Hooks, Scheduler
 from mailrelayd.delivery.transport import Transport
 from mailrelayd.dkim import DkimKeyError, DkimKeySpec, DkimSigner, LoadedKey, load_keys
-from mailrelayd.errors import DkimSignError
+from mailrelayd.errors import DkimSignError, SpoolCorruptError, SpoolError
 from mailrelayd.feedback.processor import FeedbackProcessor
 from mailrelayd.feedback.store import StoreUnavailableError, open_store
 from mailrelayd.feedback.verp import make_return_path
@@ -42,7 +42,7 @@ from mailrelayd.smtp.auth import Authenticator, AuthThrottle
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
-from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
+from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool, check_database
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
 from mailrelayd.users import User, UsersFileError, load_users
@@ -194,13 +194,15 @@ class Daemon:
                                       throttle=self.throttle, signer=signer, spool=self.spool,
                                       on_accepted=self._accepted,
                                       intake=self.make_intake(cfg, policy.check_headers, signer))
-        local = {d.lower() for d in cfg.relay.local_domains}
-        if cfg.feedback.bounce_domain:
-            local.add(cfg.feedback.bounce_domain.lower())
-        self._local_domains = frozenset(local)
+        # One normalised set of our own domains, shared with every listener's Policy above.
+        self._local_domains = cfg.local_domains
         self.rate_limiter.forget(set(rt.users))
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
+        metrics.init_known_labels(  # every family exported from the first scrape (see metrics.py)
+            listeners=[lst.name for lst in cfg.listeners], sender_domains=sorted({d.domain for d in cfg.dkim}),
+            destination_domains=sorted({r.domain for r in cfg.routes if r.domain != "*"}),
+            dkim_keys=[(d.domain, d.algorithm) for d in cfg.dkim])
         if rt.cert_info is not None:
             metrics.TLS_CERT_NOT_AFTER.set(rt.cert_info.not_after)
 
@@ -253,7 +255,20 @@ class Daemon:
         except SpoolLockedError as e:
             raise SetupError(f"server.spool_dir: {e}") from None
         self.spool = Spool(cfg.server.spool_dir, min_free_space=cfg.server.min_free_space)
-        await self.spool.open()
+        try:
+            # Both databases pass PRAGMA quick_check before anything is accepted or delivered:
+            # a damaged spool would otherwise re-deliver everything it cannot mark delivered.
+            await self.spool.open()
+            await asyncio.to_thread(check_database, cfg.server.state_dir / "suppressions.db")
+        except SpoolCorruptError as e:
+            await self.spool.close()
+            self._spool_lock.release()
+            raise SetupError(f"{e}: refusing to start; restore the last backup (mailrelayd restore) or "
+                             f"salvage it, see {RUNBOOK_SPOOL}") from None
+        except SpoolError as e:
+            await self.spool.close()
+            self._spool_lock.release()
+            raise SetupError(f"server.spool_dir: {e}") from None
         try:
             self.suppressions = await asyncio.to_thread(open_store, cfg.feedback, cfg.server.state_dir, daemon=True)
         except (OSError, UnicodeDecodeError, RuntimeError) as e:
@@ -405,16 +420,22 @@ class Daemon:
             n = len(self.rt.dkim_keys)
             checks["dkim"] = "ok" if n == len(self.cfg.dkim) else f"fail: {n} of {len(self.cfg.dkim)} keys loaded"
         checks["scheduler"] = "ok" if self.scheduler.loaded else "fail: queue not loaded yet"
+        checks["spool_integrity"] = "ok" if self.spool.corrupt is None else \
+            f"fail: {self.spool.corrupt}; see {RUNBOOK_SPOOL}"
+        halted = self.scheduler.halted or \
+            ("the spool is damaged; deliveries are stopped" if self.spool.corrupt is not None else None)
+        checks["delivery"] = "ok" if halted is None else f"fail: {halted}"
         # A shared store that is unreachable degrades the node but never makes it unready: every
         # node would fail together, and the last known list still protects every recipient.
         st = self.suppressions.status()
-        checks["suppression_store"] = "ok" if st.up else f"degraded: {st.detail}"
+        if st.backend != "sqlite":  # a local file has nothing to report here
+            checks["suppression_store"] = "ok" if st.up else f"degraded: {st.detail}"
         metrics.SUPPRESSION_STORE_UP.set(1 if st.up else 0)
         metrics.SUPPRESSION_OUTBOX.set(st.outbox)
         ok = all(not v.startswith("fail") for v in checks.values())
         metrics.READY.set(1 if ok else 0)
         for k, v in checks.items():
-            metrics.READY_CHECK.labels(k).set(1 if v == "ok" else 0)
+            metrics.READY_CHECK.labels(k).set(0 if v.startswith("fail") else 1)  # degraded is not failing
         return checks
 
     async def _update_gauges(self) -> None:

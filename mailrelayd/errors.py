@@ -49,6 +49,18 @@ class SpoolWriteError(SpoolError):
     """An I/O error while writing the spool."""
 
 
+class SpoolCorruptError(SpoolError):
+    """The spool database is damaged (SQLite ``SQLITE_CORRUPT``/``SQLITE_NOTADB``, or a failed
+    ``PRAGMA quick_check``). Nothing more is written to it; the operator restores or salvages it
+    (docs/runbooks/MailrelaydSpoolDamaged.md)."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        detail = " ".join(detail.split())  # one line, whatever SQLite said
+        super().__init__(f"{path}: database is damaged ({detail})")
+        self.path = path
+        self.detail = detail
+
+
 class DkimSignError(Exception):
     """Signing failed for a message whose domain has a key."""
 

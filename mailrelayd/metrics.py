@@ -7,8 +7,12 @@ from the config, domains go through :class:`BoundedLabel`.
 
 from __future__ import annotations
 
+import itertools
 import platform
 import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info
 
@@ -244,3 +248,109 @@ MAILDROP_MESSAGES = Counter(
     "Messages picked up from the sendmail maildrop directory, by result (queued, failed: kept in maildrop/failed).",
     ["result"],
 )
+
+
+# --- label values known at start -----------------------------------------------------------
+# A labelled family has no series until its first ``labels(...)`` call, so a fresh scrape lacks
+# it: dashboards show "No data" and ``rate()``-based alerts have nothing to evaluate. Every
+# labelled family therefore declares the label values it can have, and ``init_known_labels()``
+# (called by the daemon at start and on every reload) creates each combination at zero.
+#
+# How to declare (next to the metric's definition, or here):
+#
+#     declare_labels(MY_COUNTER, listener=LISTENERS, result=("ok", "error"))
+#
+# Each label of the family gets either a tuple of fixed values or a :class:`Dimension` whose
+# values come from the config (listener names, configured domains); every combination is
+# created. Families whose combinations are not a cross product (a DKIM key's domain goes with its
+# algorithm) use ``declare_label_sets(METRIC, fn)`` with ``fn(dimensions) -> [{label: value}]``.
+# tests/test_prometheus_e2e.py checks every alert expression and dashboard query against a real
+# Prometheus, so a family left undeclared shows up there.
+
+@dataclass(frozen=True)
+class Dimension:
+    """A label whose known values are supplied at :func:`init_known_labels` time."""
+
+    name: str
+
+
+LISTENERS = Dimension("listeners")
+"""Names of the configured listeners."""
+SENDER_DOMAINS = Dimension("sender_domains")
+"""Configured sending (DKIM) domains, plus "other" and "none" (see :class:`BoundedLabel`)."""
+DESTINATION_DOMAINS = Dimension("destination_domains")
+"""Route domains plus "other"."""
+DKIM_KEYS = Dimension("dkim_keys")
+"""(domain, algorithm) of each configured key, as "domain algorithm" strings."""
+
+LabelSpec = tuple[str, ...] | Dimension
+_DECLARED: list[tuple[Any, dict[str, LabelSpec]]] = []
+_DECLARED_SETS: list[tuple[Any, Callable[[Mapping[str, Sequence[str]]], Iterable[Mapping[str, str]]]]] = []
+
+
+def declare_labels(metric: Any, **labels: LabelSpec) -> None:
+    """Declare the known values of every label of ``metric`` (see the comment above)."""
+    _DECLARED.append((metric, labels))
+
+
+def declare_label_sets(metric: Any, fn: Callable[[Mapping[str, Sequence[str]]], Iterable[Mapping[str, str]]]
+                       ) -> None:
+    """Declare explicit label sets, computed from the dimensions at init time."""
+    _DECLARED_SETS.append((metric, fn))
+
+
+def init_known_labels(*, listeners: Iterable[str] = (), sender_domains: Iterable[str] = (),
+                      destination_domains: Iterable[str] = (), dkim_keys: Iterable[tuple[str, str]] = ()
+                      ) -> int:
+    """Create every declared label combination (at zero; existing series keep their values).
+    Returns how many combinations were touched."""
+    dims: dict[str, Sequence[str]] = {
+        LISTENERS.name: tuple(dict.fromkeys(listeners)),
+        SENDER_DOMAINS.name: tuple(dict.fromkeys([*sender_domains, BoundedLabel.OTHER, "none"])),
+        DESTINATION_DOMAINS.name: tuple(dict.fromkeys([*destination_domains, BoundedLabel.OTHER])),
+        DKIM_KEYS.name: tuple(f"{d} {a}" for d, a in dict.fromkeys(dkim_keys)),
+    }
+    n = 0
+    for metric, spec in _DECLARED:
+        names = list(spec)
+        axes = [dims[v.name] if isinstance(v, Dimension) else v for v in spec.values()]
+        for combo in itertools.product(*axes):
+            metric.labels(**dict(zip(names, combo, strict=True)))
+            n += 1
+    for metric, fn in _DECLARED_SETS:
+        for labels in fn(dims):
+            metric.labels(**labels)
+            n += 1
+    return n
+
+
+_REPLY_COMMANDS = ("CONNECT", "HELO", "EHLO", "STARTTLS", "AUTH", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT")
+_REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+
+# READY_CHECK is not declared: a check that does not apply (dkim without keys) must not read as failing;
+# the daemon sets every applicable check before it serves /metrics.
+declare_labels(CONNECTIONS, listener=LISTENERS,
+               result=("accepted", "rejected_limit", "rejected_per_ip", "draining", "pregreet"))
+for _m in (CONNECTIONS_ACTIVE, MESSAGES_RECEIVED, RECIPIENTS_RECEIVED, MESSAGE_SIZE, AUTH_FAILURES, AUTH_THROTTLED,
+           TLS_HANDSHAKE_FAILURES, ACCEPT_DURATION):
+    declare_labels(_m, listener=LISTENERS)
+declare_labels(SMTP_REPLIES, listener=LISTENERS, command=_REPLY_COMMANDS, **{"class": _REPLY_CLASSES})
+declare_labels(AUTH_ATTEMPTS, listener=LISTENERS, result=("success", "failure"))
+declare_labels(QUEUE_RECIPIENTS, state=("pending", "inflight", "deferred"))
+declare_labels(DELIVERY_ATTEMPTS, result=("delivered", "deferred", "bounced", "expired", "suppressed"),
+               domain=DESTINATION_DOMAINS)
+declare_labels(DELIVERY_DURATION, result=("delivered", "deferred", "bounced", "mixed"))
+declare_labels(DELIVERY_LATENCY, result=("delivered", "bounced", "expired", "suppressed"))
+declare_labels(SENT_RECIPIENTS, sender_domain=SENDER_DOMAINS,
+               result=("delivered", "bounced", "expired", "suppressed"))
+declare_labels(DELIVERY_CONNECTIONS, result=("ok", "refused", "refused_greeting", "timeout", "tls_failed"))
+declare_labels(OUTBOUND_TLS, tls=("starttls", "plaintext", "verified"))
+declare_labels(DNS_FAILURES, type=("MX", "A", "AAAA"), reason=("nxdomain", "servfail", "timeout", "nodata", "error"))
+declare_labels(DSN_SENT, action=("failed", "delayed"))
+declare_label_sets(DKIM_SIGNATURES, lambda dims: [
+    {"domain": key.split(" ")[0], "algorithm": key.split(" ")[1], "result": result}
+    for key in dims[DKIM_KEYS.name] for result in ("ok", "error")])
+declare_labels(FEEDBACK_RECEIVED, sender_domain=SENDER_DOMAINS,
+               kind=("hard_bounce", "soft_bounce", "complaint", "not_feedback", "unparsable"))
+declare_labels(SUPPRESSIONS, kind=("hard_bounce", "soft_bounce", "complaint", "manual"))
+declare_labels(SUPPRESSED_REJECTIONS, stage=("rcpt", "delivery"))

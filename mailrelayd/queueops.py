@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from mailrelayd.delivery.scheduler import Scheduler
+from mailrelayd.errors import SpoolError
 from mailrelayd.spool.queueid import is_queue_id
 from mailrelayd.spool.store import MessageRecord, Spool
 
@@ -74,7 +75,14 @@ class QueueOps:
 
     async def handle(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """The admin API: ``GET queue``, ``GET queue/ID``, ``POST queue/flush``,
-        ``POST queue/ID/flush|delete|bounce``."""
+        ``POST queue/ID/flush|delete|bounce``. A spool that cannot be read or written (disk full,
+        damaged) is a 503 with the reason, for the CLI to print."""
+        try:
+            return await self._handle(method, path, body)
+        except SpoolError as e:
+            return 503, {"error": f"spool: {e}"}
+
+    async def _handle(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         parts = [p for p in path.split("/") if p]
         if not parts or parts[0] != "queue":
             return 404, {"error": "unknown endpoint"}

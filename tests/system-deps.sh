@@ -3,7 +3,8 @@
 #
 #   apt (Debian):  swaks, libnet-ssleay-perl  (swaks --tls, as in the dev set-up's hints)
 #                  libmail-dkim-perl          (Perl Mail::DKIM: independent DKIM verifier)
-#                  prometheus                 (promtool: docs/alerts.yml checks and rule unit tests)
+#                  prometheus                 (promtool: docs/alerts.yml checks and rule unit tests;
+#                                              the server: tests/test_prometheus_e2e.py)
 #                  nodejs [+ npm]             (only when `node` is missing altogether)
 #                  postgresql                 (a throwaway cluster for the shared-store tests;
 #                                              tests/support/pg.py installs it too when missing)
@@ -35,7 +36,7 @@ missing=()
 have swaks || missing+=(swaks)
 perl_has Net::SSLeay || missing+=(libnet-ssleay-perl)
 perl_has Mail::DKIM::Verifier Net::DNS::Resolver JSON::PP || missing+=(libmail-dkim-perl)
-have promtool || missing+=(prometheus)
+have promtool && have prometheus || missing+=(prometheus)
 have node || missing+=(nodejs)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 have haproxy || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)

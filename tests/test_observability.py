@@ -187,7 +187,8 @@ def test_sidecar_health_ready_and_metrics_after_traffic(tmp_path: Path, tls_file
         assert isinstance(health["uptime_s"], int | float) and health["uptime_s"] >= 0
         status, ready = _get(d.http_port, "/ready")
         assert status == 200 and ready["status"] == "ok", ready
-        assert ready["checks"] == {"listeners": "ok", "spool": "ok", "tls": "ok", "dkim": "ok", "scheduler": "ok"}
+        assert ready["checks"] == {"listeners": "ok", "spool": "ok", "tls": "ok", "dkim": "ok", "scheduler": "ok",
+                                 "spool_integrity": "ok", "delivery": "ok"}
 
         before = _scrape(d.http_port)
         assert "mailrelayd_build_info" in before or "mailrelayd_build" in before

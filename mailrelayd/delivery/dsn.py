@@ -68,6 +68,8 @@ class DsnRecipient:
     diagnostic: str
     remote_mta: str
     last_attempt: float
+    stage: str = ""
+    """The command the remote's reply answered (``"RCPT TO"``), for the human-readable part."""
 
 
 def build_dsn(
@@ -167,8 +169,11 @@ def _text_part(host: str, action: str, recipients: Sequence[DsnRecipient], *, wi
         address = _clean(r.address)
         diagnostic = _diagnostic(r.diagnostic)
         remote = _hostname(r.remote_mta)
-        if diagnostic and remote:
+        if diagnostic and remote and _SMTP_REPLY.match(diagnostic):
+            # Postfix's wording; the reply is quoted once (it is also the Diagnostic-Code).
             entry = f"<{address}>: host {remote} said: {diagnostic}"
+            if r.stage:
+                entry += f" (in reply to {_clean(r.stage)} command)"
         elif diagnostic:
             entry = f"<{address}>: {diagnostic}"
         else:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from mailrelayd import metrics
 from mailrelayd.config import Config
+from mailrelayd.errors import SpoolError
 from mailrelayd.log import get_logger
 from mailrelayd.spool.store import (
     BOUNCED,
@@ -55,6 +56,8 @@ class RcptOutcome(Protocol):
     enhanced: str
     text: str
     remote_mta: str
+    remote_reply: str
+    stage: str
 
     @property
     def ok(self) -> bool: ...
@@ -91,6 +94,22 @@ class FailedRecipient:
     diagnostic: str
     remote_mta: str
     last_attempt: float
+    stage: str = ""
+
+
+@dataclass(slots=True)
+class _Unrecorded:
+    """The outcome of an attempt that the spool refused to record (kept to retry the write)."""
+
+    msg: MessageRecord
+    updates: list[RecipientUpdate]
+    failed: list[FailedRecipient]
+    now: float
+    delayed: Sequence[FailedRecipient]
+    events: Sequence[Event] = ()
+
+
+RUNBOOK_SPOOL = "docs/runbooks/MailrelaydSpoolDamaged.md"
 
 
 class Hooks:
@@ -140,6 +159,11 @@ class Scheduler:
         self._body_cache_max = body_cache_bytes
         self._limit = asyncio.Semaphore(self._max_inflight(cfg))
         self.loaded = False
+        # Set when an attempt's outcome could not be written: no delivery starts until the spool
+        # takes the pending outcomes again (never retry into duplicates; promise 1).
+        self.halted: str | None = None
+        self._unrecorded: list[_Unrecorded] = []
+        self.record_retry_interval = 30.0
 
     @staticmethod
     def _max_inflight(cfg: Config) -> int:
@@ -174,6 +198,9 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        if self._unrecorded:
+            # Still active in the spool: delivered again after the restart (at least once).
+            log.error("delivery.unrecorded_at_stop", queue_ids=[u.msg.queue_id for u in self._unrecorded])
 
     # --- inputs -------------------------------------------------------------------------
     def submit(self, msg: NewMessage) -> None:
@@ -252,7 +279,13 @@ class Scheduler:
         while not self._stopping:
             now = self.clock()
             # Start everything that is due, up to the in-flight limit.
-            while self._heap and not self._stopping:
+            if self.halted is None and self.spool.corrupt is not None:
+                # Damage seen by any read or write: whatever we deliver now could not be recorded.
+                self.halted = f"the spool is damaged ({self.spool.corrupt}); deliveries are stopped"
+                log.error("delivery.halted", error=str(self.spool.corrupt), runbook=RUNBOOK_SPOOL)
+            if self.halted is not None:
+                await self._retry_unrecorded()
+            while self._heap and not self._stopping and self.halted is None:
                 due, qid = self._heap[0]
                 if self._scheduled.get(qid) != due:
                     heapq.heappop(self._heap)  # stale entry (rescheduled or forgotten)
@@ -270,7 +303,9 @@ class Scheduler:
                 t.add_done_callback(self._done)
             self._wake.clear()
             timeout: float | None = None
-            if self._heap and not self._limit.locked():
+            if self.halted is not None:
+                timeout = self.record_retry_interval
+            elif self._heap and not self._limit.locked():
                 timeout = max(0.0, min(self._heap[0][0] - self.clock(), 60.0))
             elif self._limit.locked():
                 timeout = 1.0
@@ -372,7 +407,7 @@ class Scheduler:
             elif res.permanent:
                 updates.append(RecipientUpdate(qid, r.index, BOUNCED, reply))
                 failed.append(FailedRecipient(r.address, res.enhanced or "5.0.0", _diagnostic(res),
-                                              res.remote_mta, now))
+                                              res.remote_mta, now, res.stage))
                 metrics.DELIVERY_ATTEMPTS.labels("bounced", dom).inc()
                 self.hooks.permanent_failure(msg, r, res)
             else:
@@ -382,9 +417,20 @@ class Scheduler:
         warn_after = self.cfg.delivery.delay_warning
         if warn_after > 0 and not msg.warned and not msg.is_dsn and msg.mail_from and \
                 now - msg.received_at >= warn_after:
-            delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now)
+            delayed = [FailedRecipient(r.address, res.enhanced or "4.0.0", _diagnostic(res), res.remote_mta, now,
+                                       res.stage)
                        for r, res in results if not res.ok and not res.permanent]
-        done = await self._record(msg, updates, failed, now, delayed=delayed, events=events)
+        try:
+            done = await self._record(msg, updates, failed, now, delayed=delayed, events=events)
+        except SpoolError as e:
+            # The remote may already have the message: retrying now would deliver it again and
+            # again (a damaged spool did: 3 copies in 140 s). Keep the outcome and stop delivering.
+            self._halt(_Unrecorded(msg, updates, failed, now, delayed, events), e)
+            return None
+        return self._next_due(qid, updates, done, now)
+
+    def _next_due(self, qid: str, updates: Sequence[RecipientUpdate], done: Sequence[str], now: float
+                  ) -> float | None:
         if qid in done:
             return None
         pending = [u.next_attempt for u in updates if u.state == DEFERRED]
@@ -392,6 +438,33 @@ class Scheduler:
             return min(pending)
         # Recipients we did not touch this round (none expected): look again later.
         return now + self.cfg.delivery.retry_initial
+
+    def _halt(self, item: _Unrecorded, err: SpoolError) -> None:
+        self._unrecorded.append(item)
+        if self.halted is None:
+            self.halted = f"the outcome of a delivery could not be recorded ({err}); deliveries are stopped"
+            log.error("delivery.halted", queue_id=item.msg.queue_id, error=str(err), runbook=RUNBOOK_SPOOL,
+                      retry_every=self.record_retry_interval)
+        else:
+            log.error("delivery.unrecorded", queue_id=item.msg.queue_id, error=str(err))
+        self._wake.set()
+
+    async def _retry_unrecorded(self) -> None:
+        """Try to write the outcomes the spool refused; resume deliveries once all are in."""
+        while self._unrecorded:
+            u = self._unrecorded[0]
+            try:
+                done = await self._record(u.msg, u.updates, u.failed, u.now, delayed=u.delayed, events=u.events)
+            except SpoolError:
+                return
+            self._unrecorded.pop(0)
+            nxt = self._next_due(u.msg.queue_id, u.updates, done, u.now)
+            if nxt is not None:
+                self._push(u.msg.queue_id, nxt)
+        if self._inflight or self.spool.corrupt is not None:
+            return  # an attempt still running may add its own outcome; a damaged spool needs a restore
+        log.info("delivery.resumed")
+        self.halted = None
 
     def _groups(self, msg: MessageRecord, rcpts: Sequence[RecipientRecord]) -> list[list[RecipientRecord]]:
         """One transaction per destination domain; one per recipient when VERP gives each
@@ -440,7 +513,10 @@ class Scheduler:
             new.append(("delayed", await self._dsn(msg, delayed, "delayed", now)))
         done = await self.spool.update(updates, [m for _, m in new], events)
         if delayed:
-            await self.spool.mark_warned(msg.queue_id)
+            try:
+                await self.spool.mark_warned(msg.queue_id)
+            except SpoolError as e:  # the outcome is recorded; at worst a second delay warning
+                log.error("spool.mark_warned_failed", queue_id=msg.queue_id, error=str(e))
         for action, m in new:
             metrics.DSN_SENT.labels(action).inc()
             self.submit(m)
@@ -465,7 +541,7 @@ class Scheduler:
         data = self.dsn_builder(
             reporting_mta=self.cfg.server.hostname, to=msg.mail_from, original=original, queue_id=msg.queue_id,
             arrival_date=msg.received_at, action=action, now=now,
-            recipients=[DsnRecipient(f.address, f.status, f.diagnostic, f.remote_mta, f.last_attempt)
+            recipients=[DsnRecipient(f.address, f.status, f.diagnostic, f.remote_mta, f.last_attempt, f.stage)
                         for f in failed],
         )
         qid = self.spool.new_queue_id()
@@ -492,18 +568,26 @@ class _Missing:
         self.enhanced = "4.3.0"
         self.text = "no result from transport"
         self.remote_mta = ""
+        self.remote_reply = ""
+        self.stage = ""
 
     ok = False
     permanent = False
 
 
 def _reply_text(res: RcptOutcome) -> str:
-    parts = [str(res.code) if res.code else "", res.enhanced, res.text]
-    return " ".join(p for p in parts if p)[:1000]
+    """The recipient's ``last_reply`` in the spool: the remote's reply verbatim when there was one
+    (it starts with the 3-digit code), otherwise our status and explanation (``"4.4.1 connect to
+    ...: timed out"``, no reply code), so an expiry DSN can tell the two apart."""
+    return _diagnostic(res)[:1000]
 
 
 def _diagnostic(res: RcptOutcome) -> str:
-    return f"{res.code} {res.enhanced} {res.text}".strip() if res.code else f"{res.enhanced} {res.text}".strip()
+    """What a DSN reports as the Diagnostic-Code: the remote's reply once, never wrapped in our
+    own text (which already names the host): ``550 5.1.1 <x@y>: no such user``."""
+    if res.remote_reply:
+        return res.remote_reply
+    return f"{res.enhanced} {res.text}".strip()
 
 
 def _status_of(reply: str) -> str:

@@ -41,7 +41,14 @@ class RcptResult:
     code: int
     enhanced: str
     text: str
+    """Our one-line account of what happened (never prefixed with the remote's name)."""
     remote_mta: str = ""
+    remote_reply: str = ""
+    """The remote's reply exactly as received, on one line (``"550 5.1.1 <x@y>: no such user"``);
+    empty when the outcome is our own (DNS, connect failure, timeout). It becomes the DSN's
+    ``Diagnostic-Code: smtp; ...`` (RFC 3464 §2.3.6)."""
+    stage: str = ""
+    """The command the reply answered (``"RCPT TO"``, ``"end of DATA"``...)."""
 
     @property
     def ok(self) -> bool:
@@ -71,9 +78,11 @@ def _one_line(text: str) -> str:
 class _TempFail(Exception):
     """This host could not take the message now; try the next one (code, enhanced, text)."""
 
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
+    def __init__(self, code: int, enhanced: str, text: str, mta: str = "", reply: str = "",
+                 stage: str = "") -> None:
         super().__init__(text)
         self.code, self.enhanced, self.text = code, enhanced, text
+        self.mta, self.reply, self.stage = mta, reply, stage  # the remote's own reply, if it gave one
 
 
 class _PermFail(_TempFail):
@@ -173,7 +182,7 @@ class Transport:
                     conn = await self._connect(key, hosts, route)
                 except _TempFail as e:
                     code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
-                    return [RcptResult(r, code, e.enhanced, e.text) for r in rcpts]
+                    return [RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage) for r in rcpts]
             results, reusable = await self._transaction(conn, mail_from, rcpts, data)
             if reusable and not self._closing and conn.used < self.cfg.delivery.max_messages_per_connection:
                 conn.idle_since = time.monotonic()
@@ -227,7 +236,7 @@ class Transport:
                             last = e2
         if isinstance(last, _PermFail) and not all_perm:
             # Some host might still take it later: a 5xx greeting from a backup MX is not final.
-            last = _TempFail(451, "4." + last.enhanced[2:], last.text)
+            last = _TempFail(451, "4." + last.enhanced[2:], last.text)  # our verdict: no remote reply kept
         raise last
 
     async def _open(self, key: str, host: MxHost, addr: str, route: RouteConfig | None, *,
@@ -246,7 +255,8 @@ class Transport:
                 metrics.DELIVERY_CONNECTIONS.labels("refused_greeting").inc()
                 enh, text = _enhanced(e.code, e.message)
                 cls = _PermFail if e.code >= 500 else _TempFail
-                raise cls(e.code, enh, f"host {where} refused to talk to me: {e.code} {enh} {text}") from None
+                reply = f"{e.code} {_one_line(e.message)}"
+                raise cls(e.code, enh, f"host {where} refused to talk to me: {reply}", host.name, reply) from None
             except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPTimeoutError, TimeoutError):
                 metrics.DELIVERY_CONNECTIONS.labels("timeout").inc()
                 raise _TempFail(451, "4.4.1", f"connect to {where}: timed out") from None
@@ -254,7 +264,7 @@ class Transport:
                 metrics.DELIVERY_CONNECTIONS.labels("refused").inc()
                 raise _TempFail(451, "4.4.1", f"connect to {where}: {_one_line(str(e))}") from None
 
-            await self._ehlo(smtp, where)
+            await self._ehlo(smtp, where, host.name)
             tls = False
             if tls_policy != "none" and not plaintext and smtp.supports_extension("starttls"):
                 ctx = self._ctx_verify if tls_policy == "verify" else self._ctx_may
@@ -265,7 +275,7 @@ class Transport:
                     raise _TempFail(451, "4.7.5", f"TLS with {where} failed: {_one_line(str(e))}") from None
                 tls = True
                 metrics.OUTBOUND_TLS.labels("verified" if tls_policy == "verify" else "starttls").inc()
-                await self._ehlo(smtp, where)  # RFC 3207 §4.2: forget what we knew, ask again
+                await self._ehlo(smtp, where, host.name)  # RFC 3207 §4.2: forget what we knew, ask again
             elif tls_policy in ("require", "verify"):
                 raise _TempFail(451, "4.7.5", f"TLS is required, but was not offered by host {where}")
             else:
@@ -288,7 +298,7 @@ class Transport:
         metrics.DELIVERY_CONNECTIONS.labels("ok").inc()
         return _Conn(smtp, host, addr, key, tls)
 
-    async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str) -> None:
+    async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str, mta: str) -> None:
         try:
             resp = await smtp.ehlo(timeout=self.cfg.delivery.greeting_timeout)
         except aiosmtplib.SMTPHeloError as e:
@@ -297,9 +307,11 @@ class Transport:
             raise _TempFail(451, "4.4.2", f"EHLO to {where}: {_one_line(str(e))}") from None
         if resp.code != 250:
             # RFC 5321 §4.1.4 allows falling back to HELO, but every MTA in use speaks ESMTP.
-            enh, text = _enhanced(resp.code, resp.message)
+            enh, _ = _enhanced(resp.code, resp.message)
             cls = _PermFail if resp.code >= 500 else _TempFail
-            raise cls(resp.code if resp.code >= 400 else 451, enh, f"EHLO rejected by {where}: {resp.code} {text}")
+            reply = f"{resp.code} {_one_line(resp.message)}"
+            raise cls(resp.code if resp.code >= 400 else 451, enh, f"EHLO rejected by {where}: {reply}", mta, reply,
+                      "EHLO")
 
     async def _quit(self, conn: _Conn) -> None:
         with contextlib.suppress(Exception):
@@ -339,6 +351,10 @@ class Transport:
         def finish(code: int, enhanced: str, text: str) -> list[RcptResult]:
             return [done.get(r) or RcptResult(r, code, enhanced, text, mta) for r in rcpts]
 
+        def finish_reply(resp: SMTPResponse, stage: str) -> list[RcptResult]:
+            """Every recipient not yet decided gets this reply of the remote's."""
+            return [done.get(r) or self._reply(r, resp, mta, stage) for r in rcpts]
+
         conn.used += 1
         utf8 = not (mail_from.isascii() and all(r.isascii() for r in rcpts))
         opts: list[bytes] = []
@@ -355,27 +371,23 @@ class Transport:
             resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode() + b">", *opts,
                                               timeout=d.mail_timeout)
             if resp.code != 250:
-                return finish(*self._reply(resp, mta, "MAIL FROM")), resp.code != 421
+                return finish_reply(resp, "MAIL FROM"), resp.code != 421
             accepted: list[str] = []
             for r in rcpts:
                 resp = await smtp.execute_command(b"RCPT", b"TO:<" + r.encode() + b">", timeout=d.rcpt_timeout)
                 if resp.code in (250, 251):
                     accepted.append(r)
                 elif resp.code == 421:
-                    return finish(*self._reply(resp, mta, "RCPT TO")), False
+                    return finish_reply(resp, "RCPT TO"), False
                 else:
-                    code, enh, text = self._reply(resp, mta, "RCPT TO")
-                    done[r] = RcptResult(r, code, enh, text, mta)
+                    done[r] = self._reply(r, resp, mta, "RCPT TO")
             if not accepted:
                 return finish(451, "4.3.0", "no recipient accepted"), True
             resp = await smtp.execute_command(b"DATA", timeout=d.data_init_timeout)
             if resp.code != 354:
-                return finish(*self._reply(resp, mta, "DATA")), resp.code != 421
+                return finish_reply(resp, "DATA"), resp.code != 421
             resp = await self._send_body(smtp, data)
-            code, enh, text = self._reply(resp, mta, "end of DATA")
-            for r in accepted:
-                done[r] = RcptResult(r, code, enh, text, mta)
-            return finish(code, enh, text), resp.code != 421
+            return finish_reply(resp, "end of DATA"), resp.code != 421
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()
             return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
@@ -415,7 +427,10 @@ class Transport:
             raise
 
     @staticmethod
-    def _reply(resp: SMTPResponse, mta: str, stage: str) -> tuple[int, str, str]:
+    def _reply(rcpt: str, resp: SMTPResponse, mta: str, stage: str) -> RcptResult:
+        """A recipient's result from a remote reply: the reply is kept verbatim (once), the text
+        says where it came from."""
         enh, _ = _enhanced(resp.code, resp.message)
         code = resp.code if 200 <= resp.code < 600 else 451
-        return code, enh, f"host {mta} said: {resp.code} {_one_line(resp.message)} (in reply to {stage})"
+        reply = f"{resp.code} {_one_line(resp.message)}".strip()
+        return RcptResult(rcpt, code, enh, f"host {mta} said: {reply} (in reply to {stage})", mta, reply, stage)

@@ -13,6 +13,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from mailrelayd.config import normalize_domain
+
 # RFC 5321 §4.5.3.1: local part 64 octets, domain 255, path 256 including the angle brackets.
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
@@ -116,7 +118,7 @@ def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False) -> tup
     if m is not None:
         local, domain, rest = m.groups()
         if len(local) <= MAX_LOCAL and len(domain) <= MAX_DOMAIN and ".." not in domain:
-            d = domain.lower().rstrip(".")
+            d = domain.lower().rstrip(".")  # = normalize_domain() for ASCII host names (hot path)
             if all(_LABEL.match(lbl) for lbl in d.split(".")):
                 return Mailbox(local, d), rest
     path, rest = split_path(arg)
@@ -159,18 +161,14 @@ def _parse_domain(domain: str, *, utf8: bool) -> tuple[str, bool]:
         except ValueError:
             raise AddressError("malformed address literal") from None
         return (f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"), True
-    d = domain.rstrip(".") if domain.endswith(".") and not domain.endswith("..") else domain
-    if not d.isascii():
-        if not utf8:
-            raise AddressError("non-ASCII domain without SMTPUTF8")
-        try:
-            d = d.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise AddressError("invalid internationalized domain") from None
-    d = d.lower()
+    if not domain.isascii() and not utf8:
+        raise AddressError("non-ASCII domain without SMTPUTF8")
+    if len(domain) > MAX_DOMAIN:
+        raise AddressError("domain too long")
+    try:
+        d = normalize_domain(domain)  # the same normal form as config values (routes, local domains)
+    except ValueError:
+        raise AddressError("invalid domain" if domain.isascii() else "invalid internationalized domain") from None
     if len(d) > MAX_DOMAIN:
         raise AddressError("domain too long")
-    labels = d.split(".")
-    if not all(_LABEL.match(lbl) for lbl in labels):
-        raise AddressError("invalid domain")
     return d, False

@@ -67,10 +67,7 @@ class Policy:
         self.listener = listener
         self.submission = listener.mode == "submission"
         self.auth_offered = self.submission or listener.auth
-        local = {d.lower().rstrip(".") for d in cfg.relay.local_domains}
-        if cfg.feedback.bounce_domain:
-            local.add(cfg.feedback.bounce_domain.lower().rstrip("."))
-        self.local_domains = frozenset(local)
+        self.local_domains = cfg.local_domains  # the same object the scheduler consults
         self._trusted: tuple[Network, ...] = tuple(cfg.relay.trusted_networks)
         self._is_suppressed = is_suppressed
 
