@@ -318,8 +318,9 @@ class PgClient:
                 except CONNECTION_ERRORS as e:
                     self._down(e)
                 except Exception as e:  # a hook's bug must not kill the supervisor
-                    log.exception("pg.connect_failed", store=self.settings.where, error=str(e))
                     self._down(e)
+                    with contextlib.suppress(Exception):  # nor a log stream that fails (closed stdout)
+                        log.exception("pg.connect_failed", store=self.settings.where, error=str(e))
                 finally:
                     self._attempted.set()
                 if not self.up:
@@ -340,7 +341,8 @@ class PgClient:
                 except PgUnavailable:
                     break
                 except Exception as e:
-                    log.exception("pg.poll_failed", store=self.settings.where, error=str(e))
+                    with contextlib.suppress(Exception):
+                        log.exception("pg.poll_failed", store=self.settings.where, error=str(e))
 
     def close(self) -> None:
         """Stop the supervisor, close the connections and the loop thread."""

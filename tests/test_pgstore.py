@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import tomli_w
 from mailrelayd.config import ConfigError, parse_config
 from mailrelayd.feedback.pgstore import Outbox, PostgresSuppressionStore
 from mailrelayd.feedback.store import SqliteSuppressionStore, StoreUnavailableError
+from mailrelayd.log import configure_logging
 from mailrelayd.pg import SCHEMA_VERSION, PgClient, PgSettings
 from mailrelayd.sharedlimits import SharedAuthThrottle
 from tests.conftest import mailrelayd_cmd
@@ -33,8 +35,19 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> float:
     return time.monotonic() - start
 
 
+@pytest.fixture(autouse=True)
+def _log_to_file(tmp_path: Path) -> Iterator[None]:
+    """The stores log from their own thread: into a file of this test, not into a capture stream an
+    earlier test may have left configured (and closed)."""
+    with open(tmp_path / "log.jsonl", "w") as f:
+        configure_logging("json", "info", stream=f)
+        yield
+        configure_logging("json", "info", stream=sys.__stderr__)
+
+
 @pytest.fixture
-def nodes(pg_url: str, pg_server: Any, tmp_path: Path) -> Iterator[Callable[..., PostgresSuppressionStore]]:
+def nodes(pg_url: str, pg_server: Any, tmp_path: Path, _log_to_file: None
+          ) -> Iterator[Callable[..., PostgresSuppressionStore]]:
     """``make(name, outbox=True, **kw)``: a store as one node (daemon mode: with an outbox) would open it."""
     made: list[PostgresSuppressionStore] = []
     password = pg_server.password_file(tmp_path)
