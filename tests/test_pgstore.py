@@ -313,3 +313,21 @@ async def test_rate_limiter_counts_across_nodes_with_a_sliding_window(nodes) -> 
     # Two windows later the slate is clean.
     now[0] += 7200
     assert (await lb.take("alice", rate)).allowed
+
+
+def test_password_from_pgpassfile(pg_url: str, pg_server, tmp_path: Path, monkeypatch) -> None:
+    from tests.support.pg import PASSWORD
+
+    host_port_db = pg_url.split("@", 1)[1]
+    host, port_db = host_port_db.split(":", 1)
+    port, db = port_db.split("/", 1)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"{host}:{port}:{db}:mailrelayd:{PASSWORD}\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    with PostgresSuppressionStore(PgClient(PgSettings(pg_url, None, timeout=3.0))) as store:
+        assert store.client.start(wait=10), store.client.last_error
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "missing"))
+    with PostgresSuppressionStore(PgClient(PgSettings(pg_url, None, timeout=3.0))) as store:
+        assert not store.client.start(wait=10)
+        assert PASSWORD not in store.client.last_error
