@@ -536,6 +536,93 @@ def cmd_suppress_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sendmail ---------------------------------------------------------------------------
+def _admin_post(sock_path: str, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
+    """POST to the admin socket. Raises OSError when it cannot be reached (or times out)."""
+    import http.client
+    import socket
+
+    class _Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(sock_path)
+            self.sock = s
+
+    conn = _Conn("localhost")
+    try:
+        conn.request("POST", "/" + path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+    except (http.client.HTTPException, ValueError) as e:
+        raise OSError(f"bad answer from the daemon: {e}") from None
+    finally:
+        conn.close()
+
+
+def cmd_sendmail(argv: Sequence[str]) -> int:
+    """sendmail(1) compatible submission. Exit codes from sysexits.h: 0 once the message is durable
+    (in the spool, or in the maildrop while the daemon is down), 75 when it cannot be queued now."""
+    import base64
+    import getpass
+
+    from mailrelayd import sendmail as sm
+    from mailrelayd.config import ConfigError, load_config
+
+    def fail(code: int, msg: str) -> int:
+        print(f"sendmail: {msg}", file=sys.stderr)
+        return code
+
+    try:
+        args = sm.parse_args(argv)
+    except sm.UsageError as e:
+        return fail(sm.EX_USAGE, str(e))
+    raw = sys.stdin.buffer.read()
+    data = sm.read_message(raw, args.dot_ends)
+    path = Path(args.config or os.environ.get("MAILRELAYD_CONFIG") or DEFAULT_CONFIG)
+    try:
+        cfg = load_config(path)
+    except ConfigError as e:
+        return fail(sm.EX_TEMPFAIL, f"cannot read the mailrelayd config, message not sent: {e}")
+    try:
+        login = getpass.getuser()
+    except (KeyError, OSError):
+        login = str(os.getuid())
+    request = {**args.request(data, login), "data": base64.b64encode(data).decode()}
+    try:
+        status, result = _admin_post(str(cfg.admin_socket), "sendmail", request, timeout=120)
+    except OSError as e:
+        reason = f"daemon not reachable at {cfg.admin_socket} ({type(e).__name__})"
+    else:
+        if status == 200:
+            for r in result.get("refused") or []:
+                print(f"sendmail: {r['recipient']}: {r['code']} {r['enhanced']} {r['message']}", file=sys.stderr)
+            return 0
+        if not isinstance(result, dict):
+            return fail(sm.EX_TEMPFAIL, f"unexpected answer from the daemon (HTTP {status}), message not sent")
+        return fail(int(result.get("exit", sm.EX_TEMPFAIL)), f"{result.get('error', status)} (message not sent)")
+    # No daemon: check what can be checked here, then leave it in the maildrop (picked up on start).
+    from mailrelayd.maildrop import ensure_dir, write_drop
+
+    domain = cfg.sendmail.domain or cfg.server.hostname
+    try:
+        sm.prepare(data, recipients=args.recipients, extract=args.extract, sender=args.sender,
+                   full_name=args.full_name, domain=domain, default_sender=cfg.sendmail.default_from,
+                   fallback_sender=f"{login}@{domain}")
+    except sm.PrepareError as e:
+        return fail(e.exit_code, str(e))
+    try:
+        if not cfg.maildrop_dir.is_dir():  # first use before the daemon ever ran (root, or its group)
+            ensure_dir(cfg.maildrop_dir)
+        where = write_drop(cfg.maildrop_dir, request)
+    except OSError as e:
+        return fail(sm.EX_TEMPFAIL, f"{reason}, and cannot write to the maildrop {cfg.maildrop_dir}: "
+                    f"{e.strerror or e}; message not sent")
+    print(f"sendmail: {reason}; message left in {where.parent} for delivery when the daemon starts",
+          file=sys.stderr)
+    return 0
+
+
 # --- history ----------------------------------------------------------------------------
 async def _history_offline(cfg: Any, query: dict[str, Any]) -> tuple[int, Any]:
     from mailrelayd import history
@@ -654,6 +741,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(args)
 
 
+# --- tlsrpt -----------------------------------------------------------------------------
+def cmd_tlsrpt_show(args: argparse.Namespace) -> int:
+    """The TLS-RPT reports (RFC 8460) the daemon would send: every recorded day not sent yet."""
+    from mailrelayd.delivery import tlsrpt
+
+    cfg = _load(args)
+    org, contact, submitter = tlsrpt.report_identity(cfg)
+    directory = cfg.server.state_dir / "tlsrpt"
+    out = []
+    for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+        day = path.stem
+        reports = tlsrpt.build_reports(tlsrpt.load_day(path) or [], day, organization=org, contact=contact,
+                                       submitter=submitter)
+        out.extend({"day": day, "policy-domain": d, "filename": tlsrpt.report_filename(submitter, d, day),
+                    "report": r} for d, r in reports.items())
+    if args.json:
+        print(json.dumps({"enabled": cfg.tls_rpt.enabled, "reports": out}, indent=2))
+        return 0
+    if not cfg.tls_rpt.enabled:
+        print("[tls_rpt] enabled = false: nothing is recorded or sent")
+    for item in out:
+        for pol in item["report"]["policies"]:
+            s = pol["summary"]
+            print(f"{item['day']}  {item['policy-domain']:<30} {pol['policy']['policy-type']:<16} "
+                  f"ok {s['total-successful-session-count']:<6} failed {s['total-failure-session-count']}")
+            for f in pol.get("failure-details", []):
+                print(f"    {f['result-type']:<26} {f.get('receiving-mx-hostname', '-')} {f['failed-session-count']}")
+    return 0
+
+
 # --- parser -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mailrelayd", description="SMTP relay daemon: submission, DKIM signing, "
@@ -755,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "[feedback] store_password_file, then PGPASSFILE / ~/.pgpass)")
     s.set_defaults(func=cmd_suppress_migrate)
 
+    s = sub.add_parser("sendmail", help="sendmail(1)-compatible submission (also as a symlink named sendmail): "
+                       "-t -i -oi -f ADDR -F NAME [--] RECIPIENT...", add_help=False)
+    s.set_defaults(func=lambda a: 2)  # handled in main() before argparse: sendmail flags are not GNU-style
     s = sub.add_parser("history", parents=[common], help="what happened to a message: one line per recipient")
     s.add_argument("--message-id", help="the Message-ID header value (angle brackets optional)")
     s.add_argument("--rcpt", help="recipient address")
@@ -786,10 +906,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ip", help="this relay's public IP, to check SPF allows it")
     s.add_argument("--format", choices=("text", "json"), default="text")
     s.set_defaults(func=cmd_doctor)
+
+    t = sub.add_parser("tlsrpt", help="SMTP TLS reports (RFC 8460)").add_subparsers(dest="sub", required=True)
+    s = t.add_parser("show", parents=[common], help="the reports that would be sent (days recorded, not yet sent)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_tlsrpt_show)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+        if Path(sys.argv[0]).name == "sendmail":  # /usr/sbin/sendmail -> mailrelayd
+            return cmd_sendmail(argv)
+    if argv and argv[0] == "sendmail":
+        return cmd_sendmail(argv[1:])
     args = build_parser().parse_args(argv)
     import sqlite3
 

@@ -237,6 +237,12 @@ class ListenerConfig:
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     auth: bool = False
     """Relay listeners only: also offer AUTH (after TLS); authenticated clients may relay."""
+    proxy_protocol: bool = False
+    """Expect a PROXY protocol v1 or v2 header first on every connection (HAProxy, cloud TCP load
+    balancers): the address in it is the client for policy, limits, logs and Received. A connection
+    without a valid header is closed."""
+    proxy_networks: list[Network] = field(default_factory=list)
+    """With proxy_protocol: the proxies' own addresses; connections from elsewhere are closed (empty: any)."""
 
 
 @dataclass(frozen=True)
@@ -280,6 +286,11 @@ class LimitsConfig:
     max_connections_per_ip: int = 50
     max_errors: int = 10
     """Error replies in one session before it is closed with 421."""
+    max_data_memory: Size = 256 * 1024**2
+    """Message bytes held in memory across all connections (DATA being read or committed); past it, a
+    new DATA is answered 451 4.3.2 until some is freed."""
+    proxy_header_timeout: Duration = 10.0
+    """How long a proxy_protocol listener waits for the PROXY header before closing the connection."""
 
 
 @dataclass(frozen=True)
@@ -325,9 +336,14 @@ class DeliveryConfig:
     """Lifetime of our own DSNs (null sender) in the queue."""
     delay_warning: Duration = 0.0
     """Send a 'delayed' DSN once a recipient has been deferred this long; 0 = never."""
-    tls: Literal["may", "none"] = "may"
+    tls: Literal["none", "may", "encrypt", "verify", "dane", "dane-only"] = "may"
+    """Postfix's smtp_tls_security_level for MX delivery (routes have their own ``tls``)."""
     tls_fallback_plaintext: bool = False
     """After a failed STARTTLS handshake, retry the same host in plaintext (opportunistic TLS only)."""
+    mta_sts: bool = True
+    """Honour recipient domains' MTA-STS policies (RFC 8461); cache in <state_dir>/mta-sts.json."""
+    ca_file: ConfPath | None = None
+    """Trust store (PEM) for tls = "verify" and MTA-STS; default: the system store."""
     connect_timeout: Duration = 30.0
     greeting_timeout: Duration = 300.0
     mail_timeout: Duration = 300.0
@@ -349,10 +365,15 @@ class RouteConfig:
     domain: DomainOrWildcard
     """Recipient domain this route applies to, or "*" for every domain (smarthost)."""
     host: Annotated[HostPort, _DefaultPort(25)]
-    tls: Literal["may", "require", "verify", "none"] = "may"
+    tls: Literal["none", "may", "encrypt", "verify", "dane", "dane-only", "require"] = "may"
+    """Postfix levels as in [delivery] tls; "require" (older name) is an alias of "encrypt"."""
     username: str | None = None
     password: str | None = None
     password_file: ConfPath | None = None
+
+    def __post_init__(self) -> None:
+        if self.tls == "require":  # normalised once, at load: the rest of the code sees "encrypt"
+            object.__setattr__(self, "tls", "encrypt")
 
 
 @dataclass(frozen=True)
@@ -383,6 +404,18 @@ class FeedbackConfig:
     """How often each node checks the shared store's generation (fallback for LISTEN/NOTIFY) and health."""
     store_connect_timeout: Duration = 5.0
     """Connect/query timeout for PostgreSQL; past it the node runs degraded on its last known list."""
+
+
+@dataclass(frozen=True)
+class TlsRptConfig:
+    """SMTP TLS Reporting (RFC 8460) of our outbound TLS results to recipient domains."""
+
+    enabled: bool = False
+    reporting_domain: str | None = None
+    """The submitter named in reports (default: server.hostname)."""
+    organization_name: str | None = None
+    contact_info: str | None = None
+    """Default: mailto:postmaster@<reporting_domain>."""
 
 
 @dataclass(frozen=True)
@@ -465,6 +498,7 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    tls_rpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     source: Path = field(default=Path("mailrelayd.toml"), metadata={"internal": True})
 
     @property
@@ -689,6 +723,11 @@ def _validate(cfg: Config, ld: _Loader) -> None:
                 raise ld.err("auth.users_file", f"required by submission listener {lst.name!r}")
         if lst.auth and lst.mode == "relay" and lst.tls == "none":
             raise ld.err(f"{key}.auth", "AUTH on a relay listener needs TLS (starttls or implicit)")
+        if lst.proxy_protocol and lst.tls == "implicit":
+            raise ld.err(f"{key}.proxy_protocol", "not supported with tls = \"implicit\": terminate TLS at "
+                         "the proxy, or use a STARTTLS listener behind it")
+        if lst.proxy_networks and not lst.proxy_protocol:
+            raise ld.err(f"{key}.proxy_networks", "only meaningful with proxy_protocol = true")
         if lst.auth and cfg.auth.users_file is None:
             raise ld.err("auth.users_file", f"required by listener {lst.name!r} (auth = true)")
     if need_tls:
@@ -710,7 +749,9 @@ def _validate(cfg: Config, ld: _Loader) -> None:
     for k in ("max_connections", "max_connections_per_ip", "max_errors"):
         if getattr(lim, k) < 1:
             raise ld.err(f"limits.{k}", "must be at least 1")
-    for k in ("command_timeout", "data_timeout", "tls_handshake_timeout"):
+    if lim.max_data_memory < lim.max_message_size:
+        raise ld.err("limits.max_data_memory", "must be at least limits.max_message_size")
+    for k in ("command_timeout", "data_timeout", "tls_handshake_timeout", "proxy_header_timeout"):
         if getattr(lim, k) <= 0:
             raise ld.err(f"limits.{k}", "must be greater than 0")
     seen_keys: set[tuple[str, str]] = set()
@@ -754,11 +795,15 @@ def _validate(cfg: Config, ld: _Loader) -> None:
             raise ld.err(f"routes[{i}].username", "required when a password is set")
         if r.username is not None and r.password is None and r.password_file is None:
             raise ld.err(f"routes[{i}].password", "username is set but neither password nor password_file")
-        if r.username is not None and r.tls in ("none", "may"):
-            raise ld.err(f"routes[{i}].tls", "AUTH to a route needs tls = \"require\" or \"verify\" "
-                         "(never send a password in plaintext)")
+        if r.username is not None and r.tls in ("none", "may", "dane"):
+            raise ld.err(f"routes[{i}].tls", "AUTH to a route needs tls = \"encrypt\" (alias \"require\"), "
+                         "\"verify\" or \"dane-only\" (never send a password in plaintext)")
         if r.password_file is not None and not r.password_file.is_file():
             raise ld.err(f"routes[{i}].password_file", f"file not found: {r.password_file}")
+    if dl.ca_file is not None and not dl.ca_file.is_file():
+        raise ld.err("delivery.ca_file", f"file not found: {dl.ca_file}")
+    if cfg.tls_rpt.reporting_domain is not None:
+        _check_domain(ld, "tls_rpt.reporting_domain", cfg.tls_rpt.reporting_domain)
     fb = cfg.feedback
     if fb.bounce_domain is not None:
         _check_domain(ld, "feedback.bounce_domain", fb.bounce_domain)

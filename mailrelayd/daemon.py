@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mailrelayd import __version__, history, metrics
-from mailrelayd.config import Config, ConfigError, load_config
+from mailrelayd import __version__, history, maildrop, metrics
+from mailrelayd.api import ApiContext, ApiServer
+from mailrelayd.config import Config, ConfigError, HostPort, ListenerConfig, load_config
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxResolver
 from mailrelayd.delivery.scheduler import RUNBOOK_SPOOL, Hooks, Scheduler
@@ -35,17 +36,20 @@ from mailrelayd.feedback.store import StoreUnavailableError, open_store
 from mailrelayd.feedback.verp import make_return_path
 from mailrelayd.intake import HeaderCheck, Intake, Signer, wait_commits
 from mailrelayd.log import configure_logging, get_logger
+from mailrelayd.maildrop import SendmailService
 from mailrelayd.queueops import QueueOps
 from mailrelayd.ratelimit import MemoryRateLimiter
 from mailrelayd.sidecar import Sidecar, SidecarHooks
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
+from mailrelayd.smtp.dataread import MemoryBudget
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.lock import SpoolLock, SpoolLockedError
 from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool, check_database
+from mailrelayd.submit import LocalSubmitter
 from mailrelayd.systemd import Notifier
 from mailrelayd.tlsctx import CertInfo, TlsSetupError, load_chain, read_cert_info, server_context
-from mailrelayd.users import User, UsersFileError, load_users
+from mailrelayd.users import User, UsersFileError, api_key_index, load_users
 from mailrelayd.webhooks import Webhooks
 from mailrelayd.webhooks import read_secret as read_webhook_secret
 
@@ -172,6 +176,7 @@ class Daemon:
         self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
         self._reloading = False
         self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
+        self.api: ApiServer | None = None
 
     # --- building -----------------------------------------------------------------------
     def _apply(self, rt: Runtime) -> None:
@@ -193,16 +198,20 @@ class Daemon:
                                       tls_context=rt.tls_context, authenticator=authenticator,
                                       throttle=self.throttle, signer=signer, spool=self.spool,
                                       on_accepted=self._accepted,
-                                      intake=self.make_intake(cfg, policy.check_headers, signer))
+                                      intake=self.make_intake(cfg, policy.check_headers, signer),
+                                      budget=self.budget)
+        self.budget.limit = cfg.limits.max_data_memory
         # One normalised set of our own domains, shared with every listener's Policy above.
         self._local_domains = cfg.local_domains
         self.rate_limiter.forget(set(rt.users))
+        self._apply_local_submission(rt, signer)
         metrics.DKIM_KEYS_LOADED.set(len(rt.dkim_keys))
         metrics.sender_domain_label.set_always({d.domain for d in cfg.dkim})
         metrics.init_known_labels(  # every family exported from the first scrape (see metrics.py)
             listeners=[lst.name for lst in cfg.listeners], sender_domains=sorted({d.domain for d in cfg.dkim}),
             destination_domains=sorted({r.domain for r in cfg.routes if r.domain != "*"}),
-            dkim_keys=[(d.domain, d.algorithm) for d in cfg.dkim])
+            dkim_keys=[(d.domain, d.algorithm) for d in cfg.dkim],
+            webhooks=[cfg.webhook_name(i) for i in range(len(cfg.webhooks))], users=sorted(rt.users))
         if rt.cert_info is not None:
             metrics.TLS_CERT_NOT_AFTER.set(rt.cert_info.not_after)
 
@@ -224,7 +233,27 @@ class Daemon:
 
             self.throttle = SharedAuthThrottle(client, asyncio.get_running_loop(), cfg.auth.max_failures,
                                                cfg.auth.failure_window, cfg.auth.lockout)
-            self.rate_limiter = PgRateLimiter(client, fallback=self.rate_limiter)  # type: ignore[assignment]
+            self.rate_limiter = PgRateLimiter(client, asyncio.get_running_loop())  # type: ignore[assignment]
+
+    def _local_policy(self, cfg: Config, name: str) -> Policy:
+        # Local front ends follow submission rules: the user is known, allowed_from and limits apply.
+        lcfg = ListenerConfig(name=name, address=HostPort("127.0.0.1", 0), mode="submission", tls="none")
+        return Policy(cfg, lcfg, self.suppressions.is_suppressed, limiter=self.rate_limiter)
+
+    def _apply_local_submission(self, rt: Runtime, signer: Signer | None) -> None:
+        """The sendmail service and the HTTP API's submitter under this runtime."""
+        cfg = rt.cfg
+        policy = self._local_policy(cfg, "sendmail")
+        user = rt.users.get(cfg.sendmail.user) if cfg.sendmail.user else None
+        submitter = LocalSubmitter(cfg, policy, self.make_intake(cfg, policy.check_headers, signer),
+                                   listener="sendmail", protocol="LOCAL")
+        self.sendmail_service = SendmailService(cfg, user, submitter if user else None)
+        api_policy = self._local_policy(cfg, "http")
+        self.api_submitter = LocalSubmitter(cfg, api_policy, self.make_intake(cfg, api_policy.check_headers, signer),
+                                            listener="http", protocol="HTTPS" if cfg.api.tls else "HTTP")
+        self.api_context = ApiContext(cfg, api_key_index(rt.users), self.api_submitter)
+        if self.api is not None:
+            self.api.context = self.api_context
 
     def make_intake(self, cfg: Config, check_headers: HeaderCheck, signer: Signer | None) -> Intake:
         """An :class:`Intake` for one front end (an SMTP listener, sendmail, HTTP) under ``cfg``.
@@ -238,6 +267,19 @@ class Daemon:
     def _accepted(self, msg: NewMessage) -> None:
         self.scheduler.submit(msg)
 
+    async def _enqueue_report(self, recipients: tuple[str, ...], data: bytes, sender_domain: str) -> None:
+        """A TLS-RPT report mail (RFC 8460 §5.3) into our own queue: DKIM-signed when a key of the
+        reporting domain is configured, null sender (a report must not bounce back into the queue)."""
+        signer = self.rt.dkim_signer
+        if signer is not None:
+            res = await signer.sign_async(data)
+            if not res.error:
+                data = res.headers + data
+        msg = NewMessage(queue_id=self.spool.new_queue_id(), mail_from="", recipients=recipients, data=data,
+                         received_at=time.time(), listener="tlsrpt", sender_domain=sender_domain)
+        await self.spool.commit(msg)
+        self.scheduler.submit(msg)
+
     # --- running ------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = load_config(self.config_path)
@@ -248,6 +290,8 @@ class Daemon:
         self.throttle = AuthThrottle(cfg.auth.max_failures, cfg.auth.failure_window, cfg.auth.lockout)
         self.limiter = ConnectionLimiter(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
         self.rate_limiter = MemoryRateLimiter()
+        self.budget = MemoryBudget(cfg.limits.max_data_memory)
+        metrics.DATA_MEMORY.set_function(lambda: self.budget.used)
         cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
         self._spool_lock = SpoolLock(cfg.server.spool_dir)
         try:
@@ -279,6 +323,7 @@ class Daemon:
         self.feedback = FeedbackProcessor(self)
         self.resolver = MxResolver(cfg.dns)
         self.transport = Transport(cfg, self.resolver)
+        await self.transport.tls.load()
         self.scheduler = Scheduler(cfg, self.spool, self.transport, dsn_builder=build_dsn,
                                    local=self.feedback.process, hooks=_Hooks(self))
         self.queue_ops = QueueOps(self.spool, self.scheduler)
@@ -304,11 +349,25 @@ class Daemon:
                                             admin=self._admin), started=self.started)
         http = cfg.http.address if cfg.http.enabled else None
         await self.sidecar.start(http.host if http else None, http.port if http else None, cfg.admin_socket)
+        if cfg.api.address is not None:
+            self.api = ApiServer(self.api_context)
+            try:
+                await self.api.start(cfg.api.address.host, cfg.api.address.port,
+                                     rt.tls_context if cfg.api.tls else None,
+                                     max_body=cfg.limits.max_message_size * 2 + 65536)
+            except OSError as e:
+                log.error("api.bind_failed", address=str(cfg.api.address), error=str(e))
+                await self._shutdown(0)
+                return 1
+            log.info("api.started", address=str(cfg.api.address), tls=cfg.api.tls,
+                     bound=f"{self.api.bound[0]}:{self.api.bound[1]}" if self.api.bound else None)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         self._bg.append(asyncio.create_task(self._housekeeping(), name="housekeeping"))
+        self._bg.append(asyncio.create_task(self._maildrop_loop(), name="maildrop"))
+        self._bg.append(asyncio.create_task(self.transport.tls.run(self._enqueue_report), name="outbound-tls"))
         if self.notifier.watchdog_interval:
             self._bg.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_interval), name="watchdog"))
         self.notifier.ready(status="accepting mail")
@@ -329,6 +388,8 @@ class Daemon:
         while any(lst.sessions for lst in self.listeners) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         aborted = sum(lst.abort_sessions() for lst in self.listeners)
+        if self.api is not None:
+            await self.api.stop()
         # A commit that outlived its session still completes and is handed to the scheduler.
         await wait_commits(self._commits)
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
@@ -391,6 +452,8 @@ class Daemon:
         for key in ("store", "store_password_file", "store_poll_interval", "store_connect_timeout"):
             if getattr(old.feedback, key) != getattr(new.feedback, key):
                 out.append(f"feedback.{key}")
+        if old.api != new.api:
+            out.append("api")
         return out
 
     def stop(self) -> None:
@@ -475,7 +538,20 @@ class Daemon:
         parts = [p for p in path.split("/") if p]
         if parts == ["history"] and method in ("GET", "POST"):
             return await history.handle(self.spool, body)
+        if parts == ["sendmail"] and method == "POST":
+            return await self.sendmail_service.handle(body)
         return await self.queue_ops.handle(method, path, body)
+
+    async def _maildrop_loop(self) -> None:
+        """Messages `sendmail` left while the daemon was down (or could not reach the socket)."""
+        while True:
+            directory = self.cfg.maildrop_dir
+            try:
+                await asyncio.to_thread(maildrop.ensure_dir, directory)
+                await maildrop.pickup(directory, self.sendmail_service)
+            except Exception as e:  # never let a bad file stop the pickup for good
+                log.exception("maildrop.error", error=str(e))
+            await asyncio.sleep(maildrop.PICKUP_EVERY)
 
     async def _watchdog(self, interval: float) -> None:
         # Runs on the event loop: if the loop is stuck, systemd stops hearing from us and restarts.
@@ -485,8 +561,11 @@ class Daemon:
 
 
 def run_daemon(config_path: Path, log_format: str | None = None) -> int:
-    """Entry point for ``mailrelayd run``: uvloop when available."""
+    """Entry point for ``mailrelayd run``: uvloop when available (``MAILRELAYD_EVENT_LOOP=asyncio``
+    selects asyncio's own loop: the tests run the daemon under both)."""
     daemon = Daemon(config_path, log_format=log_format)
+    if os.environ.get("MAILRELAYD_EVENT_LOOP") == "asyncio":
+        return asyncio.run(daemon.run())
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

@@ -125,6 +125,15 @@ def dev_config(secret: str) -> str:
         bounce_domain = "{BOUNCE_DOMAIN}"
         verp_secret = "{secret}"
 
+        [sendmail]
+        # `mailrelayd sendmail` (cron, PHP mail(), scripts) submits as this user.
+        user = "{DEV_USER}"
+        domain = "{DEV_DOMAIN}"
+
+        [api]
+        # HTTP submission API (POST /v1/messages); keys: `mailrelayd user apikey {DEV_USER}`.
+        address = "127.0.0.1:9026"
+
         [logging]
         format = "console"
         """)

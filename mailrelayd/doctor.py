@@ -30,6 +30,14 @@ Checks, each a :class:`CheckResult` with a status ``ok``, ``warn``, ``fail`` or 
 ``hostname``
     ``server.hostname`` (the EHLO name) has A/AAAA records; with ``--ip``, a ``warn`` if none of
     them is that address.
+``mta-sts``
+    Your own inbound MTA-STS (RFC 8461): ``_mta-sts.<domain>`` TXT with a valid id, the policy served
+    at ``https://mta-sts.<domain>/.well-known/mta-sts.txt`` (fetched through ``[dns]`` and checked
+    against ``delivery.ca_file``), every MX host listed. None published is a ``warn`` that prints what
+    to publish; mode ``testing``/``none`` is a ``warn``; an unusable policy or an unlisted MX a ``fail``.
+``tls-rpt``
+    Your own ``_smtp._tls.<domain>`` TXT (RFC 8460) with a ``mailto:``/``https:`` rua; none is a
+    ``warn`` with the record to publish.
 
 ``error`` means the check could not be made: a DNS timeout, SERVFAIL or refused answer, or an
 unreadable config (reported as a ``config`` check).
@@ -67,6 +75,12 @@ import dns.nameserver
 import dns.resolver
 
 from mailrelayd.config import Config, ConfigError, DnsConfig, load_config
+
+# Imported here, not inside the checks: importing aiohttp on the event loop would stall the
+# concurrent DNS lookups past short timeouts.
+from mailrelayd.delivery import mta_sts
+from mailrelayd.delivery.outbound_tls import client_context
+from mailrelayd.delivery.tlsrpt import parse_rua
 
 __all__ = [
     "CERT_WARN_DAYS",
@@ -647,6 +661,71 @@ async def check_hostname(resolver: dns.asyncresolver.Resolver, cfg: Config,
 
 
 # --- running ----------------------------------------------------------------------------
+# --- inbound MTA-STS and TLS-RPT (RFC 8461, RFC 8460) --------------------------------------
+def _sts_suggestion(domain: str, mx_hosts: Sequence[str]) -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
+    mx_lines = "\n".join(f"  mx: {h}" for h in mx_hosts) or f"  mx: <each MX host of {domain}>"
+    return (f"publish:\n  _mta-sts.{domain}. TXT \"v=STSv1; id={stamp}\"\n"
+            f"and serve https://mta-sts.{domain}/.well-known/mta-sts.txt (text/plain, valid certificate):\n"
+            f"  version: STSv1\n  mode: testing\n{mx_lines}\n  max_age: 604800\n"
+            "(switch to mode: enforce, and change the id, once TLS-RPT reports show no failures)")
+
+
+async def _mx_hosts(resolver: dns.asyncresolver.Resolver, domain: str) -> list[str]:
+    try:
+        _, records = await _query(resolver, domain, "MX")
+    except _DnsUnavailable:
+        return []
+    return sorted({r.exchange.to_text(omit_final_dot=True).lower() for r in records if r.exchange.to_text() != "."})
+
+
+async def check_mta_sts(resolver: dns.asyncresolver.Resolver, cfg: Config, domain: str) -> CheckResult:
+    """Our own inbound MTA-STS: a valid TXT id, a fetchable policy, and every MX listed in it."""
+    try:
+        _, records = await _query(resolver, f"_mta-sts.{domain}", "TXT")
+    except _DnsUnavailable as e:
+        return CheckResult("mta-sts", "error", str(e))
+    texts = _txt_strings(records)
+    mx_hosts = await _mx_hosts(resolver, domain)
+    if not any(t.startswith("v=STSv1") for t in texts):
+        return CheckResult("mta-sts", "warn", f"no MTA-STS policy: senders may deliver to {domain} without "
+                           f"authenticated TLS; {_sts_suggestion(domain, mx_hosts)}")
+    pid = mta_sts.parse_txt(texts)
+    if pid is None:
+        return CheckResult("mta-sts", "fail", f"_mta-sts.{domain} TXT is not one valid \"v=STSv1; id=...\" record "
+                           f"(id: 1-32 letters and digits): {texts}")
+    try:
+        policy = await mta_sts.fetch_policy(domain, resolver, client_context(True, cfg.delivery.ca_file), 20.0)
+    except mta_sts.FetchError as e:
+        return CheckResult("mta-sts", "fail", f"TXT id={pid}, but the policy cannot be used: {e}")
+    unlisted = [h for h in mx_hosts if not mta_sts.host_allowed(policy, h)]
+    if unlisted and policy.mode != "none":
+        return CheckResult("mta-sts", "fail", f"policy (mode {policy.mode}) does not list MX host(s) "
+                           f"{', '.join(unlisted)}: senders that enforce it will not deliver there; add mx: lines")
+    if policy.mode != "enforce":
+        return CheckResult("mta-sts", "warn", f"policy id={pid} mode={policy.mode} (reporting only); set mode: "
+                           "enforce once TLS-RPT reports are clean")
+    return CheckResult("mta-sts", "ok", f"policy id={pid} mode=enforce mx={', '.join(policy.mx)} "
+                       f"max_age={policy.max_age}")
+
+
+async def check_tls_rpt(resolver: dns.asyncresolver.Resolver, domain: str) -> CheckResult:
+    """Our own TLS-RPT record: where senders report TLS failures on the way to us (RFC 8460 §3)."""
+    try:
+        _, records = await _query(resolver, f"_smtp._tls.{domain}", "TXT")
+    except _DnsUnavailable as e:
+        return CheckResult("tls-rpt", "error", str(e))
+    texts = _txt_strings(records)
+    ruas = parse_rua(texts)
+    if ruas:
+        return CheckResult("tls-rpt", "ok", "reports go to " + ", ".join(ruas))
+    if any(t.startswith("v=TLSRPTv1") for t in texts):
+        return CheckResult("tls-rpt", "fail", f"_smtp._tls.{domain} TXT has no usable rua (mailto: or https:), "
+                           f"or there is more than one record: {texts}")
+    return CheckResult("tls-rpt", "warn", f"no TLS-RPT record: you will not hear about TLS failures delivering to "
+                       f"{domain}; publish:\n  _smtp._tls.{domain}. TXT \"v=TLSRPTv1; rua=mailto:tlsrpt@{domain}\"")
+
+
 async def diagnose(cfg: Config, domain: str, *, selector: str | None = None,
                    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
                    resolver: dns.asyncresolver.Resolver | None = None) -> list[CheckResult]:
@@ -654,14 +733,16 @@ async def diagnose(cfg: Config, domain: str, *, selector: str | None = None,
     domain = _normalize(domain)
     resolver = resolver or _make_resolver(cfg.dns)
     helo = _normalize(cfg.server.hostname)
-    mx, spf, dkim, dmarc, hostname = await asyncio.gather(
+    mx, spf, dkim, dmarc, hostname, sts, rpt = await asyncio.gather(
         check_mx(resolver, domain),
         check_spf(resolver, domain, ip, helo),
         check_dkim(resolver, cfg, domain, selector),
         check_dmarc(resolver, domain),
         check_hostname(resolver, cfg, ip),
+        check_mta_sts(resolver, cfg, domain),
+        check_tls_rpt(resolver, domain),
     )
-    return [mx, spf, *dkim, dmarc, check_tls(cfg), check_spool(cfg), hostname]
+    return [mx, spf, *dkim, dmarc, check_tls(cfg), check_spool(cfg), hostname, sts, rpt]
 
 
 def format_text(domain: str, results: Sequence[CheckResult], code: int) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mailrelayd import metrics
@@ -77,20 +77,39 @@ class Intake:
         """Policy, trace and completion headers, DKIM, durable commit. Returns the queue id once the
         message is durable. Raises :class:`MessageRefused` for a policy refusal, SpoolError when the
         spool cannot make it durable, DkimSignError when signing fails."""
+        # shield(): if the caller is cancelled (client gone, session torn down), the commit and
+        # everything after it still run to the end in their own task.
+        return await asyncio.shield(self.submit(origin, mail_from, recipients, body, outbound=outbound))
+
+    def submit(self, origin: Origin, mail_from: str, recipients: Sequence[str], body: bytes, *, outbound: bool,
+               on_done: Callable[[str | None, BaseException | None], None] | None = None) -> asyncio.Task[str]:
+        """:meth:`accept` for callers that are not coroutines (the SMTP edge, which must not wait an
+        event-loop turn to start a commit: the spool commits in groups, and a late arrival waits for
+        the next fsync). The header policy runs now and raises :class:`MessageRefused`; signing and the
+        commit run in the returned task, which nothing here cancels. ``on_done(queue_id, None)`` or
+        ``on_done(None, error)`` is called by that task as its last step; with ``on_done`` the task
+        itself never raises."""
         t0 = time.perf_counter()
         try:
-            msg = await self._prepare(origin, mail_from, recipients, body, outbound)
-            task = asyncio.get_running_loop().create_task(self._commit(origin, msg))
-            self.committing.add(task)
-            task.add_done_callback(self.committing.discard)
-            # shield(): if the caller is cancelled (client gone, session torn down), the commit and
-            # everything after it still run to the end in their own task.
-            return await asyncio.shield(task)
-        finally:
+            prepared = self._prepare(origin, mail_from, recipients, body, outbound)
+        except BaseException:
             metrics.ACCEPT_DURATION.labels(origin.listener).observe(time.perf_counter() - t0)
+            raise
+        msg, sign = prepared
+        try:
+            # Unsigned: the spool write is queued now, not when the task first runs (group commit).
+            pending = None if sign else self.spool.start_commit(msg)
+        except BaseException:
+            metrics.ACCEPT_DURATION.labels(origin.listener).observe(time.perf_counter() - t0)
+            raise
+        task = asyncio.get_running_loop().create_task(self._finish(origin, msg, pending, t0, on_done))
+        self.committing.add(task)
+        task.add_done_callback(self.committing.discard)
+        return task
 
-    async def _prepare(self, origin: Origin, mail_from: str, recipients: Sequence[str], body: bytes,
-                       outbound: bool) -> NewMessage:
+    def _prepare(self, origin: Origin, mail_from: str, recipients: Sequence[str], body: bytes,
+                 outbound: bool) -> tuple[NewMessage, bool]:
+        """The message as it will be stored, unsigned; and whether it is to be signed."""
         cfg = self.cfg
         scan = hdr.scan_headers(body)
         facts = Facts(peer_ip=origin.peer_ip, tls=origin.tls is not None, user=origin.user)
@@ -121,24 +140,33 @@ class Intake:
                 extra += hdr.date_header(now)
             if extra:
                 body = body[:scan.end] + extra + body[scan.end:]
-            data = trace + body
-            if self.signer is not None:
-                data = await self.signer(data, from_domain) + data
-        else:
-            data = trace + body
-        return NewMessage(queue_id=qid, mail_from=mail_from, recipients=tuple(recipients), data=data,
-                          received_at=now, queue=OUTBOUND if outbound else FEEDBACK, listener=origin.listener,
-                          sender_domain=from_domain, message_id=message_id,
-                          user=origin.user.name if origin.user else "")
+        msg = NewMessage(queue_id=qid, mail_from=mail_from, recipients=tuple(recipients), data=trace + body,
+                         received_at=now, queue=OUTBOUND if outbound else FEEDBACK, listener=origin.listener,
+                         sender_domain=from_domain, message_id=message_id,
+                         user=origin.user.name if origin.user else "")
+        return msg, outbound and self.signer is not None
 
-    async def _commit(self, origin: Origin, msg: NewMessage) -> str:
-        await self.spool.commit(msg)
-        # Durable from here on: count, log, hand to the scheduler. Nothing below may raise past here
-        # without the message having been handed over.
+    async def _finish(self, origin: Origin, msg: NewMessage, pending: Awaitable[None] | None, t0: float,
+                      on_done: Callable[[str | None, BaseException | None], None] | None) -> str:
+        try:
+            if pending is None:
+                assert self.signer is not None
+                msg = replace(msg, data=await self.signer(msg.data, msg.sender_domain) + msg.data)
+                pending = self.spool.start_commit(msg)
+            await pending
+        except Exception as e:
+            metrics.ACCEPT_DURATION.labels(origin.listener).observe(time.perf_counter() - t0)
+            if on_done is None:
+                raise
+            _notify(on_done, None, e)
+            return ""
+        # Durable from here on: count, log, hand to the scheduler. Nothing below may keep the message
+        # from the scheduler.
         try:
             metrics.MESSAGES_RECEIVED.labels(origin.listener).inc()
             metrics.RECIPIENTS_RECEIVED.labels(origin.listener).inc(len(msg.recipients))
             metrics.MESSAGE_SIZE.labels(origin.listener).observe(len(msg.data))
+            metrics.ACCEPT_DURATION.labels(origin.listener).observe(time.perf_counter() - t0)
             bound: Any = log.bind(listener=origin.listener, peer=origin.peer_ip)
             if origin.session is not None:
                 bound = bound.bind(session=origin.session)
@@ -148,7 +176,17 @@ class Intake:
                        message_id=msg.message_id or None)
         finally:
             self.on_accepted(msg)
+        if on_done is not None:
+            _notify(on_done, msg.queue_id, None)
         return msg.queue_id
+
+
+def _notify(on_done: Callable[[str | None, BaseException | None], None], qid: str | None,
+            error: BaseException | None) -> None:
+    try:
+        on_done(qid, error)
+    except Exception:  # the caller's bug must not turn into an unobserved task exception
+        log.exception("intake.on_done_failed", queue_id=qid)
 
 
 async def wait_commits(committing: set[asyncio.Task[str]]) -> None:

@@ -82,10 +82,15 @@ TLS_CERT_NOT_AFTER = Gauge(
 CONNECTIONS = Counter(
     "mailrelayd_connections_total",
     "Inbound SMTP connections by listener and result "
-    "(accepted, rejected_limit, rejected_per_ip, tls_failed, draining).",
+    "(accepted, rejected_limit, rejected_per_ip, tls_failed, proxy_invalid, proxy_timeout, proxy_not_allowed).",
     ["listener", "result"],
 )
 CONNECTIONS_ACTIVE = Gauge("mailrelayd_connections_active", "Open inbound SMTP connections.", ["listener"])
+DATA_MEMORY = Gauge(
+    "mailrelayd_data_memory_bytes",
+    "Message bytes held in memory by inbound connections (DATA being read or committed); "
+    "bounded by limits.max_data_memory.",
+)
 MESSAGES_RECEIVED = Counter(
     "mailrelayd_messages_received_total", "Messages accepted into the spool (250 after DATA).", ["listener"]
 )
@@ -172,7 +177,10 @@ DELIVERY_CONNECTIONS = Counter(
     ["result"],
 )
 OUTBOUND_TLS = Counter(
-    "mailrelayd_delivery_tls_total", "Outbound sessions by TLS outcome (starttls, plaintext, verified).", ["tls"]
+    "mailrelayd_delivery_tls_total",
+    "Outbound sessions by TLS mode (the level, or mta-sts when an enforced policy applied) and result "
+    "(verified, dane, encrypted, plaintext, or an RFC 8460 failure type with '_' for '-', or mx_not_in_policy).",
+    ["mode", "result"],
 )
 DNS_FAILURES = Counter(
     "mailrelayd_dns_lookup_failures_total",
@@ -249,7 +257,6 @@ MAILDROP_MESSAGES = Counter(
     ["result"],
 )
 
-
 # --- label values known at start -----------------------------------------------------------
 # A labelled family has no series until its first ``labels(...)`` call, so a fresh scrape lacks
 # it: dashboards show "No data" and ``rate()``-based alerts have nothing to evaluate. Every
@@ -282,6 +289,10 @@ DESTINATION_DOMAINS = Dimension("destination_domains")
 """Route domains plus "other"."""
 DKIM_KEYS = Dimension("dkim_keys")
 """(domain, algorithm) of each configured key, as "domain algorithm" strings."""
+WEBHOOKS = Dimension("webhooks")
+"""Names of the configured [[webhooks]]."""
+USERS = Dimension("users")
+"""Users of the users file."""
 
 LabelSpec = tuple[str, ...] | Dimension
 _DECLARED: list[tuple[Any, dict[str, LabelSpec]]] = []
@@ -300,8 +311,8 @@ def declare_label_sets(metric: Any, fn: Callable[[Mapping[str, Sequence[str]]], 
 
 
 def init_known_labels(*, listeners: Iterable[str] = (), sender_domains: Iterable[str] = (),
-                      destination_domains: Iterable[str] = (), dkim_keys: Iterable[tuple[str, str]] = ()
-                      ) -> int:
+                      destination_domains: Iterable[str] = (), dkim_keys: Iterable[tuple[str, str]] = (),
+                      webhooks: Iterable[str] = (), users: Iterable[str] = ()) -> int:
     """Create every declared label combination (at zero; existing series keep their values).
     Returns how many combinations were touched."""
     dims: dict[str, Sequence[str]] = {
@@ -309,6 +320,8 @@ def init_known_labels(*, listeners: Iterable[str] = (), sender_domains: Iterable
         SENDER_DOMAINS.name: tuple(dict.fromkeys([*sender_domains, BoundedLabel.OTHER, "none"])),
         DESTINATION_DOMAINS.name: tuple(dict.fromkeys([*destination_domains, BoundedLabel.OTHER])),
         DKIM_KEYS.name: tuple(f"{d} {a}" for d, a in dict.fromkeys(dkim_keys)),
+        WEBHOOKS.name: tuple(dict.fromkeys(webhooks)),
+        USERS.name: tuple(dict.fromkeys(users)),
     }
     n = 0
     for metric, spec in _DECLARED:
@@ -344,7 +357,7 @@ declare_labels(DELIVERY_LATENCY, result=("delivered", "bounced", "expired", "sup
 declare_labels(SENT_RECIPIENTS, sender_domain=SENDER_DOMAINS,
                result=("delivered", "bounced", "expired", "suppressed"))
 declare_labels(DELIVERY_CONNECTIONS, result=("ok", "refused", "refused_greeting", "timeout", "tls_failed"))
-declare_labels(OUTBOUND_TLS, tls=("starttls", "plaintext", "verified"))
+declare_labels(OUTBOUND_TLS, mode=("may",), result=("verified", "encrypted", "plaintext"))
 declare_labels(DNS_FAILURES, type=("MX", "A", "AAAA"), reason=("nxdomain", "servfail", "timeout", "nodata", "error"))
 declare_labels(DSN_SENT, action=("failed", "delayed"))
 declare_label_sets(DKIM_SIGNATURES, lambda dims: [
@@ -354,3 +367,9 @@ declare_labels(FEEDBACK_RECEIVED, sender_domain=SENDER_DOMAINS,
                kind=("hard_bounce", "soft_bounce", "complaint", "not_feedback", "unparsable"))
 declare_labels(SUPPRESSIONS, kind=("hard_bounce", "soft_bounce", "complaint", "manual"))
 declare_labels(SUPPRESSED_REJECTIONS, stage=("rcpt", "delivery"))
+
+for _m in (WEBHOOK_EVENTS_SENT, WEBHOOK_EVENTS_FAILED, WEBHOOK_BACKLOG):
+    declare_labels(_m, webhook=WEBHOOKS)
+declare_labels(USER_RATE_LIMITED, user=USERS)
+declare_labels(API_REQUESTS, status=("202", "400", "401", "403", "413", "415", "422", "429", "503"))
+declare_labels(MAILDROP_MESSAGES, result=("queued", "failed"))

@@ -4,7 +4,10 @@
   the value enters (config load, users file, CLI).
 - :class:`RateLimiter` is the interface the policy calls. :class:`MemoryRateLimiter` is the
   implementation for one node; a shared backend (several nodes counting together, e.g. in
-  PostgreSQL) implements the same two-method protocol.
+  PostgreSQL) implements the same two-method protocol. ``take`` is synchronous on purpose: it
+  runs inside the sans-I/O SMTP protocol at MAIL, so a shared backend answers from its local view
+  and exchanges counts with the database in the background (a bounded overshoot between syncs,
+  no database round trip per message).
 - :class:`SlidingWindow` is the pure arithmetic: the sliding-window counter (the previous fixed
   window's count, weighted by how much of it still overlaps the last ``period``, plus the current
   window's count). No I/O, no clock of its own: time is passed in, so tests move it by hand.
@@ -69,7 +72,7 @@ class Verdict:
 class RateLimiter(Protocol):
     """What the policy needs. ``take`` counts one message if it is under the limit."""
 
-    async def take(self, key: str, rate: Rate) -> Verdict: ...
+    def take(self, key: str, rate: Rate) -> Verdict: ...
 
     def forget(self, keep: set[str]) -> None:
         """Drop state of keys not in ``keep`` (users deleted on reload)."""
@@ -117,10 +120,7 @@ class MemoryRateLimiter:
         self.clock = clock
         self._state: dict[str, SlidingWindow] = {}
 
-    async def take(self, key: str, rate: Rate) -> Verdict:
-        return self.take_now(key, rate)
-
-    def take_now(self, key: str, rate: Rate) -> Verdict:
+    def take(self, key: str, rate: Rate) -> Verdict:
         st = self._state.get(key)
         if st is None:
             st = self._state[key] = SlidingWindow()

@@ -2,10 +2,9 @@
 
 :class:`PgRateLimiter`: the per-user sending limit (:mod:`mailrelayd.ratelimit`) counted in
 ``mailrelayd_rate_counters`` by every node together, with the same sliding-window arithmetic as
-:class:`~mailrelayd.ratelimit.SlidingWindow`: a limit of 10/h over two nodes allows 10, not 20. One
-round trip per MAIL of a limited user. While the database is unreachable each node counts on its
-own (:class:`~mailrelayd.ratelimit.MemoryRateLimiter`): mail keeps flowing, the limit is per node
-for that time.
+:class:`~mailrelayd.ratelimit.SlidingWindow`: a limit of 10/h over two nodes allows 10, not 20.
+Decided from each node's view of the fleet's counts (no database round trip at MAIL), kept current
+with LISTEN/NOTIFY.
 
 :class:`SharedAuthThrottle`: the AUTH-failure lockout of :class:`~mailrelayd.smtp.auth.AuthThrottle`,
 counted over every node. Each node still decides locally first (so a node cut off from the database
@@ -22,12 +21,14 @@ import asyncio
 import contextlib
 import json
 import math
+import secrets
 import time
 from collections.abc import Callable
+from typing import Any
 
 from mailrelayd.log import get_logger
 from mailrelayd.pg import Conn, PgClient, PgUnavailable
-from mailrelayd.ratelimit import MemoryRateLimiter, Rate, Verdict
+from mailrelayd.ratelimit import Rate, Verdict
 from mailrelayd.smtp.auth import AuthThrottle
 
 log = get_logger()
@@ -122,63 +123,141 @@ class SharedAuthThrottle(AuthThrottle):
         await conn.execute("DELETE FROM mailrelayd_auth_lockouts WHERE until <= $1", now)
 
 
-_RATE_LOCK_CLASS = 3  # pg_advisory_xact_lock(3, hashtext(key))
+RATE_CHANNEL = "mailrelayd_rates"
 
 
 class PgRateLimiter:
     """:class:`~mailrelayd.ratelimit.RateLimiter` counted in PostgreSQL across every node.
 
-    ``take`` runs on the database loop and is awaited from the daemon's loop (never blocking it);
-    ``fallback`` answers while the database is unreachable."""
+    ``take`` is synchronous (it runs inside the SMTP protocol at MAIL) and never waits for the
+    database: it decides on this node's view of the fleet's counts, the same sliding window as
+    :class:`~mailrelayd.ratelimit.SlidingWindow`. What it admits is added to
+    ``mailrelayd_rate_counters`` in the background (``UPDATE ... count + n``), and every update is
+    announced with ``NOTIFY mailrelayd_rates`` carrying the new total, which the other nodes take
+    into their view at once. The limit therefore holds over the fleet up to what several nodes
+    admit within one propagation delay (milliseconds); while the database is unreachable each node
+    adds only its own counts, and writes them when it returns (nothing admitted is forgotten).
 
-    def __init__(self, client: PgClient, fallback: MemoryRateLimiter, clock: Callable[[], float] = time.time) -> None:
+    All state lives on the daemon's event loop (``loop``): database results and notifications are
+    handed over with ``call_soon_threadsafe``, so no lock is needed.
+    """
+
+    def __init__(self, client: PgClient, loop: asyncio.AbstractEventLoop, clock: Callable[[], float] = time.time
+                 ) -> None:
         self._client = client
-        self._fallback = fallback
+        self._loop = loop
         self.clock = clock
+        self._node = secrets.token_hex(8)  # our own notifications are already counted
+        self._known: dict[tuple[str, float], int] = {}  # (key, window start) -> total in the database
+        self._in_flight: dict[tuple[str, float], int] = {}  # being added to the database
+        self._unflushed: dict[tuple[str, float], int] = {}  # admitted here, not yet sent
         self._refused: dict[str, float] = {}  # key -> window of its last logged refusal (this node)
         self._last_prune = 0.0
+        client.listen(RATE_CHANNEL, self._notified)
+        client.on_connect(self._on_connect)
+        client.submit(lambda: self._client.acall(self._load))
 
-    async def take(self, key: str, rate: Rate) -> Verdict:
+    # --- RateLimiter ---------------------------------------------------------------------------
+    def take(self, key: str, rate: Rate) -> Verdict:
         now = self.clock()
-        fut = self._client.submit(lambda: self._client.acall(lambda c: self._take_db(c, key, rate, now)))
-        try:
-            allowed, count, start, retry = await asyncio.wrap_future(fut)
-        except PgUnavailable:
-            return await self._fallback.take(key, rate)
-        if allowed:
-            return Verdict(True, count, start)
-        first = self._refused.get(key) != start
-        self._refused[key] = start
-        return Verdict(False, count, start, first, retry)
-
-    def forget(self, keep: set[str]) -> None:
-        self._fallback.forget(keep)
-        for k in [k for k in self._refused if k not in keep]:
-            del self._refused[k]
-
-    async def _take_db(self, conn: Conn, key: str, rate: Rate, now: float) -> tuple[bool, float, float, float]:
         period = rate.period
         start = math.floor(now / period) * period  # the same window boundaries on every node
         k = f"{key}/{period:g}"
+        cur, prev = (k, start), (k, start - period)
+        count = self._total(prev) * (1.0 - (now - start) / period) + self._total(cur)
+        if count + 1 > rate.limit:
+            previous = self._total(prev)
+            if previous:
+                retry = min(start + period - now, (count + 1 - rate.limit) / previous * period)
+            else:
+                retry = start + period - now
+            first = self._refused.get(key) != start
+            self._refused[key] = start
+            return Verdict(False, count, start, first, max(0.0, retry))
+        self._unflushed[cur] = self._unflushed.get(cur, 0) + 1
+        if cur not in self._in_flight:
+            self._flush(cur)
+        if now - self._last_prune > 60:
+            self._prune(now)
+        return Verdict(True, count + 1, start)
+
+    def forget(self, keep: set[str]) -> None:
+        for k in [k for k in self._refused if k not in keep]:
+            del self._refused[k]
+
+    # --- bookkeeping (event loop) ----------------------------------------------------------------
+    def _total(self, kw: tuple[str, float]) -> int:
+        return self._known.get(kw, 0) + self._in_flight.get(kw, 0) + self._unflushed.get(kw, 0)
+
+    def _flush(self, kw: tuple[str, float]) -> None:
+        n = self._unflushed.pop(kw, 0)
+        if not n:
+            return
+        self._in_flight[kw] = n
+        fut = self._client.submit(lambda: self._client.acall(lambda c: self._add_db(c, kw, n)))
+        fut.add_done_callback(lambda f: self._call_soon(self._flushed, kw, n, f))
+
+    def _flushed(self, kw: tuple[str, float], n: int, fut: Any) -> None:
+        self._in_flight.pop(kw, None)
+        exc = fut.exception() if not fut.cancelled() else PgUnavailable("cancelled")
+        if exc is None:
+            self._known[kw] = max(self._known.get(kw, 0), int(fut.result()))
+        else:  # kept, and sent again after the next (re)connection
+            self._unflushed[kw] = self._unflushed.get(kw, 0) + n
+            if not isinstance(exc, PgUnavailable):
+                log.error("ratelimit.shared_failed", error=str(exc))
+            return
+        if kw in self._unflushed:
+            self._flush(kw)
+
+    def _seen(self, kw: tuple[str, float], total: int) -> None:
+        if total > self._known.get(kw, 0):
+            self._known[kw] = total
+
+    def _prune(self, now: float) -> None:
+        self._last_prune = now
+        for kw in [kw for kw in self._known if kw[1] < now - 2 * 86400 - 1]:
+            del self._known[kw]
+
+    def _call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the daemon's loop is closing
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # --- database (its loop) ---------------------------------------------------------------------
+    async def _add_db(self, conn: Conn, kw: tuple[str, float], n: int) -> int:
+        k, start = kw
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _RATE_LOCK_CLASS, k)
-            rows = await conn.fetch("SELECT window_start, count FROM mailrelayd_rate_counters"
-                                    " WHERE key = $1 AND window_start >= $2", k, start - period)
-            current = sum(int(c) for ws, c in rows if ws == start)
-            previous = sum(int(c) for ws, c in rows if ws == start - period)
-            count = previous * (1.0 - (now - start) / period) + current
-            if count + 1 > rate.limit:
-                if previous:
-                    retry = min(start + period - now, (count + 1 - rate.limit) / previous * period)
-                else:
-                    retry = start + period - now
-                return False, count, start, max(0.0, retry)
-            await conn.execute("INSERT INTO mailrelayd_rate_counters (key, window_start, count) VALUES ($1, $2, 1)"
-                               " ON CONFLICT (key, window_start) DO UPDATE"
-                               " SET count = mailrelayd_rate_counters.count + 1", k, start)
-            if now - self._last_prune > 60:
-                self._last_prune = now
-                await conn.execute("DELETE FROM mailrelayd_rate_counters"
-                                   " WHERE window_start < $1::float8 - 2 * $2::float8"
-                                   " AND key LIKE '%/' || $3::text", now, period, f"{period:g}")
-        return True, count + 1, start, 0.0
+            total = int(await conn.fetchval(
+                "INSERT INTO mailrelayd_rate_counters (key, window_start, count) VALUES ($1, $2, $3)"
+                " ON CONFLICT (key, window_start) DO UPDATE SET count = mailrelayd_rate_counters.count + $3"
+                " RETURNING count", k, start, n))
+            await conn.execute("SELECT pg_notify($1, $2)", RATE_CHANNEL,
+                               json.dumps({"n": self._node, "k": k, "w": start, "c": total}))
+        return total
+
+    def _notified(self, payload: str) -> None:
+        try:
+            data = json.loads(payload)
+            if data["n"] == self._node:
+                return
+            kw, total = (str(data["k"]), float(data["w"])), int(data["c"])
+        except (ValueError, KeyError, TypeError):
+            return
+        self._call_soon(self._seen, kw, total)
+
+    async def _load(self, conn: Conn) -> None:
+        """The fleet's counts of the last two days (the longest period is a day: two windows)."""
+        now = time.time()
+        await conn.execute("DELETE FROM mailrelayd_rate_counters WHERE window_start < $1::float8", now - 3 * 86400)
+        for k, w, c in await conn.fetch("SELECT key, window_start, count FROM mailrelayd_rate_counters"
+                                        " WHERE window_start >= $1::float8", now - 2 * 86400 - 1):
+            self._call_soon(self._seen, (str(k), float(w)), int(c))
+
+    async def _on_connect(self, conn: Conn) -> None:
+        await self._load(conn)
+        self._call_soon(self._flush_all)
+
+    def _flush_all(self) -> None:
+        for kw in list(self._unflushed):
+            if kw not in self._in_flight:
+                self._flush(kw)

@@ -34,8 +34,9 @@ class SidecarHooks:
 
 
 class Sidecar:
-    def __init__(self, hooks: SidecarHooks, started: float | None = None) -> None:
+    def __init__(self, hooks: SidecarHooks, started: float | None = None, admin_max_body: int = 64 * 1024**2) -> None:
         self.hooks = hooks
+        self.admin_max_body = admin_max_body
         self.started = started if started is not None else time.time()
         self._runners: list[web.AppRunner] = []
         self.bound: tuple[str, int] | None = None
@@ -86,11 +87,11 @@ class Sidecar:
             site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
             self._runners.append(runner)
-            server = site._server  # aiohttp keeps the asyncio server here
-            if server is not None and server.sockets:  # type: ignore[union-attr]
-                self.bound = server.sockets[0].getsockname()[:2]  # type: ignore[union-attr]
+            if runner.addresses:  # public API: the bound (host, port[, ...]) of each site
+                self.bound = tuple(runner.addresses[0][:2])
         if admin_socket is not None:
-            admin = web.Application()
+            # Large enough for a sendmail submission (the message travels base64 in JSON).
+            admin = web.Application(client_max_size=self.admin_max_body)
             admin.router.add_route("*", "/{tail:.*}", self.admin)
             runner = web.AppRunner(admin, access_log=None, handle_signals=False)
             await runner.setup()

@@ -29,10 +29,12 @@ class SlowSpool(Spool):
         self.started = asyncio.Event()
         self.go = asyncio.Event()
 
-    async def commit(self, msg: NewMessage) -> None:
-        self.started.set()
-        await self.go.wait()
-        await super().commit(msg)
+    def start_commit(self, msg: NewMessage):
+        async def later() -> None:
+            self.started.set()
+            await self.go.wait()
+            await Spool.start_commit(self, msg)
+        return later()
 
 
 @pytest.fixture

@@ -293,26 +293,70 @@ def test_cli_list_import_export_and_migrate(tmp_path: Path, pg_url: str, pg_serv
 
 
 async def test_rate_limiter_counts_across_nodes_with_a_sliding_window(nodes) -> None:
-    from mailrelayd.ratelimit import MemoryRateLimiter, Rate
+    from mailrelayd.ratelimit import Rate
     from mailrelayd.sharedlimits import PgRateLimiter
 
+    loop = asyncio.get_running_loop()
     a, b = await asyncio.to_thread(nodes, "a"), await asyncio.to_thread(nodes, "b")
     now = [1_000_000 * 3600.0 + 10]
-    la = PgRateLimiter(a.client, MemoryRateLimiter(lambda: now[0]), clock=lambda: now[0])
-    lb = PgRateLimiter(b.client, MemoryRateLimiter(lambda: now[0]), clock=lambda: now[0])
+    la = PgRateLimiter(a.client, loop, clock=lambda: now[0])
+    lb = PgRateLimiter(b.client, loop, clock=lambda: now[0])
     rate = Rate(4, 3600)
-    verdicts = [await (la if i % 2 else lb).take("alice", rate) for i in range(6)]
+
+    async def take(limiter: PgRateLimiter, key: str = "alice") -> Any:
+        verdict = limiter.take(key, rate)  # synchronous: no database round trip
+        await asyncio.sleep(0.2)  # messages a moment apart: the other node has heard of it
+        return verdict
+
+    verdicts = [await take(la if i % 2 else lb) for i in range(6)]
     assert [v.allowed for v in verdicts] == [True] * 4 + [False] * 2
     assert verdicts[4].first_refusal and verdicts[5].first_refusal  # logged once per window on each node
-    assert not (await la.take("alice", rate)).first_refusal
+    assert not (await take(la)).first_refusal
     assert 0 < verdicts[4].retry_after <= 3600
-    assert (await la.take("bob", rate)).allowed  # per user
+    assert (await take(la, "bob")).allowed  # per user
+    # A node that starts later loads the fleet's counts.
+    c = await asyncio.to_thread(nodes, "c")
+    lc = PgRateLimiter(c.client, loop, clock=lambda: now[0])
+    await asyncio.sleep(0.5)
+    assert not (await take(lc)).allowed
     # Half-way through the next window half of the previous window's count still weighs.
     now[0] += 3600 + 1800 - 10
-    assert [(await la.take("alice", rate)).allowed for _ in range(3)] == [True, True, False]
+    assert [(await take(la)).allowed for _ in range(3)] == [True, True, False]
     # Two windows later the slate is clean.
     now[0] += 7200
-    assert (await lb.take("alice", rate)).allowed
+    assert (await take(lb)).allowed
+
+
+async def test_rate_limiter_keeps_counting_while_the_database_is_down(nodes, pg_server) -> None:
+    from mailrelayd.ratelimit import Rate
+    from mailrelayd.sharedlimits import PgRateLimiter
+
+    loop = asyncio.get_running_loop()
+    a, b = await asyncio.to_thread(nodes, "a"), await asyncio.to_thread(nodes, "b")
+    la, lb = PgRateLimiter(a.client, loop), PgRateLimiter(b.client, loop)
+    rate = Rate(6, 86400)
+    assert la.take("carol", rate).allowed
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(pg_server.stop)
+    try:
+        for _ in range(50):
+            if not a.status().up:
+                break
+            await asyncio.sleep(0.1)
+        # Mail keeps flowing: the node decides on its own view and counts what it admits.
+        assert [la.take("carol", rate).allowed for _ in range(3)] == [True, True, True]
+    finally:
+        await asyncio.to_thread(pg_server.start)
+    # Back: node A writes what it admitted meanwhile, node B learns it.
+    for _ in range(200):
+        await asyncio.sleep(0.1)
+        total = pg_server.psql("SELECT coalesce(sum(count), 0) FROM mailrelayd_rate_counters"
+                               " WHERE key = 'carol/86400'", db=a.client.settings.url.rsplit("/", 1)[1])
+        if total == "4":
+            break
+    assert total == "4"
+    await asyncio.sleep(0.3)
+    assert [lb.take("carol", rate).allowed for _ in range(3)] == [True, True, False]
 
 
 def test_password_from_pgpassfile(pg_url: str, pg_server, tmp_path: Path, monkeypatch) -> None:

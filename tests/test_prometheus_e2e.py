@@ -48,6 +48,9 @@ _MODIFIER = re.compile(r"^\s*(?:bool\b|(?:on|ignoring|group_left|group_right)\s*
 _SCALAR = re.compile(r"[\d\s.+\-*/^%()e]+")
 
 
+# A webhook whose receiver is down (discard port): its families (sent, failed, backlog) have series.
+_WEBHOOK = {"webhooks": [{"url": "http://127.0.0.1:9/hook", "secret_file": "hook.secret", "name": "app"}]}
+
 def _scan(expr: str) -> Iterator[tuple[int, int]]:
     """(index, bracket depth before it) of every character outside string literals."""
     depth, quote, i = 0, "", 0
@@ -254,10 +257,12 @@ async def test_alerts_and_dashboard_evaluate_against_a_real_prometheus(prometheu
     sink.rcpt_replies["later@dest.test"] = "451 4.7.1 Greylisted"
     pem, _ = generate_key("ed25519-sha256")
     write_private_key(tmp_path / "dkim.key", pem)
+    (tmp_path / "hook.secret").write_text("webhook-secret\n")
     cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {
         "dkim": [{"domain": "example.com", "selector": "s1", "key_file": "dkim.key", "algorithm": "ed25519-sha256"}],
         "routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}],
-        "delivery": {"retry_initial": "2s", "retry_max": "2s"}}))
+        "delivery": {"retry_initial": "2s", "retry_max": "2s"},
+        **_WEBHOOK}))
     d = DaemonProcess(cfg).wait_ready()
     try:
         prom = await prometheus(f"127.0.0.1:{d.http_port}")
@@ -329,8 +334,10 @@ def test_every_family_is_in_the_first_scrape(tmp_path: Path, tls_files) -> None:
 
     pem, _ = generate_key("ed25519-sha256")
     write_private_key(tmp_path / "dkim.key", pem)
+    (tmp_path / "hook.secret").write_text("webhook-secret\n")
     cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {
-        "dkim": [{"domain": "example.com", "selector": "s1", "key_file": "dkim.key", "algorithm": "ed25519-sha256"}]}))
+        "dkim": [{"domain": "example.com", "selector": "s1", "key_file": "dkim.key", "algorithm": "ed25519-sha256"}],
+        **_WEBHOOK}))
     d = DaemonProcess(cfg).wait_ready()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{d.http_port}/metrics", timeout=10) as r:

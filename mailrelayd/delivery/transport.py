@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 import ssl
 import time
@@ -20,7 +21,18 @@ from aiosmtplib import SMTPResponse
 
 from mailrelayd import metrics
 from mailrelayd.config import Config, RouteConfig
+from mailrelayd.delivery.mta_sts import StsPolicy
 from mailrelayd.delivery.mx import DnsError, DnsPermanentError, MxHost, MxResolver
+from mailrelayd.delivery.outbound_tls import OutboundTls
+from mailrelayd.delivery.tlspolicy import (
+    STARTTLS_NOT_SUPPORTED,
+    TLSA_INVALID,
+    VALIDATION_FAILURE,
+    HostPlan,
+    classify_tls_error,
+    failure_text,
+    testing_mx_mismatch,
+)
 from mailrelayd.log import get_logger
 
 log = get_logger()
@@ -29,8 +41,6 @@ MAX_ADDRESSES_TRIED = 5
 """Like Postfix's smtp_mx_address_limit: a broken domain costs a bounded number of connects."""
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-_DOT_STUFF = re.compile(rb"(?m)^\.")  # RFC 5321 §4.5.2
-_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,10 @@ class _PermFail(_TempFail):
     """A host refused the session permanently (5xx greeting or EHLO, SMTPUTF8 unsupported...)."""
 
 
+class _ReportOnly(Exception):
+    """An MTA-STS testing policy's certificate check failed: reported; reconnect without it (RFC 8461 §5)."""
+
+
 @dataclass(eq=False)
 class _Conn:
     smtp: aiosmtplib.SMTP
@@ -100,23 +114,14 @@ class _Conn:
     idle_since: float = field(default_factory=time.monotonic)
 
 
-def _client_context(verify: bool) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if not verify:  # opportunistic TLS (Postfix "may"/"encrypt"): encryption without authentication
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 class Transport:
     """Delivers one message to one destination domain per call, reusing idle connections."""
 
-    def __init__(self, cfg: Config, resolver: MxResolver) -> None:
+    def __init__(self, cfg: Config, resolver: MxResolver, tls: OutboundTls | None = None) -> None:
         self.resolver = resolver
+        self.tls = tls or OutboundTls(cfg, resolver)
         self._idle: dict[str, list[_Conn]] = {}
         self._domain_sems: dict[str, asyncio.Semaphore] = {}
-        self._ctx_may = _client_context(False)
-        self._ctx_verify = _client_context(True)
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
         self.reconfigure(cfg)
@@ -124,6 +129,7 @@ class Transport:
     def reconfigure(self, cfg: Config) -> None:
         """Apply a reloaded config; in-flight deliveries finish under the old limits."""
         self.cfg = cfg
+        self.tls.reconfigure(cfg)
         self._global = asyncio.Semaphore(cfg.delivery.max_concurrency)
         self._domain_sems = {}
         self._passwords: dict[str, str | None] = {}
@@ -141,6 +147,7 @@ class Transport:
         conns = [c for lst in self._idle.values() for c in lst]
         self._idle.clear()
         await asyncio.gather(*(self._quit(c) for c in conns), return_exceptions=True)
+        await self.tls.close()
 
     # --- the public operation ------------------------------------------------------------
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes
@@ -171,6 +178,7 @@ class Transport:
         except DnsError as e:
             code = 550 if isinstance(e, DnsPermanentError) else 451
             return [RcptResult(r, code, e.enhanced, str(e)) for r in rcpts]
+        sts = await self.tls.domain_policy(domain.lower(), route)
 
         sem = self._domain_sems.get(key)
         if sem is None:
@@ -179,7 +187,7 @@ class Transport:
             conn = await self._reuse(key)
             if conn is None:
                 try:
-                    conn = await self._connect(key, hosts, route)
+                    conn = await self._connect(key, hosts, route, domain.lower(), sts)
                 except _TempFail as e:
                     code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
                     return [RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage) for r in rcpts]
@@ -211,27 +219,44 @@ class Transport:
             await self._quit(conn)
         return None
 
-    async def _connect(self, key: str, hosts: list[MxHost], route: RouteConfig | None) -> _Conn:
+    async def _connect(self, key: str, hosts: list[MxHost], route: RouteConfig | None, domain: str,
+                       sts: StsPolicy | None) -> _Conn:
         """Try each MX address in order until one gives a usable session."""
         d = self.cfg.delivery
         last = _TempFail(451, "4.4.1", "no MX host could be tried")
         all_perm = True
         tried = 0
+        level = self.tls.level(route)
         for host in hosts:
+            plan = await self.tls.plan(level, domain, host, sts, via_mx=route is None)
+            if plan.refuse:  # MX not in an enforced MTA-STS policy, DANE lookup failed, dane-only...
+                self.tls.record(plan, host, "", plan.refuse_result)
+                all_perm = False
+                last = _TempFail(451, "4.7.5", plan.refuse)
+                continue
+            if testing_mx_mismatch(plan, sts, host.name):
+                self.tls.record(plan, host, "", VALIDATION_FAILURE, count_metric=False)
+                plan = dataclasses.replace(plan, sts_testing=False, report_success=False)
             for addr in host.addresses:
                 if tried >= MAX_ADDRESSES_TRIED:
                     break
                 tried += 1
                 try:
-                    return await self._open(key, host, addr, route, plaintext=False)
+                    try:
+                        return await self._open(key, host, addr, route, plan, plaintext=False)
+                    except _ReportOnly:
+                        return await self._open(key, host, addr, route,
+                                                dataclasses.replace(plan, sts_testing=False, report_success=False),
+                                                plaintext=False)
                 except _PermFail as e:
                     last = e
                 except _TempFail as e:
                     all_perm = False
                     last = e
-                    if e.enhanced == "4.7.5" and route is None and d.tls_fallback_plaintext and d.tls == "may":
+                    if e.enhanced == "4.7.5" and route is None and d.tls_fallback_plaintext and d.tls == "may" \
+                            and not plan.require_tls:
                         try:  # Postfix-like fallback for broken STARTTLS, only when configured
-                            return await self._open(key, host, addr, route, plaintext=True)
+                            return await self._open(key, host, addr, route, plan, plaintext=True)
                         except _TempFail as e2:
                             last = e2
         if isinstance(last, _PermFail) and not all_perm:
@@ -239,10 +264,9 @@ class Transport:
             last = _TempFail(451, "4." + last.enhanced[2:], last.text)  # our verdict: no remote reply kept
         raise last
 
-    async def _open(self, key: str, host: MxHost, addr: str, route: RouteConfig | None, *,
+    async def _open(self, key: str, host: MxHost, addr: str, route: RouteConfig | None, plan: HostPlan, *,
                     plaintext: bool) -> _Conn:
         d = self.cfg.delivery
-        tls_policy = route.tls if route else d.tls
         where = f"{host.name}[{addr}]:{host.port}"
         smtp = aiosmtplib.SMTP(hostname=addr, port=host.port, local_hostname=self.cfg.server.hostname,
                                timeout=d.greeting_timeout, start_tls=False, use_tls=False)
@@ -266,23 +290,23 @@ class Transport:
 
             await self._ehlo(smtp, where, host.name)
             tls = False
-            if tls_policy != "none" and not plaintext and smtp.supports_extension("starttls"):
-                ctx = self._ctx_verify if tls_policy == "verify" else self._ctx_may
-                try:
-                    await smtp.starttls(tls_context=ctx, server_hostname=host.name, timeout=d.greeting_timeout)
-                except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
-                    metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
-                    raise _TempFail(451, "4.7.5", f"TLS with {where} failed: {_one_line(str(e))}") from None
+            local = smtp.get_transport_info("sockname")
+            src = str(local[0]) if local else ""
+            if plan.mode != "none" and not plaintext and smtp.supports_extension("starttls"):
+                await self._starttls(smtp, host, addr, where, plan, src)
                 tls = True
-                metrics.OUTBOUND_TLS.labels("verified" if tls_policy == "verify" else "starttls").inc()
                 await self._ehlo(smtp, where, host.name)  # RFC 3207 §4.2: forget what we knew, ask again
-            elif tls_policy in ("require", "verify"):
-                raise _TempFail(451, "4.7.5", f"TLS is required, but was not offered by host {where}")
+            elif plan.require_tls:
+                self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, sending_ip=src)
+                why = f" by {plan.why}" if plan.why else ""
+                raise _TempFail(451, "4.7.5", f"TLS is required{why}, but was not offered by host {where}")
             else:
-                metrics.OUTBOUND_TLS.labels("plaintext").inc()
+                if plan.sts_testing and not plaintext:
+                    self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, count_metric=False, sending_ip=src)
+                self.tls.record(plan, host, addr, None, "plaintext")
 
             if route is not None and route.username:
-                if not tls and tls_policy != "none":
+                if not tls and plan.mode != "none":
                     raise _TempFail(451, "4.7.0", f"not sending AUTH credentials to {where} without TLS")
                 try:
                     await smtp.login(route.username, self._passwords.get(route.domain) or "",
@@ -297,6 +321,32 @@ class Transport:
             raise
         metrics.DELIVERY_CONNECTIONS.labels("ok").inc()
         return _Conn(smtp, host, addr, key, tls)
+
+    async def _starttls(self, smtp: aiosmtplib.SMTP, host: MxHost, addr: str, where: str, plan: HostPlan,
+                        src: str) -> None:
+        """STARTTLS as the plan demands (RFC 3207); DANE is checked on the finished handshake."""
+        ctx = self.tls.ctx_verify if plan.sts_testing else self.tls.context(plan)
+        try:
+            await smtp.starttls(tls_context=ctx, server_hostname=host.name,
+                                timeout=self.cfg.delivery.greeting_timeout)
+        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+            rtype, reason = classify_tls_error(e)
+            if plan.sts_testing and isinstance(e, ssl.SSLCertVerificationError):
+                self.tls.record(plan, host, addr, rtype, count_metric=False, sending_ip=src)
+                log.info("delivery.mta_sts_testing_failure", host=host.name, address=addr, result=rtype,
+                         reason=reason)
+                raise _ReportOnly() from None
+            metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
+            self.tls.record(plan, host, addr, rtype, sending_ip=src)
+            text = failure_text(plan, host.name, reason) if plan.why else f"TLS with {where} failed: {reason}"
+            raise _TempFail(451, "4.7.5", f"{text} (host {where})" if plan.why else text) from None
+        problem = self.tls.check_dane(plan, smtp.get_transport_info("ssl_object"), host)
+        if problem is not None:
+            metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
+            self.tls.record(plan, host, addr, TLSA_INVALID, sending_ip=src)
+            raise _TempFail(451, "4.7.5", f"{failure_text(plan, host.name, problem)} (host {where})")
+        result = {"dane": "dane", "pkix": "verified"}.get(plan.auth, "encrypted")
+        self.tls.record(plan, host, addr, None, "verified" if plan.sts_testing else result, sending_ip=src)
 
     async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str, mta: str) -> None:
         try:
@@ -383,11 +433,8 @@ class Transport:
                     done[r] = self._reply(r, resp, mta, "RCPT TO")
             if not accepted:
                 return finish(451, "4.3.0", "no recipient accepted"), True
-            resp = await smtp.execute_command(b"DATA", timeout=d.data_init_timeout)
-            if resp.code != 354:
-                return finish_reply(resp, "DATA"), resp.code != 421
-            resp = await self._send_body(smtp, data)
-            return finish_reply(resp, "end of DATA"), resp.code != 421
+            resp = await self._data(smtp, data)
+            return finish_reply(resp, "end of DATA" if resp.code == 250 else "DATA"), resp.code != 421
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()
             return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
@@ -395,36 +442,19 @@ class Transport:
             smtp.close()
             return finish(451, "4.4.2", f"lost connection with {mta}[{conn.address}]: {_one_line(str(e))}"), False
 
-    async def _send_body(self, smtp: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
-        """Send the dot-stuffed message and read the final reply (RFC 5321 §4.1.1.4).
+    async def _data(self, smtp: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
+        """DATA, the message and the final reply through aiosmtplib's public ``data()`` (RFC 5321 §4.1.1.4):
+        it dot-stuffs, adds the terminator and serialises with its command lock.
 
-        The spool holds CRLF-only text (the listener refuses bare CR/LF), so only dot-stuffing and the
-        terminator are added here.
+        aiosmtplib applies one timeout to each of the two replies; the body is handed to the transport
+        in one write (it is in memory already), so ``data_done_timeout`` bounds a receiver that stops
+        reading as well as one that never answers. A refusal raises SMTPDataError, for the DATA command
+        and the final reply alike (aiosmtplib does not say which), so its text says "DATA".
         """
-        proto = smtp.protocol
-        if proto is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost before message data")
-        body = _DOT_STUFF.sub(b"..", data)
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
-        # Data blocks, each bounded by data_block_timeout (RFC 5321 §4.5.3.2.5). Waiting for the
-        # buffer to drain is safe only before the terminator: until it is sent no reply can come.
-        drain = getattr(proto, "_drain_helper", None)
-        d = self.cfg.delivery
-        for i in range(0, len(body), _BLOCK):
-            proto.write(body[i:i + _BLOCK])
-            if drain is not None:
-                try:
-                    await asyncio.wait_for(drain(), d.data_block_timeout)
-                except TimeoutError:
-                    smtp.close()
-                    raise aiosmtplib.SMTPTimeoutError("timed out sending message data") from None
-        proto.write(b".\r\n")
         try:
-            return await proto.read_response(timeout=d.data_done_timeout)
-        except aiosmtplib.SMTPTimeoutError:
-            smtp.close()
-            raise
+            return await smtp.data(data, timeout=self.cfg.delivery.data_done_timeout)
+        except aiosmtplib.SMTPDataError as e:
+            return SMTPResponse(e.code, e.message)
 
     @staticmethod
     def _reply(rcpt: str, resp: SMTPResponse, mta: str, stage: str) -> RcptResult:

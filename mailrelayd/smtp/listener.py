@@ -7,7 +7,6 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import Counter
 
@@ -15,8 +14,10 @@ from mailrelayd import metrics
 from mailrelayd.config import Config, ListenerConfig
 from mailrelayd.intake import Intake, Signer
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
+from mailrelayd.smtp.connection import SmtpConnection
+from mailrelayd.smtp.dataread import MemoryBudget
 from mailrelayd.smtp.policy import Policy
-from mailrelayd.smtp.session import SmtpSession
+from mailrelayd.smtp.protocol import Hooks, Settings
 from mailrelayd.spool.store import NewMessage, Spool
 
 
@@ -33,6 +34,7 @@ class SmtpContext:
     spool: Spool
     on_accepted: Callable[[NewMessage], None]
     intake: Intake  # header policy, trace, DKIM, durable commit, scheduling (shared with other front ends)
+    budget: MemoryBudget | None = None  # message bytes in memory, across all listeners (limits.max_data_memory)
 
 
 class ConnectionLimiter:
@@ -71,12 +73,31 @@ class SmtpListener:
         self.config = config
         self.context = context
         self.limiter = limiter
-        self.sessions: set[Any] = set()
+        self.sessions: set[SmtpConnection] = set()
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
         self._replies: dict[tuple[str, str], Counter] = {}
         self._active = metrics.CONNECTIONS_ACTIVE.labels(config.name)
         self._active.set_function(lambda: len(self.sessions))
+        self._parts: tuple[SmtpContext, Settings, Hooks] | None = None
+        self.handshake_timeout = 0.0  # implicit TLS: set by start()
+
+    def protocol_parts(self) -> tuple[Settings, Hooks]:
+        """The protocol's settings and hooks under the current context (rebuilt when it changes)."""
+        ctx = self.context
+        if self._parts is None or self._parts[0] is not ctx:
+            lim = ctx.cfg.limits
+            policy = ctx.policy
+            settings = Settings(hostname=ctx.cfg.server.hostname, tls_mode=self.config.tls,
+                                submission=self.config.mode == "submission", auth_offered=policy.auth_offered,
+                                max_message_size=lim.max_message_size, max_line_length=lim.max_line_length,
+                                max_errors=lim.max_errors, command_timeout=lim.command_timeout,
+                                data_timeout=lim.data_timeout)
+            hooks = Hooks(policy=policy, check_space=ctx.spool.check_space, auth_locked=ctx.throttle.is_locked,
+                          draining=lambda: self.draining, budget=ctx.budget, on_reply=self.count_reply,
+                          on_suppressed=metrics.SUPPRESSED_REJECTIONS.labels("rcpt").inc)
+            self._parts = (ctx, settings, hooks)
+        return self._parts[1], self._parts[2]
 
     @property
     def name(self) -> str:
@@ -104,9 +125,17 @@ class SmtpListener:
     async def start(self) -> None:
         addr = self.config.address
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+        implicit = self.config.tls == "implicit"
+        if implicit and self.context.tls_context is None:
+            raise OSError(f"listener {self.name}: implicit TLS without a TLS context")
+        # Implicit TLS: the loop does the handshake before the protocol hears of the connection. The
+        # timeout is fixed for the server's life (a reload does not change it; connections use this one).
+        self.handshake_timeout = self.context.cfg.limits.tls_handshake_timeout
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: SmtpSession(self), host=addr.host, port=addr.port, family=family,
+            lambda: SmtpConnection(self), host=addr.host, port=addr.port, family=family,
             reuse_address=True, backlog=1024,
+            ssl=self.context.tls_context if implicit else None,
+            ssl_handshake_timeout=self.handshake_timeout if implicit else None,
         )
 
     async def stop_accepting(self) -> None:
@@ -114,13 +143,14 @@ class SmtpListener:
         self.draining = True
         if self._server is not None:
             self._server.close()
+        for sess in list(self.sessions):
+            sess.drain()
 
     def abort_sessions(self) -> int:
         """Close every remaining session (end of the drain timeout). Returns how many."""
         n = 0
         for sess in list(self.sessions):
-            t = getattr(sess, "transport", None)
-            if t is not None:
-                t.close()
+            if sess.transport is not None:
+                sess.abort()
                 n += 1
         return n

@@ -108,7 +108,7 @@ class Policy:
             self._rates[user.rate] = parse_rate(user.rate)
         return self._rates[user.rate]
 
-    async def check_rate(self, facts: Facts) -> Reply | None:
+    def check_rate(self, facts: Facts) -> Reply | None:
         """Per-user sending limit, counted at MAIL (like Postfix's anvil message rate): one
         accepted MAIL takes one from the user's budget. Call after :meth:`check_mail` passed."""
         user = facts.user
@@ -117,7 +117,7 @@ class Policy:
         rate = self.rate_for(user)
         if rate is None:
             return None
-        verdict = await self._limiter.take(user.name, rate)
+        verdict = self._limiter.take(user.name, rate)
         if verdict.allowed:
             return None
         metrics.USER_RATE_LIMITED.labels(user.name).inc()

@@ -23,7 +23,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,9 +325,29 @@ class Spool:
     # --- writes (group-committed) -------------------------------------------------------
     async def commit(self, msg: NewMessage) -> None:
         """Make ``msg`` durable. Returns only after the fsync; raises SpoolError otherwise."""
+        await self.start_commit(msg)
+
+    def start_commit(self, msg: NewMessage) -> Awaitable[None]:
+        """:meth:`commit` with the write queued now, before the caller's next await; await the
+        result. Writes are committed in groups, and one queued an event-loop turn later can miss the
+        group being written and wait a whole fsync more (the SMTP edge calls this from a callback)."""
         self.check_space(len(msg.data))
-        kinds = self._event_kinds
-        await self._write(lambda c: _insert(c, msg, kinds))
+        if self._writer is None:
+            raise SpoolWriteError("spool is closed")
+        kinds = self._event_kinds  # the accepted events go into the same transaction (no extra fsync)
+
+        def op(c: sqlite3.Connection) -> None:
+            _insert(c, msg)
+            if "accepted" in kinds:
+                _accepted_events(c, msg)
+        return self._await_write(self._writer.submit(op))
+
+    async def _await_write(self, fut: asyncio.Future[T]) -> T:
+        try:
+            return await fut
+        except SpoolError:
+            metrics.SPOOL_WRITE_ERRORS.inc()
+            raise
 
     async def update(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (),
                      events: Sequence[Event] = ()) -> list[str]:
@@ -341,7 +361,9 @@ class Spool:
 
         def op(c: sqlite3.Connection) -> list[str]:
             for m in new_messages:
-                _insert(c, m, kinds)
+                _insert(c, m)
+                if "accepted" in kinds:
+                    _accepted_events(c, m)
             for e in events:
                 if e.kind in kinds:
                     _insert_event(c, e)
@@ -585,17 +607,13 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _insert(c: sqlite3.Connection, m: NewMessage, kinds: frozenset[str] = frozenset()) -> None:
+def _insert(c: sqlite3.Connection, m: NewMessage) -> None:
     c.execute(
         "INSERT INTO messages (qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn, "
         "message_id, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener, m.sender_domain, int(m.is_dsn),
          m.message_id, m.user),
     )
-    if "accepted" in kinds and m.queue == OUTBOUND and not m.is_dsn:
-        c.executemany(
-            f"INSERT INTO events ({_EVENT_COLS}) VALUES ('accepted', ?, ?, ?, ?, ?, ?, '', 0, '', '')",
-            [(m.received_at, m.queue_id, m.message_id, m.mail_from, r, m.user) for r in m.recipients])
     c.execute("INSERT INTO bodies (qid, data) VALUES (?, ?)", (m.queue_id, m.data))
     c.executemany(
         "INSERT INTO recipients (qid, idx, address, domain, state, next_attempt, updated_at) "
@@ -603,6 +621,14 @@ def _insert(c: sqlite3.Connection, m: NewMessage, kinds: frozenset[str] = frozen
         [(m.queue_id, i, r, r.rpartition("@")[2].lower(), m.received_at, m.received_at)
          for i, r in enumerate(m.recipients)],
     )
+
+
+def _accepted_events(c: sqlite3.Connection, m: NewMessage) -> None:
+    """One ``accepted`` event per recipient, in the transaction that makes the message durable."""
+    if m.queue == OUTBOUND and not m.is_dsn:
+        c.executemany(
+            f"INSERT INTO events ({_EVENT_COLS}) VALUES ('accepted', ?, ?, ?, ?, ?, ?, '', 0, '', '')",
+            [(m.received_at, m.queue_id, m.message_id, m.mail_from, r, m.user) for r in m.recipients])
 
 
 def _insert_event(c: sqlite3.Connection, e: Event) -> None:

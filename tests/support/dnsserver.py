@@ -8,6 +8,8 @@ Usage::
         dns_srv.add("s1._domainkey.example.com.", "TXT", '"v=DKIM1; k=rsa; p=..."')
         dns_srv.set_rcode("broken.example.", dns.rcode.SERVFAIL)
         dns_srv.set_timeout("slow.example.")    # never answers
+        dns_srv.add("_25._tcp.mx1.example.com.", "TLSA", "3 1 1 <sha256 hex>")
+        dns_srv.set_ad(True)                    # answers claim "DNSSEC-validated" (AD bit)
         nameserver = f"127.0.0.1:{dns_srv.port}"
 
 Names not in the zone answer NXDOMAIN; names that exist with other types answer NOERROR/NODATA.
@@ -40,6 +42,8 @@ class DnsServer:
         self._records: dict[dns.name.Name, dict[int, list[tuple[int, str]]]] = defaultdict(dict)
         self._rcodes: dict[dns.name.Name, int] = {}
         self._timeouts: set[dns.name.Name] = set()
+        self._ad_all = False
+        self._ad_names: set[dns.name.Name] = set()
         self.queries: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._udp: socketserver.UDPServer | None = None
@@ -76,6 +80,15 @@ class DnsServer:
         with self._lock:
             (self._timeouts.add if on else self._timeouts.discard)(qname)
 
+    def set_ad(self, on: bool = True, name: str | None = None) -> None:
+        """Set the AD bit (RFC 4035 §3.2.3) on answers, as a validating resolver does for secure data:
+        for every name, or only ``name``. Only queries with the DO or AD bit get it (RFC 6840 §5.7)."""
+        with self._lock:
+            if name is None:
+                self._ad_all = on
+            else:
+                (self._ad_names.add if on else self._ad_names.discard)(dns.name.from_text(name))
+
     def query_count(self, name: str, rtype: str | None = None) -> int:
         name = name.rstrip(".").lower() + "."
         return sum(1 for n, t in self.queries if n == name and (rtype is None or t == rtype))
@@ -94,6 +107,9 @@ class DnsServer:
         q = query.question[0]
         with self._lock:
             self.queries.append((q.name.to_text().lower(), dns.rdatatype.to_text(q.rdtype)))
+            wants_ad = bool(query.ednsflags & dns.flags.DO) or bool(query.flags & dns.flags.AD)
+            if wants_ad and (self._ad_all or q.name in self._ad_names):
+                response.flags |= dns.flags.AD
             if q.name in self._timeouts:
                 return None
             if q.name in self._rcodes:

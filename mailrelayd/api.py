@@ -1,0 +1,216 @@
+"""The HTTP submission API: ``POST /v1/messages`` on ``[api] address``.
+
+Authentication: ``Authorization: Bearer <key>``; keys are created by ``mailrelayd user apikey`` and
+stored as SHA-256 hashes in the users file, so a key acts as its user (``allowed_from``, rate).
+
+Bodies:
+
+- ``Content-Type: message/rfc822``: the message as is; the envelope from ``?from=`` and ``&to=``
+  (repeatable, or comma-separated), or else from the From / To, Cc, Bcc headers (Bcc removed);
+- ``Content-Type: application/json``: ``{"from", "to": [...], "cc", "bcc", "subject", "text",
+  "html", "headers": {...}}``; the MIME message is built with the standard library.
+
+The message then goes through the same checks, header completion, DKIM and durable spool commit as
+SMTP (:class:`~mailrelayd.submit.LocalSubmitter`). ``202 {"queue_id": ...}`` once it is durable;
+errors are JSON ``{"error": {"code", "enhanced", "message"}}`` with the SMTP reply SMTP would give.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import ssl
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+from typing import Any
+
+from aiohttp import web
+
+from mailrelayd import metrics
+from mailrelayd.config import Config
+from mailrelayd.errors import DkimSignError, MessageRefused, Reply, SpoolError, reply_for
+from mailrelayd.log import get_logger
+from mailrelayd.sendmail import EX_NOUSER, PrepareError, prepare
+from mailrelayd.submit import LocalSubmitter, to_crlf
+from mailrelayd.users import User, api_key_hash
+
+log = get_logger()
+
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required: send Authorization: Bearer <API key>")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+BAD_TYPE = Reply(554, "5.6.1", "Content-Type must be message/rfc822 or application/json")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+_RESERVED = {"from", "to", "cc", "bcc", "subject", "content-type", "content-transfer-encoding", "mime-version"}
+
+
+class BadRequest(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class ApiContext:
+    """What a request needs, swapped as a whole on reload."""
+
+    cfg: Config
+    keys: dict[str, User] = field(default_factory=dict)
+    submitter: LocalSubmitter | None = None
+
+
+def http_status(r: Reply) -> int:
+    """The HTTP status for an SMTP refusal."""
+    if r.enhanced == "4.7.1":
+        return 429  # over the user's sending rate
+    if r.code < 500:
+        return 503
+    if r.enhanced.startswith("5.7.8") or r.code in (530, 535):
+        return 401
+    if r.enhanced == "5.3.4":
+        return 413
+    if r.enhanced.startswith("5.7"):
+        return 403
+    if r.enhanced == "5.6.1":
+        return 415
+    return 400 if r.enhanced.startswith(("5.5", "5.6")) else 422
+
+
+def error_response(r: Reply, status: int | None = None) -> web.Response:
+    status = status or http_status(r)
+    metrics.API_REQUESTS.labels(str(status)).inc()
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response({"error": {"code": r.code, "enhanced": r.enhanced, "message": r.text}},
+                             status=status, headers=headers)
+
+
+def _addresses(value: Any, key: str) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise BadRequest(Reply(501, "5.5.4", f"{key} must be a string or an array of strings"))
+    if any("\r" in v or "\n" in v for v in items):
+        raise BadRequest(Reply(501, "5.5.4", f"{key}: line breaks are not allowed"))
+    return items
+
+
+def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
+    """(envelope sender, recipients, CRLF message) from the JSON form."""
+    if not isinstance(doc, dict):
+        raise BadRequest(Reply(501, "5.5.4", "body must be a JSON object"))
+    unknown = set(doc) - {"from", "to", "cc", "bcc", "subject", "text", "html", "headers"}
+    if unknown:
+        raise BadRequest(Reply(501, "5.5.4", f"unknown field {sorted(unknown)[0]!r}"))
+    frm = _addresses(doc.get("from"), "from")
+    if len(frm) != 1:
+        raise BadRequest(Reply(550, "5.6.0", "from is required (one address, \"Name <addr>\" allowed)"))
+    to, cc, bcc = (_addresses(doc.get(k), k) for k in ("to", "cc", "bcc"))
+    msg = EmailMessage(policy=email.policy.SMTP)
+    try:
+        msg["From"] = frm[0]
+        if to:
+            msg["To"] = ", ".join(to)
+        if cc:
+            msg["Cc"] = ", ".join(cc)
+        subject = doc.get("subject", "")
+        if not isinstance(subject, str):
+            raise BadRequest(Reply(501, "5.5.4", "subject must be a string"))
+        msg["Subject"] = subject
+        headers = doc.get("headers") or {}
+        if not isinstance(headers, dict):
+            raise BadRequest(Reply(501, "5.5.4", "headers must be an object of name: value"))
+        for name, value in headers.items():
+            if not isinstance(value, str) or name.lower() in _RESERVED or not name or \
+                    any(c in name for c in ": \r\n") or "\r" in value or "\n" in value:
+                raise BadRequest(Reply(501, "5.5.4", f"header {name!r} is not allowed or has a bad value"))
+            msg[name] = value
+        text, html = doc.get("text"), doc.get("html")
+        if not any(isinstance(x, str) for x in (text, html)) or \
+                any(x is not None and not isinstance(x, str) for x in (text, html)):
+            raise BadRequest(Reply(501, "5.5.4", "text and/or html (strings) are required"))
+        if isinstance(text, str):
+            msg.set_content(text)
+            if isinstance(html, str):
+                msg.add_alternative(html, subtype="html")
+        else:
+            msg.set_content(html, subtype="html")
+        data = msg.as_bytes()
+    except (ValueError, TypeError, IndexError) as e:  # the email package's verdict on a value
+        raise BadRequest(Reply(501, "5.5.4", f"bad message field: {e}"[:200])) from None
+    sender = email.utils.parseaddr(frm[0])[1]
+    rcpts = [a for _, a in email.utils.getaddresses([*to, *cc, *bcc]) if a]
+    return sender, rcpts, data
+
+
+class ApiServer:
+    def __init__(self, context: ApiContext) -> None:
+        self.context = context
+        self._runner: web.AppRunner | None = None
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None, max_body: int) -> None:
+        app = web.Application(client_max_size=max_body)
+        app.router.add_post("/v1/messages", self.post_message)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, ssl_context=tls, reuse_address=True).start()
+        addrs = self._runner.addresses
+        if addrs:
+            self.bound = (str(addrs[0][0]), int(addrs[0][1]))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def post_message(self, request: web.Request) -> web.Response:
+        ctx = self.context
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return error_response(AUTH_REQUIRED, 401)
+        user = ctx.keys.get(api_key_hash(token.strip()))
+        if user is None or ctx.submitter is None:
+            log.info("api.auth_failed", peer=request.remote)
+            return error_response(AUTH_INVALID, 401)
+        try:
+            mail_from, rcpts, data = await self._read(request, ctx)
+        except BadRequest as e:
+            return error_response(e.reply)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(TOO_BIG, 413)
+        tls = "HTTPS" if request.secure else None
+        try:
+            res = await ctx.submitter.submit(user, mail_from, rcpts, data, peer_ip=request.remote or "unknown",
+                                             tls=tls)
+        except (MessageRefused, SpoolError, DkimSignError) as e:
+            r = reply_for(e)
+            log.info("api.refused", user=user.name, reply=str(r), mail_from=mail_from, rcpts=len(rcpts))
+            return error_response(r)
+        metrics.API_REQUESTS.labels("202").inc()
+        return web.json_response(
+            {"queue_id": res.queue_id,
+             "rejected": [{"recipient": x.recipient, "code": x.reply.code, "enhanced": x.reply.enhanced,
+                           "message": x.reply.text} for x in res.refused]},
+            status=202)
+
+    async def _read(self, request: web.Request, ctx: ApiContext) -> tuple[str, list[str], bytes]:
+        ctype = request.content_type
+        if ctype == "message/rfc822":
+            raw = to_crlf(await request.read())
+            q = request.query
+            tos = [t.strip() for v in q.getall("to", []) for t in v.split(",") if t.strip()]
+            try:
+                p = prepare(raw, recipients=tos, extract=not tos, sender=q.get("from") or None, full_name=None,
+                            domain=ctx.cfg.server.hostname, default_sender=None)
+            except PrepareError as e:
+                no_rcpt = e.exit_code == EX_NOUSER
+                raise BadRequest(Reply(554, "5.5.1", str(e)) if no_rcpt else Reply(550, "5.6.0", str(e))) from None
+            return p.mail_from, list(p.recipients), p.data
+        if ctype == "application/json":
+            try:
+                doc = await request.json()
+            except ValueError:
+                raise BadRequest(Reply(501, "5.5.4", "body is not valid JSON")) from None
+            return build_json_message(doc)
+        raise BadRequest(BAD_TYPE)

@@ -1,0 +1,214 @@
+"""The ``sendmail`` command line (what cron, PHP ``mail()`` and scripts call) and the message
+preparation shared by the local submission paths.
+
+Pure functions: argument parsing as Postfix's sendmail(1) does it, and the envelope/header work
+(``-t`` recipients from To/Cc/Bcc with Bcc removed, ``-f``/``-F``, bare local parts qualified
+with a domain). The CLI (:mod:`mailrelayd.cli`) reads standard input and hands the request to the
+daemon through the admin socket, or leaves it in the maildrop directory when the daemon is down.
+The HTTP API uses :func:`prepare` for ``message/rfc822`` bodies too.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# sysexits.h
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+
+# Options that take a value (as the next argument or glued: "-fuser@x" / "-f user@x").
+_WITH_VALUE = set("fFrBNRVXCLhOo")
+# Flags accepted and ignored, as Postfix does (delivery mode, error mode, verbosity...).
+_IGNORED_PREFIXES = ("-od", "-oe", "-oo", "-om", "-oQ", "-ob", "-oA", "-oL", "-oR", "-oT", "-U", "-n", "-v")
+_HEADER_RE = re.compile(rb"^([!-9;-~]+):")
+
+
+class UsageError(ValueError):
+    """Bad command line (exit EX_USAGE)."""
+
+
+class PrepareError(ValueError):
+    """The message or envelope is unusable (exit EX_DATAERR / EX_NOUSER)."""
+
+    def __init__(self, message: str, exit_code: int = EX_DATAERR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class SendmailArgs:
+    recipients: list[str] = field(default_factory=list)
+    extract: bool = False  # -t
+    dot_ends: bool = True  # cleared by -i / -oi
+    sender: str | None = None  # -f / -r
+    full_name: str | None = None  # -F
+    config: str | None = None  # -C: our config file (Postfix: its configuration directory)
+
+    def request(self, data: bytes, login: str) -> dict[str, Any]:
+        """What is sent to the daemon (JSON; ``data`` base64-encoded by the caller)."""
+        return {"recipients": self.recipients, "extract": self.extract, "sender": self.sender,
+                "full_name": self.full_name, "login": login}
+
+
+def parse_args(argv: Sequence[str]) -> SendmailArgs:
+    """Parse sendmail(1) arguments. Raises UsageError for modes other than -bm (deliver)."""
+    a = SendmailArgs()
+    i = 0
+    args = list(argv)
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            a.recipients.extend(args[i:])
+            break
+        if not arg.startswith("-") or arg == "-":
+            a.recipients.append(arg)
+            continue
+        if arg in ("-i", "-oi"):
+            a.dot_ends = False
+            continue
+        if arg == "-t":
+            a.extract = True
+            continue
+        if arg.startswith("-b"):
+            if arg != "-bm":
+                raise UsageError(f"mode {arg} is not supported (only -bm, delivering a message, is)")
+            continue
+        if arg.startswith(_IGNORED_PREFIXES) and arg[1] not in "fFr":
+            continue
+        if re.fullmatch(r"-[tiv]+", arg):  # combined flags: -ti
+            a.extract = a.extract or "t" in arg
+            a.dot_ends = a.dot_ends and "i" not in arg
+            continue
+        opt = arg[1]
+        if opt in _WITH_VALUE:
+            value = arg[2:]
+            if not value:
+                if i >= len(args):
+                    raise UsageError(f"option -{opt} needs a value")
+                value = args[i]
+                i += 1
+            if opt in "fr":
+                a.sender = value.strip().strip("<>")
+            elif opt == "F":
+                a.full_name = value
+            elif opt == "C":
+                a.config = value
+            continue  # -B -N -R -V -X -L -h -O -o<x>: accepted and ignored
+        raise UsageError(f"unknown option {arg}")
+    out: list[str] = []
+    for r in a.recipients:
+        out.extend(x.strip() for x in r.split(",") if x.strip())
+    a.recipients = out
+    return a
+
+
+def read_message(raw: bytes, dot_ends: bool) -> bytes:
+    """Standard input as a CRLF message. Without -i a line with a single "." ends it (and the
+    rest is ignored), as sendmail does."""
+    lines = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    if dot_ends:
+        try:
+            lines = lines[: lines.index(b".")]
+        except ValueError:
+            pass
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+def _fields(head: bytes) -> list[bytes]:
+    """The header block as a list of whole (possibly folded) fields, CRLF-terminated."""
+    out: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and out:
+            out[-1] += line + b"\r\n"
+        else:
+            out.append(line + b"\r\n")
+    return out
+
+
+def _name(f: bytes) -> bytes:
+    m = _HEADER_RE.match(f)
+    return m.group(1).lower() if m else b""
+
+
+def _value(f: bytes) -> str:
+    return f.split(b":", 1)[1].decode("utf-8", "replace").replace("\r\n", "").strip()
+
+
+def qualify(addr: str, domain: str) -> str:
+    addr = addr.strip().strip("<>")
+    return addr if "@" in addr or not addr else f"{addr}@{domain}"
+
+
+def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: str | None, full_name: str | None,
+            domain: str, default_sender: str | None, fallback_sender: str = "") -> Prepared:
+    """Envelope and header work for a locally submitted CRLF message (see module docstring)."""
+    end = data.find(b"\r\n\r\n")
+    if data.startswith(b"\r\n"):
+        head, body = b"", data[2:]
+    elif end < 0:
+        # No blank line: all header if every line looks like a field, else all body.
+        lines = [ln for ln in data.split(b"\r\n") if ln]
+        if lines and all(_HEADER_RE.match(ln) or ln[:1] in (b" ", b"\t") for ln in lines):
+            head, body = data, b""
+        else:
+            head, body = b"", data
+    else:
+        head, body = data[: end + 2], data[end + 4:]
+    fields = _fields(head)
+    if head and any(not _name(f) for f in fields):
+        # A line that is no header field: treat everything as body (what Postfix does).
+        fields, body = [], data
+    rcpts = [qualify(r, domain) for r in recipients]
+    if extract:
+        values = [_value(f) for f in fields if _name(f) in (b"to", b"cc", b"bcc")]
+        rcpts += [qualify(a, domain) for _, a in email.utils.getaddresses(values) if a]
+    # Bcc is never transmitted (RFC 5322 §3.6.3).
+    fields = [f for f in fields if _name(f) not in (b"bcc", b"resent-bcc")]
+    froms = [f for f in fields if _name(f) == b"from"]
+    header_from = ""
+    new_fields = []
+    for f in fields:
+        if _name(f) == b"from":
+            pairs = email.utils.getaddresses([_value(f)])
+            if any(a and "@" not in a for _, a in pairs):  # "root (Cron Daemon)": qualify it
+                fixed = ", ".join(email.utils.formataddr((n, qualify(a, domain))) for n, a in pairs if a)
+                f = f"From: {fixed}\r\n".encode()
+            header_from = next((qualify(a, domain) for _, a in email.utils.getaddresses([_value(f)]) if a), "")
+        new_fields.append(f)
+    fields = new_fields
+    # -f, then the configured default, then the From header, then login@domain (Postfix's default).
+    mail_from = qualify(sender or default_sender or header_from or fallback_sender, domain)
+    if not mail_from:
+        raise PrepareError("no sender: give -f, set [sendmail] default_from, or add a From header")
+    if not froms:
+        fields.insert(0, f"From: {email.utils.formataddr((full_name or '', mail_from))}\r\n".encode())
+    seen: dict[str, None] = {}
+    for r in rcpts:
+        if r and "@" in r:
+            seen.setdefault(r, None)
+        elif r:
+            raise PrepareError(f"bad recipient address {r!r}", EX_NOUSER)
+    if not seen:
+        raise PrepareError("no recipients (give addresses as arguments, or -t with To/Cc/Bcc headers)", EX_NOUSER)
+    return Prepared(mail_from, tuple(seen), b"".join(fields) + b"\r\n" + body)

@@ -1,0 +1,101 @@
+"""Local submission (the ``sendmail`` command and the HTTP API): the checks an SMTP client would
+meet between MAIL and DATA, then the same :class:`~mailrelayd.intake.Intake` as SMTP (header
+policy, Received, header completion, DKIM, durable spool commit).
+
+The submitting user is known (the ``[sendmail] user``, or the owner of the API key), so the
+rules are those of a submission listener: ``allowed_from`` for the envelope sender and the header
+From, the user's sending rate, the recipient limit, suppressed recipients refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mailrelayd.config import Config
+from mailrelayd.errors import MessageRefused, Reply
+from mailrelayd.intake import Intake, Origin
+from mailrelayd.smtp.address import AddressError, Mailbox, parse_command_path
+from mailrelayd.smtp.policy import TOO_BIG, Facts, Policy
+from mailrelayd.users import User
+
+NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 §4.5.3.1.6)")
+NUL_IN_DATA = Reply(550, "5.6.0", "NUL characters are not allowed in message data")
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    recipient: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    queue_id: str
+    refused: tuple[Refused, ...]
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Line ends normalised to CRLF (local programs write LF)."""
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+
+class LocalSubmitter:
+    """One per front end and runtime (rebuilt on reload)."""
+
+    def __init__(self, cfg: Config, policy: Policy, intake: Intake, *, listener: str, protocol: str) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.intake = intake
+        self.listener = listener
+        self.protocol = protocol
+
+    async def submit(self, user: User, mail_from: str, recipients: Sequence[str], data: bytes, *,
+                     peer_ip: str = "127.0.0.1", tls: str | None = None) -> Submitted:
+        """Queue the message for the recipients that pass. Raises MessageRefused when the sender,
+        the content or every recipient is refused (and SpoolError / DkimSignError as Intake does)."""
+        facts = Facts(peer_ip=peer_ip, tls=tls is not None, user=user)
+        limits = self.cfg.limits
+        if len(data) > limits.max_message_size:
+            raise MessageRefused(TOO_BIG)
+        if b"\0" in data:
+            raise MessageRefused(NUL_IN_DATA)
+        if any(len(line) > limits.max_line_length - 2 for line in data.split(b"\r\n")):
+            raise MessageRefused(LINE_TOO_LONG)
+        try:
+            sender = _mailbox(mail_from)
+        except AddressError as e:
+            raise MessageRefused(Reply(553, "5.1.7", f"Bad sender address syntax: {e}")) from None
+        refusal = self.policy.check_mail(facts, sender, len(data)) or self.policy.check_rate(facts)
+        if refusal is not None:
+            raise MessageRefused(refusal)
+        accepted: list[str] = []
+        refused: list[Refused] = []
+        for r in recipients:
+            try:
+                rcpt = _mailbox(r)
+            except AddressError as e:
+                refused.append(Refused(r, Reply(553, "5.1.3", f"Bad recipient address syntax: {e}")))
+                continue
+            reply, _local = self.policy.check_rcpt(facts, False, rcpt, len(accepted))
+            if reply is not None:
+                refused.append(Refused(r, reply))
+            else:
+                accepted.append(str(rcpt))
+        if not accepted:
+            raise MessageRefused(refused[0].reply if len(refused) == 1 else NO_RECIPIENTS)
+        origin = Origin(listener=self.listener, peer_ip=peer_ip, helo=None, protocol=self.protocol, tls=tls,
+                        user=user)
+        qid = await self.intake.accept(origin, str(sender), accepted, data, outbound=True)
+        return Submitted(qid, tuple(refused))
+
+
+def _mailbox(addr: str) -> Mailbox:
+    """One address, parsed as SMTP would parse it in MAIL FROM / RCPT TO."""
+    if not addr or any(c in addr for c in "<>\r\n"):
+        raise AddressError("not a plain address")
+    box, rest = parse_command_path(f"<{addr}>", allow_null=False, utf8=True)
+    if box is None or rest.strip():
+        raise AddressError("not a plain address")
+    return box

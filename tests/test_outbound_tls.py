@@ -1,0 +1,425 @@
+"""MTA-STS, DANE and TLS-RPT through real sockets: the loopback DNS stub (with the AD bit where DANE is
+tested), an HTTPS policy server on 127.0.0.1:443 with a test CA made here, and STARTTLS sinks with
+good, expired, wrong-name and self-signed certificates."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from aiohttp import web
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from prometheus_client import REGISTRY
+
+from mailrelayd.config import Config, parse_config
+from mailrelayd.delivery.mx import MxResolver
+from mailrelayd.delivery.tlsrpt import day_of
+from mailrelayd.delivery.transport import RcptResult, Transport
+from tests.conftest import REPO, base_config, deep_merge, write_config
+from tests.support.dnsserver import DnsServer
+from tests.support.sink import Sink
+from tests.support.testca import Issued, TestCA
+
+MSG = b"From: a@example.com\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\nbody\r\n"
+MX = "mx.dest.test"
+
+
+def _policy(mode: str = "enforce", mx: str = MX) -> str:
+    return f"version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n"
+
+
+def _can_bind_443() -> str | None:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", 443))
+    except OSError as e:
+        return f"cannot bind 127.0.0.1:443 for the MTA-STS policy server: {e}"
+    finally:
+        s.close()
+    return None
+
+
+class PolicyServer:
+    """HTTPS on 127.0.0.1:443: /.well-known/mta-sts.txt by Host, and a TLS-RPT POST endpoint."""
+
+    def __init__(self, issued: Issued) -> None:
+        self.ctx = issued.server_context()
+        self.policies: dict[str, str] = {}
+        self.requests: list[str] = []
+        self.posts: list[tuple[str, bytes]] = []
+        self._runner: web.AppRunner | None = None
+
+    async def _get(self, request: web.Request) -> web.Response:
+        self.requests.append(request.host)
+        host = request.host.split(":")[0]
+        text = self.policies.get(host.removeprefix("mta-sts."))
+        if text is None:
+            return web.Response(status=404)
+        return web.Response(text=text, content_type="text/plain")
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.posts.append((request.headers.get("Content-Type", ""), await request.read()))
+        return web.Response(status=201)
+
+    async def start(self) -> PolicyServer:
+        app = web.Application()
+        app.router.add_get("/.well-known/mta-sts.txt", self._get)
+        app.router.add_post("/tlsrpt", self._post)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 443, ssl_context=self.ctx, reuse_address=True).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return TestCA(tmp_path_factory.mktemp("outbound-ca"))
+
+
+@pytest.fixture(scope="module")
+def certs(ca: TestCA) -> dict[str, Issued]:
+    return {
+        "good": ca.issue("good", [MX]),
+        "expired": ca.issue("expired", [MX], expired=True),
+        "wrong-name": ca.issue("wrong", ["other.example.net"]),
+        "self-signed": ca.issue("self", [MX], self_signed=True),
+        "policy": ca.issue("policy", ["mta-sts.dest.test", "mta-sts.testing.test", "rpt.dest.test"]),
+    }
+
+
+@pytest.fixture
+def dns_srv() -> Iterator[DnsServer]:
+    with DnsServer() as srv:
+        srv.add("dest.test.", "MX", f"10 {MX}.")
+        srv.add(f"{MX}.", "A", "127.0.0.1")
+        srv.add("mta-sts.dest.test.", "A", "127.0.0.1")
+        srv.add("rpt.dest.test.", "A", "127.0.0.1")
+        yield srv
+
+
+@pytest.fixture
+async def policy_server(certs: dict[str, Issued]) -> AsyncIterator[PolicyServer]:
+    why = _can_bind_443()
+    if why:
+        pytest.skip(why)
+    srv = await PolicyServer(certs["policy"]).start()
+    yield srv
+    await srv.stop()
+
+
+def _config(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, dns_port: int, port: int,
+            **delivery: Any) -> Config:
+    write_config(tmp_path, {})
+    over = {"delivery": {"port": port, "ca_file": str(ca.ca_file), **delivery}, "routes": [],
+            "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": "3s"},
+            "tls_rpt": {"enabled": True, "reporting_domain": "relay.test.example"}}
+    return parse_config(deep_merge(base_config(tls_files), over), tmp_path / "mailrelayd.toml")
+
+
+@contextlib.asynccontextmanager
+async def _sink(issued: Issued | None) -> AsyncIterator[Sink]:
+    s = await Sink(tls=issued.server_context() if issued else None).start()
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+def _metric(mode: str, result: str) -> float:
+    return REGISTRY.get_sample_value("mailrelayd_delivery_tls_total", {"mode": mode, "result": result}) or 0.0
+
+
+async def _deliver(t: Transport, domain: str = "dest.test") -> RcptResult:
+    (r,) = await t.deliver(domain, "a@example.com", [f"b@{domain}"], MSG)
+    return r
+
+
+def _publish_sts(dns_srv: DnsServer, srv: PolicyServer, domain: str, text: str, pid: str = "1") -> None:
+    dns_srv.add(f"_mta-sts.{domain}.", "TXT", f'"v=STSv1; id={pid};"')
+    srv.policies[domain] = text
+
+
+# --- MTA-STS enforce -------------------------------------------------------------------------
+async def test_enforce_valid_certificate_delivers_over_tls(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                          certs: dict[str, Issued], dns_srv: DnsServer,
+                                                          policy_server: PolicyServer) -> None:
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy())
+    async with _sink(certs["good"]) as sink:
+        t = Transport(_config(tmp_path, tls_files, ca, dns_srv.port, sink.port), MxResolver(
+            _config(tmp_path, tls_files, ca, dns_srv.port, sink.port).dns))
+        before = _metric("mta-sts", "verified")
+        r = await _deliver(t)
+        assert r.ok, r.text
+        assert len(sink.messages) == 1 and sink.messages[0].tls
+        assert _metric("mta-sts", "verified") == before + 1
+        # The policy is cached: a second message does not fetch it again, nor look at DNS for it first.
+        n_fetch = len(policy_server.requests)
+        assert (await _deliver(t)).ok
+        assert len(policy_server.requests) == n_fetch == 1
+        await t.close()
+    saved = json.loads((tmp_path / "state" / "mta-sts.json").read_text())
+    assert saved["policies"][0]["domain"] == "dest.test"
+
+
+@pytest.mark.parametrize(("cert", "reason"), [
+    ("self-signed", "self-signed certificate"),
+    ("expired", "certificate has expired"),
+    ("wrong-name", "Hostname mismatch"),
+])
+async def test_enforce_bad_certificate_sends_nothing(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                     certs: dict[str, Issued], dns_srv: DnsServer,
+                                                     policy_server: PolicyServer, cert: str, reason: str) -> None:
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy())
+    async with _sink(certs[cert]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        for _ in range(2):  # and it stays deferred: never a plaintext retry
+            r = await _deliver(t)
+            assert (r.code, r.enhanced) == (451, "4.7.5"), r
+            assert f"MTA-STS policy for dest.test requires a valid certificate for {MX}; got" in r.text
+            assert reason.lower() in r.text.lower()
+        assert sink.messages == [] and sink.rcpt_seen == []
+        await t.close()
+
+
+async def test_enforce_without_starttls_sends_nothing(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                      dns_srv: DnsServer, policy_server: PolicyServer) -> None:
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy())
+    async with _sink(None) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls_fallback_plaintext=True)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        before = _metric("mta-sts", "starttls_not_supported")
+        r = await _deliver(t)
+        assert (r.code, r.enhanced) == (451, "4.7.5")
+        assert "TLS is required by MTA-STS policy for dest.test" in r.text
+        assert sink.messages == [] and sink.rcpt_seen == []
+        assert _metric("mta-sts", "starttls_not_supported") == before + 1
+        await t.close()
+
+
+async def test_enforce_unlisted_mx_is_never_contacted(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                      certs: dict[str, Issued], dns_srv: DnsServer,
+                                                      policy_server: PolicyServer) -> None:
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy(mx="mx.elsewhere.test"))
+    async with _sink(certs["good"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.enhanced == "4.7.5" and f"does not list MX host {MX}" in r.text
+        assert sink.connections == 0
+        await t.close()
+
+
+async def test_policy_host_with_untrusted_certificate_is_no_policy(
+        tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued], dns_srv: DnsServer,
+        policy_server: PolicyServer) -> None:
+    """A policy that cannot be fetched over validated HTTPS is not a policy (RFC 8461 §3.3), and the
+    failure is kept for TLS-RPT; delivery goes on at the configured level."""
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy())
+    other = TestCA(tmp_path, name="not the CA the policy server uses")
+    async with _sink(certs["good"]) as sink:
+        cfg = _config(tmp_path, tls_files, other, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.ok and sink.messages[0].tls
+        assert t.tls.sts.fetch_errors["dest.test"].result_type == "sts-webpki-invalid"
+        rows = t.tls.rpt.snapshot()[day_of(time.time())]
+        assert any(r["domain"] == "dest.test" and r["type"] == "sts" and r["failures"][0][0] == "sts-webpki-invalid"
+                   for r in rows)
+        await t.close()
+
+
+# --- MTA-STS testing, TLS-RPT ------------------------------------------------------------------
+async def test_testing_delivers_and_reports(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                            certs: dict[str, Issued], dns_srv: DnsServer,
+                                            policy_server: PolicyServer) -> None:
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy("testing"))
+    dns_srv.add("_smtp._tls.dest.test.", "TXT", '"v=TLSRPTv1; rua=mailto:tlsrpt@dest.test,https://rpt.dest.test/tlsrpt"')
+    async with _sink(certs["self-signed"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.ok, r.text
+        assert len(sink.messages) == 1 and sink.messages[0].tls
+        await t.tls.save()
+        day_file = tmp_path / "state" / "tlsrpt" / f"{day_of(time.time())}.json"
+        rows = json.loads(day_file.read_text())
+        (row,) = [x for x in rows if x["domain"] == "dest.test"]
+        assert row["type"] == "sts" and row["failures"][0][:4] == ["certificate-not-trusted", "127.0.0.1", MX,
+                                                                   "127.0.0.1"]
+        assert row["success"] == 0  # the fallback session is not an MTA-STS-validated one
+
+        # `mailrelayd tlsrpt show --json` prints the report that would be sent.
+        cfg_file = tmp_path / "mailrelayd.toml"
+        data = deep_merge(base_config(tls_files), {"tls_rpt": {"enabled": True},
+                                                   "delivery": {"ca_file": str(ca.ca_file)}})
+        cfg_file.write_text(tomli_w.dumps(data))
+        out = subprocess.run([sys.executable, "-m", "mailrelayd", "tlsrpt", "show", "--json", "-c", str(cfg_file)],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        shown = json.loads(out.stdout)
+        rep = next(x for x in shown["reports"] if x["policy-domain"] == "dest.test")["report"]
+        assert rep["policies"][0]["failure-details"][0]["result-type"] == "certificate-not-trusted"
+
+        # The next day: one gzip JSON report per policy domain to each rua (mailto through the queue, https POST).
+        queued: list[tuple[tuple[str, ...], bytes, str]] = []
+
+        async def enqueue(rcpts: tuple[str, ...], msg: bytes, sender_domain: str) -> None:
+            queued.append((rcpts, msg, sender_domain))
+        sent = await t.tls.send_due_reports(enqueue, now=time.time() + 86400)
+        assert sent == 2
+        assert queued[0][0] == ("tlsrpt@dest.test",) and b'report-type="tlsrpt"' in queued[0][1]
+        ctype, body = policy_server.posts[0]
+        assert ctype == "application/tlsrpt+gzip"
+        assert json.loads(gzip.decompress(body))["policies"][0]["policy"]["policy-domain"] == "dest.test"
+        assert not day_file.exists() and (day_file.parent / "sent" / day_file.name).exists()
+        await t.close()
+
+
+# --- DANE ------------------------------------------------------------------------------------
+def _tlsa_311(issued: Issued) -> str:
+    spki = issued.cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return f"3 1 1 {hashlib.sha256(spki).hexdigest()}"
+
+
+@pytest.mark.parametrize(("level", "ad", "matching", "delivered", "mode", "result"), [
+    ("dane", True, True, True, "dane", "dane"),
+    ("dane", True, False, False, "dane", "tlsa_invalid"),
+    ("dane", False, False, True, "may", "encrypted"),      # no AD bit: no DANE (opportunistic TLS)
+    ("dane-only", False, True, False, "dane-only", "dane_required"),
+    ("dane-only", True, True, True, "dane-only", "dane"),
+])
+async def test_dane(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued],
+                    dns_srv: DnsServer, level: str, ad: bool, matching: bool, delivered: bool, mode: str,
+                    result: str) -> None:
+    # DANE-EE pins the key: a self-signed certificate is fine (RFC 7672 §3.1.1).
+    async with _sink(certs["self-signed"]) as sink:
+        pinned = certs["self-signed"] if matching else certs["good"]
+        dns_srv.add(f"_{sink.port}._tcp.{MX}.", "TLSA", _tlsa_311(pinned))
+        dns_srv.set_ad(ad)
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls=level, mta_sts=False)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        before = _metric(mode, result)
+        r = await _deliver(t)
+        assert r.ok is delivered, r.text
+        assert len(sink.messages) == (1 if delivered else 0)
+        if delivered:
+            assert sink.messages[0].tls
+        else:
+            assert r.enhanced == "4.7.5" and sink.rcpt_seen == []
+        assert _metric(mode, result) == before + 1
+        await t.close()
+
+
+async def test_dane_bogus_tlsa_defers(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                      certs: dict[str, Issued], dns_srv: DnsServer) -> None:
+    import dns.rcode
+    async with _sink(certs["good"]) as sink:
+        dns_srv.set_rcode(f"_{sink.port}._tcp.{MX}.", dns.rcode.SERVFAIL)  # what a validator says for bogus
+        dns_srv.set_ad(True)
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls="dane", mta_sts=False)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.enhanced == "4.7.5" and "TLSA lookup" in r.text
+        assert sink.connections == 0
+        await t.close()
+
+
+# --- the same enforce path under uvloop --------------------------------------------------------
+def test_enforce_under_uvloop(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued],
+                              dns_srv: DnsServer) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    why = _can_bind_443()
+    if why:
+        pytest.skip(why)
+
+    async def scenario() -> None:
+        srv = await PolicyServer(certs["policy"]).start()
+        try:
+            _publish_sts(dns_srv, srv, "dest.test", _policy())
+            for name, ok in (("good", True), ("self-signed", False)):
+                async with _sink(certs[name]) as sink:
+                    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+                    t = Transport(cfg, MxResolver(cfg.dns))
+                    r = await _deliver(t)
+                    assert r.ok is ok, r.text
+                    assert len(sink.messages) == (1 if ok else 0)
+                    await t.close()
+        finally:
+            await srv.stop()
+    run: Callable[[Awaitable[None]], None] = uvloop.run
+    run(scenario())
+
+
+# --- doctor: the operator's own inbound records ------------------------------------------------
+async def test_doctor_checks_own_mta_sts_and_tls_rpt(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                     dns_srv: DnsServer, policy_server: PolicyServer) -> None:
+    from mailrelayd.delivery.mx import make_resolver
+    from mailrelayd.doctor import check_mta_sts, check_tls_rpt
+
+    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)  # a fresh resolver each time: no cached NXDOMAIN
+    r = await check_mta_sts(make_resolver(cfg.dns), cfg, "dest.test")
+    assert r.status == "warn" and '_mta-sts.dest.test. TXT "v=STSv1; id=' in r.detail and f"mx: {MX}" in r.detail
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy())
+    r = await check_mta_sts(make_resolver(cfg.dns), cfg, "dest.test")
+    assert r.status == "ok", r.detail
+    dns_srv.remove("_mta-sts.dest.test.")
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy(mx="mx.elsewhere.test"), pid="2")
+    r = await check_mta_sts(make_resolver(cfg.dns), cfg, "dest.test")
+    assert r.status == "fail" and MX in r.detail
+    assert (await check_tls_rpt(make_resolver(cfg.dns), "dest.test")).status == "warn"
+    dns_srv.add("_smtp._tls.dest.test.", "TXT", '"v=TLSRPTv1; rua=mailto:tls@dest.test"')
+    r = await check_tls_rpt(make_resolver(cfg.dns), "dest.test")
+    assert r.status == "ok" and "mailto:tls@dest.test" in r.detail
+
+
+async def test_dane_only_with_insecure_mx_defers(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                 certs: dict[str, Issued], dns_srv: DnsServer) -> None:
+    """RFC 7672 §2.2.1: TLSA of an MX host found through an insecure MX lookup is not used."""
+    async with _sink(certs["self-signed"]) as sink:
+        dns_srv.add(f"_{sink.port}._tcp.{MX}.", "TLSA", _tlsa_311(certs["self-signed"]))
+        dns_srv.set_ad(True, f"_{sink.port}._tcp.{MX}.")   # the TLSA answer is secure, the MX answer is not
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls="dane-only", mta_sts=False)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.enhanced == "4.7.5" and "MX records of dest.test are not DNSSEC-validated" in r.text
+        assert sink.connections == 0
+        await t.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("ssl").SSLObject, "get_unverified_chain"),
+                    reason="DANE-TA needs the server's chain: ssl.SSLObject.get_unverified_chain (Python 3.13+)")
+@pytest.mark.parametrize(("name", "delivered"), [(MX, True), ("other.example.net", False)])
+async def test_dane_ta(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, dns_srv: DnsServer,
+                       name: str, delivered: bool) -> None:
+    """DANE-TA(2) 2 0 1 of our test CA: the chain leads to it and the leaf names the MX (RFC 7672 §3.2.2)."""
+    leaf = ca.issue(f"ta-{name}", [name])
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(leaf.cert_file.read_bytes() + ca.ca_file.read_bytes())
+    leaf.cert_file = chain
+    ca_der = ca.cert.public_bytes(Encoding.DER)
+    async with _sink(leaf) as sink:
+        dns_srv.add(f"_{sink.port}._tcp.{MX}.", "TLSA", f"2 0 1 {hashlib.sha256(ca_der).hexdigest()}")
+        dns_srv.set_ad(True)
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls="dane-only", mta_sts=False)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert r.ok is delivered, r.text
+        assert len(sink.messages) == (1 if delivered else 0)
+        await t.close()

@@ -1,0 +1,182 @@
+"""`mailrelayd sendmail` as cron, PHP mail() and scripts use it: piped on stdin, through a symlink
+named sendmail, with the daemon up (admin socket) and down (maildrop, picked up on start)."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrelayd import sendmail as sm
+from mailrelayd.spool.store import HistoryQuery
+from tests.conftest import base_config, deep_merge, mailrelayd_cmd, write_config
+from tests.support.sink import Sink
+
+CRON_MAIL = (b"From: root (Cron Daemon)\nTo: ops@dest.test\nBcc: secret@dest.test\n"
+             b"Subject: Cron <root@host> /usr/local/bin/backup\n\nbackup done\n.\nnot part of it? with -i it is\n")
+
+
+# --- argument parsing and preparation (pure) -----------------------------------------------
+def test_parse_args_like_postfix() -> None:
+    a = sm.parse_args(["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "-odi", "-t", "-f", "root", "--", "-x@y.test"])
+    assert (a.full_name, a.dot_ends, a.extract, a.sender, a.recipients) == ("CronDaemon", False, True, "root",
+                                                                              ["-x@y.test"])
+    a = sm.parse_args(["-oi", "-fapp@example.com", "a@x.test,b@x.test", "c@x.test", "-bm"])
+    assert a.recipients == ["a@x.test", "b@x.test", "c@x.test"] and a.sender == "app@example.com"
+    assert not a.dot_ends
+    assert sm.parse_args(["-ti"]).extract and not sm.parse_args(["-ti"]).dot_ends
+    with pytest.raises(sm.UsageError):
+        sm.parse_args(["-bp"])  # list the queue: not this command's job
+    with pytest.raises(sm.UsageError):
+        sm.parse_args(["-f"])
+
+
+def test_dot_line_ends_input_unless_i() -> None:
+    assert sm.read_message(b"a\n.\nb\n", dot_ends=True) == b"a\r\n"
+    assert sm.read_message(b"a\n.\nb\n", dot_ends=False) == b"a\r\n.\r\nb\r\n"
+
+
+def test_prepare_extracts_recipients_removes_bcc_and_qualifies_from() -> None:
+    data = sm.read_message(CRON_MAIL, dot_ends=False)
+    p = sm.prepare(data, recipients=["extra@dest.test"], extract=True, sender=None, full_name=None,
+                   domain="host.example.com", default_sender=None, fallback_sender="root@host.example.com")
+    assert p.recipients == ("extra@dest.test", "ops@dest.test", "secret@dest.test")
+    assert b"Bcc" not in p.data and b"secret@" not in p.data
+    assert b"From: Cron Daemon <root@host.example.com>\r\n" in p.data
+    assert p.mail_from == "root@host.example.com"
+    assert p.data.endswith(b"backup done\r\n.\r\nnot part of it? with -i it is\r\n")
+    p = sm.prepare(b"Subject: x\r\n\r\nhi\r\n", recipients=["a@dest.test"], extract=False, sender="app",
+                   full_name="The App", domain="example.com", default_sender=None)
+    assert p.mail_from == "app@example.com"
+    assert p.data.startswith(b"From: The App <app@example.com>\r\nSubject: x\r\n")
+    with pytest.raises(sm.PrepareError) as e:
+        sm.prepare(b"Subject: x\r\n\r\n", recipients=[], extract=True, sender="a@b.test", full_name=None,
+                   domain="b.test", default_sender=None)
+    assert e.value.exit_code == sm.EX_NOUSER
+
+
+# --- end to end -------------------------------------------------------------------------------
+def _overrides(sink: Sink, **sendmail: Any) -> dict[str, Any]:
+    return {"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}],
+            "delivery": {"retry_initial": "1s", "retry_max": "1s", "retry_jitter": 0.0},
+            "server": {"hostname": "relay.test.example", "spool_dir": "spool", "state_dir": "state",
+                       "shutdown_timeout": "5s", "min_free_space": "1MB"},
+            "sendmail": {"user": "cron", "domain": "example.com", **sendmail}}
+
+
+USERS = {"alice": ("@example.com",), "cron": ("@example.com",), "bob": ("bob@example.org",)}
+
+
+async def _run(cmd: list[str], stdin: bytes, config: Path, extra_env: dict[str, str] | None = None
+               ) -> tuple[int, str]:
+    env = {**os.environ, "MAILRELAYD_CONFIG": str(config), **(extra_env or {})}
+    env.pop("NOTIFY_SOCKET", None)
+    p = await asyncio.create_subprocess_exec(*cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                             stderr=asyncio.subprocess.STDOUT, env=env)
+    out, _ = await asyncio.wait_for(p.communicate(stdin), 60)
+    return p.returncode or 0, out.decode()
+
+
+def _parsed(raw: bytes) -> Any:
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+async def test_cron_style_pipe_through_the_daemon(start_daemon, tmp_path) -> None:
+    sink = await Sink().start()
+    try:
+        d = await start_daemon(_overrides(sink), users=USERS)
+        # cronie's invocation.
+        code, out = await _run([*mailrelayd_cmd(), "sendmail", "-FCronDaemon", "-i", "-B8BITMIME", "-oem", "-t"],
+                               CRON_MAIL, d.config)
+        assert code == 0, out
+        msgs = await sink.wait_for(1)
+        assert sorted(r for m in msgs for r in m.rcpts) == ["ops@dest.test", "secret@dest.test"]
+        m = _parsed(msgs[0].data)
+        assert m["From"] == "Cron Daemon <root@example.com>"
+        assert m["Bcc"] is None
+        assert m["Message-ID"] and m["Date"]  # completed like a submission
+        assert "with LOCAL" in str(m["Received"])
+        assert msgs[0].mail_from == "root@example.com"
+        hist = await d.spool.history(HistoryQuery(user="cron"))
+        assert {h.recipient for h in hist} == {"ops@dest.test", "secret@dest.test"}
+    finally:
+        await sink.stop()
+
+
+async def test_symlink_named_sendmail_and_refusals(start_daemon, tmp_path) -> None:
+    sink = await Sink().start()
+    try:
+        d = await start_daemon(_overrides(sink), users=USERS)
+        exe = Path(sys.executable).parent / "mailrelayd"
+        if not exe.exists():
+            pytest.skip("no mailrelayd console script in this environment")
+        link = tmp_path / "bin" / "sendmail"
+        link.parent.mkdir()
+        link.symlink_to(exe)
+        code, out = await _run([str(link), "-oi", "-f", "app@example.com", "dev@dest.test"],
+                               b"Subject: via symlink\n\nhello\n", d.config)
+        assert code == 0, out
+        (msg,) = await sink.wait_for(1)
+        assert msg.mail_from == "app@example.com" and msg.rcpts == ["dev@dest.test"]
+        assert _parsed(msg.data)["Subject"] == "via symlink"
+        # Not one of the user's senders: refused for good (EX_NOPERM), with the SMTP reply.
+        code, out = await _run([str(link), "-f", "ceo@other.test", "dev@dest.test"], b"Subject: x\n\nx\n", d.config)
+        assert code == sm.EX_NOPERM and "5.7.1" in out, out
+        # Header From of somebody else: refused too.
+        code, out = await _run([str(link), "-f", "app@example.com", "dev@dest.test"],
+                               b"From: ceo@other.test\nSubject: x\n\nx\n", d.config)
+        assert code == sm.EX_NOPERM and "5.7.1" in out, out
+        code, out = await _run([str(link), "-t"], b"Subject: nobody\n\nx\n", d.config)
+        assert code == sm.EX_NOUSER, out
+        await asyncio.sleep(0.5)
+        assert len(sink.messages) == 1
+    finally:
+        await sink.stop()
+
+
+async def test_daemon_down_maildrop_then_picked_up_on_start(start_daemon, tmp_path, tls_files) -> None:
+    sink = await Sink().start()
+    try:
+        directory = tmp_path / "relay"
+        cfg = write_config(directory, deep_merge(base_config(tls_files), _overrides(sink)), USERS)
+        (directory / "state").mkdir()
+        code, out = await _run([*mailrelayd_cmd(), "sendmail", "-oi", "-f", "app@example.com", "late@dest.test"],
+                               b"Subject: while down\n\nqueued locally\n", cfg)
+        assert code == 0, out
+        assert "maildrop" in out
+        drops = list((directory / "state" / "maildrop").glob("*.json"))
+        assert len(drops) == 1
+        await start_daemon(_overrides(sink), users=USERS, directory=directory)
+        (msg,) = await sink.wait_for(1, timeout=20)
+        assert msg.rcpts == ["late@dest.test"] and _parsed(msg.data)["Subject"] == "while down"
+        for _ in range(100):
+            if not list((directory / "state" / "maildrop").glob("*.json")):
+                break
+            await asyncio.sleep(0.05)
+        assert not list((directory / "state" / "maildrop").glob("*.json"))
+    finally:
+        await sink.stop()
+
+
+async def test_no_daemon_and_no_maildrop_exits_75(tmp_path, tls_files) -> None:
+    if os.geteuid() == 0:
+        # root writes anywhere: make the maildrop a file instead of a directory.
+        blocker = tmp_path / "blocked"
+        blocker.write_text("x")
+        maildrop = str(blocker / "maildrop")
+    else:
+        maildrop = "/proc/maildrop"
+    cfg = write_config(tmp_path / "relay", deep_merge(base_config(tls_files), {
+        "sendmail": {"user": "alice", "maildrop_dir": maildrop}}), USERS)
+    code, out = await _run([*mailrelayd_cmd(), "sendmail", "-oi", "a@dest.test"], b"Subject: x\n\nx\n", cfg)
+    assert code == sm.EX_TEMPFAIL, out
+    assert "message not sent" in out
+    code, out = await _run([*mailrelayd_cmd(), "sendmail", "-oi", "a@dest.test"], b"Subject: x\n\nx\n",
+                           tmp_path / "missing.toml")
+    assert code == sm.EX_TEMPFAIL and "config" in out, out
