@@ -74,11 +74,18 @@ def main() -> int:
     ap.add_argument("--preload", type=int, default=0)
     ap.add_argument("--compare", default=str(REPO.parent / "shared" / "bench" / "compare_postfix.py"))
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--store", help='[feedback] store, e.g. "postgresql://user@host:5432/db" (default: sqlite)')
+    ap.add_argument("--store-password-file", help="[feedback] store_password_file for --store")
     a = ap.parse_args()
     sys.path.insert(0, str(REPO))
 
     work = Path(tempfile.mkdtemp(prefix="mailrelayd-bench-"))
     cfg = write_config(work, a.port, a.dkim)
+    if a.store:  # the RCPT check against the shared store's in-memory list
+        extra = f'\n[feedback]\nstore = "{a.store}"\n'
+        if a.store_password_file:
+            extra += f'store_password_file = "{Path(a.store_password_file).resolve()}"\n'
+        cfg.write_text(cfg.read_text() + extra)
     if a.preload:
         t0 = time.perf_counter()
         asyncio.run(preload(work / "spool", a.preload))

@@ -496,15 +496,25 @@ def _print_destinations(item: dict[str, Any]) -> None:
 
 
 # --- suppressions -----------------------------------------------------------------------
+def _quiet_logs() -> None:
+    """The store's own log lines (connect, schema) stay off stdout, which carries lists and CSV."""
+    from mailrelayd.log import configure_logging
+
+    configure_logging("console", "warning", stream=sys.stderr)
+
+
 def _store(args: argparse.Namespace) -> Any:
-    from mailrelayd.feedback.store import SqliteSuppressionStore
+    """The store the config names: the local SQLite file or the shared PostgreSQL database."""
+    from mailrelayd.feedback.store import StoreUnavailableError, open_store
 
     cfg = _load(args)
     cfg.server.state_dir.mkdir(parents=True, exist_ok=True)
-    return SqliteSuppressionStore(cfg.server.state_dir / "suppressions.db",
-                                  case_insensitive_local=cfg.feedback.case_insensitive_local_part,
-                                  soft_threshold=cfg.feedback.soft_bounce_threshold,
-                                  soft_window=cfg.feedback.soft_bounce_window)
+    _quiet_logs()
+    try:
+        return open_store(cfg.feedback, cfg.server.state_dir, daemon=False)
+    except (StoreUnavailableError, RuntimeError, OSError) as e:
+        _err(f"feedback.store: {e}")
+        raise SystemExit(2) from None
 
 
 def _parse_since(text: str | None) -> float | None:
@@ -572,6 +582,47 @@ def cmd_suppress_import(args: argparse.Namespace) -> int:
 def cmd_suppress_export(args: argparse.Namespace) -> int:
     with contextlib.closing(_store(args)) as st:
         st.export_csv(sys.stdout)
+    return 0
+
+
+def cmd_suppress_migrate(args: argparse.Namespace) -> int:
+    """Copy this node's SQLite list (and its soft-bounce counts) into a PostgreSQL store."""
+    import dataclasses
+    import sqlite3
+
+    from mailrelayd.config import parse_store_url
+    from mailrelayd.feedback.store import SqliteSuppressionStore, StoreUnavailableError, open_store
+
+    cfg = _load(args)
+    try:
+        url = parse_store_url(args.to)
+    except ValueError as e:
+        _err(f"--to: {e}")
+        return 2
+    source = cfg.server.state_dir / "suppressions.db"
+    if not source.is_file():
+        _err(f"no SQLite suppression list at {source}")
+        return 1
+    fb = dataclasses.replace(cfg.feedback, store=url, store_password_file=Path(args.password_file)
+                             if args.password_file else cfg.feedback.store_password_file)
+    with contextlib.closing(SqliteSuppressionStore(source)) as local:
+        rows = local.list()
+    with contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as db:
+        soft = [tuple(r) for r in db.execute("SELECT address, reason, source, queue_id, seen FROM soft_bounces")]
+    _quiet_logs()
+    try:
+        target = open_store(fb, cfg.server.state_dir, daemon=False)
+    except (StoreUnavailableError, RuntimeError, OSError) as e:
+        _err(f"--to: {e}")
+        return 2
+    with contextlib.closing(target):
+        try:
+            n = target.copy_from(rows, soft)  # type: ignore[attr-defined]
+        except StoreUnavailableError as e:
+            _err(str(e))
+            return 2
+    print(f"copied {n} suppression(s) and {len(soft)} soft bounce(s) from {source} to PostgreSQL")
+    print('Now set [feedback] store to that URL on every node and restart them.', file=sys.stderr)
     return 0
 
 
@@ -922,6 +973,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_suppress_import)
     s = sp.add_parser("export", parents=[common], help="export the list as CSV on stdout")
     s.set_defaults(func=cmd_suppress_export)
+    s = sp.add_parser("migrate", parents=[common],
+                      help="copy this node's SQLite list into PostgreSQL (then set [feedback] store)")
+    s.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host:port/dbname (no password)")
+    s.add_argument("--password-file", help="file whose first line is the password (default: "
+                   "[feedback] store_password_file, then PGPASSFILE / ~/.pgpass)")
+    s.set_defaults(func=cmd_suppress_migrate)
 
     s = sub.add_parser("sendmail", help="sendmail(1)-compatible submission (also as a symlink named sendmail): "
                        "-t -i -oi -f ADDR -F NAME [--] RECIPIENT...", add_help=False)
@@ -997,6 +1054,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         _err(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
         return 1
+    except Exception as e:
+        from mailrelayd.feedback.store import StoreUnavailableError
+
+        if not isinstance(e, StoreUnavailableError):
+            raise
+        _err(f"feedback.store: {e}")
+        return 2
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

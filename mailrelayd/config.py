@@ -438,6 +438,16 @@ class FeedbackConfig:
     circuit_breaker_complaint_pause_rate: float = 0.005
     circuit_breaker_pause: Duration = 6 * 3600.0
     """How long a tripped domain stays held; 0 = until `mailrelayd queue release --sender @<domain>`."""
+    store: str = "sqlite"
+    """Where the suppression list lives: "sqlite" (<state_dir>/suppressions.db, this node only) or
+    "postgresql://user@host:port/dbname", shared by every relay (no password here: store_password_file
+    or PGPASSFILE). With PostgreSQL the AUTH-failure lockout is shared through it too."""
+    store_password_file: ConfPath | None = None
+    """File whose first line is the PostgreSQL password (else libpq's PGPASSFILE / ~/.pgpass)."""
+    store_poll_interval: Duration = 1.0
+    """How often each node checks the shared store's generation (fallback for LISTEN/NOTIFY) and health."""
+    store_connect_timeout: Duration = 5.0
+    """Connect/query timeout for PostgreSQL; past it the node runs degraded on its last known list."""
 
 
 @dataclass(frozen=True)
@@ -879,7 +889,44 @@ def _validate(cfg: Config, ld: _Loader) -> None:
     if fb.sent_window > fb.verp_retention:
         raise ld.err("feedback.sent_window", "must not be longer than feedback.verp_retention "
                      "(the delivery history is kept that long)")
+    if fb.store != "sqlite":
+        try:
+            parse_store_url(fb.store)
+        except ValueError as e:
+            raise ld.err("feedback.store", str(e)) from None
+    if fb.store_password_file is not None and not fb.store_password_file.is_file():
+        raise ld.err("feedback.store_password_file", f"file not found: {fb.store_password_file}")
+    if fb.store_poll_interval <= 0 or fb.store_poll_interval > 60:
+        raise ld.err("feedback.store_poll_interval", "must be greater than 0 and at most 60s")
+    if fb.store_connect_timeout <= 0:
+        raise ld.err("feedback.store_connect_timeout", "must be greater than 0")
     _validate_app_features(cfg, ld)
+
+
+def parse_store_url(value: str) -> str:
+    """Validate a ``postgresql://user@host:port/dbname`` store URL; returns it unchanged.
+
+    A password in the URL is refused: the config file is world-readable more often than not, and
+    the URL ends up in error messages. Raises ``ValueError`` with the reason."""
+    from urllib.parse import parse_qs, urlsplit
+
+    text = value.strip()
+    try:
+        url = urlsplit(text)
+        port = url.port
+    except ValueError as e:
+        raise ValueError(f"bad PostgreSQL URL: {e}") from None
+    if url.scheme not in ("postgresql", "postgres"):
+        raise ValueError('must be "sqlite" or a URL like "postgresql://user@host:5432/dbname"')
+    if url.password is not None or "password" in {k.lower() for k in parse_qs(url.query)}:
+        raise ValueError("must not contain a password: use feedback.store_password_file or PGPASSFILE")
+    if not url.hostname:
+        raise ValueError("the URL needs a host (postgresql://user@host:5432/dbname)")
+    if port == 0:
+        raise ValueError("port must not be 0")
+    if not url.path.strip("/"):
+        raise ValueError("the URL needs a database name (postgresql://user@host:5432/dbname)")
+    return text
 
 
 def _validate_app_features(cfg: Config, ld: _Loader) -> None:

@@ -34,7 +34,7 @@ from mailrelayd.errors import DkimSignError, SpoolCorruptError, SpoolError
 from mailrelayd.feedback.breaker import CircuitBreaker
 from mailrelayd.feedback.breaker import settings_from as breaker_settings
 from mailrelayd.feedback.processor import FeedbackProcessor
-from mailrelayd.feedback.store import SqliteSuppressionStore
+from mailrelayd.feedback.store import StoreUnavailableError, open_store
 from mailrelayd.feedback.verp import make_return_path
 from mailrelayd.intake import HeaderCheck, Intake, Signer, wait_commits
 from mailrelayd.log import configure_logging, get_logger
@@ -116,6 +116,12 @@ def build_runtime(cfg: Config) -> Runtime:
                 r.password_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
                 raise SetupError(f"routes[{i}].password_file: {r.password_file}: cannot read: {e}") from None
+    if cfg.feedback.store_password_file is not None:
+        try:
+            cfg.feedback.store_password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SetupError(f"feedback.store_password_file: {cfg.feedback.store_password_file}: "
+                             f"cannot read: {e}") from None
     hook_secrets = []
     for i, w in enumerate(cfg.webhooks):
         try:
@@ -223,6 +229,17 @@ class Daemon:
             return res.headers
         return sign
 
+    def _share_limits(self, cfg: Config) -> None:
+        """With a shared (PostgreSQL) store, the AUTH lockout and the per-user sending limits count
+        across every node too."""
+        client = getattr(self.suppressions, "client", None)
+        if client is not None:
+            from mailrelayd.sharedlimits import PgRateLimiter, SharedAuthThrottle
+
+            self.throttle = SharedAuthThrottle(client, asyncio.get_running_loop(), cfg.auth.max_failures,
+                                               cfg.auth.failure_window, cfg.auth.lockout)
+            self.rate_limiter = PgRateLimiter(client, asyncio.get_running_loop())  # type: ignore[assignment]
+
     def _local_policy(self, cfg: Config, name: str) -> Policy:
         # Local front ends follow submission rules: the user is known, allowed_from and limits apply.
         lcfg = ListenerConfig(name=name, address=HostPort("127.0.0.1", 0), mode="submission", tls="none")
@@ -305,10 +322,13 @@ class Daemon:
             await self.spool.close()
             self._spool_lock.release()
             raise SetupError(f"server.spool_dir: {e}") from None
-        self.suppressions = await asyncio.to_thread(
-            SqliteSuppressionStore, cfg.server.state_dir / "suppressions.db",
-            case_insensitive_local=cfg.feedback.case_insensitive_local_part,
-            soft_threshold=cfg.feedback.soft_bounce_threshold, soft_window=cfg.feedback.soft_bounce_window)
+        try:
+            self.suppressions = await asyncio.to_thread(open_store, cfg.feedback, cfg.server.state_dir, daemon=True)
+        except (OSError, UnicodeDecodeError, RuntimeError) as e:
+            await self.spool.close()
+            self._spool_lock.release()
+            raise SetupError(f"feedback.store: {e}") from None
+        self._share_limits(cfg)
         self.breaker = CircuitBreaker(breaker_settings(cfg.feedback), self._hold_sender_domain)
         self.feedback = FeedbackProcessor(self, on_outcome=self._feedback_outcome)
         self.resolver = MxResolver(cfg.dns)
@@ -442,6 +462,9 @@ class Daemon:
                 out.append(f"server.{key}")
         if old.http != new.http:
             out.append("http")
+        for key in ("store", "store_password_file", "store_poll_interval", "store_connect_timeout"):
+            if getattr(old.feedback, key) != getattr(new.feedback, key):
+                out.append(f"feedback.{key}")
         if old.api != new.api:
             out.append("api")
         return out
@@ -478,10 +501,17 @@ class Daemon:
         halted = self.scheduler.halted or \
             ("the spool is damaged; deliveries are stopped" if self.spool.corrupt is not None else None)
         checks["delivery"] = "ok" if halted is None else f"fail: {halted}"
-        ok = all(v == "ok" for v in checks.values())
+        # A shared store that is unreachable degrades the node but never makes it unready: every
+        # node would fail together, and the last known list still protects every recipient.
+        st = self.suppressions.status()
+        if st.backend != "sqlite":  # a local file has nothing to report here
+            checks["suppression_store"] = "ok" if st.up else f"degraded: {st.detail}"
+        metrics.SUPPRESSION_STORE_UP.set(1 if st.up else 0)
+        metrics.SUPPRESSION_OUTBOX.set(st.outbox)
+        ok = all(not v.startswith("fail") for v in checks.values())
         metrics.READY.set(1 if ok else 0)
         for k, v in checks.items():
-            metrics.READY_CHECK.labels(k).set(1 if v == "ok" else 0)
+            metrics.READY_CHECK.labels(k).set(0 if v.startswith("fail") else 1)  # degraded is not failing
         return checks
 
     async def _update_gauges(self) -> None:
@@ -492,7 +522,11 @@ class Daemon:
         metrics.QUEUE_RECIPIENTS.labels("inflight").set(sum(busy.values()))
         metrics.QUEUE_MESSAGES.set(st.messages)
         metrics.QUEUE_OLDEST_AGE.set(max(0.0, time.time() - st.oldest_received_at) if st.oldest_received_at else 0)
-        for kind, n in (await asyncio.to_thread(self.suppressions.counts_by_kind)).items():
+        try:
+            counts = await asyncio.to_thread(self.suppressions.counts_by_kind)
+        except StoreUnavailableError:
+            counts = {}  # a shared store that is down: the gauges keep their last values
+        for kind, n in counts.items():
             metrics.SUPPRESSIONS.labels(kind).set(n)
         self.readiness()
         self.spool.free_bytes(force=True)

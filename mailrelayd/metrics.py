@@ -240,6 +240,15 @@ SUPPRESSED_REJECTIONS = Counter(
     "Recipients refused or skipped because they are suppressed, by stage (rcpt, delivery).",
     ["stage"],
 )
+SUPPRESSION_STORE_UP = Gauge(
+    "mailrelayd_suppression_store_up",
+    "1 while the suppression store is usable (always for sqlite); 0 while a shared PostgreSQL store is "
+    "unreachable: RCPT checks use the last known list and new feedback waits in the local outbox.",
+)
+SUPPRESSION_OUTBOX = Gauge(
+    "mailrelayd_suppression_outbox_records",
+    "Feedback records kept in the local outbox while the shared suppression store is unreachable.",
+)
 
 # --- applications: webhooks, per-user limits, HTTP API, sendmail ---------------------------
 WEBHOOK_EVENTS_SENT = Counter(

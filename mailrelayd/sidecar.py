@@ -48,9 +48,13 @@ class Sidecar:
 
     async def ready(self, _: web.Request) -> web.Response:
         checks = self.hooks.readiness()
-        ok = all(v == "ok" for v in checks.values())
-        return web.json_response({"status": "ok" if ok else "degraded", "checks": checks},
-                                 status=200 if ok else 503)
+        # "degraded: ..." (e.g. the shared suppression store) is reported but keeps the node ready.
+        ok = all(not v.startswith("fail") for v in checks.values())
+        body: dict[str, Any] = {"status": "ok" if ok else "degraded", "checks": checks}
+        degraded = sorted(k for k, v in checks.items() if v.startswith("degraded"))
+        if degraded:
+            body["degraded"] = degraded
+        return web.json_response(body, status=200 if ok else 503)
 
     async def metrics(self, _: web.Request) -> web.Response:
         if self.hooks.before_scrape is not None:

@@ -171,3 +171,26 @@ def cli_env() -> dict[str, str]:
     env.pop("MAILRELAYD_CONFIG", None)
     env.pop("NOTIFY_SOCKET", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the whole session (tests/support/pg.py); skips without one."""
+    from tests.support.pg import PgServer, find_bindir
+
+    bindir, why = find_bindir()
+    if bindir is None:
+        pytest.skip(f"PostgreSQL not available: {why}")
+    server = PgServer(bindir)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """A fresh empty database on the session's PostgreSQL; its store URL (no password)."""
+    import uuid
+
+    from tests.support.pg import new_database
+
+    return new_database(pg_server, "t" + uuid.uuid4().hex[:16])

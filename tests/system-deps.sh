@@ -6,6 +6,9 @@
 #                  prometheus                 (promtool: docs/alerts.yml checks and rule unit tests;
 #                                              the server: tests/test_prometheus_e2e.py)
 #                  nodejs [+ npm]             (only when `node` is missing altogether)
+#                  postgresql                 (a throwaway cluster for the shared-store tests;
+#                                              tests/support/pg.py installs it too when missing)
+#                  haproxy                    (`haproxy -c` on the scale-out example config)
 #   npm:           tests/support/mailauth     (`npm ci` from its package-lock.json, only when
 #                                              node_modules is missing; needs Node >= 20.18.1)
 #
@@ -35,6 +38,8 @@ perl_has Net::SSLeay || missing+=(libnet-ssleay-perl)
 perl_has Mail::DKIM::Verifier Net::DNS::Resolver JSON::PP || missing+=(libmail-dkim-perl)
 have promtool && have prometheus || missing+=(prometheus)
 have node || missing+=(nodejs)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+have haproxy || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
 
 apt_install() {  # apt_install PKG...: quiet, no recommends; apt's output is shown only on failure
     local out
@@ -52,7 +57,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         warn "apt-get not found, not installing: ${missing[*]}; tests needing them will skip"
     else
         echo "system-deps: installing ${missing[*]}"
-        # Debian's prometheus package would start the server from its postinst; a policy-rc.d
+        # Debian's prometheus, postgresql and haproxy packages would start servers from their postinst; a policy-rc.d
         # that answers 101 ("action forbidden") stops that, if none is there already.
         policy=/usr/sbin/policy-rc.d
         made_policy=
@@ -98,4 +103,7 @@ have promtool || warn "promtool still missing: the promtool tests in tests/test_
 perl_has Mail::DKIM::Verifier Net::DNS::Resolver JSON::PP \
     || warn "Perl Mail::DKIM still missing: its DKIM checks will skip"
 have swaks || warn "swaks still missing (only used by hand and by the dev set-up's hints)"
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    || warn "PostgreSQL still missing: the shared suppression store tests will skip"
+have haproxy || [ -x /usr/sbin/haproxy ] || warn "haproxy still missing: the scale-out config check will skip"
 exit 0

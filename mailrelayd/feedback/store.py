@@ -1,7 +1,8 @@
 """The suppression list: addresses we no longer send to.
 
-:class:`SuppressionStore` is the interface (a shared database could implement it later);
-:class:`SqliteSuppressionStore` the implementation for one host.
+:class:`SuppressionStore` is the interface; :class:`SqliteSuppressionStore` the implementation for
+one host, :class:`mailrelayd.feedback.pgstore.PostgresSuppressionStore` the one shared by a fleet
+(``[feedback] store = "postgresql://..."``); :func:`open_store` picks one from the config.
 
 Kinds: ``hard_bounce`` and ``complaint`` suppress at once; ``soft_bounce`` only after
 ``soft_threshold`` soft bounces within ``soft_window`` seconds (each soft bounce is kept as a
@@ -23,11 +24,14 @@ import sqlite3
 import threading
 import time
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol, runtime_checkable
+from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from mailrelayd.config import FeedbackConfig
 
 from mailrelayd.feedback.addresses import normalise_domain
 from mailrelayd.statefiles import prepare_sqlite
@@ -66,6 +70,8 @@ CREATE TABLE IF NOT EXISTS meta (
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', 1), ('generation', 0);
 """
 EXPORT_COLUMNS = ("address", "reason", "kind", "source", "queue_id", "first_seen", "last_seen", "count")
+SUPPRESSING_KINDS = ("hard_bounce", "complaint", "manual")
+"""Kinds that suppress on their first record (a soft bounce only past the threshold)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,23 @@ def normalise(address: str, *, case_insensitive_local: bool = False) -> str:
     if not local.isascii():
         local = unicodedata.normalize("NFC", local)
     return f"{local.lower() if case_insensitive_local else local}@{domain}"
+
+
+@dataclass(frozen=True)
+class StoreStatus:
+    """Health of a store, for /ready and the metrics."""
+
+    backend: str
+    """``sqlite`` or ``postgresql``."""
+    up: bool
+    """False: degraded (the shared database is unreachable; the last known list is used)."""
+    detail: str = ""
+    outbox: int = 0
+    """Feedback records kept locally, waiting for the shared database."""
+
+
+class StoreUnavailableError(Exception):
+    """The store's database cannot be reached (only a shared store raises it)."""
 
 
 @runtime_checkable
@@ -145,6 +168,10 @@ class SuppressionStore(Protocol):
 
     def refresh(self) -> bool:
         """Pick up changes made by other processes; True if the in-memory view changed."""
+        ...
+
+    def status(self) -> StoreStatus:
+        """Health, without I/O (safe on the event loop)."""
         ...
 
     def close(self) -> None:
@@ -419,26 +446,7 @@ class SqliteSuppressionStore:
         Blank lines are skipped; an invalid address or kind raises ``ValueError`` naming the
         line, and nothing is imported. Returns the number of rows imported.
         """
-        reader = csv.DictReader(fileobj)
-        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-        if "address" not in fields:
-            raise ValueError("CSV header must name an 'address' column (address,reason[,kind])")
-        reader.fieldnames = fields
-        rows: list[tuple[str, str, str, str]] = []
-        for row in reader:
-            address = (row.get("address") or "").strip()
-            if not address:
-                continue
-            kind = (row.get("kind") or "").strip() or "manual"
-            source = (row.get("source") or "").strip() or "manual"
-            if kind not in KINDS:
-                raise ValueError(f"line {reader.line_num}: unknown kind {kind!r}")
-            try:
-                key = self._key(address)
-            except ValueError as exc:
-                raise ValueError(f"line {reader.line_num}: {exc}") from None
-            rows.append((key, (row.get("reason") or "").strip(), kind, source))
-        return self._add_many(rows)
+        return self._add_many(parse_import_csv(fileobj, self._key))
 
     def _add_many(self, rows: Iterable[tuple[str, str, str, str]]) -> int:
         count = 0
@@ -454,21 +462,7 @@ class SqliteSuppressionStore:
 
     def export_csv(self, fileobj: IO[str]) -> None:
         """Write all suppressions with a header row, times in ISO 8601 UTC; :meth:`import_csv` reads it."""
-        writer = csv.writer(fileobj)
-        writer.writerow(EXPORT_COLUMNS)
-        for s in self.list():
-            writer.writerow(
-                [
-                    s.address,
-                    s.reason,
-                    s.kind,
-                    s.source,
-                    s.queue_id,
-                    _iso(s.first_seen),
-                    _iso(s.last_seen),
-                    s.count,
-                ]
-            )
+        write_export_csv(fileobj, self.list())
 
     # --- cross-process freshness ------------------------------------------------------------------
 
@@ -488,6 +482,10 @@ class SqliteSuppressionStore:
                 return False
             self._reload()
             return True
+
+    def status(self) -> StoreStatus:
+        """A local file: always up (a broken file shows up as errors, not as degraded)."""
+        return StoreStatus("sqlite", True)
 
     def close(self) -> None:
         """Close the database connection (the store is unusable afterwards)."""
@@ -519,6 +517,55 @@ class _Transaction:
         else:
             db.execute("ROLLBACK")
             self._store._reload()  # the in-memory set may have been touched
+
+
+def parse_import_csv(fileobj: IO[str], key: Callable[[str], str]) -> list[tuple[str, str, str, str]]:
+    """Rows ``(address key, reason, kind, source)`` of an ``address,reason[,kind[,source]]`` CSV with a
+    header row. Blank lines are skipped; an invalid address or kind raises ``ValueError`` naming the
+    line (so an import is all or nothing)."""
+    reader = csv.DictReader(fileobj)
+    fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+    if "address" not in fields:
+        raise ValueError("CSV header must name an 'address' column (address,reason[,kind])")
+    reader.fieldnames = fields
+    rows: list[tuple[str, str, str, str]] = []
+    for row in reader:
+        address = (row.get("address") or "").strip()
+        if not address:
+            continue
+        kind = (row.get("kind") or "").strip() or "manual"
+        source = (row.get("source") or "").strip() or "manual"
+        if kind not in KINDS:
+            raise ValueError(f"line {reader.line_num}: unknown kind {kind!r}")
+        try:
+            k = key(address)
+        except ValueError as exc:
+            raise ValueError(f"line {reader.line_num}: {exc}") from None
+        rows.append((k, (row.get("reason") or "").strip(), kind, source))
+    return rows
+
+
+def write_export_csv(fileobj: IO[str], rows: Iterable[Suppression]) -> None:
+    """Suppressions as CSV with a header row, times in ISO 8601 UTC (:func:`parse_import_csv` reads it)."""
+    writer = csv.writer(fileobj)
+    writer.writerow(EXPORT_COLUMNS)
+    for s in rows:
+        writer.writerow([s.address, s.reason, s.kind, s.source, s.queue_id, _iso(s.first_seen), _iso(s.last_seen),
+                         s.count])
+
+
+def open_store(fb: FeedbackConfig, state_dir: Path, *, daemon: bool) -> SuppressionStore:
+    """The store the config names. ``daemon``: keep feedback in a local outbox while a shared
+    database is unreachable (the CLI gets :class:`StoreUnavailableError` instead).
+
+    Raises ``OSError`` (password file), ``RuntimeError`` (schema newer than this mailrelayd)."""
+    if fb.store == "sqlite":
+        return SqliteSuppressionStore(state_dir / "suppressions.db",
+                                      case_insensitive_local=fb.case_insensitive_local_part,
+                                      soft_threshold=fb.soft_bounce_threshold, soft_window=fb.soft_bounce_window)
+    from mailrelayd.feedback.pgstore import PostgresSuppressionStore
+
+    return PostgresSuppressionStore.open(fb, state_dir, daemon=daemon)
 
 
 def _iso(timestamp: float) -> str:

@@ -78,6 +78,17 @@ class AuthThrottle:
     def success(self, ip: str) -> None:
         self._failures.pop(ip, None)
 
+    def failures(self, ip: str) -> int:
+        """Failures of ``ip`` counted here and not yet expired or cleared (the window is checked lazily)."""
+        return len(self._failures.get(ip, ()))
+
+    def lock(self, ip: str, seconds: float) -> None:
+        """Lock ``ip`` out for ``seconds`` from now (a lockout decided elsewhere, e.g. by another node)."""
+        until = time.monotonic() + seconds
+        if until > self._locked_until.get(ip, 0.0):
+            self._locked_until[ip] = until
+        self._failures.pop(ip, None)
+
 
 class Authenticator:
     """Checks credentials against the users file's scrypt hashes."""

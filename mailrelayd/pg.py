@@ -1,0 +1,366 @@
+"""The shared PostgreSQL database of a relay fleet: one asyncpg pool on its own event-loop thread.
+
+Why a thread of its own: the suppression store's interface is synchronous (the daemon calls it from
+worker threads, the CLI from plain code), and the daemon's loop must never wait for the network.
+Callers hand coroutines to this loop (:meth:`PgClient.call` waits, :meth:`PgClient.submit` does
+not); the loop keeps a pool, one extra connection for ``LISTEN`` (RFC-less, PostgreSQL's
+LISTEN/NOTIFY: notifications are delivered in commit order), and a supervisor that reconnects.
+
+State: :attr:`PgClient.up` is True while the pool and the listening connection work. When the
+database goes away every call fails fast with :class:`PgUnavailable` (no waiting on timeouts), the
+supervisor retries with backoff, and the ``on_connect`` hooks run again after each reconnection
+(the suppression store reloads its set and flushes its outbox there).
+
+Schema: the daemon creates and migrates it at connect, under an advisory lock so two nodes starting
+at once do not race; ``mailrelayd_schema`` holds the version. A database newer than this mailrelayd
+is refused (:class:`SchemaTooNew`), never modified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from mailrelayd.log import get_logger
+
+log = get_logger()
+
+T = TypeVar("T")
+Conn = Any  # asyncpg.Connection / pool proxy (asyncpg ships no type stubs)
+
+_MIGRATION_LOCK = 0x6D61696C72656C  # "mailrel": pg_advisory_xact_lock key for migrations
+
+# Each entry migrates from version i to i + 1. Never edit a released entry: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: suppression list, soft-bounce counters, generation counter, shared AUTH lockout.
+    """
+    CREATE TABLE mailrelayd_suppressions (
+        address    text PRIMARY KEY,
+        kind       text NOT NULL,
+        reason     text NOT NULL DEFAULT '',
+        source     text NOT NULL DEFAULT '',
+        queue_id   text NOT NULL DEFAULT '',
+        first_seen double precision NOT NULL,
+        last_seen  double precision NOT NULL,
+        count      integer NOT NULL DEFAULT 1
+    );
+    CREATE INDEX mailrelayd_suppressions_kind ON mailrelayd_suppressions (kind);
+    CREATE INDEX mailrelayd_suppressions_last_seen ON mailrelayd_suppressions (last_seen);
+    CREATE TABLE mailrelayd_soft_bounces (
+        id       bigserial PRIMARY KEY,
+        address  text NOT NULL,
+        reason   text NOT NULL DEFAULT '',
+        source   text NOT NULL DEFAULT '',
+        queue_id text NOT NULL DEFAULT '',
+        seen     double precision NOT NULL
+    );
+    CREATE INDEX mailrelayd_soft_bounces_address_seen ON mailrelayd_soft_bounces (address, seen);
+    CREATE TABLE mailrelayd_meta (key text PRIMARY KEY, value bigint NOT NULL);
+    INSERT INTO mailrelayd_meta (key, value) VALUES ('generation', 0);
+    CREATE TABLE mailrelayd_auth_failures (
+        id bigserial PRIMARY KEY,
+        ip text NOT NULL,
+        at double precision NOT NULL
+    );
+    CREATE INDEX mailrelayd_auth_failures_ip_at ON mailrelayd_auth_failures (ip, at);
+    CREATE TABLE mailrelayd_auth_lockouts (ip text PRIMARY KEY, until double precision NOT NULL);
+    """,
+    # 2: fixed-window counters for shared per-user sending limits.
+    """
+    CREATE TABLE mailrelayd_rate_counters (
+        key          text NOT NULL,
+        window_start double precision NOT NULL,
+        count        bigint NOT NULL,
+        PRIMARY KEY (key, window_start)
+    );
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Errors that mean "the database is not reachable / the connection broke", as opposed to a bug.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidPasswordError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+class PgUnavailable(Exception):
+    """The shared database cannot be used right now (down, unreachable, refusing us)."""
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer mailrelayd."""
+
+
+@dataclass(frozen=True)
+class PgSettings:
+    url: str
+    """``postgresql://user@host:port/dbname`` (validated by config.parse_store_url: no password)."""
+    password_file: Path | None = None
+    poll_interval: float = 1.0
+    timeout: float = 5.0
+
+    @property
+    def where(self) -> str:
+        """``host:port/dbname`` for logs and errors (never user or password)."""
+        u = urlsplit(self.url)
+        return f"{u.hostname}:{u.port or 5432}{u.path}"
+
+
+def read_password(path: Path | None) -> str | None:
+    """First line of the password file (None without one). Raises OSError/UnicodeDecodeError."""
+    if path is None:
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return lines[0].strip() if lines else ""
+
+
+async def migrate(conn: Conn) -> int:
+    """Create or migrate the schema to :data:`SCHEMA_VERSION`; returns the version found before."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("CREATE TABLE IF NOT EXISTS mailrelayd_schema (version integer NOT NULL)")
+        found = await conn.fetchval("SELECT coalesce(max(version), 0) FROM mailrelayd_schema")
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(f"schema version {found} is newer than this mailrelayd ({SCHEMA_VERSION})")
+        for version in range(found, SCHEMA_VERSION):
+            await conn.execute(MIGRATIONS[version])
+            await conn.execute("INSERT INTO mailrelayd_schema (version) VALUES ($1)", version + 1)
+        return int(found)
+
+
+Hook = Callable[[Conn], Awaitable[None]]
+Listener = Callable[[str], None]
+
+
+class PgClient:
+    """A pool + a LISTEN connection + a reconnecting supervisor, on a private event-loop thread.
+
+    ``on_connect`` hooks run (in order, on this loop) after every (re)connection; ``on_poll`` hooks
+    every ``poll_interval`` while up; ``listen(channel, fn)`` calls ``fn(payload)`` on this loop.
+    An exception from a hook that is a connection error marks the client down (and it reconnects).
+    """
+
+    def __init__(self, settings: PgSettings, *, name: str = "pg", pool_size: int = 4) -> None:
+        self.settings = settings
+        self.name = name
+        self.pool_size = pool_size
+        self.up = False
+        self.last_error = "not connected yet"
+        self.fatal: BaseException | None = None
+        self._password = read_password(settings.password_file)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name=f"{name}-loop", daemon=True)
+        self._pool: Any = None
+        self._listen_conn: Any = None
+        self._on_connect: list[Hook] = []
+        self._on_poll: list[Hook] = []
+        self._channels: dict[str, Listener] = {}
+        self._connected = threading.Event()
+        self._attempted = threading.Event()
+        self._wake: asyncio.Event | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- set-up ------------------------------------------------------------------------------
+    def on_connect(self, hook: Hook) -> None:
+        self._on_connect.append(hook)
+
+    def on_poll(self, hook: Hook) -> None:
+        self._on_poll.append(hook)
+
+    def listen(self, channel: str, fn: Listener) -> None:
+        """Call ``fn(payload)`` (on this loop) for each NOTIFY on ``channel``, also after reconnects."""
+        self._channels[channel] = fn
+        if self._thread.is_alive():  # already running: add it to the live connection too
+            asyncio.run_coroutine_threadsafe(self._add_listener(channel, fn), self._loop).result(10)
+
+    async def _add_listener(self, channel: str, fn: Listener) -> None:
+        conn = self._listen_conn
+        if conn is not None and not conn.is_closed():
+            try:
+                await conn.add_listener(channel, lambda _c, _pid, _ch, payload: fn(payload))
+            except CONNECTION_ERRORS as e:
+                self._down(e)
+
+    def start(self, wait: float | None = None) -> bool:
+        """Start the loop thread and connect in the background; with ``wait``, block up to that long
+        for the first attempt. True if connected. Raises :class:`SchemaTooNew` at once."""
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start_supervisor(), self._loop).result()
+        if wait:
+            self._attempted.wait(wait)
+        if self.fatal is not None:
+            raise self.fatal
+        return self.up
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    async def _start_supervisor(self) -> None:
+        self._wake = asyncio.Event()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"{self.name}-supervisor")
+
+    # --- calls ---------------------------------------------------------------------------------
+    def call(self, fn: Callable[[Conn], Awaitable[T]], timeout: float | None = None) -> T:
+        """Run ``fn(conn)`` on a pooled connection, waiting for the result (from any other thread).
+        ``timeout``: for the whole call (default: twice the configured timeout). Raises
+        :class:`PgUnavailable` when down or when the connection fails."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("PgClient.call from its own loop would deadlock; await acall")
+        fut = asyncio.run_coroutine_threadsafe(self.acall(fn, timeout), self._loop)
+        try:
+            return fut.result((timeout or self.settings.timeout * 2) + 1)
+        except TimeoutError:
+            fut.cancel()
+            raise PgUnavailable("timed out") from None
+
+    def submit(self, fn: Callable[[], Awaitable[Any]]) -> Future[Any]:
+        """Schedule a coroutine on this loop without waiting (thread-safe)."""
+        return asyncio.run_coroutine_threadsafe(fn(), self._loop)
+
+    async def acall(self, fn: Callable[[Conn], Awaitable[T]], timeout: float | None = None) -> T:
+        """:meth:`call` for code already on this loop."""
+        pool = self._pool
+        if not self.up or pool is None:
+            raise PgUnavailable(self.last_error)
+        try:
+            async with asyncio.timeout(timeout or self.settings.timeout * 2):
+                async with pool.acquire(timeout=self.settings.timeout) as conn:
+                    return await fn(conn)
+        except CONNECTION_ERRORS as e:
+            self._down(e)
+            raise PgUnavailable(self.last_error) from None
+
+    # --- supervision ---------------------------------------------------------------------------
+    def _down(self, error: BaseException | str) -> None:
+        text = error if isinstance(error, str) else (f"{type(error).__name__}: {error}".rstrip(": ")
+                                                      if str(error) else type(error).__name__)
+        if self.up:
+            log.warning("pg.down", store=self.settings.where, error=text)
+        self.up = False
+        self.last_error = text
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _connect(self) -> None:
+        s = self.settings
+        kwargs: dict[str, Any] = {"timeout": s.timeout, "command_timeout": s.timeout * 2}
+        if self._password is not None:
+            kwargs["password"] = self._password
+        pool = await asyncpg.create_pool(s.url, min_size=1, max_size=self.pool_size, **kwargs)
+        try:
+            async with pool.acquire() as conn:
+                before = await migrate(conn)
+            if before != SCHEMA_VERSION:
+                log.info("pg.schema_migrated", store=s.where, from_version=before, to_version=SCHEMA_VERSION)
+            listen_conn = await asyncpg.connect(s.url, **kwargs)
+        except BaseException:
+            await pool.close()
+            raise
+        for channel, fn in list(self._channels.items()):
+            await listen_conn.add_listener(channel, lambda _c, _pid, _ch, payload, fn=fn: fn(payload))
+        listen_conn.add_termination_listener(lambda _c: self._down("LISTEN connection closed"))
+        self._pool, self._listen_conn = pool, listen_conn
+        self.up = True
+        try:
+            for hook in self._on_connect:
+                async with pool.acquire() as conn:
+                    await hook(conn)
+        except BaseException:
+            self.up = False
+            raise
+
+    async def _teardown(self) -> None:
+        pool, listen_conn = self._pool, self._listen_conn
+        self._pool = self._listen_conn = None
+        if listen_conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listen_conn.close(), 2)
+            listen_conn.terminate()
+        if pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 2)
+            pool.terminate()
+
+    async def _supervise(self) -> None:
+        assert self._wake is not None
+        backoff = 0.2
+        while not self._closing:
+            if not self.up:
+                await self._teardown()
+                try:
+                    await self._connect()
+                    log.info("pg.connected", store=self.settings.where, schema_version=SCHEMA_VERSION)
+                    backoff = 0.2
+                except SchemaTooNew as e:
+                    self.fatal = e
+                    self._down(str(e))
+                except CONNECTION_ERRORS as e:
+                    self._down(e)
+                except Exception as e:  # a hook's bug must not kill the supervisor
+                    self._down(e)
+                    with contextlib.suppress(Exception):  # nor a log stream that fails (closed stdout)
+                        log.exception("pg.connect_failed", store=self.settings.where, error=str(e))
+                finally:
+                    self._attempted.set()
+                if not self.up:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval)
+            if not self.up or self._closing:
+                continue
+            if self._listen_conn is None or self._listen_conn.is_closed():
+                self._down("LISTEN connection closed")
+                continue
+            for hook in self._on_poll:
+                try:
+                    await self.acall(hook)
+                except PgUnavailable:
+                    break
+                except Exception as e:
+                    with contextlib.suppress(Exception):
+                        log.exception("pg.poll_failed", store=self.settings.where, error=str(e))
+
+    def close(self) -> None:
+        """Stop the supervisor, close the connections and the loop thread."""
+        if not self._thread.is_alive():
+            return
+
+        async def _stop() -> None:
+            self._closing = True
+            if self._supervisor is not None:
+                self._supervisor.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._supervisor
+            self.up = False
+            await self._teardown()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
