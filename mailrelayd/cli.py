@@ -96,17 +96,28 @@ def _read_users(path: Path) -> dict[str, Any]:
     return load_users(path) if path.exists() else {}
 
 
-def cmd_user_add(args: argparse.Namespace) -> int:
-    import secrets as _secrets
-
-    from mailrelayd.users import User, UsersFileError, hash_password, save_users
+def _users_for_edit(args: argparse.Namespace) -> tuple[Path, dict[str, Any]] | None:
+    """The users file and its users, for a `user` verb that edits them; None once the reason
+    it cannot be read has been printed."""
+    from mailrelayd.users import UsersFileError
 
     path = _users_file(args)
     try:
-        users = _read_users(path)
+        return path, _read_users(path)
     except UsersFileError as e:
         _err(str(e))
+        return None
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    import secrets as _secrets
+
+    from mailrelayd.users import User, hash_password, save_users
+
+    opened = _users_for_edit(args)
+    if opened is None:
         return 1
+    path, users = opened
     if not all(p.startswith("@") or "@" in p or p == "*" for p in args.allow_from):
         _err("--allow-from takes \"@domain\", a whole address, or \"*\"")
         return 2
@@ -148,14 +159,12 @@ def _rate_arg(text: str) -> str | None:
 def cmd_user_set(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mailrelayd.users import UsersFileError, save_users
+    from mailrelayd.users import save_users
 
-    path = _users_file(args)
-    try:
-        users = _read_users(path)
-    except UsersFileError as e:
-        _err(str(e))
+    opened = _users_for_edit(args)
+    if opened is None:
         return 1
+    path, users = opened
     u = users.get(args.name)
     if u is None:
         _err(f"no user {args.name!r} in {path} (create it with `mailrelayd user add`)")
@@ -177,14 +186,12 @@ def cmd_user_set(args: argparse.Namespace) -> int:
 def cmd_user_apikey(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from mailrelayd.users import UsersFileError, new_api_key, save_users
+    from mailrelayd.users import new_api_key, save_users
 
-    path = _users_file(args)
-    try:
-        users = _read_users(path)
-    except UsersFileError as e:
-        _err(str(e))
+    opened = _users_for_edit(args)
+    if opened is None:
         return 1
+    path, users = opened
     u = users.get(args.name)
     if u is None:
         _err(f"no user {args.name!r} in {path}")
@@ -206,8 +213,10 @@ def cmd_user_apikey(args: argparse.Namespace) -> int:
 def cmd_user_del(args: argparse.Namespace) -> int:
     from mailrelayd.users import save_users
 
-    path = _users_file(args)
-    users = _read_users(path)
+    opened = _users_for_edit(args)
+    if opened is None:
+        return 1
+    path, users = opened
     if args.name not in users:
         _err(f"no user {args.name!r} in {path}")
         return 1
