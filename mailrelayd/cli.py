@@ -473,6 +473,8 @@ def _queue_action(args: argparse.Namespace, op: str) -> int:
             if r.get("until") else "until released"
         action = "rule removed" if op == "release" else "rule"
         print(f"  {action}: {r['kind']} {r['value']} ({until}){': ' + r['reason'] if r.get('reason') else ''}")
+    for name in item.get("resumed") or []:
+        print(f"  {'would lift' if item.get('dry_run') else 'lifted'} the suspension of {name}")
     return 0
 
 

@@ -518,8 +518,10 @@ class Daemon:
         st = await self.spool.stats()
         busy = self.scheduler.inflight_by_state
         for state in ("pending", "deferred"):  # a recipient being attempted counts as inflight only
-            metrics.QUEUE_RECIPIENTS.labels(state).set(max(0, st.recipients.get(state, 0) - busy.get(state, 0)))
+            metrics.QUEUE_RECIPIENTS.labels(state).set(
+                max(0, st.recipients.get(state, 0) - st.held.get(state, 0) - busy.get(state, 0)))
         metrics.QUEUE_RECIPIENTS.labels("inflight").set(sum(busy.values()))
+        metrics.QUEUE_RECIPIENTS.labels("held").set(sum(st.held.values()))  # never attempted while held
         metrics.QUEUE_MESSAGES.set(st.messages)
         metrics.QUEUE_OLDEST_AGE.set(max(0.0, time.time() - st.oldest_received_at) if st.oldest_received_at else 0)
         try:

@@ -139,7 +139,7 @@ SPOOL_WRITE_ERRORS = Counter(
 )
 SPOOL_FREE_BYTES = Gauge("mailrelayd_spool_free_bytes", "Free bytes on the spool file system.")
 QUEUE_RECIPIENTS = Gauge(
-    "mailrelayd_queue_recipients", "Recipients in the queue by state (pending, inflight, deferred).", ["state"]
+    "mailrelayd_queue_recipients", "Recipients in the queue by state (pending, inflight, deferred, held).", ["state"]
 )
 QUEUE_MESSAGES = Gauge("mailrelayd_queue_messages", "Messages in the queue (not yet finished for every recipient).")
 QUEUE_OLDEST_AGE = Gauge(
@@ -374,7 +374,7 @@ for _m in (CONNECTIONS_ACTIVE, MESSAGES_RECEIVED, RECIPIENTS_RECEIVED, MESSAGE_S
     declare_labels(_m, listener=LISTENERS)
 declare_labels(SMTP_REPLIES, listener=LISTENERS, command=_REPLY_COMMANDS, **{"class": _REPLY_CLASSES})
 declare_labels(AUTH_ATTEMPTS, listener=LISTENERS, result=("success", "failure"))
-declare_labels(QUEUE_RECIPIENTS, state=("pending", "inflight", "deferred"))
+declare_labels(QUEUE_RECIPIENTS, state=("pending", "inflight", "deferred", "held"))
 declare_labels(DELIVERY_ATTEMPTS, result=("delivered", "deferred", "bounced", "expired", "suppressed"),
                domain=DESTINATION_DOMAINS)
 declare_labels(DELIVERY_DURATION, result=("delivered", "deferred", "bounced", "mixed"))

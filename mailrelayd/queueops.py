@@ -138,7 +138,9 @@ class QueueOps:
             try:
                 f = QueueFilter.from_json(body.get("filter") or {})
                 if parts[1] == "flush" and f.empty and "filter" not in body and not body.get("dry_run"):
-                    return 200, {"rescheduled": await self.flush(None)}  # the 0.1 API
+                    flushed = await self.queue.flush(None)  # the 0.1 API (plus the suspensions lifted)
+                    return 200, {"rescheduled": flushed.recipients, **({"resumed": list(flushed.resumed)}
+                                                                        if flushed.resumed else {})}
                 until = body.get("until")
                 res = await self.bulk(parts[1], f, dry_run=bool(body.get("dry_run")), reason=str(body.get("reason")
                                       or ""), until=float(until) if until else None)

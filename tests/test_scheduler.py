@@ -438,3 +438,130 @@ async def test_reload_changes_limits_of_live_destinations(rig_factory: Callable[
     assert await rig.spool.get(q) is None  # the new rate applies at once to new mail
     await rig.advance(60)
     assert rig.delivered_to("x.example") == 3
+
+
+# --- destination state in the spool: suspensions across a restart, held mail in the stats ------
+def _suspended_gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value("mailrelayd_destination_suspended", {"destination": name})
+
+
+async def _restart(rig: Rig) -> Rig:
+    """Stop the rig's scheduler and start a new one (new transport, same spool and clock): what a
+    daemon restart or crash leaves is the spool and nothing else."""
+    await rig.sched.stop(5)
+    transport = FakeTransport(rig.clock)
+    sched = Scheduler(rig.sched.cfg, rig.spool, transport, dsn_builder=build_dsn, clock=rig.clock,
+                      mx_names=rig.sched.mx_names)
+    await sched.start()
+    rig.sched, rig.transport = sched, transport
+    return rig
+
+
+async def test_suspension_survives_a_restart(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory(shaping=[{"match": "x.example", "throttle_backoff": "10m"}])
+    rig.transport.replies["x.example"] = (421, "4.7.0", "rate limited")
+    q1 = await rig.submit("a@x.example")
+    await rig.settle()
+    q2 = await rig.submit("b@x.example")  # waits in memory only (no spool write per message)
+    await rig.settle()
+    stored = await rig.spool.suspensions(rig.clock())
+    assert [(s.destination, s.until, s.since) for s in stored] == [("x.example", T0 + 600, T0)]
+    assert "421 4.7.0 rate limited" in stored[0].reply
+    rig.clock.t += 60
+    await _restart(rig)  # the new transport would accept everything
+    await rig.settle()
+    assert rig.transport.calls == []  # q2 was due, but its destination is still suspended
+    assert _suspended_gauge("x.example") == 1
+    (d,) = [x for x in rig.sched.destinations_json() if x["destination"] == "x.example"]
+    assert d["suspended_until"] == T0 + 600 and "rate limited" in d["suspend_reply"]
+    await rig.advance(600 - 60 - 1)
+    assert rig.transport.calls == []
+    await rig.advance(1 + 60)  # the end of the suspension plus the spread of its backlog
+    assert rig.delivered_to("x.example") == 2
+    assert await rig.states(q1) == {"a@x.example": "delivered"}
+    assert await rig.states(q2) == {"b@x.example": "delivered"}
+    assert _suspended_gauge("x.example") == 0
+    assert await rig.spool.suspensions(0) == []  # removed once it ended
+
+
+async def test_ended_suspensions_are_ignored_and_removed_at_start(rig_factory: Callable[..., Any]) -> None:
+    from mailrelayd.spool.store import Suspension
+
+    rig = await rig_factory()
+    await rig.spool.save_suspension(Suspension("x.example", T0 + 30, "421 busy", T0 - 10))
+    await rig.spool.save_suspension(Suspension("y.example", T0 + 3600, "421 4.7.0 rate limited", T0 - 10))
+    rig.clock.t += 60  # x.example's ended while the daemon was down
+    q = await rig.submit("a@x.example", "b@y.example")
+    await _restart(rig)
+    await rig.settle()
+    assert [d for _, d, _ in rig.transport.calls] == ["x.example"]
+    assert [s.destination for s in await rig.spool.suspensions(0)] == ["y.example"]
+    assert await rig.states(q) == {"a@x.example": "delivered", "b@y.example": "pending"}
+
+
+async def test_queue_flush_lifts_suspensions(rig_factory: Callable[..., Any], tmp_path: Path) -> None:
+    mx = {"a.example": ["aspmx.l.google.test"], "b.example": ["alt1.aspmx.l.google.test"]}
+    rig = await rig_factory(mx=mx, shaping=[{"match": "x.example", "throttle_backoff": "1h"},
+                                            {"match": ".google.test", "throttle_backoff": "1h"}])
+    qm: QueueManager = rig.sched.queue
+    for dom in ("x.example", "a.example"):
+        rig.transport.replies[dom] = (421, "4.7.0", "rate limited")
+    await rig.submit("u@x.example")
+    await rig.submit("u@a.example")
+    await rig.settle()
+    rig.transport.replies.clear()
+    qx = await rig.submit("v@x.example")
+    qb = await rig.submit("v@b.example")  # another domain of the suspended MX group
+    await rig.settle()
+    assert rig.sched.suspended() == [".google.test", "x.example"]
+    assert rig.sched.suspended(["b.example"]) == [".google.test"]
+    # A flush of one sender's mail does not lift a provider's suspension for everyone.
+    assert (await qm.flush(QueueFilter(sender="app@example.com"))).resumed == ()
+    dry = await qm.flush(QueueFilter(domain="X.Example."), dry_run=True)
+    assert (dry.resumed, dry.to_json()["resumed"]) == (("x.example",), ["x.example"])
+    assert rig.sched.suspended() == [".google.test", "x.example"]
+    # Offline (the CLI on a stopped daemon's spool) the stored suspensions are seen too.
+    offline = QueueManager(rig.sched.cfg, rig.spool, dsn_builder=build_dsn, clock=rig.clock)
+    assert (await offline.flush(None, dry_run=True)).resumed == (".google.test", "x.example")
+    res = await qm.flush(QueueFilter(domain="x.example"))
+    assert res.resumed == ("x.example",)
+    await rig.settle()  # no time passes: x.example's mail goes at once, the group's still waits
+    assert await rig.spool.get(qx) is None and await rig.spool.get(qb) is not None
+    assert _suspended_gauge("x.example") == 0 and _suspended_gauge(".google.test") == 1
+    assert [s.destination for s in await rig.spool.suspensions(0)] == [".google.test"]
+    # A domain of the group names the group's suspension.
+    assert (await qm.flush(QueueFilter(domain="b.example"))).resumed == (".google.test",)
+    await rig.settle()
+    assert await rig.spool.get(qb) is None
+    assert await rig.spool.suspensions(0) == [] and rig.sched.suspended() == []
+
+
+async def test_stats_count_held_recipients_apart(rig_factory: Callable[..., Any]) -> None:
+    rig = await rig_factory()
+    qm: QueueManager = rig.sched.queue
+    for dom in ("x.example", "y.example"):
+        rig.transport.replies[dom] = (451, "4.3.0", "later")
+    await qm.hold(QueueFilter(domain="held.example"))
+    await qm.hold(QueueFilter(sender="@hold-sender.example"))
+    await qm.hold(QueueFilter(sender="one@example.org"))
+    await qm.hold(QueueFilter(user="app9"))
+    qids = [await rig.submit("a@held.example", "b@x.example"),  # one held by domain, one deferred
+            await rig.submit("c@x.example", sender="Me@Hold-Sender.example"),
+            await rig.submit("d@y.example", sender="one@example.org"),
+            await rig.submit("e@y.example", sender="one@sub.example.org"),  # not held: another address
+            await rig.submit("f@y.example", sender="x@nothold-sender.example"),  # not the same domain
+            await rig.submit("g@x.example", user="app9"),
+            await rig.submit("h@x.example")]
+    await rig.settle()
+    await qm.hold(QueueFilter(queue_ids=(qids[-1],)))  # deferred first, then held as a whole
+    st = await rig.spool.stats()
+    want: dict[str, int] = {}
+    for m in await rig.spool.get_many(qids):
+        for r in m.active_recipients():
+            if qm.recipient_state(m, r, frozenset()) == "held":
+                want[r.state] = want.get(r.state, 0) + 1
+    assert want == {"pending": 4, "deferred": 1}  # a, c, d, g never tried; h
+    assert st.held == want
+    assert st.recipients == {"pending": 4, "deferred": 4}  # held or not, as before
+    await qm.release()
+    assert (await rig.spool.stats()).held == {}

@@ -126,6 +126,8 @@ class QueueListener(Protocol):
     def forget(self, qid: str) -> None: ...
     @property
     def inflight(self) -> frozenset[str]: ...
+    def suspended(self, domains: Sequence[str] | None = None) -> list[str]: ...
+    def resume(self, names: Sequence[str]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,8 @@ class BulkResult:
     recipients: int
     dry_run: bool
     rules: tuple[HoldRule, ...] = ()
+    resumed: tuple[str, ...] = ()
+    """Destinations whose suspension (after a throttling reply) ``queue flush`` lifted."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"action": self.action, "messages": self.messages, "recipients": self.recipients,
@@ -186,6 +190,8 @@ class BulkResult:
         if self.rules:
             out["rules"] = [{"kind": r.kind, "value": r.value, "until": r.until or None, "reason": r.reason}
                             for r in self.rules]
+        if self.resumed:
+            out["resumed"] = list(self.resumed)
         return out
 
 
@@ -339,12 +345,15 @@ class QueueManager:
         return out
 
     async def flush(self, f: QueueFilter | None = None, *, dry_run: bool = False) -> BulkResult:
-        """Retry now what ``f`` selects (``None``: everything). Held mail stays held."""
+        """Retry now what ``f`` selects (``None``: everything). Held mail stays held. A flush of
+        everything also lifts every destination suspension, a flush by ``--domain`` alone that of
+        the domain's destination (as Postfix's ``postqueue -f`` revives dead destinations)."""
         now = self.clock()
         sel = await self.select(f or QueueFilter())
         n = sum(len(v) for v in sel.values())
+        resumed = await self.resume_suspensions(f, dry_run=dry_run)
         if dry_run:
-            return BulkResult("flush", len(sel), n, True)
+            return BulkResult("flush", len(sel), n, True, resumed=resumed)
         qids = sorted(sel)
         if f is None or f.normalized().empty:
             await self.spool.reschedule(None, now)
@@ -352,7 +361,30 @@ class QueueManager:
             await self.spool.reschedule_many(qids, now)
         if self.listener is not None:
             self.listener.wake(qids, now)
-        return BulkResult("flush", len(sel), n, False)
+        return BulkResult("flush", len(sel), n, False, resumed=resumed)
+
+    async def resume_suspensions(self, f: QueueFilter | None = None, *, dry_run: bool = False) -> tuple[str, ...]:
+        """Lift destination suspensions: all (``f`` empty), or the one of ``f.domain`` when the
+        domain is the only criterion (a flush of one sender's mail must not un-suspend a provider
+        for everyone). Returns the destinations lifted (or that would be, with ``dry_run``)."""
+        f = (f or QueueFilter()).normalized()
+        if f.empty:
+            scope: list[str] | None = None
+        elif f.domain and f.sender is None and not f.user and f.older_than is None and not f.queue_ids:
+            scope = [f.domain]
+        else:
+            return ()
+        stored = {s.destination for s in await self.spool.suspensions(self.clock())}
+        names = stored if scope is None else stored & set(scope)
+        if self.listener is not None:  # it also knows which MX group a domain belongs to
+            names |= set(self.listener.suspended(scope))
+        if dry_run or not names:
+            return tuple(sorted(names))
+        await self.spool.end_suspensions(sorted(names))
+        if self.listener is not None:
+            self.listener.resume(sorted(names))
+        log.info("queue.suspensions_lifted", destinations=sorted(names))
+        return tuple(sorted(names))
 
     async def delete(self, f: QueueFilter, reason: str = "", *, dry_run: bool = False) -> BulkResult:
         """Remove the selected recipients silently (``queue delete``)."""

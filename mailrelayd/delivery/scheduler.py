@@ -50,7 +50,7 @@ from mailrelayd.delivery.queuemanager import (  # re-exported: the daemon and fe
 from mailrelayd.delivery.shaping import Destination, Destinations, is_throttling
 from mailrelayd.errors import SpoolError
 from mailrelayd.log import get_logger
-from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool
+from mailrelayd.spool.store import MessageRecord, NewMessage, RecipientRecord, Spool, Suspension
 
 log = get_logger()
 
@@ -141,6 +141,7 @@ class Scheduler:
         """Load every unfinished message from the spool and start working."""
         t0 = time.perf_counter()
         await self.queue.load()
+        await self._restore_suspensions()
         rows = await self.spool.active_schedule()
         for due, qid in rows:
             self._push(qid, due)
@@ -199,6 +200,29 @@ class Scheduler:
     def forget(self, qid: str) -> None:
         self._scheduled.pop(qid, None)
         self._parked.discard(qid)
+
+    def suspended(self, domains: Sequence[str] | None = None) -> list[str]:
+        """Destinations suspended now: all, or those ``domains`` go to (a domain, its MX group as
+        far as known, or a destination named directly, like ``.google.com``)."""
+        now = self.clock()
+        live = {n for n, (until, _) in self._suspended.items() if until > now}
+        if domains is None:
+            return sorted(live)
+        names = {n for d in domains for n in (d, self.destinations.cached_name(d, now)) if n in live}
+        return sorted(names)
+
+    def resume(self, names: Sequence[str]) -> None:
+        """End these suspensions now (``queue flush``; the caller removes them from the spool)."""
+        for name in names:
+            entry = self._suspended.pop(name, None)
+            if entry is not None:
+                metrics.DESTINATION_SUSPENDED.labels(entry[1]).dec()
+            dest = self.destinations.peek(name)
+            if dest is not None:
+                dest.suspended_until = 0.0
+            log.info("destination.resumed", destination=name, by="admin")
+        self._next_unsuspend = min((u for u, _ in self._suspended.values()), default=math.inf)
+        self._wake.set()
 
     async def administrative(self, qid: str, action: str, reason: str = "") -> bool:
         """``queue bounce`` / ``queue delete`` of one message (see QueueManager)."""
@@ -320,12 +344,15 @@ class Scheduler:
     async def _timers(self, now: float) -> None:
         """Ends of suspensions (for the gauge), hold rules that run out, idle destinations."""
         if now >= self._next_unsuspend:
+            ended = []
             for name, (until, label) in list(self._suspended.items()):
                 if until <= now:
                     del self._suspended[name]
                     metrics.DESTINATION_SUSPENDED.labels(label).dec()
                     log.info("destination.resumed", destination=name)
+                    ended.append(name)
             self._next_unsuspend = min((u for u, _ in self._suspended.values()), default=math.inf)
+            await self._forget_suspensions(ended, now)
         if now >= self.queue.next_rule_expiry:
             try:
                 await self.queue.expire_rules()
@@ -478,14 +505,22 @@ class Scheduler:
             name = self.destinations.name_from_mx(domain, mx, now)
         return self.destinations.get(name)
 
-    def _suspend(self, dest: Destination, reply: str, now: float) -> None:
+    def _suspend(self, dest: Destination, reply: str, now: float) -> bool:
+        """Suspend ``dest`` for its throttle_backoff; True if that started or extended a suspension
+        (the caller then records it in the spool)."""
         backoff = dest.limits.throttle_backoff
         if backoff <= 0:
-            return
+            return False
         until = now + backoff
         if until <= dest.suspended_until:
-            return
+            return False
         fresh = not dest.suspended(now)
+        self._mark_suspended(dest, until, reply)
+        if fresh:
+            log.warning("destination.suspended", destination=dest.name, seconds=backoff, reply=reply[:300])
+        return True
+
+    def _mark_suspended(self, dest: Destination, until: float, reply: str) -> None:
         dest.suspended_until = until
         dest.suspend_reply = reply[:300]
         if dest.name in self._suspended:
@@ -495,9 +530,31 @@ class Scheduler:
             self._suspended[dest.name] = (until, label)
             metrics.DESTINATION_SUSPENDED.labels(label).inc()
         self._next_unsuspend = min(self._next_unsuspend, until)
-        if fresh:
-            log.warning("destination.suspended", destination=dest.name, seconds=backoff, reply=reply[:300])
         self._wake.set()
+
+    # --- suspensions in the spool: a restart (or crash) must not forget them ---------------------
+    async def _restore_suspensions(self) -> None:
+        """Suspensions still in force from before the restart; their mail waits as it did then."""
+        now = self.clock()
+        for s in await self.spool.suspensions(now):
+            self._mark_suspended(self.destinations.get(s.destination), s.until, s.reply)
+            log.info("destination.suspension_restored", destination=s.destination,
+                     seconds=round(s.until - now, 1), reply=s.reply[:300])
+        await self._forget_suspensions(None, now)  # rows of suspensions that ended while we were down
+
+    async def _save_suspension(self, dest: Destination, now: float) -> None:
+        try:
+            await self.spool.save_suspension(Suspension(dest.name, dest.suspended_until, dest.suspend_reply, now))
+        except SpoolError as e:  # it still holds in memory; only a restart would forget it
+            log.error("destination.suspension_not_saved", destination=dest.name, error=str(e))
+
+    async def _forget_suspensions(self, names: Sequence[str] | None, now: float) -> None:
+        if names is not None and not names:
+            return
+        try:
+            await self.spool.end_suspensions(names, ended_by=now)
+        except SpoolError as e:  # an ended row is ignored at the next start anyway
+            log.error("destination.suspension_not_removed", destinations=names, error=str(e))
 
     def _groups(self, msg: MessageRecord, rcpts: Sequence[RecipientRecord]) -> list[list[RecipientRecord]]:
         """One transaction per destination domain; one per recipient when VERP gives each
@@ -528,15 +585,18 @@ class Scheduler:
             if outcome is None:  # a transport bug must not lose the recipient: retry
                 outcome = _Missing(r.address)
             mine.append((r, outcome))
+        suspended = False
         for r, o in mine:
             if not o.ok and not o.permanent and o.code and \
                     is_throttling(o.code, o.enhanced, o.remote_reply or o.text):
-                self._suspend(dest, _reply_text(o), now)
+                suspended = self._suspend(dest, _reply_text(o), now) or suspended
                 if dest.suspended(now):
                     until = dest.suspended_until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))
                     postponed.append(Postponed(r, until, _reply_text(o), True, attempted=True))
                     continue
             out.append((r, o))
+        if suspended:  # durable before the outcome that relies on it is recorded
+            await self._save_suspension(dest, now)
         log.info("delivery.attempt", queue_id=msg.queue_id, domain=group[0].domain, destination=dest.name,
                  mail_from=mail_from, duration=round(time.perf_counter() - t0, 4),
                  results=[{"rcpt": r.address, "code": o.code, "status": o.enhanced, "mta": o.remote_mta,

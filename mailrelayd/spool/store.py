@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -148,6 +148,17 @@ CREATE TABLE IF NOT EXISTS event_cursors (
 );
 CREATE INDEX IF NOT EXISTS history_message_id ON history(message_id) WHERE message_id != '';
 CREATE INDEX IF NOT EXISTS history_address ON history(address);
+"""
+
+# Destinations suspended after a throttling reply (delivery.shaping), kept across a restart so the
+# relay does not hammer, at start, a provider that has just told it to slow down.
+_SCHEMA_SUSPENSIONS = """
+CREATE TABLE IF NOT EXISTS suspensions (
+    destination TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    reply TEXT NOT NULL DEFAULT '',
+    since REAL NOT NULL
+);
 """
 
 # Recipient state -> event name.
@@ -353,6 +364,20 @@ class SpoolStats:
     messages: int
     recipients: dict[str, int]
     oldest_received_at: float | None
+    held: dict[str, int] = field(default_factory=dict)
+    """Of ``recipients``, those held (by their spool state, pending or deferred): held mail is
+    neither waiting for an attempt nor for a retry (``queue_recipients{state="held"}``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Suspension:
+    """A destination (recipient domain or ``[[shaping]]`` MX group) that nothing is sent to until
+    ``until`` (Unix time), because it answered ``reply`` (a throttling reply)."""
+
+    destination: str
+    until: float
+    reply: str = ""
+    since: float = 0.0
 
 
 class Spool:
@@ -596,7 +621,7 @@ class Spool:
             by_state = dict(c.execute(
                 "SELECT state, COUNT(*) FROM recipients WHERE state IN ('pending','deferred') GROUP BY state"
             ).fetchall())
-            return SpoolStats(n, by_state, oldest)
+            return SpoolStats(n, by_state, oldest, _held_by_state(c))
         return await self._read(fn)
 
     async def read_events(self, name: str, kinds: Sequence[str], limit: int
@@ -789,6 +814,33 @@ class Spool:
             return n
         return await self._write(op)
 
+    # --- destination suspensions (delivery loop; queue flush lifts them) ----------------------
+    async def suspensions(self, now: float) -> list[Suspension]:
+        """Suspensions still in force at ``now`` (ended ones are ignored: see prune_suspensions)."""
+        return await self._read(lambda c: [Suspension(*r) for r in c.execute(
+            "SELECT destination, until, reply, since FROM suspensions WHERE until > ? ORDER BY destination",
+            (now,)).fetchall()])
+
+    async def save_suspension(self, s: Suspension) -> None:
+        """Store (or extend) a destination's suspension. A suspension still in force keeps its start."""
+        def op(c: sqlite3.Connection) -> None:
+            c.execute("INSERT INTO suspensions (destination, until, reply, since) VALUES (?, ?, ?, ?) "
+                      "ON CONFLICT (destination) DO UPDATE SET until = excluded.until, reply = excluded.reply, "
+                      "since = CASE WHEN suspensions.until > excluded.since THEN suspensions.since "
+                      "ELSE excluded.since END", (s.destination, s.until, s.reply[:1000], s.since))
+        await self._write(op)
+
+    async def end_suspensions(self, names: Sequence[str] | None, ended_by: float | None = None) -> int:
+        """Forget suspensions: of ``names`` (None: all); with ``ended_by``, only those that end by
+        then (a suspension extended meanwhile stays)."""
+        def op(c: sqlite3.Connection) -> int:
+            cond, args = ("until <= ?", [ended_by]) if ended_by is not None else ("1 = 1", [])
+            if names is None:
+                return c.execute(f"DELETE FROM suspensions WHERE {cond}", args).rowcount
+            return sum(c.execute(f"DELETE FROM suspensions WHERE destination = ? AND {cond}", [n, *args]).rowcount
+                       for n in names)
+        return await self._write(op)
+
 
 def _check_envelope(m: NewMessage) -> None:
     # Addresses are TEXT: a lone surrogate (a non-UTF-8 byte decoded with surrogateescape) would fail
@@ -804,6 +856,26 @@ def _check_envelope(m: NewMessage) -> None:
 # --- SQL helpers (run on the writer or reader thread) -------------------------------------
 _MESSAGE_COLUMNS_ADDED = (("user", "TEXT NOT NULL DEFAULT ''"), ("held_at", "REAL NOT NULL DEFAULT 0"),
                           ("held_reason", "TEXT NOT NULL DEFAULT ''"), ("hold_credit", "REAL NOT NULL DEFAULT 0"))
+
+
+# An active recipient held as the queue manager sees it (QueueManager.is_held): its message held as
+# a whole, or a hold rule for its domain, its message's SASL user, its sender's address or "@domain".
+_HELD_RECIPIENT = (
+    "m.held_at > 0 OR EXISTS (SELECT 1 FROM holds h WHERE (h.kind = 'domain' AND h.value = r.domain) OR "
+    "(h.kind = 'user' AND m.user != '' AND h.value = m.user) OR (h.kind = 'sender' AND "
+    "(h.value = lower(m.mail_from) OR (substr(h.value, 1, 1) = '@' AND "
+    "substr(lower(m.mail_from), -length(h.value)) = h.value))))")
+
+
+def _held_by_state(c: sqlite3.Connection) -> dict[str, int]:
+    """{spool state: held active recipients}. The join only runs when something is held at all, so
+    an ordinary scrape costs two cheap lookups more."""
+    if c.execute("SELECT 1 FROM holds LIMIT 1").fetchone() is None and \
+            c.execute("SELECT 1 FROM messages WHERE held_at > 0 LIMIT 1").fetchone() is None:
+        return {}
+    return dict(c.execute(
+        "SELECT r.state, COUNT(*) FROM recipients r JOIN messages m ON m.qid = r.qid "
+        f"WHERE r.state IN ('pending','deferred') AND ({_HELD_RECIPIENT}) GROUP BY r.state").fetchall())
 
 
 def _select(c: sqlite3.Connection, f: QueueFilter, now: float, only_held: bool = False) -> list[tuple[str, int]]:
@@ -1011,6 +1083,7 @@ class _Writer(threading.Thread):
                 if col not in {r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")}:
                     self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
             self._conn.executescript(_SCHEMA_EVENTS)
+            self._conn.executescript(_SCHEMA_SUSPENSIONS)
         except BaseException as e:  # surfaced by wait_open() and to every waiter
             self._open_error = e
             self._conn = None
