@@ -344,7 +344,7 @@ async def _offline(cfg: Any, op: str, qid: str | None, body: dict[str, Any] | No
         if op == "list":
             return 200, await ops.list()
         if op == "destinations":
-            return 200, ops.destinations()
+            return 200, await ops.destinations_stored()
         path = "queue" + (f"/{qid}" if qid else "") + ("" if op == "show" else f"/{op}")
         return await ops.handle("GET" if op == "show" else "POST", path, body or {})
     finally:

@@ -90,6 +90,16 @@ class QueueOps:
         dests = self.scheduler.destinations_json() if self.scheduler is not None else []
         return {"destinations": dests, "holds": rules}
 
+    async def destinations_stored(self) -> dict[str, Any]:
+        """:meth:`destinations` with the daemon stopped: the hold rules and the suspensions kept in
+        the spool (they are in force again when it starts)."""
+        out = self.destinations()
+        if self.scheduler is None:
+            out["destinations"] = [{"destination": s.destination, "active": 0, "waiting": 0, "held": False,
+                                    "suspended_until": s.until, "suspend_reply": s.reply}
+                                   for s in await self.spool.suspensions(time.time())]
+        return out
+
     async def flush(self, qid: str | None) -> int:
         f = QueueFilter(queue_ids=(qid.upper(),)) if qid else None
         return (await self.queue.flush(f)).recipients

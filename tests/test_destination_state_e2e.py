@@ -180,3 +180,25 @@ async def test_held_recipients_have_their_own_queue_gauge(start_daemon) -> None:
         assert await d.daemon.spool.get(qid) is None or (await d.daemon.spool.get(qid)).held_at == 0
     finally:
         await sink.stop()
+
+
+async def test_offline_cli_shows_and_lifts_stored_suspensions(tmp_path: Path, tls_files: Any, cli_env) -> None:
+    """With the daemon stopped, `queue destinations` reads the suspensions from the spool and
+    `queue flush` removes them there."""
+    from mailrelayd.spool.store import Suspension
+
+    cfg = write_config(tmp_path, base_config(tls_files))
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    await spool.save_suspension(Suspension(".google.com", time.time() + 1800, "421-4.7.28 unusual rate", time.time()))
+    await spool.save_suspension(Suspension("old.example", time.time() - 5, "421 busy", time.time() - 60))
+    await spool.close()
+    code, out, err = await _cli(cli_env, cfg, "queue", "destinations")
+    assert code == 0, err
+    assert "dest   .google.com" in out and "(421-4.7.28 unusual rate)" in out and "old.example" not in out
+    code, out, err = await _cli(cli_env, cfg, "queue", "flush", "--sender", "app@example.com")
+    assert code == 0 and "lift" not in out, (out, err)
+    code, out, err = await _cli(cli_env, cfg, "queue", "flush", "--domain", ".google.com")
+    assert code == 0 and "lifted the suspension of .google.com" in out, (out, err)
+    code, out, err = await _cli(cli_env, cfg, "queue", "destinations", "--json")
+    assert code == 0 and json.loads(out)["destinations"] == [], (out, err)
