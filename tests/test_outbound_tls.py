@@ -423,3 +423,55 @@ async def test_dane_ta(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
         assert r.ok is delivered, r.text
         assert len(sink.messages) == (1 if delivered else 0)
         await t.close()
+
+
+# --- sessions shared by recipient domains on one MX host -----------------------------------------
+async def test_domains_on_one_mx_host_share_a_session(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                      certs: dict[str, Issued], dns_srv: DnsServer) -> None:
+    dns_srv.add("other.test.", "MX", f"10 {MX}.")  # another domain hosted at the same provider
+    dns_srv.add("pref.test.", "MX", "10 primary.pref.test.")
+    dns_srv.add("pref.test.", "MX", f"20 {MX}.")  # the shared host is only its backup
+    dns_srv.add("primary.pref.test.", "A", "127.0.0.3")  # nothing listens: refused
+    async with _sink(certs["good"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, mta_sts=False)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        assert (await _deliver(t, "dest.test")).ok
+        assert (await _deliver(t, "other.test")).ok
+        assert sink.connections == 1 and len({m.session_id for m in sink.messages}) == 1
+        assert all(m.tls for m in sink.messages)
+        # A domain whose preferred MX is elsewhere does not jump to its backup because a session to
+        # the backup happens to be open: it tries its own MX first, as a new connection would.
+        r = await _deliver(t, "pref.test")
+        assert r.ok and r.remote_mta == MX
+        assert sink.connections == 2
+        await t.close()
+
+
+async def test_shared_session_never_carries_mail_for_a_stricter_policy(
+        tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued], dns_srv: DnsServer,
+        policy_server: PolicyServer) -> None:
+    """dest.test has no policy (an unverified STARTTLS session is enough); testing.test enforces
+    MTA-STS for the same MX host: a session opened for dest.test must not carry its mail, while a
+    session verified for testing.test may carry dest.test's."""
+    dns_srv.add("testing.test.", "MX", f"10 {MX}.")
+    dns_srv.add("mta-sts.testing.test.", "A", "127.0.0.1")
+    dns_srv.add("third.test.", "MX", f"10 {MX}.")
+    _publish_sts(dns_srv, policy_server, "testing.test", _policy())
+    async with _sink(certs["good"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        before = _metric("mta-sts", "verified")
+        assert (await _deliver(t, "dest.test")).ok
+        assert (await _deliver(t, "testing.test")).ok
+        assert sink.connections == 2  # not the unverified session: a new one, verified
+        assert _metric("mta-sts", "verified") == before + 1
+        assert (await _deliver(t, "third.test")).ok  # no policy: either idle session will do
+        assert sink.connections == 2
+        await t.close()
+    async with _sink(certs["good"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        assert (await _deliver(t, "testing.test")).ok
+        assert (await _deliver(t, "dest.test")).ok  # the verified session satisfies the weaker demand
+        assert sink.connections == 1
+        await t.close()

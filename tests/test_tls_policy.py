@@ -30,6 +30,8 @@ from mailrelayd.delivery.tlspolicy import (
     failure_text,
     normalize_level,
     plan_host,
+    proven_auth,
+    session_satisfies,
 )
 from tests.support.testca import TestCA
 
@@ -141,6 +143,36 @@ def test_plan_host_dane(level: str, lookup: DaneLookup, sts: StsPolicy | None,
                         want: tuple[str, bool, str, str]) -> None:
     p = plan_host(level, "dest.test", "mx1.dest.test", sts, lookup)
     assert (p.mode, p.require_tls, p.auth, p.refuse_result) == want
+
+
+def test_shared_session_must_prove_what_a_new_one_would() -> None:
+    """Connection reuse across recipient domains on one MX host: the session opened under one
+    domain's plan may carry another domain's mail only if it proved at least that domain's demands."""
+    may = plan_host("may", "a.test", "mx1.dest.test", None, None)
+    enforce = plan_host("may", "b.test", "mx1.dest.test", ENFORCE, None)
+    testing = plan_host("may", "c.test", "mx1.dest.test", TESTING, None)
+    unlisted = plan_host("may", "b.test", "evil.test", ENFORCE, None)
+    encrypt = plan_host("encrypt", "d.test", "mx1.dest.test", None, None)
+    rec, other = _tlsa(), _tlsa(data=b"\x01" * 32)
+    dane_plan = plan_host("dane", "e.test", "mx1.dest.test", None, DaneLookup("usable", (rec,)))
+    # What sessions opened under each plan proved.
+    assert proven_auth(may, True) == "none" and proven_auth(may, False) == "none"
+    assert proven_auth(enforce, True) == "pkix" and proven_auth(enforce, False) == "none"
+    assert proven_auth(testing, True) == "pkix"  # a testing policy verifies (and only reports a failure)
+    assert proven_auth(dane_plan, True) == "dane"
+    # Weaker demands ride on stronger sessions; never the other way round.
+    assert session_satisfies(may, True, "pkix", ())
+    assert session_satisfies(may, False, "none", ())
+    assert not session_satisfies(enforce, True, "none", ())  # encrypted but never verified
+    assert not session_satisfies(enforce, False, "none", ())
+    assert session_satisfies(enforce, True, "pkix", ())
+    assert not session_satisfies(enforce, True, "dane", (rec,))  # MTA-STS asks for a WebPKI certificate
+    assert not session_satisfies(unlisted, True, "pkix", ())  # a host the policy does not list: never
+    assert not session_satisfies(testing, True, "none", ())  # its check and report are not skipped
+    assert not session_satisfies(encrypt, False, "none", ()) and session_satisfies(encrypt, True, "none", ())
+    assert session_satisfies(dane_plan, True, "dane", (rec,))
+    assert not session_satisfies(dane_plan, True, "dane", (other,))  # checked against other records
+    assert not session_satisfies(dane_plan, True, "pkix", ())
 
 
 def test_failure_text_names_policy_host_and_reason() -> None:

@@ -128,6 +128,30 @@ def plan_host(level: str, domain: str, mx: str, sts: StsPolicy | None, dane: Dan
                     why=f"MTA-STS policy for {domain} (testing)" if testing else "")
 
 
+def proven_auth(plan: HostPlan, tls: bool) -> Auth:
+    """What a finished session to the plan's host proved: "pkix" (a WebPKI certificate for the host
+    name: verify, MTA-STS enforce or testing), "dane" (the plan's TLSA records matched), "none"."""
+    if not tls:
+        return "none"
+    if plan.auth == "dane":
+        return "dane"
+    return "pkix" if plan.auth == "pkix" or plan.sts_testing else "none"
+
+
+def session_satisfies(plan: HostPlan, tls: bool, auth: Auth, tlsa: tuple[Tlsa, ...]) -> bool:
+    """Whether a session already open to the plan's host may carry mail under ``plan`` (connection
+    reuse across recipient domains that share an MX host): it must have proved at least what a new
+    connection would have to. A testing policy asks for a verified session too, so that nothing it
+    would have checked and reported is skipped (RFC 8461 §5)."""
+    if plan.refuse or (plan.require_tls and not tls):
+        return False
+    if plan.auth == "dane":
+        return auth == "dane" and tlsa == plan.tlsa
+    if plan.auth == "pkix" or plan.sts_testing:
+        return auth == "pkix"
+    return True
+
+
 def testing_mx_mismatch(plan: HostPlan, sts: StsPolicy | None, mx: str) -> bool:
     """A testing policy that does not list ``mx``: report it, deliver anyway (RFC 8461 §5)."""
     return plan.sts_testing and sts is not None and not host_allowed(sts, mx)

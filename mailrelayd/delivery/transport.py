@@ -21,6 +21,7 @@ from aiosmtplib import SMTPResponse
 
 from mailrelayd import metrics
 from mailrelayd.config import Config, RouteConfig
+from mailrelayd.delivery.dane import Tlsa
 from mailrelayd.delivery.mta_sts import StsPolicy
 from mailrelayd.delivery.mx import DnsError, DnsPermanentError, MxHost, MxResolver
 from mailrelayd.delivery.outbound_tls import OutboundTls
@@ -28,9 +29,12 @@ from mailrelayd.delivery.tlspolicy import (
     STARTTLS_NOT_SUPPORTED,
     TLSA_INVALID,
     VALIDATION_FAILURE,
+    Auth,
     HostPlan,
     classify_tls_error,
     failure_text,
+    proven_auth,
+    session_satisfies,
     testing_mx_mismatch,
 )
 from mailrelayd.log import get_logger
@@ -112,6 +116,10 @@ class _Conn:
     tls: bool
     used: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    auth: Auth = "none"
+    """What the TLS session proved about the host (see tlspolicy.proven_auth)."""
+    tlsa: tuple[Tlsa, ...] = ()
+    """The TLSA records a DANE session was checked against."""
 
 
 def _source_for(cfg: Config, route: RouteConfig | None, addr: str) -> str | bool | None:
@@ -132,6 +140,9 @@ class Transport:
         self.resolver = resolver
         self.tls = tls or OutboundTls(cfg, resolver)
         self._idle: dict[str, list[_Conn]] = {}
+        # (MX host name, port) -> pool keys (recipient domains) with idle sessions to that host, so
+        # domains that share an MX host (every Google Workspace domain) can share its sessions.
+        self._idle_at: dict[tuple[str, int], dict[str, None]] = {}
         self._domain_sems: dict[str, asyncio.Semaphore] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
@@ -157,6 +168,7 @@ class Transport:
             self._reaper.cancel()
         conns = [c for lst in self._idle.values() for c in lst]
         self._idle.clear()
+        self._idle_at.clear()
         await asyncio.gather(*(self._quit(c) for c in conns), return_exceptions=True)
         await self.tls.close()
 
@@ -200,6 +212,8 @@ class Transport:
             sem = self._domain_sems[key] = asyncio.Semaphore(max_connections or self.cfg.delivery.domain_concurrency)
         async with self._global, sem:
             conn = await self._reuse(key)
+            if conn is None and route is None:
+                conn = await self._reuse_shared(domain.lower(), hosts, sts)
             if conn is None:
                 try:
                     conn = await self._connect(key, hosts, route, domain.lower(), sts)
@@ -211,6 +225,8 @@ class Transport:
                     conn.used < (max_messages or self.cfg.delivery.max_messages_per_connection):
                 conn.idle_since = time.monotonic()
                 self._idle.setdefault(key, []).append(conn)
+                if route is None:
+                    self._idle_at.setdefault((conn.host.name, conn.host.port), {})[key] = None
                 self._ensure_reaper()
             else:
                 await self._quit(conn)
@@ -221,18 +237,58 @@ class Transport:
         """An idle connection to the same destination, checked with RSET (RFC 5321 §4.1.1.5)."""
         lst = self._idle.get(key)
         while lst:
-            conn = lst.pop()
-            if time.monotonic() - conn.idle_since > self.cfg.delivery.idle_timeout or not conn.smtp.is_connected:
-                await self._quit(conn)
-                continue
-            try:
-                resp = await conn.smtp.execute_command(b"RSET", timeout=self.cfg.delivery.mail_timeout)
-            except (aiosmtplib.SMTPException, OSError):
-                conn.smtp.close()
-                continue
-            if resp.code == 250:
+            conn = await self._reuse_checked(lst.pop())
+            if conn is not None:
                 return conn
+        return None
+
+    async def _reuse_shared(self, domain: str, hosts: list[MxHost], sts: StsPolicy | None) -> _Conn | None:
+        """An idle session opened for another recipient domain, to a host this domain would try
+        first (its most preferred MX, the same address), that has proved at least what this
+        domain's TLS policy (level, MTA-STS, DANE) demands of a new connection. Sessions reused
+        this way are not counted again for TLS-RPT (a session is reported when negotiated)."""
+        if not hosts or not self._idle_at:
+            return None
+        for host in (h for h in hosts if h.preference == hosts[0].preference):
+            keys = self._idle_at.get((host.name, host.port))
+            if not keys or not any(c.host.name == host.name for k in keys for c in self._idle.get(k, ())):
+                continue
+            plan = await self.tls.plan(self.tls.level(None), domain, host, sts)
+            while (conn := self._take_shared(keys, host, plan)) is not None:
+                got = await self._reuse_checked(conn)
+                if got is not None:
+                    return got
+        return None
+
+    def _take_shared(self, keys: dict[str, None], host: MxHost, plan: HostPlan) -> _Conn | None:
+        """Remove and return an idle session to ``host`` that satisfies ``plan`` (no await: the
+        pools cannot change under the scan)."""
+        for k in list(keys):
+            lst = self._idle.get(k)
+            if not lst:
+                keys.pop(k, None)
+                continue
+            for i in range(len(lst) - 1, -1, -1):
+                c = lst[i]
+                if c.host.name == host.name and c.address in host.addresses and \
+                        session_satisfies(plan, c.tls, c.auth, c.tlsa):
+                    return lst.pop(i)
+        return None
+
+    async def _reuse_checked(self, conn: _Conn) -> _Conn | None:
+        """``conn`` if it is still usable (not idle too long, connected, answers RSET), else None
+        (and it is closed)."""
+        if time.monotonic() - conn.idle_since > self.cfg.delivery.idle_timeout or not conn.smtp.is_connected:
             await self._quit(conn)
+            return None
+        try:
+            resp = await conn.smtp.execute_command(b"RSET", timeout=self.cfg.delivery.mail_timeout)
+        except (aiosmtplib.SMTPException, OSError):
+            conn.smtp.close()
+            return None
+        if resp.code == 250:
+            return conn
+        await self._quit(conn)
         return None
 
     async def _connect(self, key: str, hosts: list[MxHost], route: RouteConfig | None, domain: str,
@@ -341,7 +397,7 @@ class Transport:
             smtp.close()
             raise
         metrics.DELIVERY_CONNECTIONS.labels("ok").inc()
-        return _Conn(smtp, host, addr, key, tls)
+        return _Conn(smtp, host, addr, key, tls, auth=proven_auth(plan, tls), tlsa=plan.tlsa if tls else ())
 
     async def _starttls(self, smtp: aiosmtplib.SMTP, host: MxHost, addr: str, where: str, plan: HostPlan,
                         src: str) -> None:
@@ -409,6 +465,11 @@ class Transport:
                     self._idle[key] = keep
                 else:
                     self._idle.pop(key, None)
+            for hk, keys in list(self._idle_at.items()):  # forget pools that are gone
+                for k in [k for k in keys if k not in self._idle]:
+                    del keys[k]
+                if not keys:
+                    del self._idle_at[hk]
 
     # --- the transaction -----------------------------------------------------------------
     async def _transaction(self, conn: _Conn, mail_from: str, rcpts: list[str], data: bytes
