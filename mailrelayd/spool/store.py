@@ -865,9 +865,21 @@ def _insert(c: sqlite3.Connection, m: NewMessage) -> None:
     c.executemany(
         "INSERT INTO recipients (qid, idx, address, domain, state, next_attempt, updated_at) "
         "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        [(m.queue_id, i, r, r.rpartition("@")[2].lower(), m.received_at, m.received_at)
-         for i, r in enumerate(m.recipients)],
+        [(m.queue_id, i, r, _rcpt_domain(r), m.received_at, m.received_at) for i, r in enumerate(m.recipients)],
     )
+
+
+def _rcpt_domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+def record_of_new(m: NewMessage) -> MessageRecord:
+    """The record :func:`_insert` writes for ``m``, without reading it back (the scheduler's first
+    attempt of a message it has just been handed)."""
+    rcpts = tuple(RecipientRecord(i, r, _rcpt_domain(r), PENDING, 0, m.received_at, "", m.received_at)
+                  for i, r in enumerate(m.recipients))
+    return MessageRecord(m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener, m.sender_domain,
+                         m.is_dsn, False, rcpts, m.user)
 
 
 def _accepted_events(c: sqlite3.Connection, m: NewMessage) -> None:
