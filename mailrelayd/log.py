@@ -7,8 +7,10 @@ are capped at WARNING.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import threading
 from typing import Any, TextIO
 
 import structlog
@@ -31,8 +33,57 @@ def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
-    """Set up structlog (and route stdlib ``logging`` through the same renderer)."""
+class LineBatcher:
+    """A file-like front for the log stream that writes once per event-loop turn.
+
+    structlog's PrintLogger and logging's StreamHandler write and flush every line: one syscall
+    each, four or five per message at load (about a tenth of the daemon's CPU). Lines written
+    from the loop's thread are joined and written by one callback at the end of the current
+    turn, in order; from any other thread, or with no loop running, at once. A kill -9 loses at
+    most the lines of the turn in progress."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush_now()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            if not self._lines:
+                return
+            text = "".join(self._lines)
+            self._lines.clear()
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):  # stdout gone (closed pipe, closed file): nowhere to say so
+                pass
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | LineBatcher | None = None) -> None:
+    """Set up structlog (and route stdlib ``logging`` through the same renderer). The daemon passes
+    a :class:`LineBatcher` (one write per event-loop turn)."""
     stream = stream or sys.stdout
     lvl = getattr(logging, level.upper())
     shared: list[Any] = [
