@@ -415,7 +415,10 @@ class Scheduler:
             for st in trying:
                 self.inflight_by_state[st] = self.inflight_by_state.get(st, 0) + 1
             try:
-                await asyncio.gather(*jobs)
+                if len(jobs) == 1:
+                    await jobs[0]  # the common case: no gather (it wraps each job in a task of its own)
+                else:
+                    await asyncio.gather(*jobs)
             finally:
                 for st in trying:
                     self.inflight_by_state[st] -= 1
