@@ -342,10 +342,14 @@ class Scheduler:
                 nxt = min(nxt, now + 1.0)
             if nxt < math.inf:
                 timeout = max(0.0, min(nxt - self.clock(), 60.0))
+            # A timer that sets the event, not wait_for (which wraps the wait in a task of its own:
+            # this loop turns about once per message under load).
+            timer = asyncio.get_running_loop().call_later(timeout, self._wake.set) if timeout is not None else None
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     async def _timers(self, now: float) -> None:
         """Ends of suspensions (for the gauge), hold rules that run out, idle destinations."""
