@@ -248,6 +248,11 @@ class Scheduler:
                 dest.suspended_until = 0.0
             log.info("destination.resumed", destination=name, by="admin")
         self._next_unsuspend = min((u for u, _ in self._suspended.values()), default=math.inf)
+        # Mail that was told to wait for the end of the suspension goes now (a flush by a group's
+        # name selects no recipient domain). Only messages with one known domain; a rare scan.
+        now, lifted = self.clock(), set(names)
+        self.wake([q for q, d in self._domain_of.items() if q in self._scheduled and
+                   (d in lifted or self.destinations.cached_name(d, now) in lifted)], now)
         self._wake.set()
 
     async def administrative(self, qid: str, action: str, reason: str = "") -> bool:
