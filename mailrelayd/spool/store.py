@@ -17,6 +17,7 @@ runs SQLite on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import shutil
@@ -576,7 +577,16 @@ class Spool:
             if conn is None:
                 conn = _connect(self.path, readonly=True)
                 self._reader_local.conn = conn
-            return fn(conn)
+            # One snapshot for all the statements of a read (a message and its recipients): in
+            # autocommit each SELECT would see the latest commit, and a message finished between
+            # two of them would come back with no recipients.
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                if conn.in_transaction:  # nothing to keep: ending a read, ROLLBACK is COMMIT
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader, run)
