@@ -415,3 +415,16 @@ def test_listener_and_limit_options_are_checked(tmp_path: Path, tls_files: tuple
     with pytest.raises(ConfigError) as ei:
         load_config(write_config(tmp_path, deep_merge(base_config(tls_files), over)))
     assert f"mailrelayd.toml: {key}: " in str(ei.value)
+
+
+def test_greet_delay_is_normalised_and_proxy_works_with_implicit_tls(tmp_path: Path,
+                                                                     tls_files: tuple[Path, Path]) -> None:
+    from tests.conftest import deep_merge
+
+    cfg = load_config(write_config(tmp_path, deep_merge(base_config(tls_files), {"listeners": [
+        {"name": "mx", "address": "127.0.0.1:0", "mode": "relay", "greet_delay": "1500ms"},
+        {"name": "s", "address": "127.0.0.1:0", "mode": "submission", "tls": "implicit", "proxy_protocol": True},
+        {"name": "r", "address": "127.0.0.1:0", "mode": "relay", "greet_delay": 6},
+    ]})))
+    assert [lst.greet_delay for lst in cfg.listeners] == [1.5, 0.0, 6.0]
+    assert cfg.listeners[1].proxy_protocol and cfg.listeners[1].tls == "implicit"

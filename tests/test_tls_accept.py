@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,3 +397,72 @@ def test_reload_applies_to_the_accept_loop(tmp_path: Path, tls_files: tuple[Path
     Raw(d.ports["greet"]).close()  # greet_delay 0 now: at once
     assert time.monotonic() - t0 < GREET - 0.3
     assert d.stop() == 0
+
+
+# --- a real HAProxy in front of 465 -------------------------------------------------------
+def _haproxy() -> str | None:
+    return shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_haproxy_send_proxy_v2_to_implicit_tls(tmp_path: Path, tls_files: tuple[Path, Path],
+                                               client_tls: ssl.SSLContext, loop: str) -> None:
+    """docs/scale-out.md's set-up for 465: HAProxy in TCP mode sends the PROXY v2 header, then the
+    client's TLS bytes; the relay sees the client (127.0.0.2), not HAProxy (127.0.0.1)."""
+    haproxy = _haproxy()
+    if haproxy is None:
+        pytest.skip("haproxy not installed (tests/system-deps.sh installs it)")
+    cfg = _cfg(tmp_path, tls_files, {
+        "listeners": [{"name": "smtps", "address": "127.0.0.1:0", "mode": "relay", "tls": "implicit",
+                       "proxy_protocol": True, "proxy_networks": ["127.0.0.1/32"]}],
+        "relay": {"trusted_networks": ["127.0.0.2/32"]},  # the client may relay; HAProxy's address may not
+    })
+    d = DaemonProcess(cfg, env={"MAILRELAYD_EVENT_LOOP": loop}).wait_ready()
+    front = _free_port()
+    (tmp_path / "haproxy.cfg").write_text(f"""
+global
+    maxconn 100
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend smtps
+    bind 127.0.0.1:{front}
+    default_backend relays
+backend relays
+    server relay1 127.0.0.1:{d.ports["smtps"]} send-proxy-v2
+""")
+    hp = subprocess.Popen([haproxy, "-db", "-f", str(tmp_path / "haproxy.cfg")], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", front), timeout=2).close()
+                break
+            except OSError:
+                if hp.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"haproxy did not start: {hp.stdout.read() if hp.stdout else ''}") from None
+                time.sleep(0.1)
+        c = TlsClient(front, client_tls, source="127.0.0.2")
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.test.example")[0] == 250
+        assert c.cmd("MAIL FROM:<app@example.com>")[0] == 250
+        assert c.cmd("RCPT TO:<far@example.net>")[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        code, text = c.cmd("From: app@example.com\r\nSubject: h\r\n\r\nx\r\n.")
+        assert code == 250, text
+        ev = d.wait_event("message.accepted", queue_id=text.rsplit(" ", 1)[1], timeout=10)
+        assert ev["peer"] == "127.0.0.2"
+        c.close()
+    finally:
+        hp.terminate()
+        hp.wait(10)
+        assert d.stop() == 0
