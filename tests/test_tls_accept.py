@@ -239,6 +239,19 @@ def test_connection_limits_hold_through_the_handshake_and_every_path_frees_the_s
     _until(lambda: _fds(daemon) <= fds + 2, what=f"descriptors back to {fds} (now {_fds(daemon)})")
 
 
+def test_starttls_failure_is_classified_by_type(daemon: DaemonProcess) -> None:
+    c = Raw(daemon.ports["relay"])
+    assert c.cmd("EHLO client.test.example")[0] == 250
+    assert c.cmd("STARTTLS")[0] == 220
+    t0 = time.monotonic()
+    c.s.sendall(b"EHLO still-plaintext.example\r\n")
+    assert c.closed(timeout=10)
+    assert time.monotonic() - t0 < HANDSHAKE / 2
+    c.close()
+    ev = daemon.wait_event("smtp.tls_failed", listener="relay", timeout=10)
+    assert (ev["end"], ev["implicit"], ev["peer"]) == ("tls_failed", False, "127.0.0.1")
+
+
 # --- 2. PROXY protocol in front of implicit TLS --------------------------------------------
 @pytest.mark.parametrize("header", [_v2("203.0.113.9"), b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 465\r\n"],
                          ids=["v2", "v1"])

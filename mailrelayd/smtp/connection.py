@@ -60,6 +60,7 @@ log = get_logger()
 
 CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush its last reply before it is aborted
 PROXY_MAX = 16 + 4096
+HANDSHAKE_BACKSTOP = 5.0  # the loop's own TLS handshake timeout fires this long after ours
 
 
 def client_ip(peer: Any) -> str:
@@ -403,14 +404,16 @@ class SmtpConnection(asyncio.Protocol):
         timeout = self.ctx.cfg.limits.tls_handshake_timeout
         # Reading was paused synchronously when the StartTls event was raised (WAIT), before the 220
         # could reach the client, so nothing of the handshake was read as plaintext.
-        t0 = time.monotonic()
         try:
             if ctx is None:
                 raise ssl.SSLError("no TLS context")
-            new = await self.loop.start_tls(t, self, ctx, server_side=True, ssl_handshake_timeout=timeout)
+            # Our own deadline, so that a timeout is a TimeoutError (the loop's own reports it as
+            # ConnectionAbortedError, like a reset); the loop's is only a backstop (see tlsaccept).
+            async with asyncio.timeout(timeout):
+                new = await self.loop.start_tls(t, self, ctx, server_side=True,
+                                                ssl_handshake_timeout=timeout + HANDSHAKE_BACKSTOP)
         except Exception as e:
-            elapsed = time.monotonic() - t0
-            self.end = "tls_handshake_timeout" if elapsed >= timeout * 0.9 else "tls_failed"
+            self.end = "tls_handshake_timeout" if isinstance(e, TimeoutError) else "tls_failed"
             metrics.TLS_HANDSHAKE_FAILURES.labels(self.lcfg.name).inc()
             self._log.info("smtp.tls_failed", implicit=False, end=self.end,
                            error=f"{type(e).__name__}: {e}"[:200])

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from mailrelayd import metrics
 from mailrelayd.log import get_logger
-from mailrelayd.smtp.connection import SmtpConnection, client_ip, in_networks
+from mailrelayd.smtp.connection import HANDSHAKE_BACKSTOP, SmtpConnection, client_ip, in_networks
 from mailrelayd.smtp.proxyproto import V2_SIGNATURE, ProxyHeaderError, parse_header
 
 if TYPE_CHECKING:
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 log = get_logger()
 
-BACKSTOP = 5.0  # seconds after our deadline at which the loop's own handshake timeout would fire
 ACCEPT_ERROR_PAUSE = 0.1  # after accept() fails (EMFILE, ENOBUFS): let connections close, then retry
 _PREFIX = 8  # first read of a PROXY header: shorter than any v1 line (15+) and the v2 signature (12)
 
@@ -175,7 +174,7 @@ class ImplicitTlsServer:
             try:
                 async with asyncio.timeout(timeout):
                     await self.loop.connect_accepted_socket(lambda: _HandedOver(lst, ip, handed_over), conn,
-                                                            ssl=tls, ssl_handshake_timeout=timeout + BACKSTOP)
+                                                            ssl=tls, ssl_handshake_timeout=timeout + HANDSHAKE_BACKSTOP)
                 return
             except TimeoutError as e:
                 if not slot:
