@@ -24,8 +24,8 @@ from tests.support.proc import DaemonProcess
 from tests.test_inbound_faults import Raw, _metric, _queue, _until
 
 LOOPS = ["uvloop", "asyncio"]
-HANDSHAKE = 6.0  # limits.tls_handshake_timeout of the module's daemon
-GREET = 1.5  # greet_delay of its "greet" listener
+HANDSHAKE = 4.0  # limits.tls_handshake_timeout of the module's daemon
+GREET = 1.0  # greet_delay of its "greet" listener
 
 
 def _cfg(tmp: Path, tls_files: tuple[Path, Path], over: dict) -> Path:

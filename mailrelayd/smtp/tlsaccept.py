@@ -185,6 +185,8 @@ class ImplicitTlsServer:
         except asyncio.CancelledError:
             metrics.CONNECTIONS.labels(name, "draining").inc()  # the listener stopped (shutdown)
             raise
+        except Exception as e:  # a bug, not a client: logged with its traceback; the connection is closed
+            log.exception("smtp.accept_error", listener=name, peer=ip, error=f"{type(e).__name__}: {e}"[:200])
         finally:
             if slot:
                 lst.limiter.release(slot.pop())
