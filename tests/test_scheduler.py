@@ -438,3 +438,24 @@ async def test_reload_changes_limits_of_live_destinations(rig_factory: Callable[
     assert await rig.spool.get(q) is None  # the new rate applies at once to new mail
     await rig.advance(60)
     assert rig.delivered_to("x.example") == 3
+
+
+async def test_admin_action_before_the_first_attempt_wins_over_the_fresh_record(
+        rig_factory: Callable[..., Any]) -> None:
+    """A just-committed message's first attempt uses the record the scheduler was handed, not a
+    spool read; a hold or partial delete in between must still take effect."""
+    rig = await rig_factory()
+    qm = rig.sched.queue
+    later = rig.clock() + 5  # not due yet: the admin actions land before its first attempt
+    msgs = [NewMessage(rig.spool.new_queue_id(), "app@example.com", (f"a{i}@x.example", f"b{i}@y.example"),
+                       b"Subject: t\r\n\r\nx\r\n", later, listener="test", sender_domain="example.com")
+            for i in range(2)]
+    for m in msgs:
+        await rig.spool.commit(m)
+        rig.sched.submit(m)
+    assert (await qm.delete(QueueFilter(domain="y.example", queue_ids=(msgs[0].queue_id,)))).recipients == 1
+    assert (await qm.hold(QueueFilter(queue_ids=(msgs[1].queue_id,)))).messages == 1
+    await rig.advance(10)
+    assert [c[2] for c in rig.transport.calls] == [["a0@x.example"]]
+    assert await rig.spool.get(msgs[0].queue_id) is None
+    assert await rig.states(msgs[1].queue_id) == {"a1@x.example": "pending", "b1@y.example": "pending"}

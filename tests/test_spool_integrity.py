@@ -249,3 +249,25 @@ async def test_damaged_spool_while_running_halts_and_refuses_mail(start_daemon, 
         checks = (await r.json())["checks"]
     assert checks["spool_integrity"].startswith("fail:") and "MailrelaydSpoolDamaged" in checks["spool_integrity"]
     assert checks["delivery"].startswith("fail:")
+
+
+async def test_a_failing_write_fails_alone_in_its_group_commit(tmp_path: Path) -> None:
+    """Writes queued together share one transaction; one that fails (here a queue id used twice)
+    gets its error, and the others in the same group are still durable."""
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    try:
+        body = b"Subject: t\r\n\r\nx\r\n"
+        first = NewMessage(spool.new_queue_id(), "a@example.com", ("r@example.net",), body, time.time())
+        await spool.commit(first)
+        group = [NewMessage(spool.new_queue_id(), "a@example.com", ("r@example.net",), body, time.time())
+                 for _ in range(5)]
+        group.insert(2, first)  # the same queue id again: the insert violates the primary key
+        # Queued without an await in between: one group commit.
+        waits = [spool.start_commit(m) for m in group]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        assert [isinstance(r, SpoolWriteError) for r in results] == [False, False, True, False, False, False]
+        for m in group:
+            assert await spool.get(m.queue_id) is not None
+    finally:
+        await spool.close()

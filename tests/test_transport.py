@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import mailrelayd.delivery.transport as transport_mod
 from mailrelayd.config import Config, parse_config
 from mailrelayd.delivery.mx import MxResolver
 from mailrelayd.delivery.transport import Transport
@@ -153,7 +154,8 @@ async def test_mail_from_refused_fails_every_recipient(tmp_path: Path, tls_files
     assert [r.enhanced for r in res] == ["5.7.1", "5.7.1"] and all(r.permanent for r in res)
 
 
-async def test_connection_reused_with_rset(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+async def test_connection_reused_at_once_without_rset(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                      sink: Sink) -> None:
     t = _transport(tmp_path, tls_files, sink.port)
     for i in range(3):
         res = await t.deliver("dest.test", "a@example.com", [f"r{i}@dest.test"], MSG)
@@ -162,6 +164,46 @@ async def test_connection_reused_with_rset(tmp_path: Path, tls_files: tuple[Path
     assert len(sink.messages) == 3
     assert sink.connections == 1
     assert len({m.session_id for m in sink.messages}) == 1
+    assert sink.rsets == 0  # idle for moments after a completed transaction: no RSET round trip
+
+
+async def test_connection_idle_for_a_while_is_checked_with_rset(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                                sink: Sink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_mod, "REUSE_WITHOUT_RSET", 0.0)
+    t = _transport(tmp_path, tls_files, sink.port)
+    for i in range(3):
+        assert (await t.deliver("dest.test", "a@example.com", [f"r{i}@dest.test"], MSG))[0].ok
+    await t.close()
+    assert (sink.connections, sink.rsets, len(sink.messages)) == (1, 2, 3)
+
+
+async def test_connection_left_mid_transaction_is_reset(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                         sink: Sink) -> None:
+    """Every recipient refused: MAIL stays open on the server, so the next use must RSET first."""
+    sink.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    t = _transport(tmp_path, tls_files, sink.port)
+    assert (await t.deliver("dest.test", "a@example.com", ["gone@dest.test"], MSG))[0].permanent
+    assert (await t.deliver("dest.test", "a@example.com", ["ok@dest.test"], MSG))[0].ok
+    await t.close()
+    assert (sink.connections, sink.rsets, len(sink.messages)) == (1, 1, 1)
+
+
+async def test_reused_connection_closed_by_the_server_is_replaced(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                                  sink: Sink) -> None:
+    """A server that drops the connection (or says 421) at the next MAIL on a connection: the
+    message goes through on a new connection, nothing is deferred."""
+    sink.mail_drop_after = 1
+    t = _transport(tmp_path, tls_files, sink.port)
+    for i in range(3):
+        res = await t.deliver("dest.test", "a@example.com", [f"r{i}@dest.test"], MSG)
+        assert res[0].ok, res[0].text
+    sink.mail_drop_after = 0
+    sink.mail_421_after = 1
+    for i in range(3):
+        res = await t.deliver("dest.test", "a@example.com", [f"s{i}@dest.test"], MSG)
+        assert res[0].ok, res[0].text
+    await t.close()
+    assert len(sink.messages) == 6 and sink.connections == 6
 
 
 async def test_max_messages_per_connection(tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:

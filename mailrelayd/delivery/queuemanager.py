@@ -124,6 +124,7 @@ class QueueListener(Protocol):
     def submit(self, msg: NewMessage) -> None: ...
     def wake(self, qids: Sequence[str], when: float) -> None: ...
     def forget(self, qid: str) -> None: ...
+    def stale(self, qids: Sequence[str]) -> None: ...
     @property
     def inflight(self) -> frozenset[str]: ...
 
@@ -267,6 +268,8 @@ class QueueManager:
             self._update_rule_expiry()
         else:
             await self.spool.set_held(qids, now, reason)
+            if self.listener is not None:
+                self.listener.stale(qids)
         log.info("queue.hold", filter=f.to_json(), until=until, reason=reason, messages=len(qids),
                  recipients=len(sel), rules=len(rules))
         return BulkResult("hold", len(qids), len(sel), False, tuple(rules))
@@ -391,8 +394,10 @@ class QueueManager:
                         updates.append(RecipientUpdate(msg.queue_id, r.index, DELETED, why, attempted=False))
                 if failed and msg.mail_from and not msg.is_dsn:
                     new.append(("failed", await self._dsn(msg, failed, "failed", now)))
-                if self.listener is not None and len(wanted) >= len(msg.active_recipients()):
-                    self.listener.forget(msg.queue_id)
+                if self.listener is not None:
+                    self.listener.stale([msg.queue_id])
+                    if len(wanted) >= len(msg.active_recipients()):
+                        self.listener.forget(msg.queue_id)
             await self._commit(updates, new)
         log.info("queue.admin", action=action, filter=f.to_json(), messages=len(sel), recipients=n)
         return BulkResult(action, len(sel), n, False)

@@ -112,6 +112,16 @@ class _Conn:
     tls: bool
     used: int = 0
     idle_since: float = field(default_factory=time.monotonic)
+    clean: bool = True  # the server is between transactions (no MAIL outstanding)
+    unchecked: bool = False  # reused without an RSET: liveness not yet shown (see _reuse)
+
+
+REUSE_WITHOUT_RSET = 2.0
+"""Seconds a connection may sit idle and still be reused without an RSET round trip first."""
+
+
+class _Stale(Exception):
+    """A connection reused without RSET was gone (or said 421) at MAIL: nothing was sent; try a new one."""
 
 
 def _source_for(cfg: Config, route: RouteConfig | None, addr: str) -> str | bool | None:
@@ -200,13 +210,22 @@ class Transport:
             sem = self._domain_sems[key] = asyncio.Semaphore(max_connections or self.cfg.delivery.domain_concurrency)
         async with self._global, sem:
             conn = await self._reuse(key)
-            if conn is None:
+            for fresh in (False, True):
+                if conn is None:
+                    try:
+                        conn = await self._connect(key, hosts, route, domain.lower(), sts)
+                    except _TempFail as e:
+                        code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
+                        return [RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage) for r in rcpts]
                 try:
-                    conn = await self._connect(key, hosts, route, domain.lower(), sts)
-                except _TempFail as e:
-                    code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
-                    return [RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage) for r in rcpts]
-            results, reusable = await self._transaction(conn, mail_from, rcpts, data)
+                    results, reusable = await self._transaction(conn, mail_from, rcpts, data)
+                    break
+                except _Stale:
+                    conn.smtp.close()
+                    conn = None
+                    if fresh:  # cannot happen: a new connection is never unchecked
+                        raise
+            assert conn is not None
             if reusable and not self._closing and \
                     conn.used < (max_messages or self.cfg.delivery.max_messages_per_connection):
                 conn.idle_since = time.monotonic()
@@ -218,19 +237,26 @@ class Transport:
 
     # --- connections ---------------------------------------------------------------------
     async def _reuse(self, key: str) -> _Conn | None:
-        """An idle connection to the same destination, checked with RSET (RFC 5321 §4.1.1.5)."""
+        """An idle connection to the same destination. One that ended its last transaction cleanly
+        moments ago is used as it is (its MAIL shows whether it is alive: see _Stale); any other is
+        checked with RSET first (RFC 5321 §4.1.1.5), which also ends a transaction left open."""
         lst = self._idle.get(key)
         while lst:
             conn = lst.pop()
-            if time.monotonic() - conn.idle_since > self.cfg.delivery.idle_timeout or not conn.smtp.is_connected:
+            idle = time.monotonic() - conn.idle_since
+            if idle > self.cfg.delivery.idle_timeout or not conn.smtp.is_connected:
                 await self._quit(conn)
                 continue
+            if conn.clean and idle < REUSE_WITHOUT_RSET:
+                conn.unchecked = True
+                return conn
             try:
                 resp = await conn.smtp.execute_command(b"RSET", timeout=self.cfg.delivery.mail_timeout)
             except (aiosmtplib.SMTPException, OSError):
                 conn.smtp.close()
                 continue
             if resp.code == 250:
+                conn.clean = True
                 return conn
             await self._quit(conn)
         return None
@@ -427,6 +453,7 @@ class Transport:
             return [done.get(r) or self._reply(r, resp, mta, stage) for r in rcpts]
 
         conn.used += 1
+        unchecked, conn.unchecked = conn.unchecked, False
         utf8 = not (mail_from.isascii() and all(r.isascii() for r in rcpts))
         opts: list[bytes] = []
         if smtp.supports_extension("size"):
@@ -439,10 +466,20 @@ class Transport:
                 return finish(553, "5.6.7", f"host {mta} does not support SMTPUTF8"), True
             opts.append(b"SMTPUTF8")
         try:
-            resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode() + b">", *opts,
-                                              timeout=d.mail_timeout)
+            try:
+                resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode() + b">", *opts,
+                                                  timeout=d.mail_timeout)
+            except (aiosmtplib.SMTPServerDisconnected, OSError):
+                if unchecked:
+                    conn.used -= 1
+                    raise _Stale() from None
+                raise
+            if resp.code == 421 and unchecked:  # e.g. closing after an idle or per-connection limit
+                conn.used -= 1
+                raise _Stale()
             if resp.code != 250:
                 return finish_reply(resp, "MAIL FROM"), resp.code != 421
+            conn.clean = False  # until the final reply to DATA (or an RSET)
             accepted: list[str] = []
             for r in rcpts:
                 resp = await smtp.execute_command(b"RCPT", b"TO:<" + r.encode() + b">", timeout=d.rcpt_timeout)
@@ -455,6 +492,9 @@ class Transport:
             if not accepted:
                 return finish(451, "4.3.0", "no recipient accepted"), True
             resp = await self._data(smtp, data)
+            # Any reply ends the transaction: to DATA itself (the server is back to its initial
+            # state, RFC 5321 §4.1.1.4) or after the message.
+            conn.clean = True
             return finish_reply(resp, "end of DATA" if resp.code == 250 else "DATA"), resp.code != 421
         except aiosmtplib.SMTPTimeoutError:
             smtp.close()

@@ -4,6 +4,7 @@ Date) and the trace and identification fields we add (RFC 5321 §4.4, RFC 5322 �
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -127,7 +128,7 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, qu
     if user:
         lines.append(f"\t(authenticated sender: {user})")
     lines[-1] += ";"
-    lines.append("\t" + email.utils.formatdate(now if now is not None else time.time(), localtime=True))
+    lines.append("\t" + rfc5322_date(now))
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "surrogateescape")
 
 
@@ -141,7 +142,19 @@ def message_id_value(queue_id: str, hostname: str) -> str:
 
 
 def date_header(now: float | None = None) -> bytes:
-    return f"Date: {email.utils.formatdate(now if now is not None else time.time(), localtime=True)}\r\n".encode()
+    return f"Date: {rfc5322_date(now)}\r\n".encode()
+
+
+def rfc5322_date(now: float | None = None) -> str:
+    """The date-time of RFC 5322 §3.3 in local time, for Received and Date."""
+    return _date_of_second(int(now if now is not None else time.time()))
+
+
+@functools.lru_cache(maxsize=4)
+def _date_of_second(second: int) -> str:
+    # Every message of the same second gets the same text: formatting it once per second keeps
+    # email.utils (datetime and tz arithmetic) off the per-message path.
+    return email.utils.formatdate(second, localtime=True)
 
 
 def protocol_name(esmtp: bool, tls: bool, auth: bool) -> str:

@@ -77,11 +77,20 @@ class Policy:
         first_local = next(iter(cfg.relay.local_domains), None)
         self.postmaster_domain: str = cfg.feedback.bounce_domain or first_local or normalize_domain(cfg.server.hostname)
         self._trusted: tuple[Network, ...] = tuple(cfg.relay.trusted_networks)
+        self._trusted_seen: dict[str, bool] = {}  # per connection otherwise: parsing the address costs
         self._is_suppressed = is_suppressed
 
     def is_trusted(self, ip: str) -> bool:
         if not self._trusted:
             return False
+        seen = self._trusted_seen.get(ip)
+        if seen is None:
+            if len(self._trusted_seen) >= 4096:
+                self._trusted_seen.clear()
+            seen = self._trusted_seen[ip] = self._is_trusted(ip)
+        return seen
+
+    def _is_trusted(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:

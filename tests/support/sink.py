@@ -40,6 +40,15 @@ class _Handler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
         self.sink.mail_seen.append(time.monotonic())
+        n = self.sink.mails_by_session[id(session)] = self.sink.mails_by_session.get(id(session), 0) + 1
+        if self.sink.mail_drop_after and n > self.sink.mail_drop_after:  # gone without a word
+            assert server.transport is not None
+            server.transport.abort()
+            return "421 never sent"
+        if self.sink.mail_421_after and n > self.sink.mail_421_after:
+            assert server.transport is not None
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+            return "421 4.7.0 Too many messages in this connection"
         if self.sink.mail_reply:
             return self.sink.mail_reply
         envelope.mail_from = address
@@ -75,6 +84,10 @@ class _Handler:
         self.sink.received.set()
         return self.sink.data_reply
 
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.sink.rsets += 1
+        return "250 OK"
+
 
 class Sink:
     def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
@@ -91,6 +104,10 @@ class Sink:
         self.data_delay = 0.0
         self.connections = 0
         self.dropped = 0
+        self.rsets = 0
+        self.mail_drop_after = 0  # drop the connection at MAIL number n+1 on a connection (0: never)
+        self.mail_421_after = 0  # answer 421 to MAIL number n+1 on a connection (0: never)
+        self.mails_by_session: dict[int, int] = {}
         self.received = asyncio.Event()
         self.hung = asyncio.Event()
         self._server: asyncio.base_events.Server | None = None
