@@ -4,6 +4,7 @@ DKIM, the spool's blob I/O for large bodies, and the memory budget held until th
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from mailrelayd.config import Config, load_config
 from mailrelayd.errors import Reply
 from mailrelayd.intake import Intake, Origin
+from mailrelayd.malloc import fix_mmap_threshold
 from mailrelayd.smtp import headers as hdr
 from mailrelayd.smtp.dataread import BARE_CR_LF, DotReader, MemoryBudget, _longest_line
 from mailrelayd.smtp.policy import Policy
@@ -226,3 +228,15 @@ def test_budget_held_until_the_commit_has_finished(cfg: Config) -> None:
     h.p.message_result(Reply(250, "2.0.0", "Ok: queued as X"))
     assert budget.used == 0
     assert h.out()[-1].startswith("250 2.0.0")
+
+
+# --- glibc's mmap threshold -------------------------------------------------------------------
+def test_mmap_threshold_fixed_unless_the_environment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert fix_mmap_threshold() is False  # the administrator's setting stands
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    try:
+        glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except ValueError:
+        glibc = False
+    assert fix_mmap_threshold() is glibc
