@@ -31,7 +31,10 @@ class MemoryBudget:
     """Bytes of message data held in memory, across all connections (``limits.max_data_memory``).
 
     Connections take bytes as they read DATA and give them back once the message is committed or
-    dropped. Single-threaded (the event loop), so plain integers suffice."""
+    dropped: the edge reports the commit's outcome from the intake task's last step, so a message
+    stays counted while its stored form and its DKIM-signed copy exist. It is counted once, although
+    it exists twice for a moment while the payload is copied into the stored message.
+    Single-threaded (the event loop), so plain integers suffice."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
