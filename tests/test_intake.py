@@ -4,14 +4,17 @@ promise that a commit, once started, completes and is scheduled even if the call
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import sys
 from pathlib import Path
 
 import pytest
-import structlog.testing
 
 from mailrelayd.config import load_config
 from mailrelayd.errors import MessageRefused
 from mailrelayd.intake import Intake, Origin
+from mailrelayd.log import configure_logging
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.spool.store import NewMessage, Spool
 from mailrelayd.users import User
@@ -89,10 +92,14 @@ async def test_cancelled_caller_does_not_strand_a_commit(env) -> None:
     with pytest.raises(asyncio.CancelledError):
         await caller
     assert accepted == []
-    # (capture_logs swaps structlog's configuration for the block and restores it: no global leak.)
-    with structlog.testing.capture_logs() as lines:
+    out = io.StringIO()
+    configure_logging("json", "info", stream=out)
+    try:
         spool.go.set()
         await asyncio.wait_for(asyncio.gather(*intake.committing), 10)
+    finally:
+        configure_logging("json", "info", stream=sys.__stderr__)
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert len(accepted) == 1
     assert await spool.get(accepted[0].queue_id) is not None
     assert any(x.get("event") == "message.accepted" and x.get("queue_id") == accepted[0].queue_id for x in lines)

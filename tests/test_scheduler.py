@@ -459,3 +459,44 @@ async def test_admin_action_before_the_first_attempt_wins_over_the_fresh_record(
     assert [c[2] for c in rig.transport.calls] == [["a0@x.example"]]
     assert await rig.spool.get(msgs[0].queue_id) is None
     assert await rig.states(msgs[1].queue_id) == {"a1@x.example": "pending", "b1@y.example": "pending"}
+
+
+async def test_mail_coming_due_for_a_suspended_destination_is_not_read(rig_factory: Callable[..., Any],
+                                                                         tmp_path: Path) -> None:
+    """A queued message whose only destination is suspended goes back to wait without a spool
+    read, also after a restart (the domain comes with the start-up load)."""
+    rig = await rig_factory(shaping=[{"match": "x.example", "throttle_backoff": "10m"}])
+    rig.transport.replies["x.example"] = (451, "4.3.0", "try later")  # not throttling: a plain retry
+    waiting = await rig.submit("w@x.example")
+    await rig.settle()
+    rig.transport.replies["x.example"] = (421, "4.7.0", "rate limited")
+    await rig.submit("a@x.example")  # suspends x.example for 10 minutes
+    await rig.settle()
+    reads: list[str] = []
+    real_get = rig.spool.get
+
+    async def counting_get(qid: str) -> Any:
+        reads.append(qid)
+        return await real_get(qid)
+    rig.spool.get = counting_get  # type: ignore[method-assign]
+    await rig.advance(120)  # the plain retry of `waiting` comes due inside the suspension
+    assert reads == [] and rig.delivered_to("x.example") == 2
+    rig.transport.replies.pop("x.example")
+    await rig.advance(600 + 60)
+    assert await rig.states(waiting) == {"w@x.example": "delivered"}
+    assert waiting in reads  # read once the suspension is over
+
+    # Restarted: the start-up load tells the scheduler each message's domain.
+    rig.transport.replies["x.example"] = (451, "4.3.0", "try later")
+    loaded = await rig.submit("v@x.example", "v2@x.example")
+    await rig.settle()
+    await rig.sched.stop(5)
+    rig.sched = Scheduler(rig.sched.cfg, rig.spool, rig.transport, dsn_builder=build_dsn, clock=rig.clock)
+    await rig.sched.start()
+    rig.transport.replies["x.example"] = (421, "4.7.0", "rate limited")
+    await rig.submit("b@x.example")  # suspends x.example again, in the new scheduler
+    await rig.settle()
+    reads.clear()
+    await rig.advance(120)  # `loaded` comes due inside the suspension
+    assert loaded not in reads
+    assert (await rig.states(loaded)) == {"v@x.example": "deferred", "v2@x.example": "deferred"}

@@ -112,6 +112,11 @@ class Scheduler:
         # them needs no read back from the spool (the read was ~15% of the daemon's CPU at load).
         # Dropped whenever something else changes them (stale()), so the spool stays the truth.
         self._fresh: OrderedDict[str, MessageRecord] = OrderedDict()
+        # The one recipient domain of a queued message, where it has one: a message due while its
+        # destination is suspended goes back in the heap without a spool read or a task (100
+        # suspended destinations' backlog coming due at once made accept 0.55x as fast).
+        self._domain_of: dict[str, str] = {}
+        self._domain_names: dict[str, str] = {}  # one string object per domain
         self._body_bytes = 0
         self._body_cache_max = body_cache_bytes
         self._limit = asyncio.Semaphore(self._max_inflight(cfg))
@@ -148,8 +153,10 @@ class Scheduler:
         """Load every unfinished message from the spool and start working."""
         t0 = time.perf_counter()
         await self.queue.load()
-        rows = await self.spool.active_schedule()
-        for due, qid in rows:
+        rows = await self.spool.active_schedule_domains()
+        for due, qid, domain in rows:
+            if domain:
+                self._domain_of[qid] = self._intern(domain)
             self._push(qid, due)
         self.loaded = True
         metrics.QUEUE_HELD.set(len(self.queue.rules))
@@ -217,6 +224,7 @@ class Scheduler:
         self._scheduled.pop(qid, None)
         self._parked.discard(qid)
         self._fresh.pop(qid, None)
+        self._domain_of.pop(qid, None)
 
     async def administrative(self, qid: str, action: str, reason: str = "") -> bool:
         """``queue bounce`` / ``queue delete`` of one message (see QueueManager)."""
@@ -314,6 +322,10 @@ class Scheduler:
                     break
                 heapq.heappop(self._heap)
                 del self._scheduled[qid]
+                later = self._still_suspended(qid, now)
+                if later is not None:
+                    self._push(qid, later)
+                    continue
                 await self._limit.acquire()
                 self._inflight.add(qid)
                 t = asyncio.create_task(self._attempt(qid), name=f"deliver-{qid}")
@@ -330,10 +342,14 @@ class Scheduler:
                 nxt = min(nxt, now + 1.0)
             if nxt < math.inf:
                 timeout = max(0.0, min(nxt - self.clock(), 60.0))
+            # A timer that sets the event, not wait_for (which wraps the wait in a task of its own:
+            # this loop turns about once per message under load).
+            timer = asyncio.get_running_loop().call_later(timeout, self._wake.set) if timeout is not None else None
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
 
     async def _timers(self, now: float) -> None:
         """Ends of suspensions (for the gauge), hold rules that run out, idle destinations."""
@@ -371,6 +387,8 @@ class Scheduler:
             next_due = self.clock() + 60
         finally:
             self._inflight.discard(qid)
+            if next_due is None:
+                self._domain_of.pop(qid, None)
             if next_due is PARKED or next_due == PARKED:
                 self._parked.add(qid)
                 self._take_body(qid)
@@ -386,6 +404,9 @@ class Scheduler:
         plan = self.queue.plan(msg, now, has_local=self.local is not None)
         go: list[tuple[Destination, list[RecipientRecord]]] = []
         postponed: list[Postponed] = []
+        domains = {r.domain for r in msg.active_recipients()}
+        if len(domains) == 1:
+            self._domain_of[qid] = self._intern(domains.pop())
         for group in self._groups(msg, plan.to_try):
             dest = await self._destination(group[0].domain, now)
             why = self._admit(dest, qid, now)
@@ -415,7 +436,10 @@ class Scheduler:
             for st in trying:
                 self.inflight_by_state[st] = self.inflight_by_state.get(st, 0) + 1
             try:
-                await asyncio.gather(*jobs)
+                if len(jobs) == 1:
+                    await jobs[0]  # the common case: no gather (it wraps each job in a task of its own)
+                else:
+                    await asyncio.gather(*jobs)
             finally:
                 for st in trying:
                     self.inflight_by_state[st] -= 1
@@ -455,6 +479,24 @@ class Scheduler:
             return  # an attempt still running may add its own outcome; a damaged spool needs a restore
         log.info("delivery.resumed")
         self.halted = None
+
+    def _intern(self, domain: str) -> str:
+        return self._domain_names.setdefault(domain, domain)
+
+    def _still_suspended(self, qid: str, now: float) -> float | None:
+        """When to look again at a message all of whose recipients go to a destination suspended
+        now (its backlog returns spread out, as in _admit); None: attempt it. Only what needs no
+        lookup: a domain grouped by MX whose lookup is not cached is attempted as usual. (A message
+        past its lifetime expires when the suspension ends: at most throttle_backoff later.)"""
+        domain = self._domain_of.get(qid)
+        if domain is None:
+            return None
+        name = self.destinations.cached_name(domain, now)
+        dest = self.destinations.peek(name) if name is not None else None
+        if dest is None or not dest.suspended(now):
+            return None
+        metrics.DESTINATION_POSTPONED.labels("suspended").inc()
+        return dest.suspended_until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))
 
     def _admit(self, dest: Destination, qid: str, now: float) -> tuple[float, str, bool] | None:
         """None: send now. Else (when, reply, durable) for the postponed recipients."""

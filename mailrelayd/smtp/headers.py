@@ -29,10 +29,20 @@ class HeaderScan:
     message_id: str = ""
     """The first Message-ID field's value, unfolded and stripped (for history, events and logs)."""
     needs_separator: bool = False  # a body follows the header block without the empty line
+    from_parsed: list[Mailbox] | AddressError | None = None  # from_mailboxes(), once computed
 
     def from_mailboxes(self) -> list[Mailbox]:
         """Every mailbox in the From fields. Raises AddressError unless each is a valid mailbox."""
-        return [m for v in self.from_values for m in parse_header_mailboxes(v)]
+        got = self.from_parsed
+        if got is None:  # parsed once: the header policy and the signer's From domain both ask
+            try:
+                got = [m for v in self.from_values for m in parse_header_mailboxes(v)]
+            except AddressError as e:
+                got = e
+            self.from_parsed = got
+        if isinstance(got, AddressError):
+            raise got
+        return list(got)
 
     def sender_mailboxes(self) -> list[Mailbox]:
         return [m for v in self.sender_values for m in parse_header_mailboxes(v)]

@@ -7,6 +7,7 @@ and survive being lowercased by remote MTAs (VERP tokens carry them).
 
 from __future__ import annotations
 
+import base64
 import secrets
 import threading
 import time
@@ -39,11 +40,18 @@ class QueueIdGenerator:
                 self._seq = secrets.randbelow(1 << (_SEQ_BITS - 1))
             self._last_ms = ms
             n = (ms << _SEQ_BITS) | self._seq
-        out = []
-        for _ in range(LENGTH):
-            out.append(ALPHABET[n & 31])
-            n >>= 5
-        return "".join(reversed(out))
+        return _encode(n)
+
+
+# RFC 4648 base32hex has the digits in order like Crockford's alphabet; only the letters differ.
+_FROM_B32HEX = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUV", ALPHABET.encode())
+
+
+def _encode(n: int) -> str:
+    """The 65-bit id as 13 Crockford characters, most significant first (in C, not 13 Python steps)."""
+    # Padded to 80 bits (10 bytes, 16 characters): the first 13 characters carry the 65 bits.
+    raw = base64.b32hexencode((n << 15).to_bytes(10, "big"))
+    return raw[:LENGTH].translate(_FROM_B32HEX).decode("ascii")
 
 
 def is_queue_id(value: str) -> bool:

@@ -577,6 +577,15 @@ class Spool:
             "SELECT MIN(next_attempt), qid FROM recipients WHERE state IN ('pending','deferred') GROUP BY qid"
         ).fetchall())
 
+    async def active_schedule_domains(self) -> list[tuple[float, str, str]]:
+        """:meth:`active_schedule` with the recipient domain of each message whose active
+        recipients all share one ("" otherwise): the scheduler defers mail for a suspended
+        destination without reading it."""
+        return await self._read(lambda c: c.execute(
+            "SELECT MIN(next_attempt), qid, CASE WHEN MIN(domain) = MAX(domain) THEN MIN(domain) ELSE '' END "
+            "FROM recipients WHERE state IN ('pending','deferred') GROUP BY qid"
+        ).fetchall())
+
     async def list_messages(self, limit: int = 1000, queue_name: str | None = None) -> list[MessageRecord]:
         def fn(c: sqlite3.Connection) -> list[MessageRecord]:
             if queue_name is None:
