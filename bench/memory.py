@@ -150,6 +150,8 @@ class BlackholeSink:
                 else:
                     w.write(b"250 ok\r\n")
                 await w.drain()
+        except (asyncio.CancelledError, ConnectionError):  # the bench is over; the daemon stops
+            return
         finally:
             w.close()
 
