@@ -243,6 +243,12 @@ class ListenerConfig:
     without a valid header is closed."""
     proxy_networks: list[Network] = field(default_factory=list)
     """With proxy_protocol: the proxies' own addresses; connections from elsewhere are closed (empty: any)."""
+    greet_delay: Duration = 0.0
+    """Pregreet test (Postfix postscreen's greet_wait): wait this long before the 220; a client that talks
+    first is refused (554 5.5.1) and closed. 0 = off (greet at once)."""
+
+
+GREET_DELAY_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -768,11 +774,11 @@ def _validate(cfg: Config, ld: _Loader) -> None:
                 raise ld.err("auth.users_file", f"required by submission listener {lst.name!r}")
         if lst.auth and lst.mode == "relay" and lst.tls == "none":
             raise ld.err(f"{key}.auth", "AUTH on a relay listener needs TLS (starttls or implicit)")
-        if lst.proxy_protocol and lst.tls == "implicit":
-            raise ld.err(f"{key}.proxy_protocol", "not supported with tls = \"implicit\": terminate TLS at "
-                         "the proxy, or use a STARTTLS listener behind it")
         if lst.proxy_networks and not lst.proxy_protocol:
             raise ld.err(f"{key}.proxy_networks", "only meaningful with proxy_protocol = true")
+        if not 0 <= lst.greet_delay <= GREET_DELAY_MAX:
+            # RFC 5321 §4.5.3.2.1: clients wait 5 minutes for the greeting; real ones give up far sooner.
+            raise ld.err(f"{key}.greet_delay", f"must be between 0 and {GREET_DELAY_MAX:g}s")
         if lst.auth and cfg.auth.users_file is None:
             raise ld.err("auth.users_file", f"required by listener {lst.name!r} (auth = true)")
     if need_tls:

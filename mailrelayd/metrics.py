@@ -82,7 +82,8 @@ TLS_CERT_NOT_AFTER = Gauge(
 CONNECTIONS = Counter(
     "mailrelayd_connections_total",
     "Inbound SMTP connections by listener and result "
-    "(accepted, rejected_limit, rejected_per_ip, tls_failed, proxy_invalid, proxy_timeout, proxy_not_allowed).",
+    "(accepted, rejected_limit, rejected_per_ip, tls_failed, proxy_invalid, proxy_timeout, proxy_not_allowed, "
+    "pregreet, draining).",
     ["listener", "result"],
 )
 CONNECTIONS_ACTIVE = Gauge("mailrelayd_connections_active", "Open inbound SMTP connections.", ["listener"])

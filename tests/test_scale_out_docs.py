@@ -63,7 +63,7 @@ def test_example_haproxy_config_matches_the_doc() -> None:
     text = DOC.read_text()
     assert "(scale-out/haproxy.cfg)" in text
     # Balanced SMTP listeners get the PROXY header; the health check is the sidecar's /ready.
-    assert cfg.count("send-proxy-v2") == 4 and "option httpchk GET /ready" in cfg and "check port 9025" in cfg
+    assert cfg.count("send-proxy-v2") == 6 and "option httpchk GET /ready" in cfg and "check port 9025" in cfg
     # The drain commands name backends and servers that exist in the example.
     for backend, server in re.findall(r"set server (\w+)/(\w+) state", text):
         assert f"backend {backend}" in cfg and f"server {server} " in cfg, (backend, server)
@@ -88,4 +88,5 @@ def test_node_config_in_the_doc_is_valid(tmp_path: Path) -> None:
     cfg = parse_config({"server": {"hostname": "relay1.example.com"}, "tls": {"cert_file": str(cert),
                         "key_file": str(key)}, "auth": {"users_file": str(users)}, **snippet}, tmp_path / "m.toml")
     assert cfg.feedback.store == "postgresql://mailrelayd@db.example.com:5432/mailrelayd"
-    assert [lst.name for lst in cfg.listeners] == ["relay", "submission"]
+    assert [lst.name for lst in cfg.listeners] == ["relay", "submission", "submissions"]
+    assert cfg.listeners[2].tls == "implicit" and cfg.listeners[2].proxy_protocol

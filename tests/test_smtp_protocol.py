@@ -42,7 +42,7 @@ class Harness:
 
     def __init__(self, cfg: Config, listener: int = 0, *, trusted: bool = True, suppressed: tuple[str, ...] = (),
                  budget: MemoryBudget | None = None, space_error: bool = False, locked: bool = False,
-                 max_errors: int = 10) -> None:
+                 max_errors: int = 10, greet: bool = True) -> None:
         lcfg = cfg.listeners[listener]
         self.policy = Policy(cfg, lcfg, lambda a: a in suppressed)
         self.replies: list[str] = []
@@ -60,8 +60,9 @@ class Harness:
                             max_line_length=lim.max_line_length, max_errors=max_errors,
                             command_timeout=lim.command_timeout, data_timeout=lim.data_timeout)
         self.p = ServerProtocol(settings, hooks, SessionFacts(peer_ip="192.0.2.1", trusted=trusted))
-        self.events = self.p.start()
-        assert self.out()[-1].startswith("220 relay.test.example")
+        if greet:
+            self.events = self.p.start()
+            assert self.out()[-1].startswith("220 relay.test.example")
 
     def out(self) -> list[str]:
         lines = self.p.data_to_send().decode().split("\r\n")
@@ -271,6 +272,38 @@ def test_timeout_and_shutdown(cfg: Config) -> None:
     assert h.out() == ["421 4.3.2 Service shutting down, try again later"]
 
 
+def test_pregreet_talking_before_the_greeting_is_refused(cfg: Config) -> None:
+    # The edge holds the 220 back (greet_delay); any byte before it is a refusal and a close.
+    h = Harness(cfg, greet=False)
+    assert h.p.phase is Phase.NEW
+    assert h.send(b"EHLO c.example\r\n") == ["554 5.5.1 Protocol error: talked before greeting"]
+    assert h.events == [Close("pregreet")] and h.p.phase is Phase.CLOSED
+    assert h.p.facts.commands == 0  # nothing it said was interpreted
+    assert h.p.start() == [] and h.out() == []  # the held-back greeting never goes out
+    assert h.send(b"MAIL FROM:<a@example.com>\r\n") == []
+    # A single byte is enough (a bare CRLF too).
+    h = Harness(cfg, greet=False)
+    assert h.send(b"\r") == ["554 5.5.1 Protocol error: talked before greeting"]
+
+
+def test_pregreet_waiting_client_is_greeted_and_served(cfg: Config) -> None:
+    h = Harness(cfg, greet=False)
+    assert h.out() == []  # nothing is said before the edge's timer
+    h.events = h.p.start()
+    assert h.out() == ["220 relay.test.example ESMTP mailrelayd"] and h.events == []
+    assert h.cmd("EHLO c.example").startswith("250 ")
+
+
+def test_pregreet_eof_and_shutdown_before_the_greeting(cfg: Config) -> None:
+    h = Harness(cfg, greet=False)
+    assert h.p.receive_eof() == [Close("client_eof")]  # a health check that left: closed at once
+    assert h.out() == []
+    h = Harness(cfg, greet=False)
+    assert h.p.shutdown() == [Close("draining")]
+    assert h.out() == ["421 4.3.2 Service shutting down, try again later"]
+    assert h.p.start() == []
+
+
 def test_memory_budget_at_data(cfg: Config) -> None:
     budget = MemoryBudget(10_000)
     h = Harness(cfg, budget=budget)
@@ -363,8 +396,12 @@ def test_proxy_v2() -> None:
 
 # --- listener options ---------------------------------------------------------------------
 @pytest.mark.parametrize(("over", "key"), [
-    ({"listeners": [{"name": "s", "address": "127.0.0.1:0", "mode": "submission", "tls": "implicit",
-                     "proxy_protocol": True}]}, "listeners[0].proxy_protocol"),
+    ({"listeners": [{"name": "r", "address": "127.0.0.1:0", "mode": "relay", "greet_delay": "-1s"}]},
+     "listeners[0].greet_delay"),
+    ({"listeners": [{"name": "r", "address": "127.0.0.1:0", "mode": "relay", "greet_delay": "2m"}]},
+     "listeners[0].greet_delay"),
+    ({"listeners": [{"name": "r", "address": "127.0.0.1:0", "mode": "relay", "greet_delay": True}]},
+     "listeners[0].greet_delay"),
     ({"listeners": [{"name": "r", "address": "127.0.0.1:0", "mode": "relay", "proxy_networks": ["10.0.0.0/8"]}]},
      "listeners[0].proxy_networks"),
     ({"limits": {"max_message_size": "10MB", "max_data_memory": "5MB"}}, "limits.max_data_memory"),
@@ -378,3 +415,16 @@ def test_listener_and_limit_options_are_checked(tmp_path: Path, tls_files: tuple
     with pytest.raises(ConfigError) as ei:
         load_config(write_config(tmp_path, deep_merge(base_config(tls_files), over)))
     assert f"mailrelayd.toml: {key}: " in str(ei.value)
+
+
+def test_greet_delay_is_normalised_and_proxy_works_with_implicit_tls(tmp_path: Path,
+                                                                     tls_files: tuple[Path, Path]) -> None:
+    from tests.conftest import deep_merge
+
+    cfg = load_config(write_config(tmp_path, deep_merge(base_config(tls_files), {"listeners": [
+        {"name": "mx", "address": "127.0.0.1:0", "mode": "relay", "greet_delay": "1500ms"},
+        {"name": "s", "address": "127.0.0.1:0", "mode": "submission", "tls": "implicit", "proxy_protocol": True},
+        {"name": "r", "address": "127.0.0.1:0", "mode": "relay", "greet_delay": 6},
+    ]})))
+    assert [lst.greet_delay for lst in cfg.listeners] == [1.5, 0.0, 6.0]
+    assert cfg.listeners[1].proxy_protocol and cfg.listeners[1].tls == "implicit"

@@ -14,11 +14,12 @@ What this layer decides, and why:
   anything the connection does (the intake shields the commit and logs, counts and schedules it).
 - **Backpressure.** While the protocol waits for a password check, the TLS handshake or a commit,
   and while the client does not read our replies, we stop reading from it.
-- **TLS.** Implicit TLS is ``loop.create_server(ssl=…, ssl_handshake_timeout=…)`` (see
-  :class:`mailrelayd.smtp.listener.SmtpListener`); the loop tells the protocol nothing about a
-  handshake that fails, so a watchdog armed when the protocol is created counts a connection whose
-  handshake did not complete within the timeout. STARTTLS is ``loop.start_tls()``; reading is paused
-  before the 220 goes out, so no ClientHello byte can reach the plaintext side.
+- **TLS.** Implicit TLS has its own accept loop (:mod:`mailrelayd.smtp.tlsaccept`: it sees a
+  failed handshake, with the peer, and reads a PROXY header before TLS); the connection is handed
+  over here after the handshake. STARTTLS is ``loop.start_tls()``; reading is paused before the 220
+  goes out, so no ClientHello byte can reach the plaintext side.
+- **Pregreet** (``greet_delay``): the edge holds the 220 back on a timer; the protocol refuses a
+  client that talks first.
 - **PROXY protocol** (``proxy_protocol = true``): the header is read before anything else and the
   address in it is the client's for policy, limits, logs and Received.
 """
@@ -59,6 +60,7 @@ log = get_logger()
 
 CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush its last reply before it is aborted
 PROXY_MAX = 16 + 4096
+HANDSHAKE_BACKSTOP = 5.0  # the loop's own TLS handshake timeout fires this long after ours
 
 
 def client_ip(peer: Any) -> str:
@@ -108,19 +110,12 @@ class SmtpConnection(asyncio.Protocol):
         self._progress = -1
         self._proxy_buf: bytearray | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._handshake: asyncio.TimerHandle | None = None
-        if self.lcfg.tls == "implicit":
-            # The loop gives a protocol its connection_made only after a completed handshake, and says
-            # nothing about one that fails or never starts: count those when the timeout has passed.
-            self._handshake = self.loop.call_later(listener.handshake_timeout + 1.0, self._handshake_expired)
+        self._greet_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's TLS transport is not an asyncio.Transport subclass, but has its interface.)
         self.transport = cast(asyncio.Transport, transport)
-        if self._handshake is not None:
-            self._handshake.cancel()
-            self._handshake = None
         self.peer_ip = client_ip(transport.get_extra_info("peername"))
         self.id = secrets.token_hex(6)
         if self.lcfg.proxy_protocol:
@@ -154,9 +149,13 @@ class SmtpConnection(asyncio.Protocol):
         self._closed = True
         if exc is not None and self.end == "closed":
             self.end = f"network_error: {type(exc).__name__}"
-        for h in (self._timer, self._grace, self._handshake):
+        for h in (self._timer, self._grace):
             if h is not None:
                 h.cancel()
+        if self._greet_timer is not None:
+            self._greet_timer.cancel()
+            self._greet_timer = None
+            self._count_ungreeted()
         self.transport = None
         if self.proto is not None:
             self.proto.connection_lost()
@@ -195,8 +194,27 @@ class SmtpConnection(asyncio.Protocol):
         if self.lcfg.tls == "implicit":
             facts.tls, facts.tls_desc = True, describe_tls(transport)
         self.proto = ServerProtocol(settings, hooks, facts)
+        if self.lcfg.greet_delay > 0:
+            self._greet_timer = self.loop.call_later(self.lcfg.greet_delay, self._greet)
+            return
         metrics.CONNECTIONS.labels(self.lcfg.name, "accepted").inc()
         self._handle(self.proto.start())
+
+    def _greet(self) -> None:
+        """``greet_delay`` has passed in silence: the 220 goes out (the protocol refuses earlier talk)."""
+        self._greet_timer = None
+        proto = self.proto
+        if proto is None or self._closed or proto.phase is not Phase.NEW:
+            return
+        metrics.CONNECTIONS.labels(self.lcfg.name, "accepted").inc()
+        self._handle(proto.start())
+
+    def _count_ungreeted(self) -> None:
+        """A connection closed while its greeting was held back: one result in connections_total."""
+        result = self.end if self.end in ("pregreet", "draining") else "accepted"
+        metrics.CONNECTIONS.labels(self.lcfg.name, result).inc()
+        if result == "pregreet":
+            self._log.info("smtp.pregreet", greet_delay=self.lcfg.greet_delay)
 
     def _proxy_data(self, data: bytes) -> None:
         buf = self._proxy_buf
@@ -230,14 +248,6 @@ class SmtpConnection(asyncio.Protocol):
 
     def _proxy_timeout(self) -> None:
         self._refuse_proxy("proxy_timeout")
-
-    def _handshake_expired(self) -> None:
-        self._handshake = None
-        if self.transport is None and not self._closed:
-            metrics.TLS_HANDSHAKE_FAILURES.labels(self.lcfg.name).inc()
-            metrics.CONNECTIONS.labels(self.lcfg.name, "tls_failed").inc()
-            log.info("smtp.tls_failed", listener=self.lcfg.name, implicit=True, end="tls_handshake_timeout",
-                     error=f"no TLS handshake completed within {self.listener.handshake_timeout:g}s")
 
     # --- driving the protocol ------------------------------------------------------------
     def _handle(self, events: list[Event]) -> None:
@@ -394,14 +404,16 @@ class SmtpConnection(asyncio.Protocol):
         timeout = self.ctx.cfg.limits.tls_handshake_timeout
         # Reading was paused synchronously when the StartTls event was raised (WAIT), before the 220
         # could reach the client, so nothing of the handshake was read as plaintext.
-        t0 = time.monotonic()
         try:
             if ctx is None:
                 raise ssl.SSLError("no TLS context")
-            new = await self.loop.start_tls(t, self, ctx, server_side=True, ssl_handshake_timeout=timeout)
+            # Our own deadline, so that a timeout is a TimeoutError (the loop's own reports it as
+            # ConnectionAbortedError, like a reset); the loop's is only a backstop (see tlsaccept).
+            async with asyncio.timeout(timeout):
+                new = await self.loop.start_tls(t, self, ctx, server_side=True,
+                                                ssl_handshake_timeout=timeout + HANDSHAKE_BACKSTOP)
         except Exception as e:
-            elapsed = time.monotonic() - t0
-            self.end = "tls_handshake_timeout" if elapsed >= timeout * 0.9 else "tls_failed"
+            self.end = "tls_handshake_timeout" if isinstance(e, TimeoutError) else "tls_failed"
             metrics.TLS_HANDSHAKE_FAILURES.labels(self.lcfg.name).inc()
             self._log.info("smtp.tls_failed", implicit=False, end=self.end,
                            error=f"{type(e).__name__}: {e}"[:200])

@@ -18,6 +18,7 @@ from mailrelayd.smtp.connection import SmtpConnection
 from mailrelayd.smtp.dataread import MemoryBudget
 from mailrelayd.smtp.policy import Policy
 from mailrelayd.smtp.protocol import Hooks, Settings
+from mailrelayd.smtp.tlsaccept import ImplicitTlsServer
 from mailrelayd.spool.store import NewMessage, Spool
 
 
@@ -75,12 +76,11 @@ class SmtpListener:
         self.limiter = limiter
         self.sessions: set[SmtpConnection] = set()
         self.draining = False
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.AbstractServer | ImplicitTlsServer | None = None
         self._replies: dict[tuple[str, str], Counter] = {}
         self._active = metrics.CONNECTIONS_ACTIVE.labels(config.name)
         self._active.set_function(lambda: len(self.sessions))
         self._parts: tuple[SmtpContext, Settings, Hooks] | None = None
-        self.handshake_timeout = 0.0  # implicit TLS: set by start()
 
     def protocol_parts(self) -> tuple[Settings, Hooks]:
         """The protocol's settings and hooks under the current context (rebuilt when it changes)."""
@@ -128,14 +128,15 @@ class SmtpListener:
         implicit = self.config.tls == "implicit"
         if implicit and self.context.tls_context is None:
             raise OSError(f"listener {self.name}: implicit TLS without a TLS context")
-        # Implicit TLS: the loop does the handshake before the protocol hears of the connection. The
-        # timeout is fixed for the server's life (a reload does not change it; connections use this one).
-        self.handshake_timeout = self.context.cfg.limits.tls_handshake_timeout
+        if implicit:
+            # Our own accept loop: handshake failures counted with the peer, PROXY header before TLS.
+            server = ImplicitTlsServer(self)
+            await server.start(addr.host, addr.port, family)
+            self._server = server
+            return
         self._server = await asyncio.get_running_loop().create_server(
             lambda: SmtpConnection(self), host=addr.host, port=addr.port, family=family,
             reuse_address=True, backlog=1024,
-            ssl=self.context.tls_context if implicit else None,
-            ssl_handshake_timeout=self.handshake_timeout if implicit else None,
         )
 
     async def stop_accepting(self) -> None:

@@ -38,6 +38,7 @@ _NOT_ERRORS = (TOO_MANY_RCPTS, SUPPRESSED)
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 NO_MEMORY_AT_DATA = Reply(451, "4.3.2", "Too much mail in progress, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
+PREGREET = Reply(554, "5.5.1", "Protocol error: talked before greeting")
 
 
 # --- events -----------------------------------------------------------------------------
@@ -134,7 +135,7 @@ class SessionFacts:
 
 
 class Phase(Enum):
-    NEW = auto()  # before the greeting
+    NEW = auto()  # before the greeting (the edge may hold it back: listeners[].greet_delay)
     COMMAND = auto()
     AUTH = auto()  # reading AUTH continuation lines
     DATA = auto()  # reading the payload
@@ -166,6 +167,8 @@ class ServerProtocol:
     # --- inputs from the edge -------------------------------------------------------------
     def start(self) -> list[Event]:
         """The connection is ready (after the TLS handshake on implicit TLS): greet."""
+        if self.phase is not Phase.NEW:  # already refused or closed while the greeting was held back
+            return []
         self.phase = Phase.COMMAND
         self._send("CONNECT", f"220 {self.settings.hostname} ESMTP mailrelayd")
         return self._run()
@@ -173,6 +176,8 @@ class ServerProtocol:
     def receive(self, data: bytes) -> list[Event]:
         if self.phase is Phase.CLOSED:
             return []
+        if self.phase is Phase.NEW:
+            return self._talked_first()
         if self.phase is Phase.DATA and not self._in:
             self._feed_data(data)  # the common case: straight into the payload, no copy
         else:
@@ -227,7 +232,7 @@ class ServerProtocol:
     def shutdown(self) -> list[Event]:
         """The daemon is stopping: an idle session (no transaction, nothing outstanding) is told to
         come back later and closed; a busy one is left to finish (MAIL then gets the same 421)."""
-        if self.phase is Phase.COMMAND and self.tx is None and not self._in:
+        if self.phase is Phase.NEW or (self.phase is Phase.COMMAND and self.tx is None and not self._in):
             self._send("CONNECT", SHUTTING_DOWN)
             self._close("draining")
         return self._run()
@@ -276,7 +281,7 @@ class ServerProtocol:
                 self._auth_line(line)
             else:
                 self._command(line)
-        if self._eof and self.phase in (Phase.COMMAND, Phase.AUTH, Phase.DATA):
+        if self._eof and self.phase in (Phase.NEW, Phase.COMMAND, Phase.AUTH, Phase.DATA):
             # Everything complete has been answered; a partial command or payload is dropped.
             self._close("client_eof")
         events, self._events = self._events, []
@@ -336,6 +341,14 @@ class ServerProtocol:
         self.phase = Phase.WAIT
         self._events.append(MessageReceived(mail_from=tx.mail_from, recipients=tuple(tx.rcpts),
                                             local=tuple(tx.local), body=body, smtputf8=tx.smtputf8))
+
+    def _talked_first(self) -> list[Event]:
+        """Bytes before our 220. The client must wait for the greeting (RFC 5321 §3.1, §4.3.1); one
+        that does not is a spambot (Postfix postscreen's pregreet test): refused and closed. Only
+        possible while the edge holds the greeting back (``listeners[].greet_delay``)."""
+        self._send("CONNECT", PREGREET, counts=False)
+        self._close("pregreet")
+        return self._run()
 
     # --- replies --------------------------------------------------------------------------
     def _send(self, command: str, r: Reply | str, *, counts: bool = True) -> None:

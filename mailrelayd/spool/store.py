@@ -17,6 +17,7 @@ runs SQLite on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import shutil
@@ -551,7 +552,16 @@ class Spool:
             if conn is None:
                 conn = _connect(self.path, readonly=True)
                 self._reader_local.conn = conn
-            return fn(conn)
+            # One snapshot for all the statements of a read (a message and its recipients): in
+            # autocommit each SELECT would see the latest commit, and a message finished between
+            # two of them would come back with no recipients.
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                if conn.in_transaction:  # nothing to keep: ending a read, ROLLBACK is COMMIT
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
 
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader, run)
@@ -614,21 +624,18 @@ class Spool:
         marks = ",".join("?" * len(kinds))
 
         def fn(c: sqlite3.Connection) -> tuple[list[Event], int, int] | None:
-            c.execute("BEGIN")  # one snapshot for both reads
-            try:
-                row = c.execute("SELECT last_id FROM event_cursors WHERE name = ?", (name,)).fetchone()
-                if row is None:
-                    return None
-                rows = c.execute(f"SELECT {_EVENT_COLS}, id FROM events WHERE id > ? AND kind IN ({marks}) "
-                                 "ORDER BY id LIMIT ?", (row[0], *kinds, limit)).fetchall()
-                evs = [Event(r[0], r[1], r[2], r[5], r[3], r[4], r[6], r[7], r[8], r[9], r[10], r[11])
-                       for r in rows]
-                if len(evs) == limit:
-                    return evs, evs[-1].id, row[0]
-                (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
-                return evs, max(top, row[0]), row[0]
-            finally:
-                c.execute("COMMIT")
+            # (_read gives both reads one snapshot)
+            row = c.execute("SELECT last_id FROM event_cursors WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            rows = c.execute(f"SELECT {_EVENT_COLS}, id FROM events WHERE id > ? AND kind IN ({marks}) "
+                             "ORDER BY id LIMIT ?", (row[0], *kinds, limit)).fetchall()
+            evs = [Event(r[0], r[1], r[2], r[5], r[3], r[4], r[6], r[7], r[8], r[9], r[10], r[11])
+                   for r in rows]
+            if len(evs) == limit:
+                return evs, evs[-1].id, row[0]
+            (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+            return evs, max(top, row[0]), row[0]
         return await self._read(fn)
 
     async def event_backlog(self, name: str, kinds: Sequence[str]) -> int:
