@@ -900,19 +900,15 @@ def _insert_body(c: sqlite3.Connection, qid: str, data: bytes) -> None:
 
 
 def _read_body(c: sqlite3.Connection, qid: str) -> bytes | None:
-    # One read transaction: the rowid must still name this body when the blob is opened.
-    c.execute("BEGIN")
-    try:
-        row = c.execute("SELECT rowid, CASE WHEN length(data) < ? THEN data END FROM bodies WHERE qid = ?",
-                        (BLOB_IO_MIN, qid)).fetchone()
-        if row is None:
-            return None
-        if row[1] is not None:
-            return bytes(row[1])
-        with c.blobopen("bodies", "data", row[0], readonly=True) as blob:
-            return blob.read()  # sqlite3_blob_read straight into the bytes object
-    finally:
-        c.execute("COMMIT")
+    # Inside _read's read transaction: the rowid still names this body when the blob is opened.
+    row = c.execute("SELECT rowid, CASE WHEN length(data) < ? THEN data END FROM bodies WHERE qid = ?",
+                    (BLOB_IO_MIN, qid)).fetchone()
+    if row is None:
+        return None
+    if row[1] is not None:
+        return bytes(row[1])
+    with c.blobopen("bodies", "data", row[0], readonly=True) as blob:
+        return blob.read()  # sqlite3_blob_read straight into the bytes object
 
 
 def _rcpt_domain(address: str) -> str:
