@@ -40,6 +40,7 @@ from mailrelayd.feedback.verp import make_return_path
 from mailrelayd.intake import HeaderCheck, Intake, Signer, wait_commits
 from mailrelayd.log import LineBatcher, configure_logging, get_logger
 from mailrelayd.maildrop import SendmailService
+from mailrelayd.malloc import fix_mmap_threshold
 from mailrelayd.queueops import QueueOps
 from mailrelayd.ratelimit import MemoryRateLimiter
 from mailrelayd.sidecar import Sidecar, SidecarHooks
@@ -614,6 +615,7 @@ def run_daemon(config_path: Path, log_format: str | None = None) -> int:
     # interval a group commit of a few dozen statements waited tens of milliseconds for the GIL
     # alone, not for the disk. A short interval bounds each of those waits.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    fix_mmap_threshold()  # large message bodies in their own mappings, freed at once (malloc.py)
     try:
         if os.environ.get("MAILRELAYD_EVENT_LOOP") == "asyncio":
             return asyncio.run(daemon.run())

@@ -239,6 +239,8 @@ def relaxed_body(body: bytes) -> bytes:
         end -= 2
     if end == 0:
         return b""
+    if end + 2 == len(body):  # already so (the usual case): no copy
+        return body
     return body[:end] + b"\r\n"
 
 

@@ -124,10 +124,10 @@ class Intake:
                                     tls=origin.tls, user=user, now=now)
         from_domain = scan.from_domain
         message_id = scan.message_id
+        extra = b""
         if outbound:
             # Submission and trusted relay: complete the header like a submission server
             # (RFC 6409 §8): Message-ID and Date when missing, From from the envelope when absent.
-            extra = b""
             if not scan.from_values:
                 if not mail_from:
                     raise MessageRefused(NO_FROM)
@@ -138,10 +138,8 @@ class Intake:
                 extra += f"Message-ID: {message_id}\r\n".encode()
             if not scan.has_date:
                 extra += hdr.date_header(now)
-            body = hdr.insert_fields(body, scan, extra)
-        else:
-            body = hdr.insert_fields(body, scan, b"")
-        msg = NewMessage(queue_id=qid, mail_from=mail_from, recipients=tuple(recipients), data=trace + body,
+        msg = NewMessage(queue_id=qid, mail_from=mail_from, recipients=tuple(recipients),
+                         data=hdr.assemble(trace, body, scan, extra),
                          received_at=now, queue=OUTBOUND if outbound else FEEDBACK, listener=origin.listener,
                          sender_domain=from_domain, message_id=message_id,
                          user=origin.user.name if origin.user else "")

@@ -31,7 +31,10 @@ class MemoryBudget:
     """Bytes of message data held in memory, across all connections (``limits.max_data_memory``).
 
     Connections take bytes as they read DATA and give them back once the message is committed or
-    dropped. Single-threaded (the event loop), so plain integers suffice."""
+    dropped: the edge reports the commit's outcome from the intake task's last step, so a message
+    stays counted while its stored form and its DKIM-signed copy exist. It is counted once, although
+    it exists twice for a moment while the payload is copied into the stored message.
+    Single-threaded (the event loop), so plain integers suffice."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -129,10 +132,16 @@ class DotReader:
         self.release()
 
     def result(self) -> tuple[bytes | None, Reply | None]:
-        """(message with dot-stuffing removed, None) or (None, refusal)."""
-        if self._result is None:
-            self._result = self._decide()
-        return self._result
+        """(message with dot-stuffing removed, None) or (None, refusal). The message is handed over
+        once: the reader keeps no reference to it (a 25 MB body must not stay alive through the
+        commit twice, once here and once in the intake); a refusal can be asked for again."""
+        if self._result is not None:
+            if self._result[1] is None:
+                raise RuntimeError("payload already handed over")
+            return self._result
+        body, problem = self._decide()
+        self._result = (None, problem)
+        return body, problem
 
     def _decide(self) -> tuple[bytes | None, Reply | None]:
         if self._dropped is not None or self._buf is None:
@@ -143,16 +152,20 @@ class DotReader:
         if wire.count(b"\n") != n_crlf or wire.count(b"\r") != n_crlf:
             self.release()
             return None, BARE_CR_LF
-        body = bytes(wire[:-3].replace(b"\r\n.", CRLF)[2:])
-        if len(body) > self.max_size:
+        size = len(wire) - 5 - wire.count(b"\r\n.", 0, len(wire) - 3)  # the body's, unstuffed
+        if size > self.max_size:
             self.release()
             return None, TOO_BIG
-        if len(body) > self.max_line - 2:
-            longest = max(map(len, wire.split(CRLF)))
-            if longest > self.max_line - 1:  # -2 for CRLF, +1 for a stuffed dot
-                self.release()
-                return None, Reply(500, "5.5.2", f"Line too long (RFC 5321 §4.5.3.1.6: "
-                                                 f"{self.max_line} octets with CRLF)")
+        if size > self.max_line - 2 and _longest_line(wire) > self.max_line - 1:  # -2 CRLF, +1 stuffed dot
+            self.release()
+            return None, Reply(500, "5.5.2", f"Line too long (RFC 5321 §4.5.3.1.6: "
+                                             f"{self.max_line} octets with CRLF)")
+        # One copy of the payload, whatever its size: slices of a memoryview, not of the bytearray.
+        del wire[-3:]  # ".\r\n": the CRLF before the dot ends the message's last line
+        if wire.find(b"\r\n.") >= 0:  # dot-stuffed lines (rare): one more transient copy
+            wire = wire.replace(b"\r\n.", CRLF)
+        with memoryview(wire) as view:
+            body = bytes(view[2:])  # without the virtual CRLF
         return body, None
 
     def release(self) -> None:
@@ -160,3 +173,22 @@ class DotReader:
         if self._charged and self.budget is not None:
             self.budget.give(self._charged)
         self._charged = 0
+
+
+def _longest_line(wire: bytearray, window: int = 1 << 20) -> int:
+    """Length of the longest CRLF-separated line of ``wire``, without splitting it all at once (that
+    would allocate one object per line: more memory than the message for short lines). Windows of
+    ``window`` bytes never end between a CR and its LF."""
+    longest = carry = 0
+    n, pos = len(wire), 0
+    while pos < n:
+        end = min(pos + window, n)
+        while end < n and wire[end - 1] == 13:  # keep a CRLF in one window
+            end += 1
+        lengths = list(map(len, wire[pos:end].split(CRLF)))
+        lengths[0] += carry
+        if len(lengths) > 1:
+            longest = max(longest, max(lengths[:-1]))
+        carry = lengths[-1]
+        pos = end
+    return max(longest, carry)

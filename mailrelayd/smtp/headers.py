@@ -127,6 +127,16 @@ def insert_fields(data: bytes, scan: HeaderScan, fields: bytes) -> bytes:
     return data[:scan.end] + fields + sep + data[scan.end:]
 
 
+
+def assemble(trace: bytes, data: bytes, scan: HeaderScan, fields: bytes) -> bytes:
+    """``trace + insert_fields(data, scan, fields)`` with one copy of ``data`` (the intermediate
+    concatenations and slices of a 25 MB message would each copy it whole)."""
+    sep = b"\r\n" if scan.needs_separator else b""
+    if not fields and not sep:
+        return b"".join((trace, data))
+    with memoryview(data) as view:
+        return b"".join((trace, view[:scan.end], fields, sep, view[scan.end:]))
+
 def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, queue_id: str,
                     tls: str | None, user: str | None, now: float | None = None) -> bytes:
     """A Received trace field (RFC 5321 §4.4), folded, CRLF-terminated. No reverse DNS lookup:

@@ -603,10 +603,7 @@ class Spool:
         return await self._read(lambda c: [m for q in qids if (m := _get(c, q)) is not None])
 
     async def body(self, qid: str) -> bytes | None:
-        def fn(c: sqlite3.Connection) -> bytes | None:
-            row = c.execute("SELECT data FROM bodies WHERE qid = ?", (qid,)).fetchone()
-            return bytes(row[0]) if row else None
-        return await self._read(fn)
+        return await self._read(lambda c: _read_body(c, qid))
 
     async def active_schedule(self) -> list[tuple[float, str]]:
         """(next attempt, queue id) of every message with active recipients: the scheduler's
@@ -949,12 +946,41 @@ def _insert(c: sqlite3.Connection, m: NewMessage) -> None:
         (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener, m.sender_domain, int(m.is_dsn),
          m.message_id, m.user),
     )
-    c.execute("INSERT INTO bodies (qid, data) VALUES (?, ?)", (m.queue_id, m.data))
+    _insert_body(c, m.queue_id, m.data)
     c.executemany(
         "INSERT INTO recipients (qid, idx, address, domain, state, next_attempt, updated_at) "
         "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
         [(m.queue_id, i, r, _rcpt_domain(r), m.received_at, m.received_at) for i, r in enumerate(m.recipients)],
     )
+
+
+BLOB_IO_MIN = 1 << 20
+"""Bodies from this size on are written and read with incremental blob I/O. A bound parameter is
+copied by sqlite (SQLITE_TRANSIENT) and again into the row record, and a selected one is read into
+sqlite's memory before Python copies it: two more copies of a 25 MB message each way."""
+
+
+def _insert_body(c: sqlite3.Connection, qid: str, data: bytes) -> None:
+    if len(data) < BLOB_IO_MIN:
+        c.execute("INSERT INTO bodies (qid, data) VALUES (?, ?)", (qid, data))
+        return
+    rowid = c.execute("INSERT INTO bodies (qid, data) VALUES (?, zeroblob(?))", (qid, len(data))).lastrowid
+    assert rowid is not None
+    with c.blobopen("bodies", "data", rowid) as blob, memoryview(data) as view:
+        for i in range(0, len(data), BLOB_IO_MIN):
+            blob.write(view[i:i + BLOB_IO_MIN])
+
+
+def _read_body(c: sqlite3.Connection, qid: str) -> bytes | None:
+    # Inside _read's read transaction: the rowid still names this body when the blob is opened.
+    row = c.execute("SELECT rowid, CASE WHEN length(data) < ? THEN data END FROM bodies WHERE qid = ?",
+                    (BLOB_IO_MIN, qid)).fetchone()
+    if row is None:
+        return None
+    if row[1] is not None:
+        return bytes(row[1])
+    with c.blobopen("bodies", "data", row[0], readonly=True) as blob:
+        return blob.read()  # sqlite3_blob_read straight into the bytes object
 
 
 def _rcpt_domain(address: str) -> str:
