@@ -603,7 +603,7 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-GIL_SWITCH_INTERVAL = 0.0002  # seconds (CPython's default: 0.005)
+GIL_SWITCH_INTERVAL = 0.00005  # seconds (CPython's default: 0.005); 0.2 ms gave a p99 6 ms longer
 
 
 def run_daemon(config_path: Path, log_format: str | None = None) -> int:
