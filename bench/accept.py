@@ -6,6 +6,8 @@ Writes a config from bench/accept.toml into a scratch directory (relay listener 
 and runs ../shared/bench/compare_postfix.py against it. Options:
 
   --dkim off|rsa|ed25519|dual   sign with keys for the benchmark's sender domain (default off)
+  --shaping                     configure [[shaping]] for the benchmark's destination and the large
+                                providers, none of it binding (issue 13's end-to-end condition)
   --preload N                   fill the spool with N deferred messages first (to an unreachable
                                 domain) and report the start-up time: the 100k-queue check
   --compare PATH                compare_postfix.py (default ../shared/bench/compare_postfix.py)
@@ -29,7 +31,25 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SENDER_DOMAIN = "client.bench.invalid"  # smtp-source's -f/-M domain in compare_postfix.py
+SENDER_DOMAIN = "client.bench.invalid"
+SHAPING = """
+[[shaping]]
+match = "dest.bench.invalid"         # compare_postfix.py's recipient domain
+max_connections = 20                 # = [delivery] domain_concurrency in accept.toml
+max_messages_per_connection = 1000
+max_rate = "10000/s"
+throttle_backoff = "5m"
+
+[[shaping]]
+match = ".google.com"
+max_connections = 20
+max_rate = "600/min"
+
+[[shaping]]
+match = ".protection.outlook.com"
+max_connections = 10
+max_rate = "300/min"
+"""  # smtp-source's -f/-M domain in compare_postfix.py
 
 
 def write_config(directory: Path, port: int, dkim: str) -> Path:
@@ -72,6 +92,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--dkim", choices=("off", "rsa", "ed25519", "dual"), default="off")
     ap.add_argument("--preload", type=int, default=0)
+    ap.add_argument("--shaping", action="store_true", help="[[shaping]] configured but not binding")
     ap.add_argument("--compare", default=str(REPO.parent / "shared" / "bench" / "compare_postfix.py"))
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--store", help='[feedback] store, e.g. "postgresql://user@host:5432/db" (default: sqlite)')
@@ -86,6 +107,8 @@ def main() -> int:
         if a.store_password_file:
             extra += f'store_password_file = "{Path(a.store_password_file).resolve()}"\n'
         cfg.write_text(cfg.read_text() + extra)
+    if a.shaping:  # limits far above what 20 sessions reach: configured, never binding
+        cfg.write_text(cfg.read_text() + SHAPING)
     if a.preload:
         t0 = time.perf_counter()
         asyncio.run(preload(work / "spool", a.preload))
