@@ -109,6 +109,20 @@ def _users_for_edit(args: argparse.Namespace) -> tuple[Path, dict[str, Any]] | N
         return None
 
 
+def _user_to_edit(args: argparse.Namespace, hint: str = "") -> tuple[Path, dict[str, Any], Any] | None:
+    """The users file, its users and the one named ``args.name``; None (after a one-line error)
+    when the file cannot be opened or has no such user."""
+    opened = _users_for_edit(args)
+    if opened is None:
+        return None
+    path, users = opened
+    u = users.get(args.name)
+    if u is None:
+        _err(f"no user {args.name!r} in {path}{hint}")
+        return None
+    return path, users, u
+
+
 def cmd_user_add(args: argparse.Namespace) -> int:
     import secrets as _secrets
 
@@ -161,14 +175,10 @@ def cmd_user_set(args: argparse.Namespace) -> int:
 
     from mailrelayd.users import save_users
 
-    opened = _users_for_edit(args)
-    if opened is None:
+    found = _user_to_edit(args, " (create it with `mailrelayd user add`)")
+    if found is None:
         return 1
-    path, users = opened
-    u = users.get(args.name)
-    if u is None:
-        _err(f"no user {args.name!r} in {path} (create it with `mailrelayd user add`)")
-        return 1
+    path, users, u = found
     if args.rate is None and not args.allow_from:
         _err("nothing to change: give --rate and/or --allow-from")
         return 2
@@ -188,14 +198,10 @@ def cmd_user_apikey(args: argparse.Namespace) -> int:
 
     from mailrelayd.users import new_api_key, save_users
 
-    opened = _users_for_edit(args)
-    if opened is None:
+    found = _user_to_edit(args)
+    if found is None:
         return 1
-    path, users = opened
-    u = users.get(args.name)
-    if u is None:
-        _err(f"no user {args.name!r} in {path}")
-        return 1
+    path, users, u = found
     if args.revoke_all:
         users[args.name] = dataclasses.replace(u, api_keys=())
         save_users(path, users)
@@ -213,13 +219,10 @@ def cmd_user_apikey(args: argparse.Namespace) -> int:
 def cmd_user_del(args: argparse.Namespace) -> int:
     from mailrelayd.users import save_users
 
-    opened = _users_for_edit(args)
-    if opened is None:
+    found = _user_to_edit(args)
+    if found is None:
         return 1
-    path, users = opened
-    if args.name not in users:
-        _err(f"no user {args.name!r} in {path}")
-        return 1
+    path, users, _ = found
     del users[args.name]
     save_users(path, users)
     print(f"deleted user {args.name}")

@@ -224,7 +224,7 @@ class Transport:
             conn = await self._reuse(key)
             if conn is None and route is None:
                 conn = await self._reuse_shared(domain.lower(), hosts, sts)
-            for fresh in (False, True):
+            while True:  # at most twice: only a reused connection can be stale, a new one never is
                 if conn is None:
                     try:
                         conn = await self._connect(key, hosts, route, domain.lower(), sts)
@@ -237,9 +237,6 @@ class Transport:
                 except _Stale:
                     conn.smtp.close()
                     conn = None
-                    if fresh:  # cannot happen: a new connection is never unchecked
-                        raise
-            assert conn is not None
             if reusable and not self._closing and \
                     conn.used < (max_messages or self.cfg.delivery.max_messages_per_connection):
                 conn.idle_since = time.monotonic()
