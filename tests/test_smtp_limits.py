@@ -224,10 +224,10 @@ async def test_spool_write_failure_never_says_250(start_daemon, monkeypatch) -> 
     d = await start_daemon()
     t = await _ready(d.port("relay"))
 
-    def full(c, m):
+    def full(c, msgs, kinds):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(store, "_insert", full)
+    monkeypatch.setattr(store, "_insert_many", full)
     assert (await t.cmd("DATA"))[0] == 354
     code, text = await t.cmd(b"From: a@example.com\r\n\r\nbody\r\n.")
     assert (code, text) == (452, "4.3.1 Insufficient system storage, try again later")

@@ -6,9 +6,11 @@ crash before the commit leaves no trace of the message (SQLite rolls the transac
 half-written message is never delivered.
 
 Group commit: every write is queued to one writer thread, which takes everything pending, runs
-it in one transaction (each write in its own savepoint, so one bad write cannot sink the others)
-and commits with a single WAL fsync, then wakes every waiter. Under load, dozens of sessions
-share one fsync; at rest a write waits for nobody.
+it in one transaction and commits with a single WAL fsync, then wakes every waiter. Under load,
+dozens of sessions share one fsync; at rest a write waits for nobody. The group's new messages
+and recipient outcomes are merged into a few multi-row statements, since each statement costs a
+GIL round trip against the busy event loop. If any write fails, the group runs again with each
+write in its own savepoint, so one bad write cannot sink the others.
 
 Reads run on a separate thread and connection (WAL readers never block the writer). Nothing here
 runs SQLite on the event loop.
@@ -463,13 +465,8 @@ class Spool:
         group being written and wait a whole fsync more (the SMTP edge calls this from a callback)."""
         _check_envelope(msg)
         self.check_space(len(msg.data))
-        kinds = self._event_kinds  # the accepted events go into the same transaction (no extra fsync)
-
-        def op(c: sqlite3.Connection) -> None:
-            _insert(c, msg)
-            if "accepted" in kinds:
-                _accepted_events(c, msg)
-        return self._await_write(self._submit_write(op))
+        # The accepted events go into the same transaction (no extra fsync).
+        return self._await_write(self._submit_write(_InsertMessages((msg,), self._event_kinds)))
 
     async def update(self, updates: Sequence[RecipientUpdate], new_messages: Sequence[NewMessage] = (),
                      events: Sequence[Event] = ()) -> list[str]:
@@ -482,16 +479,15 @@ class Spool:
             _check_envelope(m)
         now = time.time()
         kinds = self._event_kinds
+        if not new_messages and not events:
+            return await self._write(_ApplyUpdates(tuple(updates), now, kinds))
 
         def op(c: sqlite3.Connection) -> list[str]:
-            for m in new_messages:
-                _insert(c, m)
-                if "accepted" in kinds:
-                    _accepted_events(c, m)
+            _insert_many(c, new_messages, kinds)
             for e in events:
                 if e.kind in kinds:
                     _insert_event(c, e)
-            return _apply_updates(c, updates, now, kinds)
+            return _apply_updates(c, [(u, now) for u in updates], kinds)
 
         return await self._write(op)
 
@@ -939,19 +935,49 @@ def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-def _insert(c: sqlite3.Connection, m: NewMessage) -> None:
-    c.execute(
-        "INSERT INTO messages (qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn, "
-        "message_id, user) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener, m.sender_domain, int(m.is_dsn),
-         m.message_id, m.user),
-    )
-    _insert_body(c, m.queue_id, m.data)
-    c.executemany(
-        "INSERT INTO recipients (qid, idx, address, domain, state, next_attempt, updated_at) "
-        "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-        [(m.queue_id, i, r, _rcpt_domain(r), m.received_at, m.received_at) for i, r in enumerate(m.recipients)],
-    )
+_ROWS_PER_STATEMENT = 100  # multi-row statements: far below SQLite's 32766 bound parameters
+
+
+def _chunks(items: Sequence[T], n: int = _ROWS_PER_STATEMENT) -> list[Sequence[T]]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def _rows(n: int, width: int) -> str:
+    """``(?, ?), (?, ?)``: n rows of width placeholders, for a multi-row VALUES."""
+    row = "(" + ", ".join("?" * width) + ")"
+    return ", ".join([row] * n)
+
+
+def _insert_many(c: sqlite3.Connection, msgs: Sequence[NewMessage], kinds: frozenset[str]) -> None:
+    """Insert messages, bodies, recipients (and the accepted events) with a few multi-row
+    statements, not a few per message: the group commit's cost is mostly the GIL round trip each
+    statement makes against the busy event loop (sqlite3 releases the GIL for every step)."""
+    for chunk in _chunks(msgs):
+        c.execute(
+            "INSERT INTO messages (qid, queue, mail_from, received_at, size, listener, sender_domain, is_dsn, "
+            f"message_id, user) VALUES {_rows(len(chunk), 10)}",
+            [v for m in chunk for v in (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener,
+                                        m.sender_domain, int(m.is_dsn), m.message_id, m.user)],
+        )
+        small = [m for m in chunk if len(m.data) < BLOB_IO_MIN]
+        if small:
+            c.execute(f"INSERT INTO bodies (qid, data) VALUES {_rows(len(small), 2)}",
+                      [v for m in small for v in (m.queue_id, m.data)])
+        for m in chunk:
+            if len(m.data) >= BLOB_IO_MIN:
+                _insert_body(c, m.queue_id, m.data)
+    rcpts = [(m.queue_id, i, r, _rcpt_domain(r), m.received_at, m.received_at)
+             for m in msgs for i, r in enumerate(m.recipients)]
+    for rows in _chunks(rcpts):
+        c.execute("INSERT INTO recipients (qid, idx, address, domain, next_attempt, updated_at, state) "
+                  f"SELECT *, 'pending' FROM (VALUES {_rows(len(rows), 6)})", [v for r in rows for v in r])
+    if "accepted" in kinds:
+        # One accepted event per recipient, in the transaction that makes the message durable.
+        evs = [(m.received_at, m.queue_id, m.message_id, m.mail_from, r, m.user)
+               for m in msgs if m.queue == OUTBOUND and not m.is_dsn for r in m.recipients]
+        for rows in _chunks(evs):
+            c.execute(f"INSERT INTO events ({_EVENT_COLS}) SELECT 'accepted', *, '', 0, '', '' "
+                      f"FROM (VALUES {_rows(len(rows), 6)})", [v for r in rows for v in r])
 
 
 BLOB_IO_MIN = 1 << 20
@@ -996,14 +1022,6 @@ def record_of_new(m: NewMessage) -> MessageRecord:
                          m.is_dsn, False, rcpts, m.user)
 
 
-def _accepted_events(c: sqlite3.Connection, m: NewMessage) -> None:
-    """One ``accepted`` event per recipient, in the transaction that makes the message durable."""
-    if m.queue == OUTBOUND and not m.is_dsn:
-        c.executemany(
-            f"INSERT INTO events ({_EVENT_COLS}) VALUES ('accepted', ?, ?, ?, ?, ?, ?, '', 0, '', '')",
-            [(m.received_at, m.queue_id, m.message_id, m.mail_from, r, m.user) for r in m.recipients])
-
-
 def _insert_event(c: sqlite3.Connection, e: Event) -> None:
     msg_id, sender, user = e.message_id, e.sender, e.user
     if not (msg_id or sender or user):  # about an earlier message (a complaint): name it as it was sent
@@ -1017,44 +1035,76 @@ def _insert_event(c: sqlite3.Connection, e: Event) -> None:
                e.fb_kind, e.reason[:1000]))
 
 
-def _apply_updates(c: sqlite3.Connection, updates: Sequence[RecipientUpdate], now: float,
+def _apply_updates(c: sqlite3.Connection, updates: Sequence[tuple[RecipientUpdate, float]],
                    kinds: frozenset[str] = frozenset()) -> list[str]:
-    touched: dict[str, None] = {}
-    for u in updates:
-        cur = c.execute(
-            "UPDATE recipients SET state = ?, attempts = attempts + ?, next_attempt = ?, last_reply = ?, "
-            "updated_at = ? WHERE qid = ? AND idx = ? AND state IN ('pending','deferred')",
-            (u.state, int(u.attempted), u.next_attempt, u.last_reply[:1000], now, u.queue_id, u.index),
-        )
-        touched[u.queue_id] = None
-        kind = EVENT_OF_STATE.get(u.state)
-        if kind in kinds and cur.rowcount:
+    """Apply (update, time) pairs in order; finish and remove the messages left with no active
+    recipient, and return their queue ids (in the order the updates first name them).
+
+    Set-based (one UPDATE per hundred recipients, one statement per step of finishing) unless an
+    event is recorded for these states or a recipient is updated twice: then row by row, in order.
+    """
+    keys = {(u.queue_id, u.index) for u, _ in updates}
+    if len(keys) < len(updates) or any(EVENT_OF_STATE.get(u.state) in kinds for u, _ in updates):
+        for u, now in updates:
+            cur = c.execute(
+                "UPDATE recipients SET state = ?, attempts = attempts + ?, next_attempt = ?, last_reply = ?, "
+                "updated_at = ? WHERE qid = ? AND idx = ? AND state IN ('pending','deferred')",
+                (u.state, int(u.attempted), u.next_attempt, u.last_reply[:1000], now, u.queue_id, u.index),
+            )
+            kind = EVENT_OF_STATE.get(u.state)
+            if kind in kinds and cur.rowcount:
+                c.execute(
+                    f"INSERT INTO events ({_EVENT_COLS}) SELECT ?, ?, r.qid, m.message_id, m.mail_from, r.address, "
+                    "m.user, r.last_reply, r.attempts, '', '' FROM recipients r JOIN messages m ON m.qid = r.qid "
+                    "WHERE r.qid = ? AND r.idx = ? AND m.queue = 'outbound' AND m.is_dsn = 0",
+                    (kind, now, u.queue_id, u.index))
+    else:
+        for rows in _chunks(updates):
+            # Only active recipients change (RecipientUpdate): a final state is never overwritten.
             c.execute(
-                f"INSERT INTO events ({_EVENT_COLS}) SELECT ?, ?, r.qid, m.message_id, m.mail_from, r.address, "
-                "m.user, r.last_reply, r.attempts, '', '' FROM recipients r JOIN messages m ON m.qid = r.qid "
-                "WHERE r.qid = ? AND r.idx = ? AND m.queue = 'outbound' AND m.is_dsn = 0",
-                (kind, now, u.queue_id, u.index))
-    done: list[str] = []
-    for qid in touched:
-        if c.execute("SELECT 1 FROM recipients WHERE qid = ? AND state IN ('pending','deferred') LIMIT 1",
-                     (qid,)).fetchone() is None:
-            _finish(c, qid, now)
-            done.append(qid)
-    return done
+                f"WITH u(qid, idx, state, attempted, next_attempt, last_reply, now) AS (VALUES "
+                f"{_rows(len(rows), 7)}) UPDATE recipients SET state = u.state, "
+                "attempts = attempts + u.attempted, next_attempt = u.next_attempt, last_reply = u.last_reply, "
+                "updated_at = u.now FROM u WHERE recipients.qid = u.qid AND recipients.idx = u.idx "
+                "AND recipients.state IN ('pending','deferred')",
+                [v for u, now in rows for v in (u.queue_id, u.index, u.state, int(u.attempted), u.next_attempt,
+                                                u.last_reply[:1000], now)],
+            )
+    # A message is finished at the time of the last update that names it.
+    finished_at: dict[str, float] = {}
+    for u, now in updates:
+        finished_at.pop(u.queue_id, None)
+        finished_at[u.queue_id] = now
+    order = {qid: i for i, qid in enumerate(dict.fromkeys(u.queue_id for u, _ in updates))}
+    done: list[tuple[str, float]] = []
+    for chunk in _chunks(list(finished_at.items())):
+        done += c.execute(
+            f"WITH t(qid, now) AS (VALUES {_rows(len(chunk), 2)}) SELECT qid, now FROM t WHERE NOT EXISTS "
+            "(SELECT 1 FROM recipients r WHERE r.qid = t.qid AND r.state IN ('pending','deferred'))",
+            [v for item in chunk for v in item]).fetchall()
+    if done:
+        _finish(c, done)
+    return sorted((qid for qid, _ in done), key=order.__getitem__)
 
 
-def _finish(c: sqlite3.Connection, qid: str, now: float) -> None:
-    c.execute(
-        "INSERT OR REPLACE INTO history (qid, idx, address, sender_domain, state, done_at, last_reply, mail_from, "
-        "message_id, user, attempts, received_at) "
-        "SELECT r.qid, r.idx, r.address, m.sender_domain, r.state, ?, r.last_reply, m.mail_from, m.message_id, "
-        "m.user, r.attempts, m.received_at FROM recipients r "
-        "JOIN messages m ON m.qid = r.qid WHERE r.qid = ? AND m.queue = 'outbound'",
-        (now, qid),
-    )
-    c.execute("DELETE FROM recipients WHERE qid = ?", (qid,))
-    c.execute("DELETE FROM bodies WHERE qid = ?", (qid,))
-    c.execute("DELETE FROM messages WHERE qid = ?", (qid,))
+def _finish(c: sqlite3.Connection, done: Sequence[tuple[str, float]]) -> None:
+    """Move finished messages' recipients to history (outbound mail only) and delete them."""
+    for chunk in _chunks(done):
+        values = [v for item in chunk for v in item]
+        qids = [qid for qid, _ in chunk]
+        marks = ", ".join("?" * len(qids))
+        c.execute(
+            "INSERT OR REPLACE INTO history (qid, idx, address, sender_domain, state, done_at, last_reply, "
+            "mail_from, message_id, user, attempts, received_at) "
+            f"WITH t(qid, now) AS (VALUES {_rows(len(chunk), 2)}) "
+            "SELECT r.qid, r.idx, r.address, m.sender_domain, r.state, t.now, r.last_reply, m.mail_from, "
+            "m.message_id, m.user, r.attempts, m.received_at FROM t JOIN recipients r ON r.qid = t.qid "
+            "JOIN messages m ON m.qid = r.qid WHERE m.queue = 'outbound'",
+            values,
+        )
+        c.execute(f"DELETE FROM recipients WHERE qid IN ({marks})", qids)
+        c.execute(f"DELETE FROM bodies WHERE qid IN ({marks})", qids)
+        c.execute(f"DELETE FROM messages WHERE qid IN ({marks})", qids)
 
 
 def _get(c: sqlite3.Connection, qid: str) -> MessageRecord | None:
@@ -1089,6 +1139,78 @@ def _map_error(e: BaseException, path: Path | None = None) -> SpoolError:
         return SpoolFullError(text)
     where = f"{path}: " if path is not None else ""
     return SpoolWriteError(f"{where}{type(e).__name__}: {text}")
+
+
+@dataclass(frozen=True)
+class _InsertMessages:
+    """A write that the writer merges with the others of its kind in a group (see _Writer)."""
+
+    messages: tuple[NewMessage, ...]
+    kinds: frozenset[str]
+
+    def __call__(self, c: sqlite3.Connection) -> None:
+        _insert_many(c, self.messages, self.kinds)
+
+
+@dataclass(frozen=True)
+class _ApplyUpdates:
+    """Recipient outcomes; merged like :class:`_InsertMessages`. Runs to the finished queue ids."""
+
+    updates: tuple[RecipientUpdate, ...]
+    now: float
+    kinds: frozenset[str]
+
+    def __call__(self, c: sqlite3.Connection) -> list[str]:
+        return _apply_updates(c, [(u, self.now) for u in self.updates], self.kinds)
+
+
+_Op = Callable[[sqlite3.Connection], Any]
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None]
+
+
+def _run_merged(c: sqlite3.Connection, batch: Sequence[tuple[_Op, asyncio.Future[Any]]]) -> list[_Result]:
+    """Run a group's writes, the mergeable ones as one insert and one update.
+
+    Reordering is safe: a message's queue id reaches nobody before its insert is committed, so no
+    other write of the same group can name it; and updates keep their order among themselves
+    (an operation that is neither, e.g. an administrative hold, still runs in its place between
+    them, ending the run of merged writes before it).
+    """
+    results: list[_Result] = []
+    inserts: list[tuple[_InsertMessages, asyncio.Future[Any]]] = []
+    updates: list[tuple[_ApplyUpdates, asyncio.Future[Any]]] = []
+
+    def flush() -> None:
+        by_kinds: dict[frozenset[str], list[NewMessage]] = {}
+        for op, _ in inserts:
+            by_kinds.setdefault(op.kinds, []).extend(op.messages)
+        for kinds, msgs in by_kinds.items():
+            _insert_many(c, msgs, kinds)
+        results.extend((fut, None, None) for _, fut in inserts)
+        if len({op.kinds for op, _ in updates}) > 1:  # only across a reload that changed webhooks
+            results.extend((fut, op(c), None) for op, fut in updates)
+        elif updates:
+            done = _apply_updates(c, [(u, op.now) for op, _ in updates for u in op.updates], updates[0][0].kinds)
+            # Each finished message goes to the last update that names it: the one that, run alone
+            # after the others, would have found it finished.
+            last = {u.queue_id: i for i, (op, _) in enumerate(updates) for u in op.updates}
+            mine: list[list[str]] = [[] for _ in updates]
+            for qid in done:
+                mine[last[qid]].append(qid)
+            results.extend((fut, mine[i], None) for i, (_, fut) in enumerate(updates))
+        inserts.clear()
+        updates.clear()
+
+    for fn, fut in batch:
+        if isinstance(fn, _InsertMessages):
+            inserts.append((fn, fut))
+        elif isinstance(fn, _ApplyUpdates):
+            updates.append((fn, fut))
+        else:
+            flush()
+            results.append((fut, fn(c), None))
+    flush()
+    return results
 
 
 class _Writer(threading.Thread):
@@ -1190,11 +1312,11 @@ class _Writer(threading.Thread):
     def _batch_at_once(c: sqlite3.Connection, batch: list[tuple[Callable[[sqlite3.Connection], Any],
                                                                  asyncio.Future[Any]]]
                        ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
-        """The common case: every write succeeds, one transaction, no savepoints (each statement
-        costs a GIL round trip against the busy event loop). Raises if any write or the commit fails."""
+        """The common case: every write succeeds, one transaction, no savepoints, and the messages and
+        outcomes of the group merged into a few statements (each statement costs a GIL round trip
+        against the busy event loop). Raises if any write or the commit fails."""
         c.execute("BEGIN IMMEDIATE")
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = [(fut, fn(c), None)
-                                                                               for fn, fut in batch]
+        results = _run_merged(c, batch)
         c.execute("COMMIT")
         return results
 
