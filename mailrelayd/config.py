@@ -321,6 +321,8 @@ class SigningConfig:
     """Mail from sub.example.com uses the example.com key when sub.example.com has none."""
     expire: Duration = 0.0
     """x= tag: signature lifetime; 0 = no expiry."""
+    helper: bool = True
+    """Sign in a helper process (mailrelayd.signworker), off the event loop's GIL; false: in the daemon."""
 
 
 @dataclass(frozen=True)

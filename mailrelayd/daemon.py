@@ -44,6 +44,7 @@ from mailrelayd.malloc import fix_mmap_threshold
 from mailrelayd.queueops import QueueOps
 from mailrelayd.ratelimit import MemoryRateLimiter
 from mailrelayd.sidecar import Sidecar, SidecarHooks
+from mailrelayd.signworker import SignerSpec, SignWorker
 from mailrelayd.smtp.auth import Authenticator, AuthThrottle
 from mailrelayd.smtp.dataread import MemoryBudget
 from mailrelayd.smtp.listener import ConnectionLimiter, SmtpContext, SmtpListener
@@ -183,6 +184,7 @@ class Daemon:
         self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
         self.api: ApiServer | None = None
         self.breaker: CircuitBreaker | None = None
+        self.sign_worker: SignWorker | None = None
 
     # --- building -----------------------------------------------------------------------
     def _apply(self, rt: Runtime) -> None:
@@ -195,6 +197,9 @@ class Daemon:
         self.limiter.max_total = cfg.limits.max_connections
         self.limiter.max_per_ip = cfg.limits.max_connections_per_ip
         authenticator = Authenticator(rt.users, self._auth_pool) if rt.users else None
+        if rt.dkim_signer is None and self.sign_worker is not None:  # a reload removed every key
+            self.sign_worker.close()
+            self.sign_worker = None
         signer = self._make_signer(rt.dkim_signer) if rt.dkim_signer is not None else None
         for lst in self.listeners:
             lcfg = next((x for x in cfg.listeners if x.name == lst.name), lst.config)
@@ -224,9 +229,21 @@ class Daemon:
             metrics.TLS_CERT_NOT_AFTER.set(rt.cert_info.not_after)
 
     def _make_signer(self, signer: DkimSigner) -> Any:
+        if self.sign_worker is not None:
+            self.sign_worker.close()  # reload: requests in flight finish in the daemon
+            self.sign_worker = None
+        cfg = self.cfg
+        sign_async = signer.sign_async
+        if cfg.signing.helper:
+            spec = SignerSpec.of([DkimKeySpec(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim],
+                                 cfg.signing.headers, cfg.signing.parent_domains, cfg.signing.expire or None)
+            self.sign_worker = SignWorker(signer, spec)
+            self.sign_worker.start()
+            sign_async = self.sign_worker.sign
+
         async def sign(data: bytes, from_domain: str) -> bytes:
-            # Inline for ordinary sizes, a thread for large ones: see DkimSigner.sign_async (measured).
-            res = await signer.sign_async(data)
+            # A helper process, else inline for ordinary sizes and a thread for large ones.
+            res = await sign_async(data)
             if res.error:
                 raise DkimSignError(res.error)
             return res.headers
@@ -408,6 +425,8 @@ class Daemon:
             await self.api.stop()
         # A commit that outlived its session still completes and is handed to the scheduler.
         await wait_commits(self._commits)
+        if self.sign_worker is not None:  # nothing is signed from here on; it exits on EOF
+            self.sign_worker.close()
         await self.scheduler.stop(max(0.0, deadline - time.monotonic()))
         for t in self._bg:
             t.cancel()

@@ -183,6 +183,9 @@ class SignResult:
     #: Set only when the From domain has keys but no signature could be made ("error"): the caller
     #: should answer 451 so the client retries rather than send the message unsigned.
     error: str | None = None
+    #: Selectors (of ``domain``) whose signature is in ``headers``, and those that failed.
+    signed_by: tuple[str, ...] = ()
+    failed_by: tuple[str, ...] = ()
 
     @property
     def signed(self) -> bool:
@@ -392,8 +395,8 @@ class DkimSigner:
         self._keys: dict[str, tuple[LoadedKey, ...]] = {d: tuple(k) for d, k in by_domain.items()}
         # Create every labelled series up front: a dashboard sees 0 instead of no data, and sign()
         # skips the label lookup.
-        self._ok = {id(k): DKIM_SIGNATURES.labels(k.domain, k.algorithm, "ok") for k in keys}
-        self._err = {id(k): DKIM_SIGNATURES.labels(k.domain, k.algorithm, "error") for k in keys}
+        self._ok = {(k.domain, k.selector): DKIM_SIGNATURES.labels(k.domain, k.algorithm, "ok") for k in keys}
+        self._err = {(k.domain, k.selector): DKIM_SIGNATURES.labels(k.domain, k.algorithm, "error") for k in keys}
 
     @property
     def domains(self) -> frozenset[str]:
@@ -420,22 +423,30 @@ class DkimSigner:
         raises for a bad message (the problem is in ``SignResult.reason``). ``now`` fixes ``t=``
         (Unix time), for tests. Counts ``DKIM_SIGNATURES``/``DKIM_UNSIGNED``/``DKIM_SIGN_SECONDS``.
         """
+        result = self.compute(message, now=now)
+        self.record(result, len(message))
+        return result
+
+    def compute(self, message: bytes, *, now: int | None = None) -> SignResult:
+        """:meth:`sign` without counting or logging: what the signing helper process runs (its
+        parent records the result with :meth:`record`)."""
         start = time.perf_counter()
         try:
             headers, body = split_message(message)
         except Exception as exc:  # dkim.MessageFormatError, or IndexError on a leading continuation
             # Not retryable: the same bytes would fail again, so the message leaves unsigned.
-            return self._unsigned(start, f"unparsable header: {exc.__class__.__name__}: {exc}"[:200])
+            return _unsigned(start, f"unparsable header: {exc.__class__.__name__}: {exc}"[:200])
         from_domain, why = _header_from_domain(headers)
         if from_domain is None:
-            return self._unsigned(start, why)
+            return _unsigned(start, why)
         domain = self.domain_for(from_domain)
         if domain is None:
-            return self._unsigned(start, f"no DKIM key for {from_domain}")
+            return _unsigned(start, f"no DKIM key for {from_domain}")
         keys = self._keys[domain]
         timestamp = int(time.time()) if now is None else int(now)
         signatures: list[bytes] = []
-        algorithms: list[str] = []
+        signed_by: list[LoadedKey] = []
+        failed_by: list[str] = []
         errors: list[str] = []
         try:
             ctx = _DkimpyContext(headers, self._sign_headers, self._oversign)
@@ -444,27 +455,39 @@ class DkimSigner:
             bodyhash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         except Exception as exc:
             errors.append(f"{exc.__class__.__name__}: {exc}")
-            for key in keys:
-                self._err[id(key)].inc()
+            failed_by = [key.selector for key in keys]
         else:
             for key in keys:
                 try:
                     signatures.append(ctx.sign_with(key, include, bodyhash, timestamp, self._expire))
                 except Exception as exc:
-                    self._err[id(key)].inc()
+                    failed_by.append(key.selector)
                     errors.append(f"{key.algorithm} ({key.selector}): {exc.__class__.__name__}: {exc}")
                 else:
-                    self._ok[id(key)].inc()
-                    algorithms.append(key.algorithm)
+                    signed_by.append(key)
         duration = time.perf_counter() - start
-        DKIM_SIGN_SECONDS.observe(duration)
         reason = "; ".join(errors)[:500] or None
-        if errors:
-            # These come from dkimpy or OpenSSL, neither of which puts key material in messages.
-            _log.warning("dkim_sign_failed", domain=domain, errors=reason, size=len(message))
         if not signatures:
-            return SignResult("error", domain=domain, duration=duration, reason=reason, error=reason)
-        return SignResult("signed", b"".join(signatures), domain, tuple(algorithms), duration, reason)
+            return SignResult("error", domain=domain, duration=duration, reason=reason, error=reason,
+                              failed_by=tuple(failed_by))
+        return SignResult("signed", b"".join(signatures), domain, tuple(k.algorithm for k in signed_by), duration,
+                          reason, signed_by=tuple(k.selector for k in signed_by), failed_by=tuple(failed_by))
+
+    def record(self, result: SignResult, size: int) -> None:
+        """Count (``DKIM_SIGNATURES``, ``DKIM_UNSIGNED``, ``DKIM_SIGN_SECONDS``) and log one result of
+        :meth:`compute`; ``size`` is the message's, for the log."""
+        if result.status == "unsigned":
+            DKIM_UNSIGNED.inc()
+            _log.debug("dkim_unsigned", reason=result.reason)
+            return
+        DKIM_SIGN_SECONDS.observe(result.duration)
+        for selector in result.signed_by:
+            self._ok[(result.domain, selector)].inc()
+        for selector in result.failed_by:
+            self._err[(result.domain, selector)].inc()
+        if result.failed_by:
+            # These come from dkimpy or OpenSSL, neither of which puts key material in messages.
+            _log.warning("dkim_sign_failed", domain=result.domain, errors=result.reason, size=size)
 
     async def sign_async(self, message: bytes, *, now: int | None = None,
                          inline_max: int = INLINE_SIGN_MAX_BYTES) -> SignResult:
@@ -480,10 +503,10 @@ class DkimSigner:
             return self.sign(message, now=now)
         return await asyncio.to_thread(self.sign, message, now=now)
 
-    def _unsigned(self, start: float, reason: str | None) -> SignResult:
-        DKIM_UNSIGNED.inc()
-        _log.debug("dkim_unsigned", reason=reason)
-        return SignResult("unsigned", duration=time.perf_counter() - start, reason=reason)
+
+
+def _unsigned(start: float, reason: str | None) -> SignResult:
+    return SignResult("unsigned", duration=time.perf_counter() - start, reason=reason)
 
 
 # --- keys -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import tomli_w
 
 from mailrelayd import metrics
 from mailrelayd.dkim import generate_key, write_private_key
-from tests.conftest import TEST_PASSWORD
+from tests.conftest import TEST_PASSWORD, deep_merge
 from tests.support.sink import Sink
 from tests.support.verifiers import KeyZone, verify_everywhere
 
@@ -107,6 +107,13 @@ async def test_signed_through_listener_verifies_everywhere(start_daemon, client_
     sink = await Sink().start()
     try:
         d = await start_daemon(_dkim_config(key_files, sink), users={"alice": DOMAINS})
+        # Every case through the signing helper process (mailrelayd.signworker).
+        for _ in range(1000):
+            if d.daemon.sign_worker is not None and d.daemon.sign_worker.ready:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the signing helper did not start")
         for frm, raw, _, _ in CASES.values():
             await _submit(d.port("submission"), client_tls, frm, raw)
         msgs = await sink.wait_for(len(CASES))
@@ -127,6 +134,20 @@ async def test_signed_through_listener_verifies_everywhere(start_daemon, client_
         tampered = by_subject["rsa"].replace(b"\r\n\r\n", b"\r\nFrom: evil@attacker.example\r\n\r\n", 1)
         res = await asyncio.to_thread(verify_everywhere, tampered, zone)
         assert not any(v.ok for v in res["dkimpy"])
+    finally:
+        await sink.stop()
+
+
+async def test_signing_in_the_daemon_without_the_helper(start_daemon, client_tls, key_files) -> None:
+    sink = await Sink().start()
+    try:
+        d = await start_daemon(deep_merge(_dkim_config(key_files, sink), {"signing": {"helper": False}}),
+                               users={"alice": DOMAINS})
+        assert d.daemon.sign_worker is None
+        frm, raw, n, n_rsa = CASES["dual"]
+        await _submit(d.port("submission"), client_tls, frm, raw)
+        (m,) = await sink.wait_for(1)
+        _check(await asyncio.to_thread(verify_everywhere, m.data, _zone(d)), n, n_rsa)
     finally:
         await sink.stop()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import queue
 import shutil
@@ -924,7 +925,9 @@ def _select(c: sqlite3.Connection, f: QueueFilter, now: float, only_held: bool =
 
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+    # The group commit's multi-row statements differ by row count: keep them all prepared.
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30,
+                           cached_statements=1024)
     conn.execute("PRAGMA busy_timeout = 30000")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -942,6 +945,7 @@ def _chunks(items: Sequence[T], n: int = _ROWS_PER_STATEMENT) -> list[Sequence[T
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
+@functools.lru_cache(maxsize=1024)
 def _rows(n: int, width: int) -> str:
     """``(?, ?), (?, ?)``: n rows of width placeholders, for a multi-row VALUES."""
     row = "(" + ", ".join("?" * width) + ")"

@@ -1,0 +1,169 @@
+"""DKIM signing in the helper process (mailrelayd.signworker), under asyncio's loop and uvloop:
+same signatures as signing in the daemon, counted by the daemon, and every way the helper can fail
+(killed, hung, stopped) ends in the message being signed in the daemon instead."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from mailrelayd import metrics
+from mailrelayd.dkim import DkimKeySpec, DkimSigner, generate_key, load_keys, write_private_key
+from mailrelayd.signworker import SignerSpec, SignWorker
+from tests.conftest import base_config, deep_merge, write_config
+from tests.support.proc import DaemonProcess
+
+NOW = 1_790_000_000
+HEADERS = ("from", "to", "subject", "date", "message-id")
+LOOPS = ["asyncio", "uvloop"]
+
+
+def _msg(i: int, domain: str = "example.com") -> bytes:
+    return (f"From: App <app@{domain}>\r\nTo: r{i}@dest.example\r\nSubject: message {i}\r\n\r\n"
+            f"body {i}\r\n").encode()
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory: pytest.TempPathFactory) -> list[DkimKeySpec]:
+    d = tmp_path_factory.mktemp("keys")
+    out = []
+    for i, alg in enumerate(("rsa-sha256", "ed25519-sha256")):
+        pem, _ = generate_key(alg, 2048)
+        write_private_key(d / f"k{i}.key", pem)
+        out.append(DkimKeySpec("example.com", f"s{i}", d / f"k{i}.key", alg))
+    return out
+
+
+def _run(loop: str, body: Callable[[], Awaitable[None]]) -> None:
+    (uvloop.run if loop == "uvloop" else asyncio.run)(body())
+
+
+async def _started(specs: list[DkimKeySpec], **kw: Any) -> tuple[DkimSigner, SignWorker]:
+    signer = DkimSigner(load_keys(specs), headers=HEADERS)
+    worker = SignWorker(signer, SignerSpec.of(specs, HEADERS, True, None), **kw)
+    worker.start()
+    await _until(lambda: worker.ready, 20)
+    return signer, worker
+
+
+async def _until(cond: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # A zombie (exited, not yet reaped by its parent) is gone for our purpose.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_helper_signs_what_the_daemon_would_and_the_daemon_counts_it(loop: str, specs) -> None:
+    async def body() -> None:
+        signer, worker = await _started(specs)
+        try:
+            assert worker.pid is not None and worker.pid != os.getpid()
+            ok = metrics.DKIM_SIGNATURES.labels("example.com", "rsa-sha256", "ok")
+            before, unsigned = ok._value.get(), metrics.DKIM_UNSIGNED._value.get()
+            msgs = [_msg(i) for i in range(30)]
+            results = await asyncio.gather(*(worker.sign(m, now=NOW) for m in msgs))
+            for m, r in zip(msgs, results, strict=True):
+                assert r.headers == signer.compute(m, now=NOW).headers
+                assert r.algorithms == ("rsa-sha256", "ed25519-sha256") and r.signed_by == ("s0", "s1")
+            other = await worker.sign(_msg(0, "nokey.example"))
+            assert other.status == "unsigned" and "nokey.example" in (other.reason or "")
+            assert ok._value.get() == before + 30
+            assert metrics.DKIM_UNSIGNED._value.get() == unsigned + 1
+        finally:
+            worker.close()
+    _run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_killed_helper_requests_are_signed_in_the_daemon_and_it_restarts(loop: str, specs) -> None:
+    async def body() -> None:
+        signer, worker = await _started(specs)
+        try:
+            pid = worker.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)  # requests now wait in the pipe...
+            waiting = [asyncio.ensure_future(worker.sign(_msg(i), now=NOW)) for i in range(5)]
+            await asyncio.sleep(0.2)
+            assert not any(t.done() for t in waiting)
+            os.kill(pid, signal.SIGKILL)  # ...and the helper dies with them
+            results = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+            assert [r.headers for r in results] == [signer.compute(_msg(i), now=NOW).headers for i in range(5)]
+            assert not worker.ready
+            assert (await worker.sign(_msg(9), now=NOW)).signed  # meanwhile, in the daemon
+            await _until(lambda: worker.ready, 20)  # started again
+            assert worker.pid not in (None, pid)
+            assert (await worker.sign(_msg(10), now=NOW)).headers == signer.compute(_msg(10), now=NOW).headers
+        finally:
+            worker.close()
+    _run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_hung_helper_is_killed_after_the_timeout(loop: str, specs) -> None:
+    async def body() -> None:
+        signer, worker = await _started(specs, timeout=0.6)
+        try:
+            pid = worker.pid
+            assert pid is not None
+            os.kill(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            result = await asyncio.wait_for(worker.sign(_msg(1), now=NOW), 10)
+            assert 0.5 < time.monotonic() - t0 < 5
+            assert result.headers == signer.compute(_msg(1), now=NOW).headers
+            await _until(lambda: not _alive(pid), 10)
+            await _until(lambda: worker.ready, 20)
+        finally:
+            worker.close()
+    _run(loop, body)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_helper_ignores_sigterm_and_exits_when_closed(loop: str, specs) -> None:
+    async def body() -> None:
+        signer, worker = await _started(specs)
+        pid = worker.pid
+        assert pid is not None
+        # systemctl stop signals the whole group; the daemon may still be signing what it finishes.
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+        await asyncio.sleep(0.2)
+        assert worker.ready and _alive(pid)
+        assert (await worker.sign(_msg(2), now=NOW)).headers == signer.compute(_msg(2), now=NOW).headers
+        worker.close()
+        await _until(lambda: not _alive(pid), 10)
+        assert not worker.ready
+        assert (await worker.sign(_msg(3), now=NOW)).signed  # closed: signed in the daemon
+    _run(loop, body)
+
+
+def test_helper_exits_with_a_killed_daemon(tmp_path: Path, tls_files, specs) -> None:
+    """kill -9 of the daemon leaves no helper behind: it sees end of file on its stdin."""
+    cfg = write_config(tmp_path / "d", deep_merge(base_config(tls_files), {
+        "dkim": [{"domain": s.domain, "selector": s.selector, "key_file": str(s.key_file), "algorithm": s.algorithm}
+                 for s in specs]}))
+    d = DaemonProcess(cfg).wait_ready()
+    pid = d.wait_event("dkim.worker_ready")["pid"]
+    assert _alive(pid)
+    d.kill9()
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the signing helper outlived its daemon"
+        time.sleep(0.05)
