@@ -14,8 +14,8 @@ daemon's own.
 
 Nothing depends on the helper: until it is ready, after it exits, when a request waits longer than
 ``timeout``, and for messages over ``max_size``, the message is signed in the daemon as before. A
-helper that exits is started again after a pause. The helper ignores SIGINT and SIGTERM (a Ctrl-C or
-``systemctl stop`` reaches the whole process group, and the daemon still signs the mail it is
+helper that exits is started again after a pause. The helper ignores SIGINT and SIGTERM (a Ctrl-C
+in a terminal reaches the whole process group while the daemon still signs the mail it is
 finishing) and exits when its stdin closes, which includes the daemon's death, even by SIGKILL.
 
 Frames (little-endian): request ``id u32, now i64 (-1: the current time), length u32, message``;
