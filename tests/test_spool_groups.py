@@ -142,3 +142,24 @@ async def test_outcomes_with_events_are_recorded_in_order(tmp_path: Path) -> Non
     c.close()
     assert events == [("delivered", msgs[0].queue_id), ("bounced", msgs[1].queue_id),
                       ("deferred", msgs[2].queue_id), ("delivered", msgs[3].queue_id)]
+
+
+async def test_bodies_of_a_group_are_bound_a_few_megabytes_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """SQLite copies each bound blob: one statement binds at most BODY_BYTES_PER_STATEMENT of bodies
+    (scaled down here), so a group of near-1 MB messages does not hold a second copy of all of them."""
+    from mailrelayd.spool import store
+
+    monkeypatch.setattr(store, "BODY_BYTES_PER_STATEMENT", 10_000)
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    msgs = [_msg(spool, data=BODY + bytes([65 + i]) * 3000) for i in range(10)]
+    await spool.close()
+    _, sql = await _group(spool.path, [_InsertMessages((m,), frozenset()) for m in msgs])
+    assert sum(s.startswith("INSERT INTO bodies") for s in sql) == 4  # 3 + 3 + 3 + 1 bodies of ~3 KB
+    spool = Spool(tmp_path / "spool")
+    await spool.open()
+    try:
+        for m in msgs:
+            assert await spool.body(m.queue_id) == m.data
+    finally:
+        await spool.close()

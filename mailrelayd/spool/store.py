@@ -952,6 +952,14 @@ def _rows(n: int, width: int) -> str:
     return ", ".join([row] * n)
 
 
+BODY_BYTES_PER_STATEMENT = 4 << 20
+
+
+def _insert_bodies(c: sqlite3.Connection, msgs: Sequence[NewMessage]) -> None:
+    c.execute(f"INSERT INTO bodies (qid, data) VALUES {_rows(len(msgs), 2)}",
+              [v for m in msgs for v in (m.queue_id, m.data)])
+
+
 def _insert_many(c: sqlite3.Connection, msgs: Sequence[NewMessage], kinds: frozenset[str]) -> None:
     """Insert messages, bodies, recipients (and the accepted events) with a few multi-row
     statements, not a few per message: the group commit's cost is mostly the GIL round trip each
@@ -963,13 +971,20 @@ def _insert_many(c: sqlite3.Connection, msgs: Sequence[NewMessage], kinds: froze
             [v for m in chunk for v in (m.queue_id, m.queue, m.mail_from, m.received_at, len(m.data), m.listener,
                                         m.sender_domain, int(m.is_dsn), m.message_id, m.user)],
         )
-        small = [m for m in chunk if len(m.data) < BLOB_IO_MIN]
-        if small:
-            c.execute(f"INSERT INTO bodies (qid, data) VALUES {_rows(len(small), 2)}",
-                      [v for m in small for v in (m.queue_id, m.data)])
+        # SQLite copies every bound blob: a statement's bodies stay under BODY_BYTES_PER_STATEMENT.
+        small: list[NewMessage] = []
+        size = 0
         for m in chunk:
             if len(m.data) >= BLOB_IO_MIN:
                 _insert_body(c, m.queue_id, m.data)
+                continue
+            if small and size + len(m.data) > BODY_BYTES_PER_STATEMENT:
+                _insert_bodies(c, small)
+                small, size = [], 0
+            small.append(m)
+            size += len(m.data)
+        if small:
+            _insert_bodies(c, small)
     rcpts = [(m.queue_id, i, r, _rcpt_domain(r), m.received_at, m.received_at)
              for m in msgs for i, r in enumerate(m.recipients)]
     for rows in _chunks(rcpts):
