@@ -27,6 +27,7 @@ of id 0 once its keys are loaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import struct
@@ -96,7 +97,12 @@ class _Pipes(asyncio.SubprocessProtocol):
             meta = bytes(buf[_RESPONSE.size:_RESPONSE.size + meta_len])
             headers = bytes(buf[_RESPONSE.size + meta_len:end])
             del buf[:end]
-            self.owner.answered(rid, meta, headers)
+            try:
+                self.owner.answered(rid, meta, headers)
+            except Exception:  # a frame we cannot read: stop trusting this helper
+                _log.exception("dkim.worker_bad_frame")
+                self.owner.replace()
+                return
 
     def process_exited(self) -> None:
         self.owner.exited(self)
@@ -190,11 +196,15 @@ class SignWorker:
         entry = self._pending.pop(rid, None)
         if entry is None or entry[0].done():
             return
-        fields: dict[str, Any] = json.loads(meta)
-        fields["algorithms"] = tuple(fields["algorithms"])
-        fields["signed_by"] = tuple(fields["signed_by"])
-        fields["failed_by"] = tuple(fields["failed_by"])
-        entry[0].set_result(SignResult(headers=headers, **fields))
+        try:
+            fields: dict[str, Any] = json.loads(meta)
+            for name in ("algorithms", "signed_by", "failed_by"):
+                fields[name] = tuple(fields[name])
+            result = SignResult(headers=headers, **fields)
+        except Exception:
+            entry[0].set_exception(_Gone())  # this one is signed in the daemon
+            raise
+        entry[0].set_result(result)
 
     def exited(self, protocol: _Pipes) -> None:
         if protocol is not self._protocol:
@@ -233,12 +243,19 @@ class SignWorker:
         oldest = min((t for _, t in self._pending.values()), default=None)
         if oldest is not None and time.monotonic() - oldest > self.timeout:
             _log.error("dkim.worker_timeout", waiting=len(self._pending), timeout=self.timeout)
-            transport = self._transport
-            self._drop()
-            transport.kill()
-            self._schedule_restart()
+            self.replace()
             return
         self._arm_watchdog()
+
+    def replace(self) -> None:
+        """Kill the helper and start another after a pause; whatever waits for it signs in the daemon."""
+        transport = self._transport
+        if transport is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it may have exited just now
+            transport.kill()
+        self._drop()
+        self._schedule_restart()
 
     def close(self) -> None:
         """Stop using the helper; it exits when its stdin closes. Requests in flight sign in the daemon."""

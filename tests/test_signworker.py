@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -167,3 +168,35 @@ def test_helper_exits_with_a_killed_daemon(tmp_path: Path, tls_files, specs) -> 
     while _alive(pid):
         assert time.monotonic() < deadline, "the signing helper outlived its daemon"
         time.sleep(0.05)
+
+
+# A helper that loads nothing and answers every request with a frame the daemon cannot read.
+_GARBLED = """
+import struct, sys
+inp, out = sys.stdin.buffer, sys.stdout.buffer
+inp.readline()
+out.write(struct.pack("<III", 0, 0, 0)); out.flush()
+while True:
+    head = inp.read(16)
+    if len(head) < 16:
+        break
+    rid, _, n = struct.unpack("<IqI", head)
+    inp.read(n)
+    out.write(struct.pack("<III", rid, 5, 0) + b"{oops"); out.flush()
+"""
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unreadable_answer_replaces_the_helper(loop: str, specs) -> None:
+    async def body() -> None:
+        signer, worker = await _started(specs, command=[sys.executable, "-c", _GARBLED])
+        try:
+            pid = worker.pid
+            assert pid is not None
+            result = await asyncio.wait_for(worker.sign(_msg(4), now=NOW), 10)
+            assert result.headers == signer.compute(_msg(4), now=NOW).headers  # signed in the daemon
+            await _until(lambda: not _alive(pid), 10)
+            await _until(lambda: worker.ready and worker.pid != pid, 20)  # another one started
+        finally:
+            worker.close()
+    _run(loop, body)
