@@ -30,9 +30,15 @@ def server_tls(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
     return ctx
 
 
+@pytest.fixture(params=[False, True], ids=["serial", "pipelined"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Every test against the sink runs with and without PIPELINING offered (RFC 2920)."""
+    return bool(request.param)
+
+
 @pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    s = await Sink().start()
+async def sink(pipelining: bool) -> AsyncIterator[Sink]:
+    s = await Sink(pipelining=pipelining).start()
     yield s
     await s.stop()
 
@@ -79,8 +85,8 @@ async def test_per_recipient_replies_are_honoured(tmp_path: Path, tls_files: tup
 
 
 async def test_opportunistic_starttls(tmp_path: Path, tls_files: tuple[Path, Path],
-                                      server_tls: ssl.SSLContext) -> None:
-    s = await Sink(tls=server_tls).start()
+                                      server_tls: ssl.SSLContext, pipelining: bool) -> None:
+    s = await Sink(tls=server_tls, pipelining=pipelining).start()
     try:
         t = _transport(tmp_path, tls_files, s.port)
         res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)

@@ -1,4 +1,4 @@
-"""Outbound SMTP (aiosmtplib): one transaction per call, per-recipient results, connection reuse.
+"""Outbound SMTP: one transaction per call, per-recipient results, connection reuse, pipelining.
 
 ``Transport.deliver`` never raises: every failure becomes a per-recipient result, temporary (4xx,
 retry later) or permanent (5xx, bounce). The rule for ambiguity is at-least-once: anything we cannot
@@ -16,15 +16,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiosmtplib
-from aiosmtplib import SMTPResponse
-
 from mailrelayd import metrics
 from mailrelayd.config import Config, RouteConfig
 from mailrelayd.delivery.dane import Tlsa
 from mailrelayd.delivery.mta_sts import StsPolicy
 from mailrelayd.delivery.mx import DnsError, DnsPermanentError, MxHost, MxResolver
 from mailrelayd.delivery.outbound_tls import OutboundTls
+from mailrelayd.delivery.smtpclient import ClientError, Reply, SmtpClient, Timeout
 from mailrelayd.delivery.tlspolicy import (
     STARTTLS_NOT_SUPPORTED,
     TLSA_INVALID,
@@ -109,7 +107,7 @@ class _ReportOnly(Exception):
 
 @dataclass(eq=False)
 class _Conn:
-    smtp: aiosmtplib.SMTP
+    smtp: SmtpClient
     host: MxHost
     address: str
     key: str
@@ -304,8 +302,8 @@ class Transport:
             conn.unchecked = True
             return conn
         try:
-            resp = await conn.smtp.execute_command(b"RSET", timeout=self.cfg.delivery.mail_timeout)
-        except (aiosmtplib.SMTPException, OSError):
+            resp = await conn.smtp.command(b"RSET", self.cfg.delivery.mail_timeout)
+        except (ClientError, OSError):
             conn.smtp.close()
             return None
         if resp.code == 250:
@@ -367,35 +365,33 @@ class Transport:
         where = f"{host.name}[{addr}]:{host.port}"
         source = _source_for(self.cfg, route, addr)
         helo = (route.helo_name if route is not None and route.helo_name else None) or self.cfg.server.hostname
-        smtp = aiosmtplib.SMTP(hostname=addr, port=host.port, local_hostname=helo,
-                               source_address=(source, 0) if isinstance(source, str) else None,
-                               timeout=d.greeting_timeout, start_tls=False, use_tls=False)
         try:
-            try:
-                # connect() reads the greeting; bound the TCP connect separately (RFC 5321 §4.5.3.2).
-                await asyncio.wait_for(smtp.connect(timeout=d.connect_timeout), d.connect_timeout +
-                                       d.greeting_timeout)
-            except aiosmtplib.SMTPConnectResponseError as e:
+            smtp, greeting = await SmtpClient.connect(
+                addr, host.port, source=source if isinstance(source, str) else None,
+                connect_timeout=d.connect_timeout, greeting_timeout=d.greeting_timeout)
+        except Timeout:
+            metrics.DELIVERY_CONNECTIONS.labels("timeout").inc()
+            raise _TempFail(451, "4.4.1", f"connect to {where}: timed out") from None
+        except (ClientError, OSError) as e:
+            metrics.DELIVERY_CONNECTIONS.labels("refused").inc()
+            raise _TempFail(451, "4.4.1", f"connect to {where}: {_one_line(str(e))}") from None
+        try:
+            if greeting.code != 220:
                 metrics.DELIVERY_CONNECTIONS.labels("refused_greeting").inc()
-                enh, text = _enhanced(e.code, e.message)
-                cls = _PermFail if e.code >= 500 else _TempFail
-                reply = f"{e.code} {_one_line(e.message)}"
-                raise cls(e.code, enh, f"host {where} refused to talk to me: {reply}", host.name, reply) from None
-            except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPTimeoutError, TimeoutError):
-                metrics.DELIVERY_CONNECTIONS.labels("timeout").inc()
-                raise _TempFail(451, "4.4.1", f"connect to {where}: timed out") from None
-            except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError) as e:
-                metrics.DELIVERY_CONNECTIONS.labels("refused").inc()
-                raise _TempFail(451, "4.4.1", f"connect to {where}: {_one_line(str(e))}") from None
+                enh, _ = _enhanced(greeting.code, greeting.text)
+                cls = _PermFail if greeting.code >= 500 else _TempFail
+                code = greeting.code if greeting.code >= 400 else 451
+                raise cls(code, enh, f"host {where} refused to talk to me: {greeting.line()}", host.name,
+                          greeting.line())
 
-            await self._ehlo(smtp, where, host.name)
+            await self._ehlo(smtp, helo, where, host.name)
             tls = False
-            local = smtp.get_transport_info("sockname")
+            local = smtp.extra("sockname")
             src = str(local[0]) if local else ""
-            if plan.mode != "none" and not plaintext and smtp.supports_extension("starttls"):
+            if plan.mode != "none" and not plaintext and smtp.supports("starttls"):
                 await self._starttls(smtp, host, addr, where, plan, src)
                 tls = True
-                await self._ehlo(smtp, where, host.name)  # RFC 3207 §4.2: forget what we knew, ask again
+                await self._ehlo(smtp, helo, where, host.name)  # RFC 3207 §4.2: forget what we knew, ask again
             elif plan.require_tls:
                 self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, sending_ip=src)
                 why = f" by {plan.why}" if plan.why else ""
@@ -409,27 +405,24 @@ class Transport:
                 if not tls and plan.mode != "none":
                     raise _TempFail(451, "4.7.0", f"not sending AUTH credentials to {where} without TLS")
                 try:
-                    await smtp.login(route.username, self._passwords.get(route.domain) or "",
-                                     timeout=d.mail_timeout)
-                except aiosmtplib.SMTPAuthenticationError as e:
-                    enh, text = _enhanced(e.code, e.message)
-                    raise _TempFail(451, "4.7.0", f"AUTH at {where} failed: {e.code} {enh} {text}") from None
-                except aiosmtplib.SMTPException as e:
+                    r = await smtp.login(route.username, self._passwords.get(route.domain) or "", d.mail_timeout)
+                except (ClientError, OSError) as e:
                     raise _TempFail(451, "4.7.0", f"AUTH at {where} failed: {_one_line(str(e))}") from None
+                if r.code != 235:
+                    raise _TempFail(451, "4.7.0", f"AUTH at {where} failed: {r.line()}")
         except BaseException:
             smtp.close()
             raise
         metrics.DELIVERY_CONNECTIONS.labels("ok").inc()
         return _Conn(smtp, host, addr, key, tls, auth=proven_auth(plan, tls), tlsa=plan.tlsa if tls else ())
 
-    async def _starttls(self, smtp: aiosmtplib.SMTP, host: MxHost, addr: str, where: str, plan: HostPlan,
+    async def _starttls(self, smtp: SmtpClient, host: MxHost, addr: str, where: str, plan: HostPlan,
                         src: str) -> None:
         """STARTTLS as the plan demands (RFC 3207); DANE is checked on the finished handshake."""
         ctx = self.tls.ctx_verify if plan.sts_testing else self.tls.context(plan)
         try:
-            await smtp.starttls(tls_context=ctx, server_hostname=host.name,
-                                timeout=self.cfg.delivery.greeting_timeout)
-        except (aiosmtplib.SMTPException, ssl.SSLError, OSError) as e:
+            r = await smtp.starttls(ctx, host.name, self.cfg.delivery.greeting_timeout)
+        except (ClientError, ssl.SSLError, OSError) as e:
             rtype, reason = classify_tls_error(e)
             if plan.sts_testing and isinstance(e, ssl.SSLCertVerificationError):
                 self.tls.record(plan, host, addr, rtype, count_metric=False, sending_ip=src)
@@ -440,7 +433,11 @@ class Transport:
             self.tls.record(plan, host, addr, rtype, sending_ip=src)
             text = failure_text(plan, host.name, reason) if plan.why else f"TLS with {where} failed: {reason}"
             raise _TempFail(451, "4.7.5", f"{text} (host {where})" if plan.why else text) from None
-        problem = self.tls.check_dane(plan, smtp.get_transport_info("ssl_object"), host)
+        if r.code != 220:  # offered, then refused (RFC 3207 §4: 454 "TLS not available")
+            metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
+            self.tls.record(plan, host, addr, STARTTLS_NOT_SUPPORTED, sending_ip=src)
+            raise _TempFail(451, "4.7.5", f"STARTTLS refused by host {where}: {r.line()}")
+        problem = self.tls.check_dane(plan, smtp.extra("ssl_object"), host)
         if problem is not None:
             metrics.DELIVERY_CONNECTIONS.labels("tls_failed").inc()
             self.tls.record(plan, host, addr, TLSA_INVALID, sending_ip=src)
@@ -448,24 +445,22 @@ class Transport:
         result = {"dane": "dane", "pkix": "verified"}.get(plan.auth, "encrypted")
         self.tls.record(plan, host, addr, None, "verified" if plan.sts_testing else result, sending_ip=src)
 
-    async def _ehlo(self, smtp: aiosmtplib.SMTP, where: str, mta: str) -> None:
+    async def _ehlo(self, smtp: SmtpClient, helo: str, where: str, mta: str) -> None:
         try:
-            resp = await smtp.ehlo(timeout=self.cfg.delivery.greeting_timeout)
-        except aiosmtplib.SMTPHeloError as e:
-            resp = SMTPResponse(e.code, e.message)
-        except (aiosmtplib.SMTPException, OSError) as e:
+            resp = await smtp.ehlo(helo, self.cfg.delivery.greeting_timeout)
+        except (ClientError, OSError) as e:
             raise _TempFail(451, "4.4.2", f"EHLO to {where}: {_one_line(str(e))}") from None
         if resp.code != 250:
             # RFC 5321 §4.1.4 allows falling back to HELO, but every MTA in use speaks ESMTP.
-            enh, _ = _enhanced(resp.code, resp.message)
+            enh, _ = _enhanced(resp.code, resp.text)
             cls = _PermFail if resp.code >= 500 else _TempFail
-            reply = f"{resp.code} {_one_line(resp.message)}"
+            reply = resp.line()
             raise cls(resp.code if resp.code >= 400 else 451, enh, f"EHLO rejected by {where}: {reply}", mta, reply,
                       "EHLO")
 
     async def _quit(self, conn: _Conn) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.smtp.quit(timeout=5), 5)
+            await conn.smtp.quit(5)
         conn.smtp.close()
 
     def _ensure_reaper(self) -> None:
@@ -497,7 +492,10 @@ class Transport:
     # --- the transaction -----------------------------------------------------------------
     async def _transaction(self, conn: _Conn, mail_from: str, rcpts: list[str], data: bytes
                            ) -> tuple[list[RcptResult], bool]:
-        """MAIL, RCPT..., DATA on an open session. Returns results and whether the session is reusable."""
+        """MAIL, RCPT..., DATA on an open session. Returns results and whether the session is reusable.
+
+        With PIPELINING (RFC 2920 §3.1) MAIL, every RCPT and DATA go in one write and the replies are
+        read in order; otherwise each command waits for its reply. The outcome is the same either way."""
         d = self.cfg.delivery
         smtp = conn.smtp
         mta = conn.host.name
@@ -506,29 +504,33 @@ class Transport:
         def finish(code: int, enhanced: str, text: str) -> list[RcptResult]:
             return [done.get(r) or RcptResult(r, code, enhanced, text, mta) for r in rcpts]
 
-        def finish_reply(resp: SMTPResponse, stage: str) -> list[RcptResult]:
+        def finish_reply(resp: Reply, stage: str) -> list[RcptResult]:
             """Every recipient not yet decided gets this reply of the remote's."""
             return [done.get(r) or self._reply(r, resp, mta, stage) for r in rcpts]
 
         conn.used += 1
         unchecked, conn.unchecked = conn.unchecked, False
         utf8 = not (mail_from.isascii() and all(r.isascii() for r in rcpts))
-        opts: list[bytes] = []
-        if smtp.supports_extension("size"):
-            opts.append(b"SIZE=%d" % len(data))
-        if smtp.supports_extension("8bitmime") and not data.isascii():
-            opts.append(b"BODY=8BITMIME")
+        mail = [b"MAIL FROM:<" + mail_from.encode() + b">"]
+        if smtp.supports("size"):
+            mail.append(b"SIZE=%d" % len(data))
+        if smtp.supports("8bitmime") and not data.isascii():
+            mail.append(b"BODY=8BITMIME")
         if utf8:
-            if not smtp.supports_extension("smtputf8"):
+            if not smtp.supports("smtputf8"):
                 # RFC 6531 §3.4: we cannot downgrade an internationalized address.
                 return finish(553, "5.6.7", f"host {mta} does not support SMTPUTF8"), True
-            opts.append(b"SMTPUTF8")
+            mail.append(b"SMTPUTF8")
+        rcpt_lines = [b"RCPT TO:<" + r.encode() + b">" for r in rcpts]
+        pipelined = smtp.supports("pipelining")
         try:
             try:
-                resp = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode() + b">", *opts,
-                                                  timeout=d.mail_timeout)
-            except (aiosmtplib.SMTPServerDisconnected, OSError):
-                if unchecked:
+                smtp.send(b" ".join(mail), *([*rcpt_lines, b"DATA"] if pipelined else ()))
+                resp = await smtp.reply(d.mail_timeout)
+            except Timeout:
+                raise
+            except (ClientError, OSError):
+                if unchecked:  # it was closed while idle: nothing of this message was taken
                     conn.used -= 1
                     raise _Stale() from None
                 raise
@@ -536,50 +538,61 @@ class Transport:
                 conn.used -= 1
                 raise _Stale()
             if resp.code != 250:
+                if pipelined and resp.code != 421:
+                    await self._abandon(smtp, len(rcpts))
                 return finish_reply(resp, "MAIL FROM"), resp.code != 421
             conn.clean = False  # until the final reply to DATA (or an RSET)
             accepted: list[str] = []
-            for r in rcpts:
-                resp = await smtp.execute_command(b"RCPT", b"TO:<" + r.encode() + b">", timeout=d.rcpt_timeout)
+            for r, line in zip(rcpts, rcpt_lines, strict=True):
+                if not pipelined:
+                    smtp.send(line)
+                resp = await smtp.reply(d.rcpt_timeout)
                 if resp.code in (250, 251):
                     accepted.append(r)
                 elif resp.code == 421:
                     return finish_reply(resp, "RCPT TO"), False
                 else:
                     done[r] = self._reply(r, resp, mta, "RCPT TO")
+            if pipelined:
+                resp = await smtp.reply(d.data_init_timeout)
+                if not accepted and resp.code == 354:
+                    await self._empty_message(smtp)
             if not accepted:
                 return finish(451, "4.3.0", "no recipient accepted"), True
-            resp = await self._data(smtp, data)
-            # Any reply ends the transaction: to DATA itself (the server is back to its initial
-            # state, RFC 5321 §4.1.1.4) or after the message.
-            conn.clean = True
-            return finish_reply(resp, "end of DATA" if resp.code == 250 else "DATA"), resp.code != 421
-        except aiosmtplib.SMTPTimeoutError:
+            if not pipelined:
+                resp = await smtp.command(b"DATA", d.data_init_timeout)
+            if resp.code != 354:  # the transaction stays open (RSET before reuse): RFC 5321 §4.1.1.4
+                return finish_reply(resp, "DATA"), resp.code != 421
+            resp = await smtp.message(data, block_timeout=d.data_block_timeout, done_timeout=d.data_done_timeout)
+            conn.clean = True  # the final reply ends the transaction, whatever it says
+            return finish_reply(resp, "end of DATA"), resp.code != 421
+        except Timeout:
             smtp.close()
             return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
-        except (aiosmtplib.SMTPException, OSError) as e:
+        except (ClientError, OSError) as e:
             smtp.close()
             return finish(451, "4.4.2", f"lost connection with {mta}[{conn.address}]: {_one_line(str(e))}"), False
 
-    async def _data(self, smtp: aiosmtplib.SMTP, data: bytes) -> SMTPResponse:
-        """DATA, the message and the final reply through aiosmtplib's public ``data()`` (RFC 5321 §4.1.1.4):
-        it dot-stuffs, adds the terminator and serialises with its command lock.
+    async def _abandon(self, smtp: SmtpClient, n_rcpts: int) -> None:
+        """MAIL was refused in a pipelined group: read the RCPT and DATA replies that follow, and end
+        a DATA the server accepted anyway with an empty message (RFC 2920 §3.1)."""
+        d = self.cfg.delivery
+        for _ in range(n_rcpts):
+            await smtp.reply(d.rcpt_timeout)
+        if (await smtp.reply(d.data_init_timeout)).code == 354:
+            await self._empty_message(smtp)
 
-        aiosmtplib applies one timeout to each of the two replies; the body is handed to the transport
-        in one write (it is in memory already), so ``data_done_timeout`` bounds a receiver that stops
-        reading as well as one that never answers. A refusal raises SMTPDataError, for the DATA command
-        and the final reply alike (aiosmtplib does not say which), so its text says "DATA".
-        """
-        try:
-            return await smtp.data(data, timeout=self.cfg.delivery.data_done_timeout)
-        except aiosmtplib.SMTPDataError as e:
-            return SMTPResponse(e.code, e.message)
+    async def _empty_message(self, smtp: SmtpClient) -> None:
+        """A 354 after every recipient was refused: a lone dot ends DATA; the server has no one to
+        deliver it to (RFC 2920 §3.1), so its reply does not matter."""
+        smtp.send(b".")
+        await smtp.reply(self.cfg.delivery.data_done_timeout)
 
     @staticmethod
-    def _reply(rcpt: str, resp: SMTPResponse, mta: str, stage: str) -> RcptResult:
+    def _reply(rcpt: str, resp: Reply, mta: str, stage: str) -> RcptResult:
         """A recipient's result from a remote reply: the reply is kept verbatim (once), the text
         says where it came from."""
-        enh, _ = _enhanced(resp.code, resp.message)
+        enh, _ = _enhanced(resp.code, resp.text)
         code = resp.code if 200 <= resp.code < 600 else 451
-        reply = f"{resp.code} {_one_line(resp.message)}".strip()
+        reply = resp.line()
         return RcptResult(rcpt, code, enh, f"host {mta} said: {reply} (in reply to {stage})", mta, reply, stage)

@@ -1,6 +1,7 @@
 """A scriptable SMTP server on loopback (aiosmtpd) standing in for remote MTAs in delivery tests.
 
     sink = Sink(tls=server_ctx)                      # STARTTLS offered when tls is given
+    Sink(pipelining=True)                            # PIPELINING advertised too (RFC 2920)
     await sink.start()                               # 127.0.0.1, ephemeral port -> sink.port
     sink.rcpt_replies["nobody@x.example"] = "550 5.1.1 No such user"
     sink.data_action = "drop"                        # or "hang", "ok"
@@ -84,14 +85,22 @@ class _Handler:
         self.sink.received.set()
         return self.sink.data_reply
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:  # aiosmtpd reads commands line by line, so it can take a pipelined group
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.sink.rsets += 1
         return "250 OK"
 
 
 class Sink:
-    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", pipelining: bool = False) -> None:
         self.tls = tls
+        self.pipelining = pipelining
         self.host = host
         self.port = 0
         self.messages: list[Received] = []

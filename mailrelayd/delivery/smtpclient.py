@@ -1,0 +1,370 @@
+"""The outbound SMTP client: a reply parser without I/O and a thin asyncio edge.
+
+Our own rather than aiosmtplib's because delivery needs two things its public API does not give:
+RFC 2920 pipelining (MAIL, every RCPT and DATA in one write, then the replies in order: two round
+trips per message on a reused session instead of four) and sending a message from the bytes the
+spool returned, without the two copies its ``data()`` makes (line-ending normalisation and dot
+stuffing, done here only when the message needs them).
+
+The edge is an :class:`asyncio.Protocol`: replies are parsed as they arrive and queued, so the
+server's replies to a pipelined group can never fill its send buffer while we write (RFC 2920 §3.5's
+deadlock). Every wait has a timer (``loop.call_later``), and a timeout, a reset or a malformed reply
+ends the session: after any of them its state is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import ssl
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+MAX_LINE = 16384
+"""Longest reply line accepted (RFC 5321 §4.5.3.1.5 says 512; real servers send longer text)."""
+MAX_LINES = 512
+"""Most lines in one reply (a long EHLO list is ~30)."""
+MAX_QUEUED = 10000
+"""Most replies queued unread: a server that sends far more replies than commands is broken."""
+
+
+class ClientError(Exception):
+    """The session failed; it must not be used again."""
+
+
+class ConnectFailed(ClientError):
+    """The TCP connection could not be made."""
+
+
+class Timeout(ClientError):
+    """A reply (or the room to write) did not come in time."""
+
+
+class Disconnected(ClientError):
+    """The server closed or reset the connection."""
+
+
+class BadReply(ClientError):
+    """The server sent something that is not an SMTP reply (RFC 5321 §4.2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str
+    """The text of every line after the code, joined with newlines."""
+
+    def line(self) -> str:
+        """The reply on one line, as logs and DSNs quote it."""
+        return f"{self.code} {' '.join(self.text.split())}".strip()
+
+
+_LINE_END = re.compile(rb"\r\n|\n")
+
+
+class ReplyParser:
+    """Bytes in, whole replies out (RFC 5321 §4.2.1: ``ddd-text`` continues, ``ddd text`` ends)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.lines: list[str] = []
+        self.code = 0
+
+    def feed(self, data: bytes) -> list[Reply]:
+        buf = self.buf + data if self.buf else data
+        out: list[Reply] = []
+        pos = 0
+        while True:
+            m = _LINE_END.search(buf, pos)
+            if m is None:
+                break
+            line = buf[pos:m.start()]
+            pos = m.end()
+            if len(line) > MAX_LINE:
+                raise BadReply("reply line too long")
+            if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3:4] not in b" -"):
+                raise BadReply(f"not an SMTP reply: {line[:60]!r}")
+            code = int(line[:3])
+            if self.lines and code != self.code:
+                raise BadReply("reply code changed inside a multiline reply")
+            self.code = code
+            self.lines.append(line[4:].decode("utf-8", "replace"))
+            if len(self.lines) > MAX_LINES:
+                raise BadReply("reply has too many lines")
+            if line[3:4] != b"-":
+                out.append(Reply(code, "\n".join(self.lines)))
+                self.lines = []
+        self.buf = buf[pos:]
+        if len(self.buf) > MAX_LINE:
+            raise BadReply("reply line too long")
+        return out
+
+
+def parse_ehlo(reply: Reply) -> dict[str, str]:
+    """EHLO keywords (lower case) and their parameters; the first line is the greeting (RFC 5321 §4.1.1.1)."""
+    ext: dict[str, str] = {}
+    for line in reply.text.split("\n")[1:]:
+        word, _, params = line.strip().partition(" ")
+        if not word:
+            continue
+        if word.lower().startswith("auth="):  # the pre-RFC 4954 form some servers still add
+            word, params = "auth", f"{ext.get('auth', '')} {word[5:]} {params}".strip()
+        elif word.lower() == "auth" and "auth" in ext:
+            params = f"{ext['auth']} {params}".strip()
+        word = word.lower()
+        ext[word] = params.strip()
+    return ext
+
+
+def message_bytes(data: bytes) -> list[bytes]:
+    """The pieces to write after a 354: the message with CRLF line ends, dot-stuffed (RFC 5321
+    §4.5.2), and the terminator. The common message needs neither change and is sent as it is."""
+    n_lf = data.count(b"\n")
+    if n_lf != data.count(b"\r") or n_lf != data.count(b"\r\n"):
+        data = re.sub(rb"\r\n|\r|\n", b"\r\n", data)  # bare CR or LF: what aiosmtplib did too
+    if data.startswith(b".") or b"\n." in data:
+        data = re.sub(rb"(?m)^\.", b"..", data)
+    if data and not data.endswith(b"\r\n"):
+        return [data, b"\r\n.\r\n"]
+    return [data, b".\r\n"]
+
+
+class _Edge(asyncio.Protocol):
+    """Queues parsed replies and wakes the one waiter; tracks write flow control."""
+
+    def __init__(self) -> None:
+        self.parser = ReplyParser()
+        self.replies: deque[Reply] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.drained: asyncio.Future[None] | None = None
+        self.writable = True
+        self.error: ClientError | None = None
+        self.on_reply: Any = None  # re-arms the caller's timer when a reply arrives
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        try:
+            got = self.parser.feed(data)
+        except BadReply as e:
+            self.fail(e)
+            return
+        if got:
+            self.replies.extend(got)
+            if len(self.replies) > MAX_QUEUED:
+                self.fail(BadReply("too many unsolicited replies"))
+                return
+            if self.on_reply is not None:
+                self.on_reply()
+            self.wake()
+
+    def eof_received(self) -> bool | None:
+        self.fail(Disconnected("the server closed the connection"))
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(Disconnected(f"connection lost: {exc}" if exc else "the server closed the connection"))
+        self.writable = True
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    def fail(self, err: ClientError) -> None:
+        if self.error is None:
+            self.error = err
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+
+class SmtpClient:
+    """One SMTP session to one server. Methods return the server's :class:`Reply` (any code); they
+    raise :class:`ClientError` when the session itself failed."""
+
+    def __init__(self, transport: asyncio.Transport, edge: _Edge) -> None:
+        self.transport = transport
+        self.edge = edge
+        self.extensions: dict[str, str] = {}
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, host: str, port: int, *, source: str | None = None, connect_timeout: float,
+                      greeting_timeout: float) -> tuple[SmtpClient, Reply]:
+        """Open a TCP session and read the greeting (RFC 5321 §4.5.3.2: separate limits for each)."""
+        loop = asyncio.get_running_loop()
+        try:
+            transport, edge = await asyncio.wait_for(
+                loop.create_connection(_Edge, host, port, local_addr=(source, 0) if source else None),
+                connect_timeout)
+        except TimeoutError:
+            raise Timeout(f"connect to {host}:{port} timed out") from None
+        except OSError as e:
+            raise ConnectFailed(e.strerror or str(e)) from None
+        client = cls(transport, edge)
+        try:
+            greeting = await client.read(greeting_timeout)
+        except BaseException:
+            client.close()
+            raise
+        return client, greeting
+
+    # --- state ---------------------------------------------------------------------------
+    @property
+    def is_connected(self) -> bool:
+        return not self.closed and self.edge.error is None and not self.transport.is_closing()
+
+    def supports(self, keyword: str) -> bool:
+        return keyword in self.extensions
+
+    def extra(self, name: str) -> Any:
+        return self.transport.get_extra_info(name)
+
+    def close(self) -> None:
+        """Drop the session at once (its state is unknown or it is no longer wanted)."""
+        self.closed = True
+        self.transport.abort()
+
+    # --- replies -------------------------------------------------------------------------
+    async def read(self, timeout: float, n: int = 1) -> list[Reply] | Reply:
+        """The next reply (``n == 1``) or the next ``n`` replies, each within ``timeout`` of the one before."""
+        edge = self.edge
+        if len(edge.replies) < n and edge.error is None:
+            loop = asyncio.get_running_loop()
+            timer: list[asyncio.TimerHandle] = []
+
+            def expire() -> None:
+                edge.fail(Timeout(f"no reply within {timeout:g}s"))
+
+            def rearm() -> None:
+                timer[0].cancel()
+                timer[0] = loop.call_later(timeout, expire)
+
+            timer.append(loop.call_later(timeout, expire))
+            edge.on_reply = rearm
+            try:
+                while len(edge.replies) < n and edge.error is None:
+                    edge.waiter = loop.create_future()
+                    await edge.waiter
+            finally:
+                edge.waiter = None
+                edge.on_reply = None
+                timer[0].cancel()
+        if len(edge.replies) < n:
+            self.close()
+            assert edge.error is not None
+            raise edge.error
+        if n == 1:
+            return edge.replies.popleft()
+        return [edge.replies.popleft() for _ in range(n)]
+
+    async def reply(self, timeout: float) -> Reply:
+        r = await self.read(timeout)
+        assert isinstance(r, Reply)
+        return r
+
+    def send(self, *lines: bytes) -> None:
+        """Write command lines (each without its CRLF) in one write: a pipelined group when several."""
+        if not self.is_connected:
+            raise self.edge.error or Disconnected("the session is closed")
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))
+
+    async def command(self, line: bytes, timeout: float) -> Reply:
+        self.send(line)
+        return await self.reply(timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the transport takes more data (a receiver that stops reading times out)."""
+        edge = self.edge
+        if edge.writable or edge.error is not None:
+            return
+        edge.drained = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(edge.drained, timeout)
+        except TimeoutError:
+            self.close()
+            raise Timeout(f"the server took no data for {timeout:g}s") from None
+        finally:
+            edge.drained = None
+
+    # --- commands ------------------------------------------------------------------------
+    async def ehlo(self, name: str, timeout: float) -> Reply:
+        """EHLO; on 250 the extensions are what it listed (RFC 3207 §4.2: forgotten after STARTTLS)."""
+        r = await self.command(b"EHLO " + name.encode("idna" if not name.isascii() else "ascii"), timeout)
+        self.extensions = parse_ehlo(r) if r.code == 250 else {}
+        return r
+
+    async def starttls(self, ctx: ssl.SSLContext, server_hostname: str, timeout: float) -> Reply:
+        """STARTTLS (RFC 3207). Returns the server's refusal, or its 220 once the handshake is done;
+        a failed handshake raises :class:`ssl.SSLError` (or OSError / Timeout) and closes the session."""
+        r = await self.command(b"STARTTLS", timeout)
+        if r.code != 220:
+            return r
+        if self.edge.replies or self.edge.parser.buf:  # RFC 3207 §4: nothing may follow the 220 in the clear
+            self.close()
+            raise BadReply("the server sent data after its 220 to STARTTLS")
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(self.transport, self.edge, ctx, server_hostname=server_hostname,
+                                       ssl_handshake_timeout=timeout)
+        except BaseException:
+            self.close()
+            raise
+        if tls is None:
+            self.close()
+            raise Disconnected("the connection closed during the TLS handshake")
+        self.transport = tls
+        self.extensions = {}
+        return r
+
+    async def login(self, username: str, password: str, timeout: float) -> Reply:
+        """AUTH PLAIN, else LOGIN (RFC 4954, RFC 4616); the final reply."""
+        methods = self.extensions.get("auth", "").upper().split()
+        if "PLAIN" in methods or "LOGIN" not in methods:
+            token = base64.b64encode(b"\0" + username.encode() + b"\0" + password.encode())
+            return await self.command(b"AUTH PLAIN " + token, timeout)
+        r = await self.command(b"AUTH LOGIN", timeout)
+        for secret in (username, password):
+            if r.code != 334:
+                return r
+            r = await self.command(base64.b64encode(secret.encode()), timeout)
+        return r
+
+    async def pipeline(self, lines: Sequence[bytes], timeout: float) -> list[Reply]:
+        """Send ``lines`` as one group and read one reply for each, in order (RFC 2920 §3.1)."""
+        self.send(*lines)
+        got = await self.read(timeout, len(lines))
+        return [got] if isinstance(got, Reply) else got
+
+    async def message(self, data: bytes, *, block_timeout: float, done_timeout: float) -> Reply:
+        """After a 354: the message and its terminator, then the final reply (RFC 5321 §4.1.1.4)."""
+        if not self.is_connected:
+            raise self.edge.error or Disconnected("the session is closed")
+        self.transport.writelines(message_bytes(data))
+        await self.drain(block_timeout)
+        return await self.reply(done_timeout)
+
+    async def quit(self, timeout: float) -> None:
+        """QUIT and close, ignoring what the server does (the session is over either way)."""
+        try:
+            if self.is_connected:
+                await self.command(b"QUIT", timeout)
+        except (ClientError, OSError):
+            pass
+        finally:
+            self.closed = True
+            self.transport.close()

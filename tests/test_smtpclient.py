@@ -1,0 +1,353 @@
+"""The outbound SMTP client (mailrelayd.delivery.smtpclient): its reply parser and message framing
+in memory, then the transport against scripted raw servers on loopback, under asyncio and uvloop:
+a pipelined group goes out in one write (RFC 2920), refusals inside a group, hostile replies,
+STARTTLS response injection and AUTH."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from mailrelayd.config import parse_config
+from mailrelayd.delivery.mx import MxResolver
+from mailrelayd.delivery.smtpclient import BadReply, Reply, ReplyParser, message_bytes, parse_ehlo
+from mailrelayd.delivery.transport import RcptResult, Transport
+from tests.conftest import base_config, deep_merge, write_config
+
+LOOPS = ["asyncio", "uvloop"]
+MSG = b"From: a@example.com\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\nbody\r\n"
+EHLO_PIPELINING = b"250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n"
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Seen"], Awaitable[None]]
+
+
+# --- the parser and the framing, in memory ---------------------------------------------------
+def test_parser_joins_multiline_replies_split_anywhere() -> None:
+    raw = b"250-mx.test says hi\r\n250-PIPELINING\r\n250 SIZE 10\r\n354 go ahead\r\n"
+    for cut in range(1, len(raw)):
+        p = ReplyParser()
+        got = p.feed(raw[:cut]) + p.feed(raw[cut:])
+        assert got == [Reply(250, "mx.test says hi\nPIPELINING\nSIZE 10"), Reply(354, "go ahead")], cut
+
+
+def test_parser_takes_bare_lf_and_code_only_lines() -> None:
+    assert ReplyParser().feed(b"250\n221-bye\n221 now\n") == [Reply(250, ""), Reply(221, "bye\nnow")]
+
+
+@pytest.mark.parametrize("raw", [
+    b"hello there\r\n",                 # not a reply at all
+    b"25 short\r\n",
+    b"250x junk\r\n",
+    b"250-first\r\n251 changed code\r\n",  # RFC 5321 §4.2.1: one code per reply
+    b"250 " + b"x" * 20000 + b"\r\n",   # an endless line
+    b"250 " + b"x" * 20000,             # the same, never terminated
+])
+def test_parser_refuses_what_is_not_a_reply(raw: bytes) -> None:
+    with pytest.raises(BadReply):
+        ReplyParser().feed(raw)
+
+
+def test_ehlo_keywords_and_old_auth_form() -> None:
+    ext = parse_ehlo(Reply(250, "mx.test\nPIPELINING\nSIZE 2000\nAUTH LOGIN\nAUTH=PLAIN\nstarttls"))
+    assert ext == {"pipelining": "", "size": "2000", "auth": "LOGIN PLAIN", "starttls": ""}
+
+
+def test_message_sent_as_it_is_when_it_needs_no_change() -> None:
+    pieces = message_bytes(MSG)
+    assert pieces[0] is MSG and pieces[1] == b".\r\n"
+
+
+@pytest.mark.parametrize(("data", "wire"), [
+    (b".lead\r\nmid\r\n.\r\n..x\r\n", b"..lead\r\nmid\r\n..\r\n...x\r\n.\r\n"),  # RFC 5321 §4.5.2
+    (b"a\nb\rc\r\n", b"a\r\nb\r\nc\r\n.\r\n"),  # bare LF and CR become CRLF
+    (b"no end", b"no end\r\n.\r\n"),
+    (b"x\n.y", b"x\r\n..y\r\n.\r\n"),
+    (b"", b".\r\n"),
+])
+def test_message_framing(data: bytes, wire: bytes) -> None:
+    assert b"".join(message_bytes(data)) == wire
+
+
+# --- scripted servers ----------------------------------------------------------------------------
+class Seen:
+    """What a scripted server received: raw reads and whole sessions."""
+
+    def __init__(self) -> None:
+        self.reads: list[bytes] = []
+        self.sessions = 0
+        self.data: list[bytes] = []
+        self.auth: list[bytes] = []
+
+
+async def _line(reader: asyncio.StreamReader, seen: Seen) -> bytes:
+    line = await reader.readline()
+    seen.reads.append(line)
+    return line
+
+
+async def _body(reader: asyncio.StreamReader, seen: Seen) -> bytes:
+    data = await reader.readuntil(b"\r\n.\r\n")
+    seen.data.append(data)
+    return data
+
+
+async def _serve(handler: Handler, body: Callable[[int, Seen], Awaitable[None]]) -> Seen:
+    seen = Seen()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.sessions += 1
+        try:
+            writer.write(b"220 mx.test ESMTP\r\n")
+            await handler(reader, writer, seen)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    try:
+        await body(server.sockets[0].getsockname()[1], seen)
+    finally:
+        server.close()
+    return seen
+
+
+def _transport(tmp_path: Path, tls_files: tuple[Path, Path], port: int, **route: Any) -> Transport:
+    write_config(tmp_path, {})
+    data = deep_merge(base_config(tls_files), {
+        "routes": [{"domain": "*", "host": f"127.0.0.1:{port}", "tls": "none", **route}],
+        "delivery": {"mail_timeout": "3s", "rcpt_timeout": "3s", "data_init_timeout": "3s",
+                     "data_done_timeout": "3s", "greeting_timeout": "3s"}})
+    cfg = parse_config(data, tmp_path / "mailrelayd.toml")
+    return Transport(cfg, MxResolver(cfg.dns))
+
+
+def _run(loop: str, coro: Awaitable[None]) -> None:
+    (uvloop.run if loop == "uvloop" else asyncio.run)(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
+
+
+async def _deliver(t: Transport, rcpts: list[str], data: bytes = MSG) -> list[RcptResult]:
+    return await t.deliver("dest.test", "a@example.com", rcpts, data)
+
+
+# --- pipelining --------------------------------------------------------------------------------
+@pytest.mark.parametrize("loop", LOOPS)
+def test_pipelined_group_is_one_write_and_replies_are_matched_in_order(
+        loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)  # EHLO
+        writer.write(EHLO_PIPELINING)
+        for _ in range(2):  # two messages on one session
+            group = await reader.read(65536)
+            seen.reads.append(group)
+            writer.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 <b@dest.test>: no such user\r\n"
+                         b"250 2.1.5 ok\r\n354 go\r\n")
+            await _body(reader, seen)
+            writer.write(b"250 2.0.0 queued\r\n")
+        await _line(reader, seen)
+        writer.write(b"221 bye\r\n")
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        for _ in range(2):
+            res = await _deliver(t, ["a@dest.test", "b@dest.test", "c@dest.test"])
+            assert [(r.code, r.stage) for r in res] == [(250, "end of DATA"), (550, "RCPT TO"),
+                                                         (250, "end of DATA")]
+            assert res[1].remote_reply == "550 5.1.1 <b@dest.test>: no such user"
+        await t.close()
+        groups = [r for r in seen.reads if r.startswith(b"MAIL")]
+        assert len(groups) == 2
+        for g in groups:  # MAIL, three RCPTs and DATA arrived in one read: one write, no waiting
+            lines = g.split(b"\r\n")
+            assert lines[0] == b"MAIL FROM:<a@example.com> SIZE=%d" % len(MSG)
+            assert lines[1:5] == [b"RCPT TO:<a@dest.test>", b"RCPT TO:<b@dest.test>", b"RCPT TO:<c@dest.test>",
+                                  b"DATA"]
+        assert seen.sessions == 1 and seen.data == [MSG + b".\r\n"] * 2
+
+    _run(loop, _serve(handler, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_refused_mail_in_a_group_ends_a_stray_354_with_a_lone_dot(
+        loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """MAIL refused, the RCPT refused in turn, but DATA answered 354 (RFC 2920 §3.1 allows it): the
+    client sends only the terminator, the recipient fails with MAIL's reply, the session lives on."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(EHLO_PIPELINING)
+        seen.reads.append(await reader.read(65536))
+        writer.write(b"553 5.7.1 sender refused\r\n503 5.5.1 need MAIL\r\n354 go anyway\r\n")
+        await _line(reader, seen)  # the lone dot
+        writer.write(b"554 5.5.1 no valid recipients\r\n")
+        seen.reads.append(await reader.read(65536))  # the next message
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await _body(reader, seen)
+        writer.write(b"250 2.0.0 queued\r\n")
+        await _line(reader, seen)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        res = await _deliver(t, ["a@dest.test"])
+        assert (res[0].code, res[0].stage, res[0].remote_reply) == (553, "MAIL FROM", "553 5.7.1 sender refused")
+        assert seen.reads[-1] == b".\r\n"
+        res = await _deliver(t, ["a@dest.test"])
+        assert res[0].ok
+        await t.close()
+        assert seen.sessions == 1 and seen.data == [MSG + b".\r\n"]
+
+    _run(loop, _serve(handler, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_every_recipient_refused_in_a_group_sends_no_message(
+        loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(EHLO_PIPELINING)
+        seen.reads.append(await reader.read(65536))
+        writer.write(b"250 ok\r\n550 5.1.1 no\r\n450 4.2.1 later\r\n554 5.5.1 no valid recipients\r\n")
+        seen.reads.append(await reader.read(65536))  # the session is checked before it is used again
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        res = await _deliver(t, ["a@dest.test", "b@dest.test"])
+        assert [(r.code, r.enhanced) for r in res] == [(550, "5.1.1"), (450, "4.2.1")]
+        await t.close()
+        assert seen.data == []
+        assert seen.reads[-1] in (b"RSET\r\n", b"QUIT\r\n", b"")  # never a message
+
+    _run(loop, _serve(handler, body))
+
+
+# --- hostile and broken servers ------------------------------------------------------------------
+HOSTILE = {
+    "garbage_after_ehlo": b"HTTP/1.1 400 Bad Request\r\n",
+    "code_changes_mid_reply": b"250-ok\r\n550 no\r\n",
+    "endless_line": b"250 " + b"A" * 100000,
+    "closes_after_mail": b"250 ok\r\n",
+}
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_a_broken_server_defers_and_never_hangs(loop: str, case: str, tmp_path: Path,
+                                                tls_files: tuple[Path, Path]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(EHLO_PIPELINING)
+        seen.reads.append(await reader.read(65536))
+        writer.write(HOSTILE[case])
+        await writer.drain()
+        if case == "closes_after_mail":
+            return  # the handler's end closes the connection mid-group
+        await reader.read(65536)  # until the client gives up
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        res = await _deliver(t, ["a@dest.test"])
+        await t.close()
+        assert res[0].temporary and res[0].enhanced == "4.4.2", res[0]
+        assert seen.data == []
+
+    _run(loop, _serve(handler, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_silence_after_data_command_times_out(loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(EHLO_PIPELINING)
+        seen.reads.append(await reader.read(65536))
+        writer.write(b"250 ok\r\n250 ok\r\n")  # and nothing for DATA
+        await reader.read(65536)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        t.cfg = parse_config(deep_merge(base_config(tls_files), {
+            "routes": [{"domain": "*", "host": f"127.0.0.1:{port}", "tls": "none"}],
+            "delivery": {"data_init_timeout": "0.5s"}}), tmp_path / "mailrelayd.toml")
+        res = await _deliver(t, ["a@dest.test"])
+        await t.close()
+        assert res[0].temporary and "timed out" in res[0].text
+
+    _run(loop, _serve(handler, body))
+
+
+# --- STARTTLS and AUTH -----------------------------------------------------------------------------
+@pytest.mark.parametrize("loop", LOOPS)
+def test_starttls_response_injection_is_refused(loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """A reply sent in the clear behind the 220 (the CVE-2011-0411 family) would be read as the answer
+    to the first command inside TLS: the session is dropped instead (RFC 3207 §4)."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(*tls_files)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(b"250-mx.test\r\n250 STARTTLS\r\n")
+        await _line(reader, seen)
+        writer.write(b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n")
+        await writer.start_tls(server_ctx)  # a server that then behaves: only the injection is wrong
+        for reply in (b"250 mx.test\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            await _line(reader, seen)
+            writer.write(reply)
+        await _body(reader, seen)
+        writer.write(b"250 queued\r\n")
+        await _line(reader, seen)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port, tls="may")
+        res = await _deliver(t, ["a@dest.test"])
+        await t.close()
+        assert res[0].temporary and res[0].enhanced == "4.7.5", res[0]
+        assert seen.data == []
+
+    _run(loop, _serve(handler, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("mechs", ["PLAIN LOGIN", "LOGIN"])
+def test_route_auth_inside_starttls(loop: str, mechs: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(*tls_files)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(b"250-mx.test\r\n250-AUTH " + mechs.encode() + b"\r\n250 STARTTLS\r\n")
+        assert await _line(reader, seen) == b"STARTTLS\r\n"  # never AUTH in the clear
+        writer.write(b"220 go ahead\r\n")
+        await writer.start_tls(server_ctx)
+        await _line(reader, seen)
+        writer.write(b"250-mx.test\r\n250 AUTH " + mechs.encode() + b"\r\n")
+        line = await _line(reader, seen)
+        if line.startswith(b"AUTH PLAIN "):
+            seen.auth.append(base64.b64decode(line.split()[2]))
+        else:
+            assert line == b"AUTH LOGIN\r\n"
+            for prompt in (b"VXNlcm5hbWU6", b"UGFzc3dvcmQ6"):
+                writer.write(b"334 " + prompt + b"\r\n")
+                seen.auth.append(base64.b64decode((await _line(reader, seen)).strip()))
+        writer.write(b"235 2.7.0 ok\r\n")
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            await _line(reader, seen)
+            writer.write(reply)
+        await _body(reader, seen)
+        writer.write(b"250 queued\r\n")
+        await _line(reader, seen)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port, tls="encrypt", username="relay-user", password="s3cret pass")
+        res = await _deliver(t, ["a@dest.test"])
+        await t.close()
+        assert res[0].ok, res[0]
+        want = [b"\0relay-user\0s3cret pass"] if mechs.startswith("PLAIN") else [b"relay-user", b"s3cret pass"]
+        assert seen.auth == want
+        assert seen.data == [MSG + b".\r\n"]
+
+    _run(loop, _serve(handler, body))
