@@ -25,7 +25,7 @@ _SECRET_KEYS = frozenset({
 REDACTED = "[redacted]"
 
 # Libraries that would log protocol traffic or noisy tracebacks on their own.
-_QUIET_LOGGERS = {"mail.log": logging.WARNING, "aiosmtplib": logging.WARNING, "asyncio": logging.WARNING,
+_QUIET_LOGGERS = {"mail.log": logging.WARNING, "asyncio": logging.WARNING,
                   "aiohttp.access": logging.WARNING}
 
 

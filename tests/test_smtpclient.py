@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -98,7 +100,7 @@ async def _body(reader: asyncio.StreamReader, seen: Seen) -> bytes:
     return data
 
 
-async def _serve(handler: Handler, body: Callable[[int, Seen], Awaitable[None]]) -> Seen:
+async def _serve(handler: Handler, body: Callable[[int, Seen], Awaitable[None]], rcvbuf: int = 0) -> Seen:
     seen = Seen()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -111,7 +113,11 @@ async def _serve(handler: Handler, body: Callable[[int, Seen], Awaitable[None]])
         finally:
             writer.close()
 
-    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    sock = socket.socket()
+    if rcvbuf:  # before listen(): accepted sockets inherit it, and it caps the kernel's autotuning
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(on_client, sock=sock)
     try:
         await body(server.sockets[0].getsockname()[1], seen)
     finally:
@@ -351,3 +357,54 @@ def test_route_auth_inside_starttls(loop: str, mechs: str, tmp_path: Path, tls_f
         assert seen.data == [MSG + b".\r\n"]
 
     _run(loop, _serve(handler, body))
+
+
+# --- a receiver that reads slowly, and one that stops reading -------------------------------------
+BIG = b"From: a@example.com\r\nSubject: big\r\n\r\n" + b"x\r\n" * 4_000_000  # 12 MB
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("reader", ["slow", "stopped"])
+def test_data_block_timeout_is_about_progress(loop: str, reader: str, tmp_path: Path,
+                                              tls_files: tuple[Path, Path]) -> None:
+    """The receiver's buffer is 32 KB, so most of the message waits in ours. One that keeps taking it
+    2 MB at a time with 0.3 s pauses (over a second in all; data_block_timeout is 0.5 s) gets all of
+    it; one that takes nothing more after the first 256 KB is dropped after data_block_timeout, not
+    data_done_timeout."""
+    async def handler(r: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(r, seen)
+        writer.write(EHLO_PIPELINING)
+        seen.reads.append(await r.read(4096))
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        got = bytearray()
+        while not got.endswith(b"\r\n.\r\n"):
+            burst = len(got) + (2 << 20)
+            while len(got) < burst and not got.endswith(b"\r\n.\r\n"):
+                if reader == "stopped" and len(got) > 256 * 1024:
+                    await asyncio.sleep(30)
+                chunk = await r.read(64 * 1024)
+                if not chunk:
+                    return
+                got += chunk
+            await asyncio.sleep(0.3)
+        seen.data.append(bytes(got))
+        writer.write(b"250 queued\r\n")
+        await _line(r, seen)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        t.cfg = parse_config(deep_merge(base_config(tls_files), {
+            "routes": [{"domain": "*", "host": f"127.0.0.1:{port}", "tls": "none"}],
+            "delivery": {"data_block_timeout": "0.5s", "data_done_timeout": "10s"}}), tmp_path / "mailrelayd.toml")
+        t0 = time.monotonic()
+        res = await _deliver(t, ["a@dest.test"], BIG)
+        took = time.monotonic() - t0
+        await t.close()
+        if reader == "slow":
+            assert res[0].ok, res[0]
+            assert seen.data == [BIG + b".\r\n"]
+        else:
+            assert res[0].temporary and "timed out" in res[0].text, res[0]
+            assert took < 5, took  # data_block_timeout decided, not data_done_timeout
+
+    _run(loop, _serve(handler, body, rcvbuf=32 * 1024))

@@ -288,18 +288,23 @@ class SmtpClient:
         return await self.reply(timeout)
 
     async def drain(self, timeout: float) -> None:
-        """Wait until the transport takes more data (a receiver that stops reading times out)."""
+        """Wait until the transport wants more data. Fails only when the receiver took nothing for
+        ``timeout`` (a slow link moving a large message is progress, like Postfix's
+        smtp_data_xfer_timeout)."""
         edge = self.edge
-        if edge.writable or edge.error is not None:
-            return
-        edge.drained = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(edge.drained, timeout)
-        except TimeoutError:
-            self.close()
-            raise Timeout(f"the server took no data for {timeout:g}s") from None
-        finally:
-            edge.drained = None
+        before = self.transport.get_write_buffer_size()
+        while not edge.writable and edge.error is None:
+            edge.drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(edge.drained, timeout)
+            except TimeoutError:
+                now = self.transport.get_write_buffer_size()
+                if now >= before:
+                    self.close()
+                    raise Timeout(f"the server took no data for {timeout:g}s") from None
+                before = now
+            finally:
+                edge.drained = None
 
     # --- commands ------------------------------------------------------------------------
     async def ehlo(self, name: str, timeout: float) -> Reply:
