@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
+import shutil
 import socket
 import ssl
+import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -408,3 +413,52 @@ def test_data_block_timeout_is_about_progress(loop: str, reader: str, tmp_path: 
             assert took < 5, took  # data_block_timeout decided, not data_done_timeout
 
     _run(loop, _serve(handler, body, rcvbuf=32 * 1024))
+
+
+# --- Postfix's smtp-sink: a real server that offers PIPELINING --------------------------------------
+SMTP_SINK = next((p for p in ("/usr/sbin/smtp-sink", "/usr/lib/postfix/smtp-sink") if Path(p).exists()), None)
+
+
+@pytest.mark.skipif(SMTP_SINK is None or os.geteuid() != 0,
+                    reason="Postfix's smtp-sink is not installed (only the benchmarks need postfix), or not root")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_against_postfix_smtp_sink(loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """Messages of several recipients, one after another on reused sessions and in parallel, all
+    arrive intact at Postfix's smtp-sink (which announces PIPELINING)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    where = Path(tempfile.mkdtemp(prefix="smtp-sink-"))  # smtp-sink drops to nobody before it writes
+    where.chmod(0o777)
+    dump = where / "sink.dump"
+    assert SMTP_SINK is not None
+    sink = subprocess.Popen([SMTP_SINK, "-u", "nobody", "-D", str(dump), f"127.0.0.1:{port}", "64"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    msgs = [MSG.replace(b"Subject: hi", b"Subject: n%d" % i).replace(b"body", b".dot line %d\r\n." % i)
+            for i in range(30)]
+
+    async def body() -> None:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            await asyncio.sleep(0.05)
+        t = _transport(tmp_path, tls_files, port)
+        first = await _deliver(t, ["a@dest.test", "b@dest.test"], msgs[0])
+        rest = await asyncio.gather(*(_deliver(t, ["a@dest.test", "b@dest.test", "c@dest.test"], m)
+                                      for m in msgs[1:]))
+        await t.close()
+        bad = [r for res in [first, *rest] for r in res if not r.ok]
+        assert not bad, bad[:3]
+
+    try:
+        _run(loop, body())
+        text = dump.read_bytes()
+    finally:
+        sink.terminate()
+        sink.wait(5)
+        shutil.rmtree(where, ignore_errors=True)
+    for i in range(30):  # smtp-sink keeps the message as it arrived, dot-stuffing undone
+        assert b"Subject: n%d\r\n" % i in text or b"Subject: n%d\n" % i in text
+        assert b".dot line %d" % i in text
