@@ -24,7 +24,7 @@ import uvloop
 
 from mailrelayd.config import parse_config
 from mailrelayd.delivery.mx import MxResolver
-from mailrelayd.delivery.smtpclient import BadReply, Reply, ReplyParser, message_bytes, parse_ehlo
+from mailrelayd.delivery.smtpclient import BadReply, Reply, ReplyParser, SmtpClient, message_bytes, parse_ehlo
 from mailrelayd.delivery.transport import RcptResult, Transport
 from tests.conftest import base_config, deep_merge, write_config
 
@@ -287,6 +287,28 @@ def test_silence_after_data_command_times_out(loop: str, tmp_path: Path, tls_fil
         res = await _deliver(t, ["a@dest.test"])
         await t.close()
         assert res[0].temporary and "timed out" in res[0].text
+
+    _run(loop, _serve(handler, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_cancelled_wait_ends_the_session(loop: str) -> None:
+    """A delivery cancelled while a reply is owed (shutdown) must not leave the session for reuse:
+    that reply would answer the next command."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        await reader.read(65536)  # never answers EHLO
+
+    async def body(port: int, seen: Seen) -> None:
+        client, greeting = await SmtpClient.connect("127.0.0.1", port, connect_timeout=5, greeting_timeout=5)
+        assert greeting.code == 220
+        task = asyncio.ensure_future(client.ehlo("client.test", 30))
+        await asyncio.sleep(0.1)
+        assert client.is_connected
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not client.is_connected
 
     _run(loop, _serve(handler, body))
 

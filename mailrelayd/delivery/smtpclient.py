@@ -19,7 +19,6 @@ import base64
 import re
 import ssl
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +141,6 @@ class _Edge(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None
         self.writable = True
         self.error: ClientError | None = None
-        self.on_reply: Any = None  # re-arms the caller's timer when a reply arrives
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass
@@ -160,8 +158,6 @@ class _Edge(asyncio.Protocol):
             if len(self.replies) > MAX_QUEUED:
                 self.fail(BadReply("too many unsolicited replies"))
                 return
-            if self.on_reply is not None:
-                self.on_reply()
             self.wake()
 
     def eof_received(self) -> bool | None:
@@ -217,7 +213,7 @@ class SmtpClient:
             raise ConnectFailed(e.strerror or str(e)) from None
         client = cls(transport, edge)
         try:
-            greeting = await client.read(greeting_timeout)
+            greeting = await client.reply(greeting_timeout)
         except BaseException:
             client.close()
             raise
@@ -240,42 +236,28 @@ class SmtpClient:
         self.transport.abort()
 
     # --- replies -------------------------------------------------------------------------
-    async def read(self, timeout: float, n: int = 1) -> list[Reply] | Reply:
-        """The next reply (``n == 1``) or the next ``n`` replies, each within ``timeout`` of the one before."""
+    async def reply(self, timeout: float) -> Reply:
+        """The next reply, within ``timeout``. A reply already queued (the answer to an earlier
+        command of a pipelined group) is returned at once."""
         edge = self.edge
-        if len(edge.replies) < n and edge.error is None:
+        if not edge.replies and edge.error is None:
             loop = asyncio.get_running_loop()
-            timer: list[asyncio.TimerHandle] = []
-
-            def expire() -> None:
-                edge.fail(Timeout(f"no reply within {timeout:g}s"))
-
-            def rearm() -> None:
-                timer[0].cancel()
-                timer[0] = loop.call_later(timeout, expire)
-
-            timer.append(loop.call_later(timeout, expire))
-            edge.on_reply = rearm
+            timer = loop.call_later(timeout, edge.fail, Timeout(f"no reply within {timeout:g}s"))
             try:
-                while len(edge.replies) < n and edge.error is None:
+                while not edge.replies and edge.error is None:
                     edge.waiter = loop.create_future()
                     await edge.waiter
+            except asyncio.CancelledError:
+                self.close()  # a reply still owed would answer the next command: never reuse this session
+                raise
             finally:
                 edge.waiter = None
-                edge.on_reply = None
-                timer[0].cancel()
-        if len(edge.replies) < n:
+                timer.cancel()
+        if not edge.replies:
             self.close()
             assert edge.error is not None
             raise edge.error
-        if n == 1:
-            return edge.replies.popleft()
-        return [edge.replies.popleft() for _ in range(n)]
-
-    async def reply(self, timeout: float) -> Reply:
-        r = await self.read(timeout)
-        assert isinstance(r, Reply)
-        return r
+        return edge.replies.popleft()
 
     def send(self, *lines: bytes) -> None:
         """Write command lines (each without its CRLF) in one write: a pipelined group when several."""
@@ -348,12 +330,6 @@ class SmtpClient:
                 return r
             r = await self.command(base64.b64encode(secret.encode()), timeout)
         return r
-
-    async def pipeline(self, lines: Sequence[bytes], timeout: float) -> list[Reply]:
-        """Send ``lines`` as one group and read one reply for each, in order (RFC 2920 §3.1)."""
-        self.send(*lines)
-        got = await self.read(timeout, len(lines))
-        return [got] if isinstance(got, Reply) else got
 
     async def message(self, data: bytes, *, block_timeout: float, done_timeout: float) -> Reply:
         """After a 354: the message and its terminator, then the final reply (RFC 5321 §4.1.1.4)."""
