@@ -1,7 +1,7 @@
 """A scriptable SMTP server on loopback (aiosmtpd) standing in for remote MTAs in delivery tests.
 
     sink = Sink(tls=server_ctx)                      # STARTTLS offered when tls is given
-    Sink(pipelining=True)                            # PIPELINING advertised too (RFC 2920)
+    Sink(pipelining=False)                           # no PIPELINING (RFC 2920): one command at a time
     await sink.start()                               # 127.0.0.1, ephemeral port -> sink.port
     sink.rcpt_replies["nobody@x.example"] = "550 5.1.1 No such user"
     sink.data_action = "drop"                        # or "hang", "ok"
@@ -98,7 +98,7 @@ class _Handler:
 
 
 class Sink:
-    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", pipelining: bool = False) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", pipelining: bool = True) -> None:
         self.tls = tls
         self.pipelining = pipelining
         self.host = host
