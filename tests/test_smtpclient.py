@@ -105,6 +105,17 @@ async def _body(reader: asyncio.StreamReader, seen: Seen) -> bytes:
     return data
 
 
+async def _serial_transaction(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen,
+                              *first: bytes) -> None:
+    """Answer ``first`` replies, then MAIL, RCPT, DATA, the message and QUIT, one command at a time."""
+    for reply in (*first, b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+        await _line(reader, seen)
+        writer.write(reply)
+    await _body(reader, seen)
+    writer.write(b"250 queued\r\n")
+    await _line(reader, seen)
+
+
 async def _serve(handler: Handler, body: Callable[[int, Seen], Awaitable[None]], rcvbuf: int = 0) -> Seen:
     seen = Seen()
 
@@ -146,6 +157,14 @@ def _run(loop: str, coro: Awaitable[None]) -> None:
 
 async def _deliver(t: Transport, rcpts: list[str], data: bytes = MSG) -> list[RcptResult]:
     return await t.deliver("dest.test", "a@example.com", rcpts, data)
+
+
+async def _deferred_unsent(t: Transport, seen: Seen, enhanced: str) -> None:
+    """One delivery attempt ends deferred with ``enhanced`` and the server never got a message."""
+    res = await _deliver(t, ["a@dest.test"])
+    await t.close()
+    assert res[0].temporary and res[0].enhanced == enhanced, res[0]
+    assert seen.data == []
 
 
 # --- pipelining --------------------------------------------------------------------------------
@@ -261,11 +280,7 @@ def test_a_broken_server_defers_and_never_hangs(loop: str, case: str, tmp_path: 
         await reader.read(65536)  # until the client gives up
 
     async def body(port: int, seen: Seen) -> None:
-        t = _transport(tmp_path, tls_files, port)
-        res = await _deliver(t, ["a@dest.test"])
-        await t.close()
-        assert res[0].temporary and res[0].enhanced == "4.4.2", res[0]
-        assert seen.data == []
+        await _deferred_unsent(_transport(tmp_path, tls_files, port), seen, "4.4.2")
 
     _run(loop, _serve(handler, body))
 
@@ -314,42 +329,36 @@ def test_a_cancelled_wait_ends_the_session(loop: str) -> None:
 
 
 # --- STARTTLS and AUTH -----------------------------------------------------------------------------
+@pytest.fixture
+def server_ctx(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*tls_files)
+    return ctx
+
+
 @pytest.mark.parametrize("loop", LOOPS)
-def test_starttls_response_injection_is_refused(loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+def test_starttls_response_injection_is_refused(loop: str, tmp_path: Path, tls_files: tuple[Path, Path],
+                                                server_ctx: ssl.SSLContext) -> None:
     """A reply sent in the clear behind the 220 (the CVE-2011-0411 family) would be read as the answer
     to the first command inside TLS: the session is dropped instead (RFC 3207 §4)."""
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(*tls_files)
-
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
         await _line(reader, seen)
         writer.write(b"250-mx.test\r\n250 STARTTLS\r\n")
         await _line(reader, seen)
         writer.write(b"220 go ahead\r\n250-injected\r\n250 AUTH PLAIN\r\n")
         await writer.start_tls(server_ctx)  # a server that then behaves: only the injection is wrong
-        for reply in (b"250 mx.test\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
-            await _line(reader, seen)
-            writer.write(reply)
-        await _body(reader, seen)
-        writer.write(b"250 queued\r\n")
-        await _line(reader, seen)
+        await _serial_transaction(reader, writer, seen, b"250 mx.test\r\n")
 
     async def body(port: int, seen: Seen) -> None:
-        t = _transport(tmp_path, tls_files, port, tls="may")
-        res = await _deliver(t, ["a@dest.test"])
-        await t.close()
-        assert res[0].temporary and res[0].enhanced == "4.7.5", res[0]
-        assert seen.data == []
+        await _deferred_unsent(_transport(tmp_path, tls_files, port, tls="may"), seen, "4.7.5")
 
     _run(loop, _serve(handler, body))
 
 
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("mechs", ["PLAIN LOGIN", "LOGIN"])
-def test_route_auth_inside_starttls(loop: str, mechs: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(*tls_files)
-
+def test_route_auth_inside_starttls(loop: str, mechs: str, tmp_path: Path, tls_files: tuple[Path, Path],
+                                    server_ctx: ssl.SSLContext) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
         await _line(reader, seen)
         writer.write(b"250-mx.test\r\n250-AUTH " + mechs.encode() + b"\r\n250 STARTTLS\r\n")
@@ -367,12 +376,7 @@ def test_route_auth_inside_starttls(loop: str, mechs: str, tmp_path: Path, tls_f
                 writer.write(b"334 " + prompt + b"\r\n")
                 seen.auth.append(base64.b64decode((await _line(reader, seen)).strip()))
         writer.write(b"235 2.7.0 ok\r\n")
-        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
-            await _line(reader, seen)
-            writer.write(reply)
-        await _body(reader, seen)
-        writer.write(b"250 queued\r\n")
-        await _line(reader, seen)
+        await _serial_transaction(reader, writer, seen)
 
     async def body(port: int, seen: Seen) -> None:
         t = _transport(tmp_path, tls_files, port, tls="encrypt", username="relay-user", password="s3cret pass")
