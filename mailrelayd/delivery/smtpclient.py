@@ -118,7 +118,7 @@ def parse_ehlo(reply: Reply) -> dict[str, str]:
     return ext
 
 
-def message_bytes(data: bytes) -> list[bytes]:
+def message_bytes(data: bytes) -> tuple[bytes, bytes]:
     """The pieces to write after a 354: the message with CRLF line ends, dot-stuffed (RFC 5321
     §4.5.2), and the terminator. The common message needs neither change and is sent as it is."""
     n_lf = data.count(b"\n")
@@ -127,8 +127,8 @@ def message_bytes(data: bytes) -> list[bytes]:
     if data.startswith(b".") or b"\n." in data:
         data = re.sub(rb"(?m)^\.", b"..", data)
     if data and not data.endswith(b"\r\n"):
-        return [data, b"\r\n.\r\n"]
-    return [data, b".\r\n"]
+        return data, b"\r\n.\r\n"
+    return data, b".\r\n"
 
 
 class _Edge(asyncio.Protocol):
@@ -335,7 +335,14 @@ class SmtpClient:
         """After a 354: the message and its terminator, then the final reply (RFC 5321 §4.1.1.4)."""
         if not self.is_connected:
             raise self.edge.error or Disconnected("the session is closed")
-        self.transport.writelines(message_bytes(data))
+        body, end = message_bytes(data)
+        if len(body) < 65536:
+            self.transport.write(body + end)  # one send for the common small message
+        else:
+            # Two writes, not writelines(): asyncio's selector transport in 3.12-3.13 does not pause
+            # the protocol from writelines(), which would leave flow control (and data_block_timeout) out.
+            self.transport.write(body)
+            self.transport.write(end)
         await self.drain(block_timeout)
         return await self.reply(done_timeout)
 
