@@ -356,6 +356,28 @@ def test_starttls_response_injection_is_refused(loop: str, tmp_path: Path, tls_f
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_starttls_offered_then_refused_defers(loop: str, tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """STARTTLS in EHLO, then 454 to the command (RFC 3207 §4): a TLS failure, never a silent
+    plaintext delivery (delivery.tls_fallback_plaintext, when set, applies to MX delivery, not routes)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(b"250-mx.test\r\n250 STARTTLS\r\n")
+        await _line(reader, seen)
+        writer.write(b"454 4.7.0 TLS not available due to local problem\r\n")
+        await reader.read(65536)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port, tls="may")
+        res = await _deliver(t, ["a@dest.test"])
+        await t.close()
+        assert res[0].temporary and res[0].enhanced == "4.7.5", res[0]
+        assert "STARTTLS refused" in res[0].text and "454 4.7.0" in res[0].text
+        assert seen.data == []
+
+    _run(loop, _serve(handler, body))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("mechs", ["PLAIN LOGIN", "LOGIN"])
 def test_route_auth_inside_starttls(loop: str, mechs: str, tmp_path: Path, tls_files: tuple[Path, Path],
                                     server_ctx: ssl.SSLContext) -> None:
