@@ -622,8 +622,12 @@ class Daemon:
             await asyncio.sleep(interval)
 
 
-GIL_SWITCH_INTERVAL = 0.00002  # seconds (default 0.005). bench/latency.py p99: 50 µs 25-30 ms, 20 µs 24, 10 µs 23
-# (throughput the same within noise); 0.2 ms gave a p99 6 ms longer than 50 µs.
+# Seconds (CPython's default: 0.005). Each hand-over of the GIL is a pair of context switches that
+# the busy loop pays for; the spool writer now needs about a dozen per group commit (set-based
+# statements), so a longer interval costs little latency. Interleaved runs of bench/latency.py
+# (20 sessions): 20 µs 368-431 msg/s, p99 24-25 ms; 250 µs 502-579 msg/s, p99 22-26 ms;
+# 500 µs about the same; 1 ms and 5 ms p99 31-34 ms. bench/README.md, fifth session.
+GIL_SWITCH_INTERVAL = 0.00025
 
 
 def run_daemon(config_path: Path, log_format: str | None = None) -> int:
@@ -633,7 +637,8 @@ def run_daemon(config_path: Path, log_format: str | None = None) -> int:
     # The spool writer (and the reader and auth threads) give up the GIL in every SQLite step and
     # must win it back from a busy event loop once per statement; at the default 5 ms switch
     # interval a group commit of a few dozen statements waited tens of milliseconds for the GIL
-    # alone, not for the disk. A short interval bounds each of those waits.
+    # alone, not for the disk. A shorter interval bounds each of those waits; too short, and the
+    # loop spends its time handing the GIL over (see GIL_SWITCH_INTERVAL).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     fix_mmap_threshold()  # large message bodies in their own mappings, freed at once (malloc.py)
     try:

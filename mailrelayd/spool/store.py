@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import queue
 import shutil
@@ -1096,11 +1097,14 @@ def _apply_updates(c: sqlite3.Connection, updates: Sequence[tuple[RecipientUpdat
         finished_at[u.queue_id] = now
     order = {qid: i for i, qid in enumerate(dict.fromkeys(u.queue_id for u, _ in updates))}
     done: list[tuple[str, float]] = []
-    for chunk in _chunks(list(finished_at.items())):
-        done += c.execute(
-            f"WITH t(qid, now) AS (VALUES {_rows(len(chunk), 2)}) SELECT qid, now FROM t WHERE NOT EXISTS "
-            "(SELECT 1 FROM recipients r WHERE r.qid = t.qid AND r.state IN ('pending','deferred'))",
-            [v for item in chunk for v in item]).fetchall()
+    for chunk in _chunks(list(finished_at)):
+        # One row, not one per finished message: each row fetched is another GIL round trip
+        # against the busy event loop (the sqlite3 module releases the GIL for every step).
+        (found,) = c.execute(
+            f"WITH t(qid) AS (VALUES {_rows(len(chunk), 1)}) SELECT json_group_array(qid) FROM t WHERE NOT "
+            "EXISTS (SELECT 1 FROM recipients r WHERE r.qid = t.qid AND r.state IN ('pending','deferred'))",
+            chunk).fetchone()
+        done += [(qid, finished_at[qid]) for qid in json.loads(found)]
     if done:
         _finish(c, done)
     return sorted((qid for qid, _ in done), key=order.__getitem__)
