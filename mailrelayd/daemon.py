@@ -171,7 +171,7 @@ class Daemon:
     def __init__(self, config_path: Path, *, log_format: str | None = None) -> None:
         self.config_path = config_path
         self.log_format = log_format
-        self.log_stream = LineBatcher(sys.stdout)  # one write per event-loop turn (see LineBatcher)
+        self.log_stream = LineBatcher(sys.stdout)  # one write per 10 ms at most (see LineBatcher)
         self.notifier = Notifier()
         self.started = time.time()
         self._stop = asyncio.Event()
@@ -650,4 +650,4 @@ def run_daemon(config_path: Path, log_format: str | None = None) -> int:
             return asyncio.run(daemon.run())
         return uvloop.run(daemon.run())
     finally:
-        daemon.log_stream.flush_now()  # lines of the last loop turn
+        daemon.log_stream.flush_now()  # lines of the last 10 ms

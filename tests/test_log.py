@@ -1,5 +1,5 @@
 """The log pipeline in-process: JSON lines, secrets redacted, a reconfiguration (reload) reaching
-loggers already in use, and the LineBatcher's one write per event-loop turn."""
+loggers already in use, and the LineBatcher's one write per 10 ms (or per 64 KB)."""
 
 from __future__ import annotations
 
@@ -57,17 +57,30 @@ def test_reconfigure_reaches_loggers_already_in_use() -> None:
     assert "not shown" not in second.getvalue() and "shown" in second.getvalue().splitlines()[-1]
 
 
-async def test_line_batcher_writes_once_per_loop_turn() -> None:
+async def test_line_batcher_writes_once_per_delay() -> None:
     raw = CountingStream()
-    configure_logging("json", "info", stream=LineBatcher(raw))
+    configure_logging("json", "info", stream=LineBatcher(raw, delay=0.05))
     log = get_logger()
     for i in range(50):
         log.info("burst", n=i)
-    assert raw.writes == 0  # nothing yet: written at the end of this loop turn
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+    assert raw.writes == 0  # not at the end of the loop turn: a timer joins the next turns' lines
+    log.info("burst", n=50)
+    await asyncio.sleep(0.1)
     assert raw.writes == 1
-    assert [e["n"] for e in _lines(raw)] == list(range(50))
+    assert [e["n"] for e in _lines(raw)] == list(range(51))
+
+
+async def test_line_batcher_writes_at_once_past_max_bytes() -> None:
+    raw = CountingStream()
+    configure_logging("json", "info", stream=LineBatcher(raw, delay=60, max_bytes=2000))
+    log = get_logger()
+    for i in range(40):  # about 80 bytes a line
+        log.info("burst", n=i)
+    assert raw.writes >= 1  # memory stays bounded whatever the delay
+    assert len(raw.getvalue()) >= 2000
+    assert [e["n"] for e in _lines(raw)] == list(range(len(_lines(raw))))
 
 
 def test_line_batcher_without_a_loop_writes_at_once() -> None:
