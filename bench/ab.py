@@ -5,7 +5,8 @@ On a shared VM the same code accepts 380/s in one run and 580/s a minute later, 
 after the other cannot show a 10-20% change. This starts both daemons side by side (bench/accept.toml,
 each idle while the other is driven, one Postfix smtp-sink for both), then alternates short
 ``smtp-source -s 20`` runs between them, A first in even rounds and B first in odd ones, and prints
-each round's rates and the daemon's CPU per message (all its threads, from /proc), then the median
+each round's rates and the daemon's CPU per message (all its threads, from /proc; not the DKIM
+helper's, a separate process), then the median
 of the per-round ratios B/A and in how many rounds B was faster. A real change shows in (nearly)
 every round; an A/A run of the same revision gave per-round ratios of 0.79-1.06.
 
@@ -54,8 +55,7 @@ def source_tree(rev: str, scratch: Path, label: str) -> Path:
 
 class Daemon:
     def __init__(self, tree: Path, work: Path, port: int, dkim: str) -> None:
-        sys.path.insert(0, str(HERE))
-        from accept import write_config  # the same set-up as the Postfix comparison
+        from accept import write_config  # bench/ is sys.path[0]: the same set-up as the Postfix comparison
 
         work.mkdir(parents=True)
         cfg = write_config(work, port, dkim)
