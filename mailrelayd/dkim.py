@@ -1,14 +1,17 @@
 """DKIM signing (RFC 6376) with RSA-SHA256 and Ed25519-SHA256 (RFC 8463), built for speed.
 
-dkimpy stays in charge of what makes a signature interoperable: message parsing, relaxed header
-canonicalization, choosing which header instance each ``h=`` entry covers, the tag layout and the
-folding of the ``DKIM-Signature`` field. Two things are swapped out because they dominate the cost:
+dkimpy's public functions stay in charge of what makes a signature interoperable: message parsing,
+relaxed header canonicalization, choosing which header instance each ``h=`` entry covers, and the
+folding of the ``DKIM-Signature`` field (whose tags we lay out in dkimpy's order). Three things are
+ours because they dominate the cost:
 
 * the private-key operation runs in ``cryptography`` (OpenSSL) on a key parsed once at load time,
   instead of dkimpy's pure-Python ``pow`` on a PEM re-parsed for every message (~9 ms -> ~0.3 ms
   for RSA-2048);
 * the relaxed *body* canonicalization (RFC 6376 §3.4.4) is a byte-identical rewrite of dkimpy's
-  that avoids running three regular expressions over the whole body (~3.5 ms -> ~0.1 ms at 100 KB).
+  that avoids running three regular expressions over the whole body (~3.5 ms -> ~0.1 ms at 100 KB);
+* the signed header fields are selected, canonicalized and hashed once per message, not once per
+  key, and only those fields, not the whole header (dual signing: ~0.35 -> ~0.25 ms of Python).
 
 The result is checked byte for byte against dkimpy's own ``dkim.sign`` in tests/test_dkim.py.
 
@@ -30,7 +33,6 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import logging
 import os
 import re
 import tempfile
@@ -39,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import dkim
 import dns.asyncresolver
@@ -105,8 +107,6 @@ DEFAULT_HEADERS: tuple[str, ...] = (
 
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _SIG_HEADER = b"DKIM-Signature"
-# dkimpy's default logger helper adds a handler on first use; we only hand it the plain logger.
-_DKIMPY_LOGGER = logging.getLogger("dkimpy")
 # RFC 6376 §3.1 selectors and §3.5 d= are DNS names; we accept LDH labels (A-labels for IDN).
 _DNS_NAME = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!-))*$")
 _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 §3.6.8 ftext
@@ -277,69 +277,51 @@ def _header_from_domain(headers: Sequence[Sequence[bytes]]) -> tuple[str | None,
     return _normalize_domain(domains.pop()), None
 
 
-class _DkimpyContext(dkim.DKIM):
-    """One message's dkimpy signing state, with the private-key operation done by LoadedKey.
+class _Hasher(Protocol):
+    def copy(self) -> _Hasher: ...
+    def update(self, data: bytes, /) -> None: ...
+    def digest(self) -> bytes: ...
 
-    A fresh instance per message keeps signing thread-safe (dkimpy keeps per-message state on
-    ``self``).
-    """
 
-    def __init__(
-        self, headers: list[list[bytes]], sign: frozenset[bytes], oversign: frozenset[bytes]
-    ) -> None:
-        super().__init__(None, logger=_DKIMPY_LOGGER, linesep=b"\r\n")
-        self.headers = headers
-        self.should_sign = set(sign)
-        self.frozen_sign = set(oversign)
-        self.hasher = hashlib.sha256
-        self._canonical_headers: list[tuple[bytes, bytes]] | None = None
+def _sig_tags(key: LoadedKey, include_headers: Sequence[bytes], bodyhash: bytes, timestamp: int,
+              expire: int | None) -> list[tuple[bytes, bytes]]:
+    """The DKIM-Signature tags in dkimpy's order (``dkim.DKIM.sign``, dkimpy 1.1.8)."""
+    domain = key.domain.encode("ascii")
+    fields = [
+        (b"v", b"1"),
+        (b"a", key.algorithm.encode("ascii")),
+        (b"c", _RELAXED.to_c_value()),
+        (b"d", domain),
+        (b"i", b"@" + domain),
+        (b"q", b"dns/txt"),
+        (b"s", key.selector.encode("ascii")),
+        (b"t", str(timestamp).encode("ascii")),
+    ]
+    if expire is not None:
+        fields.append((b"x", str(timestamp + expire).encode("ascii")))  # RFC 6376 §3.5 x=
+    fields += [
+        (b"h", b" : ".join(include_headers)),
+        (b"bh", bodyhash),
+        # Same placeholder as dkimpy: forces b= onto its own folded line.
+        (b"b", b"0" * 60),
+    ]
+    return fields
 
-    def sign_with(self, key: LoadedKey, include_headers: tuple[bytes, ...], bodyhash: bytes,
-                  timestamp: int, expire: int | None) -> bytes:
-        """Build one DKIM-Signature field; the tag list mirrors ``dkim.DKIM.sign`` (dkimpy 1.1.8)."""
-        domain = key.domain.encode("ascii")
-        fields = [
-            (b"v", b"1"),
-            (b"a", key.algorithm.encode("ascii")),
-            (b"c", _RELAXED.to_c_value()),
-            (b"d", domain),
-            (b"i", b"@" + domain),
-            (b"q", b"dns/txt"),
-            (b"s", key.selector.encode("ascii")),
-            (b"t", str(timestamp).encode("ascii")),
-        ]
-        if expire is not None:
-            fields.append((b"x", str(timestamp + expire).encode("ascii")))  # RFC 6376 §3.5 x=
-        fields += [
-            (b"h", b" : ".join(include_headers)),
-            (b"bh", bodyhash),
-            # Same placeholder as dkimpy: forces b= onto its own folded line.
-            (b"b", b"0" * 60),
-        ]
-        self.signature_algorithm = key.algorithm.encode("ascii")
-        return _SIG_HEADER + b": " + self.gen_header(fields, include_headers, _RELAXED, _SIG_HEADER, key)
 
-    def gen_header(self, fields: list[tuple[bytes, bytes]], include_headers: Sequence[bytes],
-                   canon_policy: CanonicalizationPolicy, header_name: bytes, pk: LoadedKey,
-                   standardize: bool = False) -> bytes:
-        """``dkim.DomainSigner.gen_header`` (dkimpy 1.1.8) with ``pk.sign_digest`` as the key operation.
+def _fold_field(fields: Sequence[tuple[bytes, bytes]], linesep: bytes = b"") -> bytes:
+    return dkim.fold(b"; ".join(b"=".join(x) for x in fields) + linesep, namelen=len(_SIG_HEADER),
+                     linesep=b"\r\n")
 
-        Everything else (folding, b= stripping, header selection and hashing) calls dkimpy.
-        """
-        header_value = b"; ".join(b"=".join(x) for x in fields)
-        header_value = dkim.fold(header_value, namelen=len(header_name), linesep=b"\r\n")
-        header_value = dkim.RE_BTAG.sub(b"\\1", header_value)
-        hasher = self.hasher()
-        if self._canonical_headers is None:  # the same for every signature of this message
-            self._canonical_headers = canon_policy.canonicalize_headers(self.headers)
-        headers = self._canonical_headers
-        self.signed_headers = dkim.hash_headers(
-            hasher, canon_policy, headers, include_headers, (header_name, b" " + header_value), dict(fields)
-        )
-        signature = base64.b64encode(pk.sign_digest(hasher.digest()))
-        fields = [(k, signature if k == b"b" else v) for k, v in fields]
-        header_value = b"; ".join(b"=".join(x) for x in fields) + self.linesep
-        return dkim.fold(header_value, namelen=len(header_name), linesep=self.linesep)
+
+def _header_digest(prefix: _Hasher, fields: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """RFC 6376 §3.7: the selected header fields (already in ``prefix``), then this signature's own
+    field with an empty b= and no trailing CRLF, all under relaxed canonicalization. The field is
+    folded first, as it will be sent, exactly as ``dkim.DomainSigner.gen_header`` does."""
+    value = dkim.RE_BTAG.sub(b"\\1", _fold_field(fields))
+    ((name, canonical),) = _RELAXED.canonicalize_headers([(_SIG_HEADER, value)])
+    hasher = prefix.copy()
+    hasher.update(name + b":" + canonical.rstrip())
+    return hasher.digest()
 
 
 # --- the signer -------------------------------------------------------------------------
@@ -385,8 +367,9 @@ class DkimSigner:
             raise ValueError("expire must be positive")
         if expire and expire < 1:
             raise ValueError("expire must be at least 1 second (x= must be later than t=)")
-        self._sign_headers = frozenset(n.encode() for n in names)
         self._oversign = frozenset(h.strip().lower().encode() for h in oversign)
+        # dkim.DKIM.default_sign_headers: fields to sign, and those signed once more than present.
+        self._signable = frozenset(n.encode() for n in names) | self._oversign
         self._parent_domains = parent_domains
         self._expire = int(expire) if expire else None
         by_domain: dict[str, list[LoadedKey]] = {}
@@ -449,8 +432,14 @@ class DkimSigner:
         failed_by: list[str] = []
         errors: list[str] = []
         try:
-            ctx = _DkimpyContext(headers, self._sign_headers, self._oversign)
-            include = tuple(name.lower() for name in ctx.default_sign_headers())
+            # Names as relaxed canonicalization has them (RFC 6376 §3.4.2). The selected fields
+            # are canonicalized and hashed once for every key; each signature then adds its own
+            # field to a copy of that hash.
+            named = [(name.lower().rstrip(), value) for name, value in headers]
+            present = [name for name, _ in named if name in self._signable]
+            include = present + [name for name in present if name in self._oversign]
+            selected = _RELAXED.canonicalize_headers(dkim.select_headers(named, include))
+            prefix = hashlib.sha256(b"".join(name + b":" + value for name, value in selected))
             # Both algorithms hash the body with SHA-256 under relaxed: one body hash serves all keys.
             bodyhash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
         except Exception as exc:
@@ -459,7 +448,10 @@ class DkimSigner:
         else:
             for key in keys:
                 try:
-                    signatures.append(ctx.sign_with(key, include, bodyhash, timestamp, self._expire))
+                    fields = _sig_tags(key, include, bodyhash, timestamp, self._expire)
+                    b64 = base64.b64encode(key.sign_digest(_header_digest(prefix, fields)))
+                    fields[-1] = (b"b", b64)
+                    signatures.append(_SIG_HEADER + b": " + _fold_field(fields, b"\r\n"))
                 except Exception as exc:
                     failed_by.append(key.selector)
                     errors.append(f"{key.algorithm} ({key.selector}): {exc.__class__.__name__}: {exc}")

@@ -135,6 +135,9 @@ MESSAGES: dict[str, bytes] = {
         b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
         b"Reply-To: support@example.com\r\n"
     )),
+    # Repeated fields: h= names each instance, bottom-up (RFC 6376 §5.4.2), plus From once more.
+    "repeated-fields": message(extra=b"To: second <s@example.net>\r\nCc: a@example.net\r\n"
+                                     b"Cc: b@example.net\r\nREPLY-TO: r@example.com\r\n"),
     "lf-line-endings": message().replace(b"\r\n", b"\n"),
     "mixed-line-endings": message(body=b"line one\nline two\r\nline three\n"),
     "whitespace": message(subject=b"  spaced \t out  ",
