@@ -190,6 +190,33 @@ def test_after_the_dot_the_commit_is_always_scheduled_and_logged(daemon: DaemonP
         daemon.wait_event("delivery.attempt", queue_id=q, timeout=15)
 
 
+def test_reset_behind_a_pipelined_second_message_leaks_no_memory(daemon: DaemonProcess) -> None:
+    """Two messages in one write (no waiting for 354), then a reset while the first commits: the
+    first is committed and scheduled; what was behind it goes with the connection, and the bytes it
+    held go back to the memory budget (before, they were never given back)."""
+    sessions = lambda: sum(e.get("event") == "smtp.session" for e in daemon.events)  # noqa: E731
+    accepted = lambda: [e["queue_id"] for e in daemon.events if e.get("event") == "message.accepted"]  # noqa: E731
+    before = len(accepted())
+    for i in range(4):
+        n = sessions()
+        c = Raw(daemon.ports["relay"])
+        assert c.cmd("EHLO client.test.example")[0] == 250
+        c.s.sendall(b"".join(b"MAIL FROM:<app@example.com>\r\nRCPT TO:<piped%d-%d@example.net>\r\nDATA\r\n%s"
+                             % (i, j, MSG) for j in range(2)))
+        c.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        _until(lambda n=n: sessions() > n, what="the session to end")
+    _until(lambda: _metric(daemon, "mailrelayd_data_memory_bytes") == 0, timeout=10,
+           what="the budget to be given back")
+    # The first of each pair is committed whatever the client does; the second only if its commit
+    # started before the reset was seen. Each one committed is scheduled.
+    _until(lambda: len(accepted()) - before >= 4, what="the first messages to be committed")
+    new = accepted()[before:]
+    assert 4 <= len(new) <= 8
+    for q in new:
+        daemon.wait_event("delivery.attempt", queue_id=q, timeout=15)
+
+
 def test_client_that_never_reads_is_aborted_by_the_timeout(daemon: DaemonProcess) -> None:
     s = socket.create_connection(("127.0.0.1", daemon.ports["relay"]), timeout=30)
     t0 = time.monotonic()

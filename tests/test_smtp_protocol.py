@@ -317,6 +317,27 @@ def test_memory_budget_at_data(cfg: Config) -> None:
     assert budget.used == 0
 
 
+def test_commit_outliving_its_connection_closes_the_protocol(cfg: Config) -> None:
+    """A client pipelines a second message behind the first (no waiting for 354) and resets while the
+    first commits. The edge still reports the commit's outcome; the protocol must not turn the bytes
+    behind it into another message, which nobody would answer and whose memory nobody would free."""
+    budget = MemoryBudget(1 << 20)
+    h = Harness(cfg, budget=budget)
+    h.send(b"EHLO c.example\r\n")
+    msg = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.org>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
+    h.send(msg + msg)
+    assert [type(e) for e in h.events] == [MessageReceived]
+    assert h.p.phase is Phase.WAIT and budget.used > 0
+    h.p.connection_lost()
+    assert h.p.message_result(Reply(250, "2.0.0", "Ok: queued as X")) == []
+    assert h.p.phase is Phase.CLOSED and h.out() == [] and budget.used == 0
+    assert h.p.receive(msg) == [] and h.out() == []
+    # Without the reset, the second message follows the first.
+    h = Harness(cfg, budget=budget)
+    h.send(b"EHLO c.example\r\n" + msg + msg)
+    assert [type(e) for e in h.p.message_result(Reply(250, "2.0.0", "Ok: queued as X"))] == [MessageReceived]
+
+
 # --- the DATA reader ----------------------------------------------------------------------
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 4096])
 def test_dot_reader_any_split(chunk: int) -> None:

@@ -157,6 +157,7 @@ class ServerProtocol:
         self._out = bytearray()
         self._events: list[Event] = []
         self._eof = False
+        self._lost = False  # connection_lost() came (possibly while a commit was outstanding)
         self._discarding = False  # inside an over-long line: drop through its LF, then reply 500
         self._reader: DotReader | None = None
         self._auth_step: str | None = None  # "plain", "login-user", "login-pass"
@@ -216,9 +217,14 @@ class ServerProtocol:
         if self._reader is not None:
             self._reader.release()
             self._reader = None
-        self.phase = Phase.COMMAND
         if reply.code == 250:
             self.facts.messages += 1
+        if self._lost:
+            # The commit outlived its connection: nobody reads the reply, and what the client had
+            # pipelined behind the message must not become another message (and hold memory).
+            self.phase = Phase.CLOSED
+            return []
+        self.phase = Phase.COMMAND
         self._send("DATA", reply)
         return self._run()
 
@@ -239,7 +245,10 @@ class ServerProtocol:
 
     def connection_lost(self) -> None:
         """The connection is gone. Gives back what is held (nothing is in flight here: an outstanding
-        commit belongs to the edge, which still reports it with :meth:`message_result`)."""
+        commit belongs to the edge, which still reports it with :meth:`message_result`, after which
+        the protocol is closed)."""
+        self._lost = True
+        self._in.clear()
         if self.phase is not Phase.WAIT and self._reader is not None:
             self._reader.release()
             self._reader = None
