@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import json
+import math
 import os
 import re
 import tomllib
@@ -91,28 +93,36 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|K|MB|MIB|M|GB|GIB|G)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
                "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+"""TOML integers are 64-bit; tomllib accepts any length, which SQLite (and float() past 1e308) cannot take."""
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
 def parse_duration(value: Any) -> float:
     """Parse ``"30s"``-style durations (or a plain number of seconds) into seconds."""
-    if isinstance(value, bool):
-        raise ValueError("must be a duration like \"30s\", \"5m\", \"4h\" or \"5d\"")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        # Not repr(value): a table or array can be huge or nested past the recursion limit.
+        raise ValueError(f"must be a duration like \"30s\", \"5m\", \"4h\" or \"5d\", not {_tname(value)}")
+    seconds: float | None = None
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("must not be negative")
-        return float(value)
-    if isinstance(value, str):
+        seconds = float(value)
+    else:
         m = _DURATION_RE.match(value)
         if m:
-            return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    raise ValueError(f"bad duration {value!r}: use a number with a unit, like \"30s\", \"5m\", \"4h\" or \"5d\"")
+            seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds is None:
+        raise ValueError(f"bad duration {value!r}: use a number with a unit, like \"30s\", \"5m\", \"4h\" or \"5d\"")
+    if not math.isfinite(seconds):  # nan, inf, or a digit string too long for a float
+        raise ValueError(f"bad duration {value!r}: must be a finite number of seconds")
+    return seconds
 
 
 def parse_size(value: Any) -> int:
     """Parse ``"25MB"``-style sizes (or a plain number of bytes) into bytes."""
-    if isinstance(value, bool):
-        raise ValueError("must be a size like \"25MB\"")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"must be a size like \"25MB\", not {_tname(value)}")
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative")
@@ -120,7 +130,10 @@ def parse_size(value: Any) -> int:
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+            n = float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()]
+            if n > _INT_MAX:  # also inf from a digit string too long for a float, which int() refuses
+                raise ValueError(f"bad size {value!r}: too large")
+            return int(n)
     raise ValueError(f"bad size {value!r}: use a number with a unit, like \"512KB\" or \"25MB\"")
 
 
@@ -154,7 +167,8 @@ def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
             raise ValueError(f"bad address {value!r}: a port is required (\"host:port\")")
         port = default_port
     else:
-        if not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        # ASCII digits only: isdigit() also takes "²" (which int() refuses) and any length (int() stops at 4300).
+        if not (port_s.isascii() and port_s.isdigit() and len(port_s) <= 5) or int(port_s) > 65535:
             raise ValueError(f"bad address {value!r}: port must be a number from 0 to 65535")
         port = int(port_s)
     if not host:
@@ -633,6 +647,8 @@ class _Loader:
             marker = extras[0]
         origin = get_origin(tp)
         try:
+            if isinstance(value, int) and not isinstance(value, bool) and not _INT_MIN <= value <= _INT_MAX:
+                raise ValueError("integer out of range (TOML integers are 64-bit)")
             if marker is _Duration:
                 return parse_duration(value)
             if marker is _Size:
@@ -654,6 +670,8 @@ class _Loader:
             if marker is _Path or tp is Path:
                 if not isinstance(value, str) or not value:
                     raise ValueError(f"must be a path string, not {_tname(value)}")
+                if "\0" in value:  # no system call takes it; Path.is_file() would just say False
+                    raise ValueError("must not contain a NUL character")
                 p = Path(os.path.expanduser(value))
                 return p if p.is_absolute() else (self.base / p)
             if isinstance(marker, _DefaultPort):
@@ -685,6 +703,8 @@ class _Loader:
             if tp is float:
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise ValueError(f"must be a number, not {_tname(value)}")
+                if not math.isfinite(value):
+                    raise ValueError(f"must be a finite number, not {value}")
                 return float(value)
             if tp is str:
                 if not isinstance(value, str):
@@ -706,7 +726,12 @@ class _Loader:
             raise ValueError(f"bad network {value!r}: use CIDR like \"10.0.0.0/8\" or \"::1/128\"") from None
 
 
+_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _join(prefix: str, name: str) -> str:
+    if not _BARE_KEY_RE.match(name):
+        name = json.dumps(name, ensure_ascii=False)  # quoted as in TOML, so "" or "a.b" stay visible
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -724,12 +749,18 @@ def load_config(path: Path | str) -> Config:
         raise ConfigError(file, "", "file not found") from None
     except OSError as e:
         raise ConfigError(file, "", f"cannot read: {e.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise ConfigError(file, "", "cannot read: bad file name") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(file, "", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, "", f"TOML syntax error: {e}") from None
+    except ValueError as e:  # tomllib lets int()'s 4300-digit limit through as a plain ValueError
+        raise ConfigError(file, "", f"TOML syntax error: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(file, "", "TOML syntax error: arrays or tables nested too deeply") from None
     return parse_config(data, file)
 
 
@@ -785,9 +816,7 @@ def _validate(cfg: Config, ld: _Loader) -> None:
             raise ld.err("auth.users_file", f"required by listener {lst.name!r} (auth = true)")
     if need_tls:
         for k in ("cert_file", "key_file"):
-            p: Path = getattr(cfg.tls, k)
-            if not p.is_file():
-                raise ld.err(f"tls.{k}", f"file not found: {p}")
+            _check_file(ld, f"tls.{k}", getattr(cfg.tls, k))
     if cfg.auth.max_failures < 1:
         raise ld.err("auth.max_failures", "must be at least 1")
     for i, d in enumerate(cfg.relay.local_domains):
@@ -816,8 +845,7 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         if k2 in seen_keys:
             raise ld.err(f"dkim[{i}].selector", f"duplicate selector {d.selector!r} for {d.domain}")
         seen_keys.add(k2)
-        if not d.key_file.is_file():
-            raise ld.err(f"dkim[{i}].key_file", f"file not found: {d.key_file}")
+        _check_file(ld, f"dkim[{i}].key_file", d.key_file)
     for i, h in enumerate(cfg.signing.headers):
         if not re.match(r"^[!-9;-~]+$", h):
             raise ld.err(f"signing.headers[{i}]", f"bad header name {h!r}")
@@ -851,10 +879,10 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         if r.username is not None and r.tls in ("none", "may", "dane"):
             raise ld.err(f"routes[{i}].tls", "AUTH to a route needs tls = \"encrypt\" (alias \"require\"), "
                          "\"verify\" or \"dane-only\" (never send a password in plaintext)")
-        if r.password_file is not None and not r.password_file.is_file():
-            raise ld.err(f"routes[{i}].password_file", f"file not found: {r.password_file}")
-    if dl.ca_file is not None and not dl.ca_file.is_file():
-        raise ld.err("delivery.ca_file", f"file not found: {dl.ca_file}")
+        if r.password_file is not None:
+            _check_file(ld, f"routes[{i}].password_file", r.password_file)
+    if dl.ca_file is not None:
+        _check_file(ld, "delivery.ca_file", dl.ca_file)
     if cfg.tls_rpt.reporting_domain is not None:
         _check_domain(ld, "tls_rpt.reporting_domain", cfg.tls_rpt.reporting_domain)
     _validate_delivery_control(cfg, ld)
@@ -866,8 +894,8 @@ def _validate(cfg: Config, ld: _Loader) -> None:
                          "(or set feedback.verp_secret_file)")
     if fb.verp_secret is not None and len(fb.verp_secret) < 16:
         raise ld.err("feedback.verp_secret", "must be at least 16 characters")
-    if fb.verp_secret_file is not None and not fb.verp_secret_file.is_file():
-        raise ld.err("feedback.verp_secret_file", f"file not found: {fb.verp_secret_file}")
+    if fb.verp_secret_file is not None:
+        _check_file(ld, "feedback.verp_secret_file", fb.verp_secret_file)
     if fb.soft_bounce_threshold < 1:
         raise ld.err("feedback.soft_bounce_threshold", "must be at least 1")
     for i, reporter in enumerate(fb.trusted_reporters):
@@ -902,8 +930,8 @@ def _validate(cfg: Config, ld: _Loader) -> None:
             parse_store_url(fb.store)
         except ValueError as e:
             raise ld.err("feedback.store", str(e)) from None
-    if fb.store_password_file is not None and not fb.store_password_file.is_file():
-        raise ld.err("feedback.store_password_file", f"file not found: {fb.store_password_file}")
+    if fb.store_password_file is not None:
+        _check_file(ld, "feedback.store_password_file", fb.store_password_file)
     if fb.store_poll_interval <= 0 or fb.store_poll_interval > 60:
         raise ld.err("feedback.store_poll_interval", "must be greater than 0 and at most 60s")
     if fb.store_connect_timeout <= 0:
@@ -950,11 +978,14 @@ def _validate_app_features(cfg: Config, ld: _Loader) -> None:
     names: set[str] = set()
     for i, w in enumerate(cfg.webhooks):
         key = f"webhooks[{i}]"
-        u = urlsplit(w.url)
+        try:
+            u = urlsplit(w.url)
+            u.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+        except ValueError as e:  # e.g. "http://[::1" (unclosed IPv6 bracket)
+            raise ld.err(f"{key}.url", f"bad URL {w.url!r}: {e}") from None
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ld.err(f"{key}.url", f"must be an http:// or https:// URL, not {w.url!r}")
-        if not w.secret_file.is_file():
-            raise ld.err(f"{key}.secret_file", f"file not found: {w.secret_file}")
+        _check_file(ld, f"{key}.secret_file", w.secret_file)
         if not w.events:
             raise ld.err(f"{key}.events", "must name at least one event")
         if not 1 <= w.batch_size <= 1000:
@@ -1002,6 +1033,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_file(ld: _Loader, key: str, path: Path) -> None:
+    # Path.is_file() answers False for a missing file, but raises OSError for a name too long or a
+    # directory we may not enter.
+    try:
+        if path.is_file():
+            return
+    except OSError as e:
+        raise ld.err(key, f"cannot access {path}: {e.strerror}") from None
+    raise ld.err(key, f"file not found: {path}")
+
+
 def _check_domain(ld: _Loader, key: str, value: str) -> None:
     try:
         normalize_domain(value)
@@ -1009,7 +1051,8 @@ def _check_domain(ld: _Loader, key: str, value: str) -> None:
         raise ld.err(key, f"{value!r} is not a valid domain name") from None
 
 
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
+# At most 18 digits: a longer count is no rate, and int() refuses past 4300 digits.
+_RATE_RE = re.compile(r"^\s*(\d{1,18})\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
 _RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
                "d": 86400, "day": 86400}
 
