@@ -18,6 +18,7 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line, CRLF included (spec §2.1)
 V2_MAX_BODY = 4096  # we read addresses and skip TLVs; a larger header is refused, not buffered
+_V1_ADDRESS_CHARS = frozenset("0123456789abcdefABCDEF:.")
 
 
 class ProxyHeaderError(ValueError):
@@ -67,6 +68,10 @@ def _v1(buf: bytes | bytearray) -> tuple[ProxyInfo, int] | None:
 
 
 def _ip(text: str, version: int) -> str:
+    # The spec's grammar (§2.1): hex digits, colons, dots. ``ipaddress`` also takes an IPv6 scope
+    # ("fe80::1%<anything but a space>", bare LF included), which would reach logs and Received.
+    if not set(text) <= _V1_ADDRESS_CHARS:
+        raise ProxyHeaderError(f"bad address {text[:45]!r}")
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
