@@ -17,10 +17,14 @@ errors are JSON ``{"error": {"code", "enhanced", "message"}}`` with the SMTP rep
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import email.utils
+import re
 import ssl
 from dataclasses import dataclass, field
+from email.errors import HeaderParseError
+from email.header import Header, decode_header
 from email.message import EmailMessage
 from typing import Any
 
@@ -40,7 +44,14 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required: send Authorization
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 BAD_TYPE = Reply(554, "5.6.1", "Content-Type must be message/rfc822 or application/json")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+NOT_IDENTITY = Reply(554, "5.6.1", "Content-Encoding is not supported: send the body uncompressed")
+BODY_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded reading the request body")
 _RESERVED = {"from", "to", "cc", "bcc", "subject", "content-type", "content-transfer-encoding", "mime-version"}
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 §3.6.8
+# Also what str.splitlines() splits at: Python-based readers would see a new line there.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+MAX_HEADER_TEXT = 100 * 1024  # Postfix's header_size_limit; bounds the work of building the fields
 
 
 class BadRequest(Exception):
@@ -89,9 +100,50 @@ def _addresses(value: Any, key: str) -> list[str]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise BadRequest(Reply(501, "5.5.4", f"{key} must be a string or an array of strings"))
-    if any("\r" in v or "\n" in v for v in items):
-        raise BadRequest(Reply(501, "5.5.4", f"{key}: line breaks are not allowed"))
-    return items
+    for v in items:
+        _check_text(v, key)
+    return [v for v in items if v.strip()]
+
+
+def _check_text(value: str, what: str) -> None:
+    """A value bound for a header field: no line breaks or other controls, not even RFC 2047-encoded
+    (a decoder turns "=?utf-8?q?=0D=0ABcc:...?=" into a field of its own)."""
+    if _CONTROL.search(value):
+        raise BadRequest(Reply(501, "5.5.4", f"{what}: line breaks and control characters are not allowed"))
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows "\ud800" escapes
+            raise BadRequest(Reply(501, "5.5.4", f"{what}: lone surrogates are not text")) from None
+    if "=?" in value:
+        try:
+            words = decode_header(value)
+        except HeaderParseError:  # not decodable: a reader shows it as is
+            words = []
+        if any(isinstance(w, bytes) and _CONTROL_BYTES.search(w) for w, _ in words):
+            raise BadRequest(Reply(501, "5.5.4", f"{what}: encoded line breaks and control characters are not allowed"))
+
+
+def _field(name: str, value: str) -> bytes:
+    """``Name: value``, folded, non-ASCII as RFC 2047 encoded words. Built with ``email.header``
+    rather than the ``email.policy`` folder, which takes seconds per kilobyte of non-ASCII text
+    (blocking the event loop) and decodes encoded words it is given before refolding them."""
+    folded = Header(value, "us-ascii" if value.isascii() else "utf-8", header_name=name).encode(linesep="\r\n")
+    return f"{name}: {folded}\r\n".encode("ascii")
+
+
+def _address_field(name: str, items: list[str]) -> bytes:
+    parts = []
+    for item in items:
+        if item.isascii():
+            parts.append(item)  # as given (the email package wrote it so too)
+            continue
+        try:  # display names as encoded words; the addresses themselves must be ASCII here
+            parts.extend(email.utils.formataddr(p) for p in email.utils.getaddresses([item]))
+        except UnicodeEncodeError:
+            raise BadRequest(Reply(553, "5.6.7", f"{name.lower()}: non-ASCII addresses need the message/rfc822 "
+                                                 "form")) from None
+    return _field(name, ", ".join(parts))
 
 
 def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
@@ -105,36 +157,41 @@ def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
     if len(frm) != 1:
         raise BadRequest(Reply(550, "5.6.0", "from is required (one address, \"Name <addr>\" allowed)"))
     to, cc, bcc = (_addresses(doc.get(k), k) for k in ("to", "cc", "bcc"))
-    msg = EmailMessage(policy=email.policy.SMTP)
+    subject = doc.get("subject", "")
+    if not isinstance(subject, str):
+        raise BadRequest(Reply(501, "5.5.4", "subject must be a string"))
+    _check_text(subject, "subject")
+    headers = doc.get("headers")
+    headers = {} if headers is None else headers
+    if not isinstance(headers, dict):
+        raise BadRequest(Reply(501, "5.5.4", "headers must be an object of name: value"))
+    for name, value in headers.items():
+        if not isinstance(value, str) or name.lower() in _RESERVED or not _FIELD_NAME.fullmatch(name):
+            raise BadRequest(Reply(501, "5.5.4", f"header {name[:80]!r} is not allowed or has a bad value"))
+        _check_text(value, f"header {name}")
+    header_text = sum(map(len, (*frm, *to, *cc, *bcc, subject, *headers, *headers.values())))
+    if header_text > MAX_HEADER_TEXT:
+        raise BadRequest(Reply(552, "5.3.4", f"header fields too large (over {MAX_HEADER_TEXT} characters)"))
+    text, html = doc.get("text"), doc.get("html")
+    if not any(isinstance(x, str) for x in (text, html)) or \
+            any(x is not None and not isinstance(x, str) for x in (text, html)):
+        raise BadRequest(Reply(501, "5.5.4", "text and/or html (strings) are required"))
+    fields = [_address_field("From", frm)]
+    if to:
+        fields.append(_address_field("To", to))
+    if cc:
+        fields.append(_address_field("Cc", cc))
+    fields.append(_field("Subject", subject))
+    fields.extend(_field(name, value) for name, value in headers.items())
+    msg = EmailMessage(policy=email.policy.SMTP)  # the body and its MIME fields only
     try:
-        msg["From"] = frm[0]
-        if to:
-            msg["To"] = ", ".join(to)
-        if cc:
-            msg["Cc"] = ", ".join(cc)
-        subject = doc.get("subject", "")
-        if not isinstance(subject, str):
-            raise BadRequest(Reply(501, "5.5.4", "subject must be a string"))
-        msg["Subject"] = subject
-        headers = doc.get("headers") or {}
-        if not isinstance(headers, dict):
-            raise BadRequest(Reply(501, "5.5.4", "headers must be an object of name: value"))
-        for name, value in headers.items():
-            if not isinstance(value, str) or name.lower() in _RESERVED or not name or \
-                    any(c in name for c in ": \r\n") or "\r" in value or "\n" in value:
-                raise BadRequest(Reply(501, "5.5.4", f"header {name!r} is not allowed or has a bad value"))
-            msg[name] = value
-        text, html = doc.get("text"), doc.get("html")
-        if not any(isinstance(x, str) for x in (text, html)) or \
-                any(x is not None and not isinstance(x, str) for x in (text, html)):
-            raise BadRequest(Reply(501, "5.5.4", "text and/or html (strings) are required"))
         if isinstance(text, str):
             msg.set_content(text)
             if isinstance(html, str):
                 msg.add_alternative(html, subtype="html")
         else:
             msg.set_content(html, subtype="html")
-        data = msg.as_bytes()
+        data = b"".join(fields) + msg.as_bytes()
     except (ValueError, TypeError, IndexError) as e:  # the email package's verdict on a value
         raise BadRequest(Reply(501, "5.5.4", f"bad message field: {e}"[:200])) from None
     sender = email.utils.parseaddr(frm[0])[1]
@@ -151,7 +208,10 @@ class ApiServer:
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None, max_body: int) -> None:
         app = web.Application(client_max_size=max_body)
         app.router.add_post("/v1/messages", self.post_message)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0)
+        # auto_decompress off: aiohttp drops the connection without a reply on a compressed body that
+        # ends early; Content-Encoding is refused in _read instead.
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0,
+                                     auto_decompress=False)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, ssl_context=tls, reuse_address=True).start()
         addrs = self._runner.addresses
@@ -165,8 +225,9 @@ class ApiServer:
 
     async def post_message(self, request: web.Request) -> web.Response:
         ctx = self.context
-        auth = request.headers.get("Authorization", "")
-        scheme, _, token = auth.partition(" ")
+        auths = request.headers.getall("Authorization", [])
+        # Exactly one: given two, a proxy in front of us and we could each pick a different one.
+        scheme, _, token = auths[0].partition(" ") if len(auths) == 1 else ("", "", "")
         if scheme.lower() != "bearer" or not token.strip():
             return error_response(AUTH_REQUIRED, 401)
         user = ctx.keys.get(api_key_hash(token.strip()))
@@ -174,7 +235,15 @@ class ApiServer:
             log.info("api.auth_failed", peer=request.remote)
             return error_response(AUTH_INVALID, 401)
         try:
-            mail_from, rcpts, data = await self._read(request, ctx)
+            # The same bound as an SMTP DATA phase: a client that trickles its body must not hold
+            # the request (and its memory) for as long as it likes.
+            async with asyncio.timeout(ctx.cfg.limits.data_timeout):
+                mail_from, rcpts, data = await self._read(request, ctx)
+        except TimeoutError:
+            log.info("api.body_timeout", peer=request.remote, timeout=ctx.cfg.limits.data_timeout)
+            resp = error_response(BODY_TIMEOUT, 408)
+            resp.force_close()  # the rest of the body is never read
+            return resp
         except BadRequest as e:
             return error_response(e.reply)
         except web.HTTPRequestEntityTooLarge:
@@ -195,6 +264,8 @@ class ApiServer:
             status=202)
 
     async def _read(self, request: web.Request, ctx: ApiContext) -> tuple[str, list[str], bytes]:
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            raise BadRequest(NOT_IDENTITY)
         ctype = request.content_type
         if ctype == "message/rfc822":
             raw = to_crlf(await request.read())
@@ -210,7 +281,9 @@ class ApiServer:
         if ctype == "application/json":
             try:
                 doc = await request.json()
-            except ValueError:
+            except LookupError:  # the Content-Type's charset
+                raise BadRequest(Reply(554, "5.6.1", f"unknown charset {request.charset!r}"[:200])) from None
+            except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
                 raise BadRequest(Reply(501, "5.5.4", "body is not valid JSON")) from None
             return build_json_message(doc)
         raise BadRequest(BAD_TYPE)

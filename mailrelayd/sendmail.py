@@ -192,7 +192,10 @@ def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: st
         if _name(f) == b"from":
             pairs = email.utils.getaddresses([_value(f)])
             if any(a and "@" not in a for _, a in pairs):  # "root (Cron Daemon)": qualify it
-                fixed = ", ".join(email.utils.formataddr((n, qualify(a, domain))) for n, a in pairs if a)
+                try:
+                    fixed = ", ".join(email.utils.formataddr((n, qualify(a, domain))) for n, a in pairs if a)
+                except UnicodeEncodeError:  # formataddr writes ASCII addresses only
+                    raise PrepareError(f"bad address in the From header: {_value(f)[:100]!r}") from None
                 f = f"From: {fixed}\r\n".encode()
             header_from = next((qualify(a, domain) for _, a in email.utils.getaddresses([_value(f)]) if a), "")
         new_fields.append(f)

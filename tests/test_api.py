@@ -174,3 +174,31 @@ def test_plaintext_api_only_on_loopback(tmp_path, tls_files) -> None:
     assert "api.tls" in str(e.value)
     load_config(write_config(tmp_path, deep_merge(base_config(tls_files),
                                                   {"api": {"address": "[::1]:9026", "tls": False}})))
+
+
+@pytest.mark.timeout(60)
+async def test_a_body_that_trickles_gets_408_after_the_data_timeout(start_daemon, tmp_path, tls_files) -> None:
+    """Headers, then a body that never arrives in full: answered 408 once limits.data_timeout has
+    passed, and the connection closed, instead of holding the request for as long as the client likes."""
+    sink = await Sink().start()
+    d = None
+    try:
+        d, key, url = await _daemon_with_key(start_daemon, tmp_path, tls_files,
+                                             _overrides(sink, limits={"data_timeout": "2s"}))
+        port = int(url.split(":")[2].split("/")[0])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"POST /v1/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"from\": ".encode())
+        await writer.drain()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        response = await asyncio.wait_for(reader.read(), 20)  # to EOF: the server closes
+        assert 1.5 < loop.time() - t0 < 15
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), response[:200]
+        assert b'"4.4.2"' in body
+        writer.close()
+    finally:
+        if d is not None:
+            await d.stop()
+        await sink.stop()
