@@ -88,9 +88,9 @@ class _DefaultPort:
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$", re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|K|MB|MIB|M|GB|GIB|G)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KIB|K|MB|MIB|M|GB|GIB|G)?\s*$", re.IGNORECASE | re.ASCII)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2,
                "MIB": 1024**2, "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
@@ -1051,18 +1051,15 @@ def _check_domain(ld: _Loader, key: str, value: str) -> None:
         raise ld.err(key, f"{value!r} is not a valid domain name") from None
 
 
-# At most 18 digits: a longer count is no rate, and int() refuses past 4300 digits.
-_RATE_RE = re.compile(r"^\s*(\d{1,18})\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
-_RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600,
-               "d": 86400, "day": 86400}
-
-
 def parse_rate(value: str) -> tuple[int, float]:
-    """Parse ``"600/min"`` into (600, 60.0): a count per period in seconds."""
-    m = _RATE_RE.match(value) if isinstance(value, str) else None
-    if not m or int(m.group(1)) < 1:
+    """Parse ``"600/min"`` into (600, 60.0): a count per period in seconds (the syntax of
+    :func:`mailrelayd.ratelimit.parse_rate`, where "unlimited" is not a rate here)."""
+    from mailrelayd.ratelimit import parse_rate as parse_limit
+
+    rate = parse_limit(value)
+    if rate is None:
         raise ValueError(f"bad rate {value!r}: use a count per unit, like \"600/min\" or \"20/s\"")
-    return int(m.group(1)), float(_RATE_UNITS[m.group(2).lower()])
+    return rate.limit, rate.period
 
 
 def _ip_of(value: str, version: int | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

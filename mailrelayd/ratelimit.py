@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.IGNORECASE)
+# ASCII digits, at most 18: a longer count is no rate, and int() refuses past 4300 digits.
+_RATE_RE = re.compile(r"^\s*(\d{1,18})\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$",
+                      re.IGNORECASE | re.ASCII)
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
             "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
 _UNIT_NAMES = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "d"}
