@@ -13,7 +13,7 @@ import binascii
 import re
 from email.message import Message
 
-from mailrelayd.feedback.mime import decode_header_value, part_text
+from mailrelayd.feedback.mime import children, decode_header_value, leaf_payload, part_text
 
 Field = tuple[str, str]
 Group = list[Field]
@@ -83,18 +83,16 @@ def block_text(part: Message) -> str:
     compat32 parses ``message/delivery-status`` into a list of header blocks, but leaves a
     base64 or quoted-printable encoded one (seen in the wild) as an encoded string.
     """
-    payload = part.get_payload()
-    if isinstance(payload, list):
+    if part.is_multipart():
         blocks = []
-        for block in payload:
-            if isinstance(block, Message):
-                lines = [f"{name}: {decode_header_value(value)}" for name, value in block.items()]
-                # compat32 puts text that is not a header (a group written without the blank
-                # line, after a broken line) into the block's payload.
-                body = block.get_payload()
-                if isinstance(body, str) and body.strip():
-                    lines.append(_body_text(block, body))
-                blocks.append("\n".join(lines))
+        for block in children(part):
+            lines = [f"{name}: {decode_header_value(value)}" for name, value in block.items()]
+            # compat32 puts text that is not a header (a group written without the blank
+            # line, after a broken line) into the block's payload.
+            body = leaf_payload(block)
+            if body.strip():
+                lines.append(_body_text(block, body))
+            blocks.append("\n".join(lines))
         text = "\n\n".join(blocks)
     else:
         text = part_text(part)

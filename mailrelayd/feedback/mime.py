@@ -36,12 +36,22 @@ MAX_DEPTH = 10
 MAX_PARTS = 64
 MAX_BOUNDARY_LINES = 100
 MAX_CONTENT_TYPES = 64
+# compat32 makes one message per blank-line-separated block of a message/delivery-status part,
+# so blank lines bound the number of parts too. The largest real report seen has 140.
+MAX_BLANK_LINES = 1000
+# One header field with its folded continuation lines. compat32's parameter parsing (the
+# boundary, the charset) is quadratic in a field's length, and every regular expression run
+# over a header value is linear in it; real fields stay under 4 KB.
+MAX_FIELD = 8 * 1024
 # Decoded text taken from one part.
 MAX_TEXT = 32 * 1024
 
 _LONG_LINE = re.compile(rb"[^\n]{%d}" % MAX_LINE)
 _BOUNDARY_LINE = re.compile(rb"^--", re.MULTILINE)
 _CONTENT_TYPE_LINE = re.compile(rb"^content-type:", re.MULTILINE | re.IGNORECASE)
+_BLANK_LINE = re.compile(rb"\n\n")
+# A header-like line (a name as compat32's parser accepts it) with its continuation lines.
+_FOLDED_FIELD = re.compile(rb"^[!-9;-~]{1,200}:[^\n]*(?:\n[ \t][^\n]*)*", re.MULTILINE)
 _CHARSET_ALIASES = {
     "utf8": "utf-8",
     "unicode-1-1-utf-7": "utf-7",
@@ -62,20 +72,24 @@ def prepare_raw(raw: bytes) -> bytes:
     * keeps at most :data:`MAX_INPUT_BYTES`;
     * turns CRLF and bare CR into LF (SMTP delivers CRLF; some stored samples use bare CR);
     * splits lines longer than :data:`MAX_LINE`;
-    * stops before the :data:`MAX_BOUNDARY_LINES`-th line starting with ``--`` and the
-      :data:`MAX_CONTENT_TYPES`-th ``Content-Type`` header, so that the parser never builds
-      more than about a hundred parts nor nests deeper than that (it recurses per level).
+    * cuts a header field longer than :data:`MAX_FIELD` (with its folded lines) to whole lines;
+    * stops before the :data:`MAX_BOUNDARY_LINES`-th line starting with ``--``, the
+      :data:`MAX_CONTENT_TYPES`-th ``Content-Type`` header and the :data:`MAX_BLANK_LINES`-th
+      blank line, so that the parser never builds more than a few thousand parts nor nests
+      deeper than about a hundred levels (it recurses per level).
     """
     data = raw[:MAX_INPUT_BYTES]
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     # Cheap pre-checks (C-speed split/count) before the regular expressions, which cost about
     # ten times more per byte: most reports have neither long lines nor many parts.
-    if len(data) > MAX_LINE and max(map(len, data.split(b"\n"))) >= MAX_LINE:
-        data = _LONG_LINE.sub(lambda m: m.group(0) + b"\n", data)
+    data = split_long_lines(data)
+    if len(data) > MAX_FIELD:
+        data = _FOLDED_FIELD.sub(_cut_field, data)
     lowered = data.lower()
     for pattern, limit, needle in ((_BOUNDARY_LINE, MAX_BOUNDARY_LINES, b"\n--"),
-                                   (_CONTENT_TYPE_LINE, MAX_CONTENT_TYPES, b"content-type:")):
+                                   (_CONTENT_TYPE_LINE, MAX_CONTENT_TYPES, b"content-type:"),
+                                   (_BLANK_LINE, MAX_BLANK_LINES, b"\n\n")):
         if lowered.count(needle) + 1 < limit:
             continue
         for count, match in enumerate(pattern.finditer(data), start=1):
@@ -84,6 +98,21 @@ def prepare_raw(raw: bytes) -> bytes:
                 lowered = data.lower()
                 break
     return data
+
+
+def split_long_lines(data: bytes) -> bytes:
+    """``data`` with lines longer than :data:`MAX_LINE` split (a cheap check first)."""
+    if len(data) > MAX_LINE and max(map(len, data.split(b"\n"))) >= MAX_LINE:
+        data = _LONG_LINE.sub(lambda m: m.group(0) + b"\n", data)
+    return data
+
+
+def _cut_field(match: re.Match[bytes]) -> bytes:
+    field = match.group(0)
+    if len(field) <= MAX_FIELD:
+        return field
+    # Whole lines only: the first line is at most MAX_LINE long, so one always fits.
+    return field[: field.rfind(b"\n", 0, MAX_FIELD)]
 
 
 def parse_bytes(data: bytes) -> Message:
@@ -112,10 +141,31 @@ def walk(
             # message/delivery-status & co. are parsed by compat32 into header blocks; they are
             # read as a whole (fields.block_text), not as parts.
             continue
+        stack.extend((depth + 1, child) for child in reversed(children(part)))
+
+
+def children(part: Message) -> list[Message]:
+    """The parts of a multipart, or the message inside a ``message/rfc822`` part; ``[]`` for a leaf.
+
+    A leaf is not asked for its payload: compat32's ``get_payload()`` decodes a leaf's 8-bit bytes
+    with its declared charset, and where an unknown charset falls back to ASCII, a hostile one
+    raises (``ValueError`` for ``charset="\\x00"``, ``TypeError`` for an RFC 2231 ``charset*=``).
+    """
+    if not part.is_multipart():
+        return []
+    return [p for p in part.get_payload() if isinstance(p, Message)]
+
+
+def leaf_payload(part: Message) -> str:
+    """``get_payload()`` of a leaf (``""`` for a multipart), never raising: a leaf whose declared
+    charset makes compat32 raise (see :func:`children`) gives ``""``."""
+    if part.is_multipart():
+        return ""
+    try:
         payload = part.get_payload()
-        if isinstance(payload, list):
-            children = [p for p in payload if isinstance(p, Message)]
-            stack.extend((depth + 1, child) for child in reversed(children))
+    except (ValueError, TypeError, LookupError):  # what a hostile charset makes compat32 raise
+        return ""
+    return payload if isinstance(payload, str) else ""
 
 
 def content_type(part: Message) -> str:
@@ -170,7 +220,7 @@ def _codec_for(charset: str | None) -> str:
         return "utf-8"
     try:
         return codecs.lookup(name).name
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL or a lone surrogate in the name
         return "utf-8"
 
 

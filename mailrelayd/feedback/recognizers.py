@@ -370,12 +370,12 @@ def _ses_document(tree: MessageTree) -> dict[str, object] | None:
     for match in _JSON_START.finditer(text[:64 * 1024]):
         try:
             doc, _end = decoder.raw_decode(text, match.start())
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting past the recursion limit
             continue
         if isinstance(doc, dict) and isinstance(doc.get("Message"), str) and doc.get("Type") == "Notification":
             try:
                 doc = decoder.decode(doc["Message"])
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
         if isinstance(doc, dict) and ("notificationType" in doc or "eventType" in doc) and "mail" in doc:
             return doc
