@@ -288,8 +288,12 @@ def _header_section(original: bytes) -> bytes:
 
 
 def _clean(value: str) -> str:
-    """``value`` on one line: control characters (CR, LF, NUL, TAB...) become single spaces."""
-    return " ".join(_CONTROL.sub(" ", str(value)).split())
+    """``value`` on one line: control characters (CR, LF, NUL, TAB...) become single spaces, and a
+    lone surrogate (undecodable bytes kept with ``surrogateescape``) a "?": it cannot be encoded."""
+    text = str(value)
+    if not text.isascii():
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return " ".join(_CONTROL.sub(" ", text).split())
 
 
 def _ascii(value: str) -> str:
