@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import email.utils
+import json
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -52,6 +53,24 @@ _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 §3.6.8
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 MAX_HEADER_TEXT = 100 * 1024  # Postfix's header_size_limit; bounds the work of building the fields
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names a key twice. RFC 8259 §4 leaves the meaning open and parsers disagree
+    (first or last wins), so a proxy or a log may read another ``to`` than the one we would send to."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKeyError(f"duplicate key {k!r} in the JSON body")
+        out[k] = v
+    return out
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_pairs)
 
 
 class BadRequest(Exception):
@@ -280,7 +299,9 @@ class ApiServer:
             return p.mail_from, list(p.recipients), p.data
         if ctype == "application/json":
             try:
-                doc = await request.json()
+                doc = await request.json(loads=_loads)
+            except DuplicateKeyError as e:
+                raise BadRequest(Reply(501, "5.5.4", str(e)[:200])) from None
             except LookupError:  # the Content-Type's charset
                 raise BadRequest(Reply(554, "5.6.1", f"unknown charset {request.charset!r}"[:200])) from None
             except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep

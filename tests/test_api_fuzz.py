@@ -172,6 +172,13 @@ async def test_bodies_and_content_types(start_daemon, tmp_path, tls_files) -> No
                      good + good, b"null", b"[]", b"true", b'"string"', b"42", b"{}", b'{"from":{"from":{}}}']:
             ans = await api.post(headers=j, data=body)
             assert ans.status in (400, 413, 415), body[:40]
+        # A key given twice: which one a reader takes differs (RFC 8259 §4), so neither is guessed.
+        for dup in (b'{"to": "a@dest.test", "from": "app@example.com", "text": "t", "to": "x@evil.test"}',
+                    b'{"from": "app@example.com", "to": "a@dest.test", "text": "t", "from": "ceo@example.com"}',
+                    b'{"from": "app@example.com", "to": "a@dest.test", "headers": {"X-A": "1", "X-A": "2"}}'):
+            ans = await api.post(headers=j, data=dup)
+            assert (ans.status, ans.body["error"]["enhanced"]) == (400, "5.5.4"), dup
+            assert "duplicate key" in ans.body["error"]["message"]
         # Lone surrogates, which JSON can escape but no encoding can write.
         for field in ('"subject": "\\ud800"', '"subject": "\u00e9\\udfff"', '"headers": {"X-Order": "\\ud800"}',
                       '"from": "\\ud800 <app@example.com>"', '"cc": ["\\udc80 <c@dest.test>"]',
