@@ -217,3 +217,15 @@ def test_bounded() -> None:
         assert outcome(SIG + bytes([ver_cmd, 0x11]) + struct.pack("!H", 12) + IPV4) == ERROR
     for fam in (0x12, 0x22, 0x32, 0x13, 0x41, 0xFF, 0x01, 0x10):
         assert outcome(v2(0x21, fam, IPV4 + bytes(300))) == ERROR
+
+
+def test_an_ipv4_mapped_client_is_its_ipv4_address_in_both_versions() -> None:
+    """``::ffff:203.0.113.9`` is 203.0.113.9 whichever header carried it: per-IP limits, trusted
+    networks, logs and Received: must not count one client as two."""
+    v1, _ = parse_header(b"PROXY TCP6 ::ffff:203.0.113.9 ::FFFF:192.0.2.1 1 2\r\n") or (None, 0)
+    v2, _ = parse_header(SIG + bytes([0x21, 0x21]) + struct.pack("!H", 36)
+                         + ipaddress.IPv6Address("::ffff:203.0.113.9").packed
+                         + ipaddress.IPv6Address("::ffff:192.0.2.1").packed + struct.pack("!HH", 1, 2)) or (None, 0)
+    assert v1 is not None and v2 is not None
+    assert (v1.source_ip, v1.dest_ip) == (v2.source_ip, v2.dest_ip) == ("203.0.113.9", "192.0.2.1")
+    assert parse_header(b"PROXY TCP6 2001:db8::1 ::1 1 2\r\n")[0].source_ip == "2001:db8::1"  # type: ignore[index]

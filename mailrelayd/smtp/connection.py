@@ -51,7 +51,7 @@ from mailrelayd.smtp.protocol import (
     SessionFacts,
     StartTls,
 )
-from mailrelayd.smtp.proxyproto import ProxyHeaderError, parse_header
+from mailrelayd.smtp.proxyproto import ProxyHeaderError, ip_text, parse_header
 
 if TYPE_CHECKING:
     from mailrelayd.smtp.listener import SmtpContext, SmtpListener
@@ -65,7 +65,10 @@ HANDSHAKE_BACKSTOP = 5.0  # the loop's own TLS handshake timeout fires this long
 
 def client_ip(peer: Any) -> str:
     ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-    return ip[7:] if ip.startswith("::ffff:") else ip
+    try:
+        return ip_text(ipaddress.ip_address(ip))
+    except ValueError:  # "unknown", or a scoped link-local address: kept as the socket gave it
+        return ip
 
 
 def in_networks(ip: str, nets: Sequence[Network]) -> bool:

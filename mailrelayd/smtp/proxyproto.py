@@ -78,6 +78,14 @@ def _ip(text: str, version: int) -> str:
         raise ProxyHeaderError(f"bad address {text[:45]!r}") from None
     if addr.version != version:
         raise ProxyHeaderError("address family mismatch")
+    return ip_text(addr)
+
+
+def ip_text(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """One form per client address: an IPv4-mapped IPv6 address (a dual-stack socket, or a proxy
+    that writes ``::ffff:192.0.2.1``) is the IPv4 address, so limits, logs and Received: agree."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
     return str(addr)
 
 
@@ -113,9 +121,8 @@ def _v2(buf: bytes | bytearray) -> tuple[ProxyInfo, int] | None:
         if length < 36:
             raise ProxyHeaderError("PROXY v2: short IPv6 address block")
         src, dst, sport, dport = struct.unpack("!16s16sHH", body[:36])
-        s6, d6 = ipaddress.IPv6Address(src), ipaddress.IPv6Address(dst)
-        s = str(s6.ipv4_mapped) if s6.ipv4_mapped is not None else str(s6)
-        return ProxyInfo(s, sport, str(d6), dport), total
+        return ProxyInfo(ip_text(ipaddress.IPv6Address(src)), sport, ip_text(ipaddress.IPv6Address(dst)),
+                         dport), total
     if fam == 0x00:  # UNSPEC: keep the connection's own address (spec §2.2)
         return ProxyInfo(None), total
     raise ProxyHeaderError("PROXY v2: only TCP over IPv4/IPv6 is supported")
