@@ -98,6 +98,9 @@ _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
 _DOMAIN_RE = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
+MAX_DURATION = 100 * 365.25 * 86400.0
+
+
 def parse_duration(value: Any) -> float:
     """Parse ``"30s"``-style durations (or a plain number of seconds) into seconds."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -116,6 +119,8 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"bad duration {value!r}: use a number with a unit, like \"30s\", \"5m\", \"4h\" or \"5d\"")
     if not math.isfinite(seconds):  # nan, inf, or a digit string too long for a float
         raise ValueError(f"bad duration {value!r}: must be a finite number of seconds")
+    if seconds > MAX_DURATION:  # now + it must stay a date (datetime ends in 9999) and a 64-bit ms count
+        raise ValueError(f"bad duration {value!r:.40}: at most 100 years")
     return seconds
 
 

@@ -317,6 +317,8 @@ KNOWN: list[tuple[str, Any, str]] = [
     ("delivery.retry_jitter", 10**400, "delivery.retry_jitter: integer out of range"),  # was OverflowError
     ("limits.command_timeout", float("nan"), "limits.command_timeout: bad duration nan: must be a finite"),
     ("delivery.retry_max", "9" * 400 + "s", "delivery.retry_max: bad duration"),  # was loaded as inf
+    ("feedback.verp_retention", "9" * 30 + "d", "feedback.verp_retention: bad duration"),  # was loaded
+    ("history.retention", 1e300, "history.retention: bad duration 1e+300: at most 100 years"),  # was loaded
     ("delivery.retry_jitter", float("inf"), "delivery.retry_jitter: must be a finite number"),  # at entry now
     ("limits.max_message_size", "9" * 400 + "KB", "limits.max_message_size: bad size"),  # was OverflowError
     ("limits.max_data_memory", "99999999999999999999GB", "limits.max_data_memory: bad size"),  # was loaded
