@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
@@ -216,4 +217,93 @@ async def test_backlog_is_bounded_oldest_dropped(start_daemon, client_tls, tmp_p
         await d.daemon.webhooks.update_gauges()
         assert _metric("mailrelayd_webhook_backlog_events", webhook="app") == 3
     finally:
+        await sink.stop()
+
+
+class RawReceiver:
+    """A receiver that is not aiohttp: it takes each POST whole, then answers as ``mode`` says."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.bodies: list[bytes] = []
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                self.bodies.append(await reader.readexactly(length))
+                if self.mode == "endless":  # 200, then a chunked body that never ends
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                    while True:
+                        writer.write(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+                        await writer.drain()
+                elif self.mode == "stalls":  # 200 that promises more than it sends, then silence
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2000000000\r\n\r\nok")
+                    await writer.drain()
+                    await reader.read()
+                    return
+                else:  # "garbage": not HTTP at all
+                    writer.write(b"SMTP/1.0 250 ok\r\n\r\n")
+                    await writer.drain()
+                    return
+        except (OSError, asyncio.IncompleteReadError, StopIteration, ValueError):
+            return
+        finally:
+            writer.close()
+
+    async def start(self) -> RawReceiver:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    def events(self) -> list[str]:
+        return [e["event"] for b in self.bodies for e in json.loads(b).get("events", [])]
+
+
+@pytest.mark.parametrize("mode", ["endless", "stalls", "garbage"])
+async def test_a_receiver_that_is_not_well_behaved(mode: str, start_daemon, client_tls, tmp_path) -> None:
+    """The status decides: a 200 whose body never ends (or never arrives) is a 200 at once, not a
+    timeout retried forever with the body read into memory; an answer that is not HTTP is a failure."""
+    sink = await Sink().start()
+    rx = await RawReceiver(mode).start()
+    sent0 = _metric("mailrelayd_webhook_events_sent_total", webhook="app")
+    failed0 = _metric("mailrelayd_webhook_events_failed_total", webhook="app")
+    try:
+        cfg = _config(tmp_path, sink, rx.url, events=["delivered"])
+        cfg["webhooks"][0]["timeout"] = "3s"
+        d = await start_daemon(cfg)
+        await _submit(d.port("submission"), client_tls, ["a@dest.test"])
+        await sink.wait_for(1)
+        for _ in range(100):
+            if rx.events():
+                break
+            await asyncio.sleep(0.05)
+        assert rx.events()[:1] == ["delivered"]
+        if mode == "garbage":
+            for _ in range(100):
+                if _metric("mailrelayd_webhook_events_failed_total", webhook="app") > failed0:
+                    break
+                await asyncio.sleep(0.05)
+            assert _metric("mailrelayd_webhook_events_failed_total", webhook="app") > failed0
+            assert _metric("mailrelayd_webhook_events_sent_total", webhook="app") == sent0
+        else:
+            for _ in range(40):  # well before the 3 s timeout
+                if _metric("mailrelayd_webhook_events_sent_total", webhook="app") > sent0:
+                    break
+                await asyncio.sleep(0.05)
+            assert _metric("mailrelayd_webhook_events_sent_total", webhook="app") == sent0 + 1
+            await asyncio.sleep(0.5)
+            assert _metric("mailrelayd_webhook_events_failed_total", webhook="app") == failed0
+            assert rx.events() == ["delivered"]  # taken once, not posted again
+        await d.stop()
+    finally:
+        assert rx.server is not None
+        rx.server.close()
         await sink.stop()
