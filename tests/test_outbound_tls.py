@@ -292,6 +292,35 @@ async def test_testing_delivers_and_reports(tmp_path: Path, tls_files: tuple[Pat
         await t.close()
 
 
+async def test_a_hostile_rua_is_dropped_and_the_rest_is_reported(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                                  ca: TestCA, certs: dict[str, Issued],
+                                                                  dns_srv: DnsServer,
+                                                                  policy_server: PolicyServer) -> None:
+    """The _smtp._tls record is the remote domain's: a %-encoded CR/LF (which made the report's To:
+    raise, so the day was retried, and reported again, forever), two @, non-ASCII or undecodable
+    bytes never reach our queue; the valid addresses still get the report, once each."""
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy("testing"))
+    dns_srv.add("_smtp._tls.dest.test.", "TXT",
+                '"v=TLSRPTv1; rua=mailto:a%0D%0ABcc:x@evil.test,mailto:ok@dest.test,mailto:b@@dest.test,'
+                'mailto:%22q%20x%22@dest.test,mailto:%FF@dest.test,mailto:%C3%A9@dest.test,mailto:OK@dest.test?subject=x,'
+                'mailto:ok@dest.test"')
+    async with _sink(certs["self-signed"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        assert (await _deliver(t)).ok
+        await t.tls.save()
+        queued: list[tuple[str, ...]] = []
+
+        async def enqueue(rcpts: tuple[str, ...], msg: bytes, sender_domain: str) -> None:
+            assert b"evil" not in msg
+            queued.append(rcpts)
+        assert await t.tls.send_due_reports(enqueue, now=time.time() + 86400) == 1
+        assert queued == [("ok@dest.test", '"q x"@dest.test', "OK@dest.test")]
+        day_file = tmp_path / "state" / "tlsrpt" / f"{day_of(time.time())}.json"
+        assert not day_file.exists() and (day_file.parent / "sent" / day_file.name).exists()
+        await t.close()
+
+
 # --- DANE ------------------------------------------------------------------------------------
 def _tlsa_311(issued: Issued) -> str:
     spki = issued.cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)

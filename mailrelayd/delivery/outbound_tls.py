@@ -29,6 +29,7 @@ from mailrelayd.delivery.mta_sts import DnsPythonResolver, MtaSts, StsPolicy
 from mailrelayd.delivery.mx import MxHost, MxResolver
 from mailrelayd.delivery.tlspolicy import HostPlan, ReportPolicy, metric_result, normalize_level, plan_host
 from mailrelayd.log import get_logger
+from mailrelayd.smtp.address import AddressError, parse_mailbox
 
 log = get_logger()
 
@@ -218,7 +219,7 @@ class OutboundTls:
             return 0
         filename = tlsrpt.report_filename(submitter, domain, day)
         n = 0
-        mailto = [urllib.parse.unquote(u[7:].split("?", 1)[0]) for u in ruas if u.lower().startswith("mailto:")]
+        mailto = mailto_recipients(ruas, domain)
         if mailto and enqueue is not None:
             data = tlsrpt.report_mail(report, to=mailto, domain=domain, submitter=submitter,
                                       from_addr=f"postmaster@{submitter}", filename=filename)
@@ -243,6 +244,24 @@ class OutboundTls:
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             log.warning("tlsrpt.post_failed", domain=domain, uri=uri, error=f"{type(e).__name__}: {e}")
         return 0
+
+
+def mailto_recipients(ruas: list[str], domain: str) -> list[str]:
+    """The addresses of the ``mailto:`` rua URIs (RFC 8460 §3, RFC 6068 §2), each one valid
+    mailbox. The record is the remote domain's: a %-encoded CR/LF, a second ``@`` or anything else
+    that is no address is dropped and logged, never put in our queue or in a header we sign."""
+    out: list[str] = []
+    for uri in ruas:
+        if not uri.lower().startswith("mailto:"):
+            continue
+        try:
+            box = parse_mailbox(urllib.parse.unquote(uri[7:].split("?", 1)[0], errors="strict"))
+        except (AddressError, UnicodeDecodeError):
+            log.info("tlsrpt.bad_rua", domain=domain, uri=uri[:200])
+            continue
+        if str(box) not in out:
+            out.append(str(box))
+    return out
 
 
 def today() -> str:
