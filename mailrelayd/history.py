@@ -8,6 +8,7 @@ admin socket (``POST /history`` with the query as JSON).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from mailrelayd.spool.store import HistoryQuery, HistoryRecord, Spool
@@ -16,19 +17,44 @@ from mailrelayd.webhooks import rfc3339
 MAX_LIMIT = 10_000
 
 
+def finite_number(v: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else: a bool, NaN or infinity (which
+    compare false with everything), or an integer too large for a float (OverflowError)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def is_unicode(s: str) -> bool:
+    """False for a string with a lone surrogate (JSON "\\ud800"), which SQLite cannot bind."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def query_from_json(body: dict[str, Any]) -> HistoryQuery:
     """Build a query from the admin API's JSON. Raises ValueError with a message for the caller."""
+    if not isinstance(body, dict):  # the admin socket passes any JSON value
+        raise ValueError("the query must be a JSON object")
     unknown = set(body) - {"message_id", "rcpt", "sender", "user", "since", "limit"}
     if unknown:
-        raise ValueError(f"unknown query field {sorted(unknown)[0]!r}")
+        raise ValueError(f"unknown query field {sorted(map(str, unknown))[0]!r}")
     strs = {}
     for k in ("message_id", "rcpt", "sender", "user"):
         v = body.get(k)
         if v is not None and (not isinstance(v, str) or not v.strip()):
             raise ValueError(f"{k} must be a non-empty string")
+        if v is not None and not is_unicode(v):
+            raise ValueError(f"{k} must be valid Unicode")
         strs[k] = v
     since = body.get("since")
-    if since is not None and (isinstance(since, bool) or not isinstance(since, int | float)):
+    if since is not None and finite_number(since) is None:
         raise ValueError("since must be a Unix time (number)")
     limit = body.get("limit", 1000)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:

@@ -5,8 +5,9 @@ socket (``POST /sendmail``). When no daemon answers, it writes the same request 
 maildrop directory (like Postfix's maildrop): written to a temporary name, fsynced, renamed, the
 directory fsynced, so a file under its final name is always complete. The daemon submits every
 file there at start and every few seconds, and deletes a file only once its message is durable in
-the spool. A file the daemon refuses for good (sender not allowed, no recipients, unreadable) is
-moved to ``failed/`` and logged: never lost silently. Temporary failures (rate limit, disk full)
+the spool. A file the daemon refuses for good (sender not allowed, no recipients, unreadable, not a
+plain file: a symlink, a FIFO, a directory, too large) is moved to ``failed/`` and logged: never lost
+silently. Temporary failures (rate limit, disk full)
 leave the file for the next pass.
 """
 
@@ -16,9 +17,11 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import json
 import os
 import secrets
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,8 @@ log = get_logger()
 
 EX_CONFIG = 78
 PICKUP_EVERY = 5.0
+REQUEST_OVERHEAD = 1024**2
+"""Room for the JSON around the base64 message (recipients...) in a maildrop file's size cap."""
 
 
 def write_drop(directory: Path, request: dict[str, Any]) -> Path:
@@ -83,6 +88,7 @@ class SendmailService:
         if self.user is None or self.submitter is None:
             return 503, {"error": "sendmail is not enabled: set [sendmail] user in the config", "exit": EX_CONFIG}
         try:
+            _check_types(req)
             data = to_crlf(base64.b64decode(req["data"], validate=True))
             rcpts = req.get("recipients") or []
             if not isinstance(rcpts, list) or not all(isinstance(r, str) for r in rcpts):
@@ -107,6 +113,38 @@ class SendmailService:
                      "refused": [{"recipient": x.recipient, **_reply_json(x.reply)} for x in res.refused]}
 
 
+def _check_types(req: dict[str, Any]) -> None:
+    """A maildrop file or admin request may hold anything: a field of the wrong type is a ValueError
+    naming it (not an AttributeError deep in prepare(), which would stop the pickup at that file)."""
+    if not isinstance(req.get("data"), str):
+        raise ValueError("data must be the message, base64-encoded")
+    for k in ("sender", "full_name", "login"):
+        if req.get(k) is not None and not isinstance(req[k], str):
+            raise ValueError(f"{k} must be a string")
+    if not isinstance(req.get("extract", False), bool):
+        raise ValueError("extract must be true or false")
+
+
+def _read_drop(path: Path, limit: int) -> bytes:
+    """The bytes of a maildrop file. Raises OSError, or ValueError for what is not a plain file of a
+    plausible size: a symlink (to another drop: sent twice; to a file the sender may not read), a
+    FIFO (a plain read blocks the pickup forever), a directory, or more than ``limit`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError("a symbolic link, not a file") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes: more than any acceptable message")
+    return data
+
+
 def _reply_json(r: Any) -> dict[str, Any]:
     return {"code": r.code, "enhanced": r.enhanced, "message": r.text}
 
@@ -119,12 +157,16 @@ async def pickup(directory: Path, service: SendmailService) -> int:
         log.warning("maildrop.scan_failed", directory=str(directory), error=str(e))
         return 0
     queued = 0
+    limit = service.cfg.limits.max_message_size * 4 // 3 + REQUEST_OVERHEAD  # base64: 4 bytes per 3
     for path in names:
         try:
-            req = json.loads(await asyncio.to_thread(path.read_bytes))
+            req = json.loads(await asyncio.to_thread(_read_drop, path, limit))
             if not isinstance(req, dict):
                 raise ValueError("not a JSON object")
         except FileNotFoundError:
+            continue
+        except RecursionError:  # json.loads on deeply nested arrays
+            await _fail(path, "unreadable: JSON nested too deeply")
             continue
         except (OSError, ValueError) as e:
             await _fail(path, f"unreadable: {e}")

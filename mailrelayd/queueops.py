@@ -14,10 +14,46 @@ from typing import Any
 from mailrelayd.delivery.queuemanager import BulkResult, QueueManager
 from mailrelayd.delivery.scheduler import Scheduler
 from mailrelayd.errors import SpoolError
+from mailrelayd.history import finite_number, is_unicode
 from mailrelayd.spool.queueid import is_queue_id
 from mailrelayd.spool.store import MessageRecord, QueueFilter, Spool
 
 BULK_ACTIONS = ("hold", "release", "flush", "delete", "bounce")
+BULK_FIELDS = frozenset({"filter", "dry_run", "reason", "until"})
+FILTER_FIELDS = frozenset({"domain", "sender", "user", "older_than", "queue_ids"})
+MAX_LIST = 1_000_000
+"""Largest ``limit`` of ``GET queue`` (SQLite reads a negative LIMIT as "no limit")."""
+
+
+def filter_from_json(data: Any) -> QueueFilter:
+    """The ``filter`` of a bulk request. Raises ValueError naming the field. A field it does not
+    know, or a criterion that normalises to nothing (a blank domain), is an error rather than
+    ignored: ignored, it would widen a release or a flush to the whole queue."""
+    if not isinstance(data, dict):
+        raise ValueError("filter must be a JSON object")
+    unknown = set(data) - FILTER_FIELDS
+    if unknown:
+        raise ValueError(f"unknown filter field {sorted(map(str, unknown))[0]!r}")
+    for k in ("domain", "sender", "user"):
+        if k in data and not (isinstance(data[k], str) and is_unicode(data[k])):
+            raise ValueError(f"filter.{k} must be a string")
+    if "older_than" in data and ((older := finite_number(data["older_than"])) is None or older < 0):
+        raise ValueError("filter.older_than must be a number of seconds")
+    ids = data.get("queue_ids", [])
+    if not isinstance(ids, list) or not all(isinstance(q, str) and is_queue_id(q.strip()) for q in ids):
+        raise ValueError("filter.queue_ids must be a list of queue ids")
+    f = QueueFilter.from_json(data)
+    for k in ("domain", "user"):  # "  " or "." normalise to None: no criterion at all
+        if k in data and not getattr(f, k):
+            raise ValueError(f"filter.{k} is empty")
+    return f
+
+
+def _reason(body: dict[str, Any]) -> str:
+    reason = body.get("reason")
+    if reason is not None and not (isinstance(reason, str) and is_unicode(reason)):
+        raise ValueError("reason must be a string")
+    return reason or ""
 
 
 def message_json(m: MessageRecord, inflight: frozenset[str] = frozenset(), now: float | None = None,
@@ -139,21 +175,35 @@ class QueueOps:
         parts = [p for p in path.split("/") if p]
         if not parts or parts[0] != "queue":
             return 404, {"error": "unknown endpoint"}
-        body = body if isinstance(body, dict) else {}
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):  # any JSON value reaches here: a list must not mean "everything"
+            return 400, {"error": "the request body must be a JSON object"}
         if method == "GET" and len(parts) == 1:
-            return 200, await self.list(int(body.get("limit", 1000)) if body else 1000)
+            limit = body.get("limit", 1000)
+            if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST:
+                return 400, {"error": f"limit must be an integer from 1 to {MAX_LIST}"}
+            return 200, await self.list(limit)
         if method == "GET" and parts[1:] == ["destinations"]:
             return 200, self.destinations()
         if method == "POST" and len(parts) == 2 and parts[1] in BULK_ACTIONS:
             try:
-                f = QueueFilter.from_json(body.get("filter") or {})
-                if parts[1] == "flush" and f.empty and "filter" not in body and not body.get("dry_run"):
+                unknown = set(body) - BULK_FIELDS
+                if unknown:  # "filtre": {...} ignored would release or flush everything
+                    raise ValueError(f"unknown field {sorted(map(str, unknown))[0]!r}")
+                f = filter_from_json(body["filter"]) if "filter" in body else QueueFilter()
+                dry_run = body.get("dry_run")
+                if dry_run is not None and not isinstance(dry_run, bool):
+                    raise ValueError("dry_run must be true or false")
+                until = finite_number(body["until"]) if body.get("until") is not None else 0.0
+                if until is None or until < 0:  # NaN or a huge integer would fail in the spool
+                    raise ValueError("until must be a Unix time")
+                reason = _reason(body)
+                if parts[1] == "flush" and f.empty and "filter" not in body and not dry_run:
                     flushed = await self.queue.flush(None)  # the 0.1 API (plus the suspensions lifted)
                     return 200, {"rescheduled": flushed.recipients, **({"resumed": list(flushed.resumed)}
                                                                         if flushed.resumed else {})}
-                until = body.get("until")
-                res = await self.bulk(parts[1], f, dry_run=bool(body.get("dry_run")), reason=str(body.get("reason")
-                                      or ""), until=float(until) if until else None)
+                res = await self.bulk(parts[1], f, dry_run=bool(dry_run), reason=reason, until=until or None)
             except (ValueError, TypeError) as e:
                 return 400, {"error": str(e)}
             return 200, res.to_json()
@@ -171,6 +221,10 @@ class QueueOps:
                 ok = await (self.delete(qid) if action == "delete" else self.bounce(qid))
                 return (200, {action: qid}) if ok else (404, {"error": f"no active message {qid}"})
             if action in ("hold", "release"):
-                res = await self.bulk(action, QueueFilter(queue_ids=(qid,)), reason=str(body.get("reason") or ""))
+                try:
+                    reason = _reason(body)
+                except ValueError as e:
+                    return 400, {"error": str(e)}
+                res = await self.bulk(action, QueueFilter(queue_ids=(qid,)), reason=reason)
                 return (200, res.to_json()) if res.messages else (404, {"error": f"no active message {qid}"})
         return 404, {"error": "unknown endpoint"}

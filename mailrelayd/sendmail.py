@@ -30,6 +30,8 @@ _WITH_VALUE = set("fFrBNRVXCLhOo")
 # Flags accepted and ignored, as Postfix does (delivery mode, error mode, verbosity...).
 _IGNORED_PREFIXES = ("-od", "-oe", "-oo", "-om", "-oQ", "-ob", "-oA", "-oL", "-oR", "-oT", "-U", "-n", "-v")
 _HEADER_RE = re.compile(rb"^([!-9;-~]+):")
+# Not allowed in a -F full name: a CR or LF would end the From header it goes into (and start another).
+_CONTROL = frozenset(map(chr, [*range(0x20), 0x7F])) - {"\t"}
 
 
 class UsageError(ValueError):
@@ -83,11 +85,11 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
             if arg != "-bm":
                 raise UsageError(f"mode {arg} is not supported (only -bm, delivering a message, is)")
             continue
-        if arg.startswith(_IGNORED_PREFIXES) and arg[1] not in "fFr":
-            continue
-        if re.fullmatch(r"-[tiv]+", arg):  # combined flags: -ti
+        if re.fullmatch(r"-[tiv]+", arg):  # combined flags: -ti (before the ignored "-v", or -vi loses its -i)
             a.extract = a.extract or "t" in arg
             a.dot_ends = a.dot_ends and "i" not in arg
+            continue
+        if arg.startswith(_IGNORED_PREFIXES) and arg[1] not in "fFr":
             continue
         opt = arg[1]
         if opt in _WITH_VALUE:
@@ -205,7 +207,13 @@ def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: st
     if not mail_from:
         raise PrepareError("no sender: give -f, set [sendmail] default_from, or add a From header")
     if not froms:
-        fields.insert(0, f"From: {email.utils.formataddr((full_name or '', mail_from))}\r\n".encode())
+        if full_name and not _CONTROL.isdisjoint(full_name):
+            raise PrepareError(f"bad full name (-F) {full_name[:100]!r}: control characters are not allowed")
+        try:
+            fields.insert(0, f"From: {email.utils.formataddr((full_name or '', mail_from))}\r\n".encode())
+        except UnicodeEncodeError:  # formataddr writes ASCII addresses only; argv may hold undecodable bytes
+            raise PrepareError(f"cannot write a From header for sender {mail_from[:100]!r} and full name (-F) "
+                               f"{(full_name or '')[:100]!r}: add a From header, or use an ASCII sender") from None
     seen: dict[str, None] = {}
     for r in rcpts:
         if r and "@" in r:

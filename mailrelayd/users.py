@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import tempfile
 import tomllib
@@ -32,6 +33,8 @@ from mailrelayd.ratelimit import parse_rate
 # credentials are cached in memory by smtp.auth, which keeps the per-connection cost low).
 _LN, _R, _P = 15, 8, 1
 _MAXMEM = 128 * 1024 * 1024
+_MIN_DKLEN, _MAX_DKLEN = 16, 64
+_API_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")  # what api_key_hash() writes
 
 
 class UsersFileError(Exception):
@@ -83,20 +86,34 @@ def verify_password(password: bytes | str, encoded: str) -> bool:
     """Constant-time check of ``password`` against a hash from :func:`hash_password`. CPU-heavy:
     call it from a thread, never on the event loop."""
     pw = password.encode() if isinstance(password, str) else password
+    parsed = _parse_hash(encoded)
+    if parsed is None:
+        return False
+    ln, r, p, salt, want = parsed
+    got = hashlib.scrypt(pw, salt=salt, n=2**ln, r=r, p=p, maxmem=_MAXMEM, dklen=len(want))
+    return hmac.compare_digest(got, want)
+
+
+def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes] | None:
+    """(ln, r, p, salt, derived key) of a hash from :func:`hash_password`, or None if it is not one
+    that scrypt can check a password against."""
     try:
         _, scheme, params, salt_b64, dk_b64 = encoded.split("$")
         if scheme != "scrypt":
-            return False
+            return None
         kv = dict(p.split("=", 1) for p in params.split(","))
         ln, r, p = int(kv["ln"]), int(kv["r"]), int(kv["p"])
-        if not (1 <= ln <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
-            return False
         unb64 = lambda s: base64.b64decode(s + "=" * (-len(s) % 4))  # noqa: E731
         salt, want = unb64(salt_b64), unb64(dk_b64)
     except (ValueError, KeyError):
-        return False
-    got = hashlib.scrypt(pw, salt=salt, n=2**ln, r=r, p=p, maxmem=_MAXMEM, dklen=len(want))
-    return hmac.compare_digest(got, want)
+        return None
+    if not (1 <= ln <= 22 and 1 <= r <= 32 and 1 <= p <= 16):
+        return None
+    # hashlib.scrypt raises ValueError above maxmem (OpenSSL needs 128*r*(N+p+2) bytes) or for an
+    # empty key; a truncated key would also let one wrong password in 2**(8*len) through.
+    if 128 * r * (2**ln + p + 2) > _MAXMEM or not _MIN_DKLEN <= len(want) <= _MAX_DKLEN:
+        return None
+    return ln, r, p, salt, want
 
 
 # A fixed, valid hash used to spend the same time on unknown users as on known ones.
@@ -113,10 +130,13 @@ def load_users(path: Path) -> dict[str, User]:
         raise UsersFileError(f"{path}: cannot read: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsersFileError(f"{path}: TOML syntax error: {e}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise UsersFileError(f"{path}: TOML syntax error: values nested too deeply") from None
     unknown = set(data) - {"users"}
     if unknown:
         raise UsersFileError(f"{path}: {sorted(unknown)[0]}: unknown key (expected [users.NAME] tables)")
     users: dict[str, User] = {}
+    key_owner: dict[str, str] = {}
     table = data.get("users", {})
     if not isinstance(table, dict):
         raise UsersFileError(f"{path}: users: must be a table")
@@ -128,7 +148,7 @@ def load_users(path: Path) -> dict[str, User]:
         if extra:
             raise UsersFileError(f"{path}: {key}.{sorted(extra)[0]}: unknown key")
         pw = entry.get("password")
-        if not isinstance(pw, str) or not pw.startswith("$scrypt$"):
+        if not isinstance(pw, str) or _parse_hash(pw) is None:
             raise UsersFileError(f"{path}: {key}.password: must be a scrypt hash written by `mailrelayd user add`")
         allowed = entry.get("allowed_from", [])
         if not isinstance(allowed, list) or not all(isinstance(a, str) and a for a in allowed):
@@ -140,9 +160,16 @@ def load_users(path: Path) -> dict[str, User]:
             except ValueError as e:
                 raise UsersFileError(f"{path}: {key}.rate: {e}") from None
         keys = entry.get("api_keys", [])
-        if not isinstance(keys, list) or not all(isinstance(k, str) and k.startswith("sha256:") for k in keys):
+        if not isinstance(keys, list) or not all(isinstance(k, str) and _API_KEY_HASH.fullmatch(k) for k in keys):
             raise UsersFileError(f"{path}: {key}.api_keys: must be an array of hashes written by "
                                  "`mailrelayd user apikey`")
+        for k in keys:
+            # api_key_index() maps a key to one user: a key copied into a second entry (a copy-pasted
+            # user) would silently authenticate as whichever entry comes last.
+            owner = key_owner.setdefault(k, name)
+            if owner != name:
+                raise UsersFileError(f"{path}: {key}.api_keys: the same API key as users.{owner} "
+                                     "(a key belongs to one user)")
         users[name] = User(name, pw, tuple(allowed), rate, tuple(keys))
     return users
 
