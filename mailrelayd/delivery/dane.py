@@ -19,12 +19,18 @@ import dns.message
 import dns.rdatatype
 import dns.resolver
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 DANE_TA, DANE_EE = 2, 3
 SPKI, FULL = 1, 0
 _DIGEST_LEN = {0: None, 1: 32, 2: 64}
+
+_UNREADABLE = (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion, x509.DuplicateExtension,
+               x509.UnsupportedGeneralNameType)
+"""What cryptography raises for a certificate (or its key, or its extensions) it cannot read. The
+chain is the remote server's: OpenSSL completed the handshake with it, cryptography's stricter
+parser may still refuse it, and that must be "does not match", not an exception out of DANE."""
 
 State = Literal["usable", "unusable", "insecure", "none", "failed"]
 """usable: secure TLSA records of which at least one can be used; unusable: secure records, none
@@ -150,19 +156,23 @@ def _digest(data: bytes, mtype: int) -> bytes:
 def record_matches(rec: Tlsa, der: bytes) -> bool:
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError:
+        selected = _selected(cert, der, rec.selector)
+    except _UNREADABLE:
         return False
-    return _digest(_selected(cert, der, rec.selector), rec.mtype) == rec.data
+    return _digest(selected, rec.mtype) == rec.data
 
 
 def _name_ok(cert: x509.Certificate, names: Iterable[str]) -> bool:
     """RFC 7672 §3.2.2: for DANE-TA the name must be the TLSA base domain (or the MX name)."""
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        dns_names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        dns_names = [a.value.lower() for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-                     if isinstance(a.value, str)]
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns_names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+        except x509.ExtensionNotFound:
+            dns_names = [a.value.lower() for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+                         if isinstance(a.value, str)]
+    except _UNREADABLE:
+        return False
     for want in names:
         want = want.lower().rstrip(".")
         for have in dns_names:
@@ -186,14 +196,14 @@ def verify_chain(records: Sequence[Tlsa], chain: Sequence[bytes], names: Iterabl
             return True, f"DANE-EE {r.usage} {r.selector} {r.mtype} matches"
     ta = [r for r in usable if r.usage == DANE_TA]
     if ta and len(chain) > 1:
-        certs = [x509.load_der_x509_certificate(c) for c in chain]
         for i, der in enumerate(chain[1:], start=1):
             if not any(record_matches(r, der) for r in ta):
                 continue
             try:
+                certs = [x509.load_der_x509_certificate(c) for c in chain[:i + 1]]
                 for j in range(i):
                     certs[j].verify_directly_issued_by(certs[j + 1])
-            except (InvalidSignature, ValueError, TypeError):
+            except (InvalidSignature, *_UNREADABLE):
                 return False, "the chain does not lead to the DANE-TA trust anchor"
             if not _name_ok(certs[0], names):
                 return False, f"the certificate is not for {', '.join(names)}"

@@ -27,6 +27,7 @@ import dns.exception
 import dns.resolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from mailrelayd.delivery.mx import host_name
 from mailrelayd.log import get_logger
 
 log = get_logger()
@@ -45,6 +46,12 @@ FETCH_TIMEOUT = 30.0
 
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_MAX_AGE_RE = re.compile(r"[0-9]{1,10}")
+"""§3.2: sts-policy-max-age-value = 1*10(DIGIT), ASCII digits: str.isdigit() and int() also take
+"²" (which int() then refuses with a bare ValueError) and Arabic-Indic digits."""
+_WSP = " \t"
+"""§3.2's ABNF allows only WSP (space, tab) around a value; str.strip() would also take vertical tab,
+form feed, NEL and Unicode spaces, so that "mode: enforce\x0b" counted as enforce."""
 
 
 class PolicyError(ValueError):
@@ -109,16 +116,21 @@ def parse_policy(text: str) -> StsPolicy:
     """Parse a policy body (§3.2); raises PolicyError naming the rule broken."""
     fields: dict[str, str] = {}
     mx: list[str] = []
-    for raw in re.split(r"\r?\n", text):
-        line = raw.strip()
+    for raw in re.split(r"\r?\n", text):  # sts-policy-term = LF / CRLF
+        line = raw.strip(_WSP)
         if not line:
             continue
         k, sep, v = line.partition(":")
         if not sep:
             raise PolicyError(f"policy line without ':': {line[:60]!r}")
-        k, v = k.strip(), v.strip()
+        k, v = k.strip(_WSP), v.strip(_WSP)
         if k == "mx":
-            mx.append(v.lower().rstrip("."))
+            # §3.2: sts-policy-mx-value = ["*."] Domain. A pattern that can match no host name ("",
+            # "*.", "*.*.x", a U-label) would make an enforce policy refuse every MX: invalid instead.
+            pattern = mx_pattern(v)
+            if pattern is None:
+                raise PolicyError(f"policy mx must be a host name or *.domain, not {v[:60]!r}")
+            mx.append(pattern)
         else:
             fields.setdefault(k, v)  # §3.2: unknown fields are ignored; the first of a kind counts
     if fields.get("version") != "STSv1":
@@ -127,21 +139,32 @@ def parse_policy(text: str) -> StsPolicy:
     if mode not in ("enforce", "testing", "none"):
         raise PolicyError(f"policy mode must be enforce, testing or none, not {mode!r}")
     age = fields.get("max_age", "")
-    if not age.isdigit() or len(age) > 10:
+    if not _MAX_AGE_RE.fullmatch(age):
         raise PolicyError(f"policy max_age must be a number of seconds, not {age!r}")
     if mode != "none" and not mx:
         raise PolicyError(f"policy in mode {mode} lists no mx")
     return StsPolicy(mode, tuple(mx), min(int(age), MAX_AGE_LIMIT), text)  # type: ignore[arg-type]
 
 
+def mx_pattern(text: str) -> str | None:
+    """An mx value (§3.2 ``["*."] Domain``) lowercase and without the final dot; None if it is not one."""
+    wildcard = text.startswith("*.")
+    name = host_name(text[2:] if wildcard else text)
+    return None if name is None else f"*.{name}" if wildcard else name
+
+
 def mx_matches(pattern: str, host: str) -> bool:
-    """§4.1: exact match, or ``*.example.com`` matching exactly one leftmost label."""
-    pattern = pattern.lower().rstrip(".")
-    host = host.lower().rstrip(".")
-    if pattern.startswith("*."):
-        label, _, rest = host.partition(".")
-        return bool(label) and rest == pattern[2:]
-    return pattern == host
+    """§4.1: exact match, or ``*.example.com`` matching exactly one leftmost label.
+
+    Both sides are normalised by the same rules; a host that is not a host name matches nothing (a
+    label holding an escaped dot, ``a\\.b.example``, is one label, not two).
+    """
+    p, h = mx_pattern(pattern), host_name(host)
+    if p is None or h is None:
+        return False
+    if p.startswith("*."):
+        return h.partition(".")[2] == p[2:]
+    return p == h
 
 
 def host_allowed(policy: StsPolicy, host: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import re
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -22,6 +23,12 @@ from mailrelayd import metrics
 from mailrelayd.config import DnsConfig
 
 CACHE_SIZE = 50_000
+MAX_MX_HOSTS = 20
+"""MX hosts kept per domain (and so address lookups per resolve): the transport tries at most a few
+addresses anyway, and a hostile domain publishing hundreds of MX records must not cost hundreds of
+concurrent lookups (and sockets) per delivery."""
+MAX_HOST_NAME = 253
+_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
 
 IpFamily = str
 """One of "any", "ipv4", "ipv6", "prefer-ipv4", "prefer-ipv6" (``[delivery] ip_family``)."""
@@ -73,6 +80,22 @@ def make_resolver(cfg: DnsConfig) -> dns.asyncresolver.Resolver:
     return r
 
 
+def host_name(text: str) -> str | None:
+    """``text`` as a host name, lowercase and without the final dot; None when it is not one.
+
+    Labels of 1-63 ASCII letters, digits, "-" (RFC 1123 §2.1) and, leniently, "_" (as Postfix).
+    ASCII is checked before lowering: ``str.lower()`` maps some non-ASCII letters onto ASCII ones
+    (KELVIN SIGN to "k") while DNS names compare case-insensitively in ASCII only (RFC 4343 §3).
+    A name whose label needs an escape in presentation format (``a\\.b``, ``\\000``) is not a host name.
+    """
+    if not text.isascii():
+        return None
+    name = text.lower().removesuffix(".")
+    if len(name) > MAX_HOST_NAME or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        return None
+    return name
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -116,18 +139,31 @@ class MxResolver:
             if not addrs:
                 raise DnsTemporaryError(f"No {family} address for {domain} (delivery.ip_family)", "4.4.3")
             return [MxHost(domain, addrs, 0, port)]
-        # RFC 7505 §3: a single "0 ." MX means the domain accepts no mail.
+        # RFC 7505 §3: a single "0 ." MX means the domain accepts no mail. Next to real MX records
+        # (which §3 forbids) it is ignored and they are used, the same way on every lookup.
         real = [(p, x) for p, x in mxs if x != dns.name.root]
         if not real:
             raise DnsPermanentError(f"Domain {domain} does not accept mail (null MX)", "5.1.10")
-        by_pref: dict[int, list[dns.name.Name]] = {}
-        for p, x in real:
-            by_pref.setdefault(p, []).append(x)
+        by_pref: dict[int, list[str]] = {}
+        seen: set[str] = set()
+        invalid: list[str] = []
+        for p, x in sorted(real, key=lambda r: r[0]):
+            name = host_name(x.to_text(omit_final_dot=True))
+            if name is None or _is_ip(name):
+                # RFC 1035 §3.3.9, RFC 5321 §5.1: an MX names a host. An IP address written as a name
+                # is not looked up as one (Postfix and Exim refuse it too), nor is a name with escapes.
+                invalid.append(x.to_text(omit_final_dot=True)[:100])
+            elif name not in seen:  # a host listed again at a worse preference is tried once
+                seen.add(name)
+                by_pref.setdefault(p, []).append(name)
+        if not by_pref:
+            raise DnsTemporaryError(f"No MX record of {domain} names a host ({invalid[0]})", "4.4.3")
         ordered: list[tuple[int, str]] = []
         for p in sorted(by_pref):
             names = by_pref[p]
             random.shuffle(names)
-            ordered.extend((p, n.to_text(omit_final_dot=True).lower()) for n in names)
+            ordered.extend((p, n) for n in names)
+        del ordered[MAX_MX_HOSTS:]
 
         results = await asyncio.gather(*(self._addresses(n, family=family) for _, n in ordered),
                                        return_exceptions=True)
