@@ -72,7 +72,7 @@ def record_json(r: HistoryRecord) -> dict[str, Any]:
 
 async def handle(spool: Spool, body: dict[str, Any]) -> tuple[int, Any]:
     try:
-        q = query_from_json(body or {})
+        q = query_from_json({} if body is None else body)
     except ValueError as e:
         return 400, {"error": str(e)}
     return 200, [record_json(r) for r in await spool.history(q)]

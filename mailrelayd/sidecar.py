@@ -8,7 +8,6 @@ group of the daemon) decide who may flush, delete or bounce mail.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -70,7 +69,7 @@ class Sidecar:
         if request.can_read_body:
             try:
                 body = await request.json()
-            except (json.JSONDecodeError, ValueError):
+            except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
                 return web.json_response({"error": "body must be JSON"}, status=400)
         status, result = await self.hooks.admin(request.method, request.match_info["tail"], body)
         return web.json_response(result, status=status)

@@ -169,3 +169,22 @@ async def test_spool_has_one_owner(start_daemon, cli_env) -> None:
     sock.unlink()
     code, _, err = await _cli(cli_env, d.config, "queue", "list")
     assert code != 0 and "did not answer" in err
+
+
+async def test_admin_socket_answers_bodies_that_are_not_requests(start_daemon) -> None:
+    """Whatever a local program writes to the admin socket gets a 4xx with a JSON error (nested
+    JSON raised RecursionError inside the sidecar), and the queue is untouched."""
+    import aiohttp
+
+    d = await start_daemon()
+    sock = d.config.parent / "state" / "admin.sock"
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as http:
+        for body in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000, b"{", b"\xff",
+                     b"[]", b'"x"', b"1e999", b'{"filter": "x"}', b'{"filtre": {}}'):
+            for path in ("queue/flush", "queue/release", "history"):
+                async with http.post(f"http://localhost/{path}", data=body,
+                                     headers={"Content-Type": "application/json"}) as resp:
+                    assert resp.status == 400, (path, body[:20], resp.status)
+                    assert "error" in await resp.json()
+        async with http.get("http://localhost/queue") as resp:
+            assert resp.status == 200

@@ -311,6 +311,8 @@ def test_tlsrpt_log_survives_restart(tmp_path: Path) -> None:
     (["v=TLSRPTv1; rua=ftp://x"], []),
     (["v=TLSRPTv1; rua=mailto:a@d.test", "v=TLSRPTv1; rua=mailto:b@d.test"], []),
     (["v=spf1 -all"], []),
+    (["v=TLSRPTv1; rua=" + ",".join(f"mailto:r{i}@d.test" for i in range(50))],  # the first MAX_RUA only
+     [f"mailto:r{i}@d.test" for i in range(tlsrpt.MAX_RUA)]),
 ])
 def test_parse_rua(texts: list[str], want: list[str]) -> None:
     assert tlsrpt.parse_rua(texts) == want
@@ -370,6 +372,34 @@ async def test_cache_first_contact_coalesces_and_then_never_waits(tmp_path: Path
     f.gate.set()
     await asyncio.sleep(0.05)
     assert f.txt_calls == 2 and f.fetch_calls == 1  # same id: not fetched again
+    await c.close()
+
+
+async def test_cached_policies_are_held_to_todays_rules_on_load(tmp_path: Path) -> None:
+    """A cache written by a version that accepted an mx matching no host (under enforce: every MX
+    refused) must not keep refusing mail until the policy expires, a year later."""
+    f = _Fake()
+    later = time.time() + 86400 * 300
+    good = "version: STSv1\nmode: enforce\nmx: mx.dest.test\nmax_age: 31557600\n"
+
+    def entry(domain: str, mode: str, mx: list[str], text: str) -> dict[str, object]:
+        return {"domain": domain, "policy_id": "1", "expires": later, "checked": time.time(),
+                "policy": {"mode": mode, "mx": mx, "max_age": 31557600, "text": text}}
+    (tmp_path / "sts.json").write_text(json.dumps({"policies": [
+        entry("good.test", "enforce", ["mx.dest.test"], good),
+        entry("notext.test", "enforce", ["*.dest.test"], ""),
+        entry("star.test", "enforce", ["*."], "version: STSv1\nmode: enforce\nmx: *.\nmax_age: 86400\n"),
+        entry("ulabel.test", "enforce", ["b\u00fccher.test"], ""),
+        entry("kelvin.test", "enforce", ["\u212a.test"], "version: STSv1\nmode: enforce\nmx: \u212a.test\n"),
+        entry("mode.test", "sometimes", ["mx.dest.test"], ""),
+        entry("types.test", "enforce", "mx.dest.test", ""),
+    ]}))
+    c = MtaSts(tmp_path / "sts.json", f.txt, f.fetch)
+    c.load()
+    assert c.current("good.test").policy.mx == ("mx.dest.test",)  # type: ignore[union-attr]
+    assert c.current("notext.test").policy.mx == ("*.dest.test",)  # type: ignore[union-attr]
+    for domain in ("star.test", "ulabel.test", "kelvin.test", "mode.test", "types.test"):
+        assert c.current(domain) is None, domain  # dropped: fetched again
     await c.close()
 
 

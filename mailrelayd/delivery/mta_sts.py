@@ -146,6 +146,18 @@ def parse_policy(text: str) -> StsPolicy:
     return StsPolicy(mode, tuple(mx), min(int(age), MAX_AGE_LIMIT), text)  # type: ignore[arg-type]
 
 
+def _cached_policy(mode: Any, mx: Any, max_age: int, text: Any) -> StsPolicy:
+    """A policy from the cache file, held to today's rules: one saved by an older version that
+    accepted it (an mx that matches no host, under enforce) must not refuse every MX until it
+    expires, up to a year later. Raises PolicyError (or TypeError for a damaged entry)."""
+    if text:
+        return parse_policy(text)
+    if mode not in ("enforce", "testing", "none") or not isinstance(mx, list) \
+            or any(not isinstance(m, str) or mx_pattern(m) != m for m in mx):
+        raise PolicyError("cached policy no longer valid")
+    return StsPolicy(mode, tuple(mx), max_age, "")
+
+
 def mx_pattern(text: str) -> str | None:
     """An mx value (§3.2 ``["*."] Domain``) lowercase and without the final dot; None if it is not one."""
     wildcard = text.startswith("*.")
@@ -376,9 +388,9 @@ class MtaSts:
         for d in data.get("policies", []):
             try:
                 p = d["policy"]
-                policy = StsPolicy(p["mode"], tuple(p["mx"]), int(p["max_age"]), p.get("text", ""))
+                policy = _cached_policy(p["mode"], p["mx"], int(p["max_age"]), p.get("text", ""))
                 e = CacheEntry(d["domain"], policy, d["policy_id"], float(d["expires"]), float(d["checked"]))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError):  # PolicyError included: fetched again when due
                 continue
             if e.expires > now:
                 self._cache[e.domain] = e

@@ -183,6 +183,9 @@ def gzip_report(report: dict[str, Any]) -> bytes:
 _RUA_RE = re.compile(r"^v=TLSRPTv1\s*;")
 
 
+MAX_RUA = 5
+
+
 def parse_rua(texts: list[str]) -> list[str]:
     """The ``rua`` URIs of a ``_smtp._tls`` TXT record (RFC 8460 §3); [] if none is valid."""
     found = [t for t in texts if _RUA_RE.match(t)]
@@ -192,7 +195,9 @@ def parse_rua(texts: list[str]) -> list[str]:
         k, sep, v = part.strip().partition("=")
         if sep and k.strip() == "rua":
             uris = [u.strip() for u in v.split(",") if u.strip()]
-            return [u for u in uris if u.lower().startswith(("mailto:", "https:"))]
+            # The record is the remote domain's: each URI costs a recipient or a POST of up to a
+            # minute, so only the first few are used (RFC 8460 §3 sets no number).
+            return [u for u in uris if u.lower().startswith(("mailto:", "https:"))][:MAX_RUA]
     return []
 
 
