@@ -707,14 +707,35 @@ def cmd_sendmail(argv: Sequence[str]) -> int:
         return fail(int(result.get("exit", sm.EX_TEMPFAIL)), f"{result.get('error', status)} (message not sent)")
     # No daemon: check what can be checked here, then leave it in the maildrop (picked up on start).
     from mailrelayd.maildrop import ensure_dir, write_drop
+    from mailrelayd.smtp.address import AddressError
+    from mailrelayd.submit import content_refusal, plain_mailbox
 
     domain = cfg.sendmail.domain or cfg.server.hostname
     try:
-        sm.prepare(data, recipients=args.recipients, extract=args.extract, sender=args.sender,
-                   full_name=args.full_name, domain=domain, default_sender=cfg.sendmail.default_from,
-                   fallback_sender=f"{login}@{domain}")
+        p = sm.prepare(data, recipients=args.recipients, extract=args.extract, sender=args.sender,
+                       full_name=args.full_name, domain=domain, default_sender=cfg.sendmail.default_from,
+                       fallback_sender=f"{login}@{domain}")
     except sm.PrepareError as e:
         return fail(e.exit_code, str(e))
+    # What the daemon would refuse at pickup whoever sends it (syntax, size, NUL, line length) is
+    # refused now, with the same words, rather than accepted and set aside in maildrop/failed/.
+    refusal = content_refusal(p.data, cfg.limits)
+    if refusal is not None:
+        return fail(sm.EX_DATAERR, f"{refusal.code} {refusal.enhanced} {refusal.text} (message not sent)")
+    try:
+        plain_mailbox(p.mail_from)
+    except AddressError as e:
+        return fail(sm.EX_DATAERR, f"bad sender address {p.mail_from[:100]!r}: {e} (message not sent)")
+    bad = []
+    for r in p.recipients:
+        try:
+            plain_mailbox(r)
+        except AddressError as e:
+            bad.append(f"{r[:100]!r}: {e}")
+    if bad and len(bad) == len(p.recipients):
+        return fail(sm.EX_NOUSER, f"no valid recipient: {'; '.join(bad[:5])} (message not sent)")
+    for line in bad:
+        print(f"sendmail: bad recipient address {line}", file=sys.stderr)
     try:
         if not cfg.maildrop_dir.is_dir():  # first use before the daemon ever ran (root, or its group)
             ensure_dir(cfg.maildrop_dir)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mailrelayd.config import Config
+from mailrelayd.config import Config, LimitsConfig
 from mailrelayd.errors import MessageRefused, Reply
 from mailrelayd.intake import Intake, Origin
 from mailrelayd.smtp.address import AddressError, Mailbox, parse_command_path
@@ -56,15 +56,11 @@ class LocalSubmitter:
         """Queue the message for the recipients that pass. Raises MessageRefused when the sender,
         the content or every recipient is refused (and SpoolError / DkimSignError as Intake does)."""
         facts = Facts(peer_ip=peer_ip, tls=tls is not None, user=user)
-        limits = self.cfg.limits
-        if len(data) > limits.max_message_size:
-            raise MessageRefused(TOO_BIG)
-        if b"\0" in data:
-            raise MessageRefused(NUL_IN_DATA)
-        if any(len(line) > limits.max_line_length - 2 for line in data.split(b"\r\n")):
-            raise MessageRefused(LINE_TOO_LONG)
+        refusal = content_refusal(data, self.cfg.limits)
+        if refusal is not None:
+            raise MessageRefused(refusal)
         try:
-            sender = _mailbox(mail_from)
+            sender = plain_mailbox(mail_from)
         except AddressError as e:
             raise MessageRefused(Reply(553, "5.1.7", f"Bad sender address syntax: {e}")) from None
         refusal = self.policy.check_mail(facts, sender, len(data)) or self.policy.check_rate(facts)
@@ -74,7 +70,7 @@ class LocalSubmitter:
         refused: list[Refused] = []
         for r in recipients:
             try:
-                rcpt = _mailbox(r)
+                rcpt = plain_mailbox(r)
             except AddressError as e:
                 refused.append(Refused(r, Reply(553, "5.1.3", f"Bad recipient address syntax: {e}")))
                 continue
@@ -91,7 +87,18 @@ class LocalSubmitter:
         return Submitted(qid, tuple(refused))
 
 
-def _mailbox(addr: str) -> Mailbox:
+def content_refusal(data: bytes, limits: LimitsConfig) -> Reply | None:
+    """What SMTP would refuse in a message's bytes whoever sends it: size, NUL, line length."""
+    if len(data) > limits.max_message_size:
+        return TOO_BIG
+    if b"\0" in data:
+        return NUL_IN_DATA
+    if any(len(line) > limits.max_line_length - 2 for line in data.split(b"\r\n")):
+        return LINE_TOO_LONG
+    return None
+
+
+def plain_mailbox(addr: str) -> Mailbox:
     """One address, parsed as SMTP would parse it in MAIL FROM / RCPT TO."""
     if not addr or any(c in addr for c in "<>\r\n"):
         raise AddressError("not a plain address")

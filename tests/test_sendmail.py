@@ -150,11 +150,26 @@ async def test_daemon_down_maildrop_then_picked_up_on_start(start_daemon, tmp_pa
                                b"Subject: while down\n\nqueued locally\n", cfg)
         assert code == 0, out
         assert "maildrop" in out
+        # What the daemon would refuse whoever sent it is refused now, not left to fail at pickup.
+        for argv, stdin, exit_code, words in (
+                (["-f", "app@example.com\rX", "a@dest.test"], b"Subject: x\n\nx\n", sm.EX_DATAERR, "bad sender"),
+                (["-f", "app@example.com", "a@@dest.test", "b c@dest.test"], b"Subject: x\n\nx\n", sm.EX_NOUSER,
+                 "no valid recipient"),
+                (["-f", "app@example.com", "a@dest.test"], b"Subject: x\n\nnul \0 here\n", sm.EX_DATAERR, "5.6.0"),
+                (["-f", "app@example.com", "a@dest.test"], b"Subject: x\n\n" + b"y" * 2000 + b"\n", sm.EX_DATAERR,
+                 "5.5.2")):
+            code, out = await _run([*mailrelayd_cmd(), "sendmail", "-oi", *argv], stdin, cfg)
+            assert (code, words in out, "message not sent" in out) == (exit_code, True, True), out
+        # One bad recipient among good ones: said, and the message goes to the others.
+        code, out = await _run([*mailrelayd_cmd(), "sendmail", "-oi", "-f", "app@example.com", "late@dest.test",
+                                "x y@dest.test"], b"Subject: while down\n\nqueued locally\n", cfg)
+        assert code == 0 and "bad recipient address 'x y@dest.test'" in out, out
         drops = list((directory / "state" / "maildrop").glob("*.json"))
-        assert len(drops) == 1
+        assert len(drops) == 2
         await start_daemon(_overrides(sink), users=USERS, directory=directory)
-        (msg,) = await sink.wait_for(1, timeout=20)
-        assert msg.rcpts == ["late@dest.test"] and _parsed(msg.data)["Subject"] == "while down"
+        msgs = await sink.wait_for(2, timeout=20)
+        assert [m.rcpts for m in msgs] == [["late@dest.test"]] * 2
+        assert _parsed(msgs[0].data)["Subject"] == "while down"
         for _ in range(100):
             if not list((directory / "state" / "maildrop").glob("*.json")):
                 break
