@@ -217,11 +217,11 @@ def throughput(corpus: Path, count: int = 1000) -> tuple[float, int, float]:
 ABLATIONS = {
     "all": DEFAULT_OPTIONS,
     "no standard (RFC 3464/5965/JMRP/MDN)": ParseOptions(standard=False),
-    "no flufl.bounce": ParseOptions(flufl=False),
+    "no legacy formats": ParseOptions(legacy=False),
     "no heuristics": ParseOptions(heuristics=False),
-    "standard only": ParseOptions(flufl=False, heuristics=False),
-    "flufl.bounce only": ParseOptions(standard=False, heuristics=False),
-    "heuristics only": ParseOptions(standard=False, flufl=False),
+    "standard only": ParseOptions(legacy=False, heuristics=False),
+    "legacy formats only": ParseOptions(standard=False, heuristics=False),
+    "heuristics only": ParseOptions(standard=False, legacy=False),
 }
 
 

@@ -32,9 +32,9 @@ from mailrelayd.feedback.trust import VerpMatch, decide
 SEED = 0x5EED_FEED
 KINDS = {"hard_bounce", "soft_bounce", "complaint", "delayed", "reputation", "policy", "not_feedback", "unparsable"}
 # CPU seconds per parse (CPU time, so that other work on the machine counts less). A normal
-# report takes a few ms and the inputs here 0.05 s typically, 0.9 s at most on a 2-core VM (the
-# flufl.bounce detectors on 16,000 short lines); the quadratic and cubic cases this guards
-# against took from 5 s to hours.
+# report takes a few ms and the inputs here 0.05 s typically, a few tenths of a second at most
+# (16,000 short lines, or header-like lines in a feedback report); the quadratic and cubic cases
+# this guards against took from 5 s to hours.
 BOUND = 3.0
 MB = 1024 * 1024
 
@@ -333,8 +333,8 @@ def test_hostile_structures(name: str) -> None:
 
 # --- 2. no pathological slowness --------------------------------------------------------------
 
-# Runs the regular expressions of mailrelayd.feedback (and of the email package and flufl.bounce,
-# which the parser drives) could backtrack on.
+# Runs the regular expressions of mailrelayd.feedback (and of the email package, which the parser
+# drives) could backtrack on.
 FRAGMENTS = {
     "spaces": b" ", "tabs": b"\t ", "newlines": b"\n", "blank-lines": b" \n", "at": b"@", "lt": b"<", "gt": b">",
     "quotes": b'"', "semicolons": b";", "quote-semicolon": b'";', "equals": b"=", "dashes": b"-", "dots": b".",
@@ -369,8 +369,9 @@ def _wrap(context: str, fill: bytes) -> bytes:
     if context == "text":  # a plain-text bounce whose notification is the run
         return BOUNCE + b"\nThis Message was undeliverable due to the following reason:\nuser unknown\n" + fill
     if context == "encoded":
-        # The run base64-encoded (decoded text has no line length limit), small enough for
-        # flufl.bounce to see it whole, after the phrases and headers its detectors look for.
+        # The run base64-encoded (decoded text has no line length limit), small enough for the
+        # legacy formats (mailrelayd.feedback.legacy) to see it whole, after the phrases and
+        # headers their families look for.
         text = (b"The Postfix program\nThis Message was undeliverable due to the following reason:\n"
                 b"Message from yahoo.com.\nThe following recipients did not receive this message:\n"
                 + fill[: 22 * 1024] + b"\n")

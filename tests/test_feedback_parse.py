@@ -225,15 +225,15 @@ def test_sender_address_is_never_reported() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [ParseOptions(flufl=False), ParseOptions(heuristics=False), ParseOptions(standard=False)],
-    ids=["no-flufl", "no-heuristics", "no-standard"],
+    [ParseOptions(legacy=False), ParseOptions(heuristics=False), ParseOptions(standard=False)],
+    ids=["no-legacy", "no-heuristics", "no-standard"],
 )
 def test_options_switch_parts_off(options: ParseOptions) -> None:
     report = parse_feedback(load("exim.eml"), options=options)
     full = parse_feedback(load("exim.eml"))
-    assert full.parser == "flufl:exim"
-    if options.flufl:
-        assert report.parser == "flufl:exim"
+    assert full.parser == "format:exim"
+    if options.legacy:
+        assert report.parser == "format:exim"
     else:
         assert report.parser == "heuristic:text"
     assert kinds(report) == {"no-such-user@example.org": "hard_bounce"}

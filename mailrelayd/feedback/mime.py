@@ -9,7 +9,7 @@ has its own depth and part-count limits.
 Policy: ``email.policy.compat32``. Measured on the feedback corpus and on hostile input it is
 about three times faster than ``email.policy.default`` and never raises lazily on malformed
 headers (the default policy parses header values on access, which can raise on broken
-input); it is also the ``Message`` API that flufl.bounce expects.
+input).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ Entry point: :func:`parse_feedback`.
    the original message's headers).
 2. The flat, ordered list :data:`mailrelayd.feedback.recognizers.RECOGNIZERS` runs over it:
    ARF, JMRP, MDN, RFC 3464/6533 DSN, Amazon SES notifications, the auto-reply / not-a-bounce
-   gate, DSN fields in text, flufl.bounce, text heuristics. Each returns evidence (recipients
-   with kinds) or nothing; the first evidence in that order decides, because the order is the
+   gate, DSN fields in text, the bounce formats of older and proprietary mail systems
+   (:mod:`mailrelayd.feedback.legacy`), text heuristics. Each returns evidence (recipients with
+   kinds) or nothing; the first evidence in that order decides, because the order is the
    evidence's weight (a machine-readable report outranks anything read from prose).
 
 What is *done* with a report (VERP token first, then the trust rules) is decided by
@@ -66,7 +67,7 @@ def _parse(raw: bytes, options: ParseOptions) -> FeedbackReport:
     tree = build_tree(bytes(raw))
     if not tree.msg.keys():
         return FeedbackReport(UNPARSABLE, detail="no header section")
-    enabled = {"standard": options.standard, "gate": True, "flufl": options.flufl, "heuristics": options.heuristics}
+    enabled = {"standard": options.standard, "gate": True, "legacy": options.legacy, "heuristics": options.heuristics}
     scan = Scan(tree, options)
     for _name, group, recognizer in RECOGNIZERS:
         if not enabled[group]:

@@ -5,7 +5,8 @@ returns evidence (a :class:`FeedbackReport` naming recipients and their kinds) o
 the order is the weight of the evidence: standard machine-readable reports first (RFC 5965 ARF,
 Microsoft JMRP, RFC 8098 MDN, RFC 3464/6533 DSN), then provider notifications (Amazon SES),
 then the gate that stops at auto-replies and ordinary mail, then DSN fields pasted into text,
-flufl.bounce's detectors, and the plain-text heuristics. Every hard/soft decision is
+the bounce formats of older and proprietary mail systems (:mod:`mailrelayd.feedback.legacy`),
+and the plain-text heuristics. Every hard/soft decision is
 :func:`mailrelayd.feedback.classify.classify_failure`.
 """
 
@@ -20,7 +21,7 @@ from mailrelayd.feedback.addresses import find_addresses, is_plausible_recipient
 from mailrelayd.feedback.arf import NOT_COMPLAINT_TYPES, looks_like_feedback_report, parse_feedback_report
 from mailrelayd.feedback.classify import HARD, POLICY, SOFT, Classification, bucket, classify_failure
 from mailrelayd.feedback.dsn import looks_like_delivery_status, normalise_status, parse_delivery_status
-from mailrelayd.feedback.flufl_adapter import run_flufl
+from mailrelayd.feedback.legacy import find_legacy
 from mailrelayd.feedback.mime import header_str, parse_bytes, part_text
 from mailrelayd.feedback.report import (
     COMPLAINT,
@@ -44,8 +45,8 @@ from mailrelayd.feedback.textbounce import (
 )
 from mailrelayd.feedback.tree import ARF_TYPE, DSN_TYPES, MDN_TYPES, MessageTree, first_address
 
-# flufl.bounce reads the whole tree; it only gets this much of the message (see flufl_adapter).
-FLUFL_MAX_BYTES = 32 * 1024
+# The legacy formats read the whole tree, the returned message included: they get this much of it.
+LEGACY_MAX_BYTES = 32 * 1024
 MAX_RECIPIENTS = 100
 _GENERIC_REASONS = frozenset({"onhold", ""})
 _HEADER_START = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,60}[ \t]*:")
@@ -56,7 +57,7 @@ class ParseOptions:
     """Which groups of recognizers run. All on in production; the bench switches them off one by one."""
 
     standard: bool = True
-    flufl: bool = True
+    legacy: bool = True
     heuristics: bool = True
 
 
@@ -406,11 +407,12 @@ def recognize_dsn_in_text(scan: Scan) -> FeedbackReport | None:
     return from_dsn_text(scan, text, parser="heuristic:dsn-in-text") if looks_like_delivery_status(text) else None
 
 
-def recognize_flufl(scan: Scan) -> FeedbackReport | None:
-    """flufl.bounce's detectors (Mailman): addresses only; each is classified from the text about it."""
+def recognize_legacy(scan: Scan) -> FeedbackReport | None:
+    """Bounce formats of older and proprietary mail systems (:mod:`mailrelayd.feedback.legacy`):
+    addresses only; each is classified from the text about it."""
     tree = scan.tree
-    msg = tree.msg if len(tree.data) <= FLUFL_MAX_BYTES else parse_bytes(tree.data[:FLUFL_MAX_BYTES])
-    result = run_flufl(msg)
+    msg = tree.msg if len(tree.data) <= LEGACY_MAX_BYTES else parse_bytes(tree.data[:LEGACY_MAX_BYTES])
+    result = find_legacy(msg)
     if result is None:
         return None
     excluded = scan.excluded()
@@ -420,7 +422,7 @@ def recognize_flufl(scan: Scan) -> FeedbackReport | None:
     ]
     if not usable:
         return None
-    return from_addresses(scan, usable, result.temporary, parser=f"flufl:{result.detector}")
+    return from_addresses(scan, usable, result.temporary, parser=f"format:{result.family}")
 
 
 def recognize_text(scan: Scan) -> FeedbackReport | None:
@@ -499,7 +501,7 @@ RECOGNIZERS: tuple[tuple[str, str, Recognizer], ...] = (
     ("ses", "standard", recognize_ses),
     ("not-bounce", "gate", recognize_not_bounce),
     ("dsn-in-text", "heuristics", recognize_dsn_in_text),
-    ("flufl", "flufl", recognize_flufl),
+    ("legacy", "legacy", recognize_legacy),
     ("text", "heuristics", recognize_text),
 )
 

@@ -54,9 +54,10 @@ class FeedbackReport:
     ``original_return_path`` its envelope sender (may be our VERP address),
     ``original_envelope_id`` the DSN ``Original-Envelope-Id`` (RFC 3461 ENVID).
     ``parser`` names the recognizer that decided (``dsn``, ``arf``, ``jmrp``, ``ses``,
-    ``flufl:<detector>``, ``heuristic:<name>``, ``autoreply``...). ``unattributed`` (address
-    ``""``): when no recipient could be named, what the report's text and status codes say
-    about the failure, so that a recipient identified by a VERP token can still be classified.
+    ``format:<family>`` (see :mod:`~mailrelayd.feedback.legacy`), ``heuristic:<name>``,
+    ``autoreply``...). ``unattributed`` (address ``""``): when no recipient could be named, what
+    the report's text and status codes say about the failure, so that a recipient identified by
+    a VERP token can still be classified.
     """
 
     kind: str
