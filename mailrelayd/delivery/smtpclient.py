@@ -19,6 +19,7 @@ import base64
 import re
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +27,6 @@ MAX_LINE = 16384
 """Longest reply line accepted (RFC 5321 §4.5.3.1.5 says 512; real servers send longer text)."""
 MAX_LINES = 512
 """Most lines in one reply (a long EHLO list is ~30)."""
-MAX_QUEUED = 10000
-"""Most replies queued unread: a server that sends far more replies than commands is broken."""
 
 
 class ClientError(Exception):
@@ -48,6 +47,12 @@ class Disconnected(ClientError):
 
 class BadReply(ClientError):
     """The server sent something that is not an SMTP reply (RFC 5321 §4.2)."""
+
+    def __init__(self, message: str, replies: Sequence[Reply] = ()) -> None:
+        super().__init__(message)
+        self.replies = list(replies)
+        """Whole replies that came before it in the same bytes: they count all the same, since how
+        the bytes were cut must not matter (:meth:`ReplyParser.feed`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,33 +77,43 @@ class ReplyParser:
         self.lines: list[str] = []
         self.code = 0
 
+    @property
+    def pending(self) -> bool:
+        """Part of a reply has arrived."""
+        return bool(self.buf or self.lines)
+
     def feed(self, data: bytes) -> list[Reply]:
+        # Look for line ends only in the new bytes (and the CR that may end the old ones): a line
+        # trickled a byte at a time must cost time linear in its length, not quadratic.
+        scan = max(len(self.buf) - 1, 0)
         buf = self.buf + data if self.buf else data
         out: list[Reply] = []
         pos = 0
         while True:
-            m = _LINE_END.search(buf, pos)
+            m = _LINE_END.search(buf, max(pos, scan))
             if m is None:
                 break
             line = buf[pos:m.start()]
             pos = m.end()
             if len(line) > MAX_LINE:
-                raise BadReply("reply line too long")
+                raise BadReply("reply line too long", out)
             if len(line) < 3 or not line[:3].isdigit() or (len(line) > 3 and line[3:4] not in b" -"):
-                raise BadReply(f"not an SMTP reply: {line[:60]!r}")
+                raise BadReply(f"not an SMTP reply: {line[:60]!r}", out)
+            if line[0] not in b"2345":  # RFC 5321 §4.2: other first digits are to be treated as fatal errors
+                raise BadReply(f"reply code out of range: {line[:3]!r}", out)
             code = int(line[:3])
             if self.lines and code != self.code:
-                raise BadReply("reply code changed inside a multiline reply")
+                raise BadReply("reply code changed inside a multiline reply", out)
             self.code = code
             self.lines.append(line[4:].decode("utf-8", "replace"))
             if len(self.lines) > MAX_LINES:
-                raise BadReply("reply has too many lines")
+                raise BadReply("reply has too many lines", out)
             if line[3:4] != b"-":
                 out.append(Reply(code, "\n".join(self.lines)))
                 self.lines = []
         self.buf = buf[pos:]
         if len(self.buf) > MAX_LINE:
-            raise BadReply("reply line too long")
+            raise BadReply("reply line too long", out)
         return out
 
 
@@ -141,6 +156,8 @@ class _Edge(asyncio.Protocol):
         self.drained: asyncio.Future[None] | None = None
         self.writable = True
         self.error: ClientError | None = None
+        self.owed = 1
+        """Replies due: the greeting, then one for each command sent, less those read."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         pass
@@ -148,16 +165,22 @@ class _Edge(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.error is not None:
             return
+        bad: BadReply | None = None
         try:
             got = self.parser.feed(data)
         except BadReply as e:
-            self.fail(e)
-            return
-        if got:
-            self.replies.extend(got)
-            if len(self.replies) > MAX_QUEUED:
-                self.fail(BadReply("too many unsolicited replies"))
-                return
+            got, bad = e.replies, e
+        self.replies.extend(got)
+        if len(self.replies) > self.owed or (len(self.replies) == self.owed and self.parser.pending):
+            # One reply per command, after it (RFC 5321 §4.3.1; in order when pipelining, RFC 2920
+            # §3.1). A reply beyond those due, sent early or in surplus, would be read as the answer
+            # to a later command (a 250 to the dot before the message was sent), so it ends the session.
+            while len(self.replies) > self.owed:
+                self.replies.pop()
+            self.fail(BadReply("the server sent a reply to no command"))
+        elif bad is not None:
+            self.fail(bad)
+        elif got:
             self.wake()
 
     def eof_received(self) -> bool | None:
@@ -257,12 +280,14 @@ class SmtpClient:
             self.close()
             assert edge.error is not None
             raise edge.error
+        edge.owed -= 1
         return edge.replies.popleft()
 
     def send(self, *lines: bytes) -> None:
         """Write command lines (each without its CRLF) in one write: a pipelined group when several."""
         if not self.is_connected:
             raise self.edge.error or Disconnected("the session is closed")
+        self.edge.owed += len(lines)
         self.transport.write(b"".join(line + b"\r\n" for line in lines))
 
     async def command(self, line: bytes, timeout: float) -> Reply:
@@ -301,9 +326,9 @@ class SmtpClient:
         r = await self.command(b"STARTTLS", timeout)
         if r.code != 220:
             return r
-        if self.edge.replies or self.edge.parser.buf:  # RFC 3207 §4: nothing may follow the 220 in the clear
-            self.close()
-            raise BadReply("the server sent data after its 220 to STARTTLS")
+        if self.edge.error is not None or self.edge.replies or self.edge.parser.pending:
+            self.close()  # RFC 3207 §4: nothing may follow the 220 in the clear (the edge fails on it)
+            raise self.edge.error or BadReply("the server sent data after its 220 to STARTTLS")
         loop = asyncio.get_running_loop()
         try:
             tls = await loop.start_tls(self.transport, self.edge, ctx, server_hostname=server_hostname,
@@ -336,6 +361,7 @@ class SmtpClient:
         if not self.is_connected:
             raise self.edge.error or Disconnected("the session is closed")
         body, end = message_bytes(data)
+        self.edge.owed += 1
         if len(body) < 65536:
             self.transport.write(body + end)  # one send for the common small message
         else:
@@ -347,10 +373,14 @@ class SmtpClient:
         return await self.reply(done_timeout)
 
     async def quit(self, timeout: float) -> None:
-        """QUIT and close, ignoring what the server does (the session is over either way)."""
+        """QUIT and close, ignoring what the server does (the session is over either way). The 221
+        is awaited only when no other reply is still due (a group left unread after a 421): the next
+        reply would not be QUIT's, and one that never comes would hold the caller for ``timeout``."""
         try:
             if self.is_connected:
-                await self.command(b"QUIT", timeout)
+                self.send(b"QUIT")
+                if self.edge.owed == 1:
+                    await self.reply(timeout)
         except (ClientError, OSError):
             pass
         finally:

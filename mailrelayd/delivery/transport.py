@@ -378,9 +378,9 @@ class Transport:
         try:
             if greeting.code != 220:
                 metrics.DELIVERY_CONNECTIONS.labels("refused_greeting").inc()
-                enh, _ = _enhanced(greeting.code, greeting.text)
                 cls = _PermFail if greeting.code >= 500 else _TempFail
                 code = greeting.code if greeting.code >= 400 else 451
+                enh, _ = _enhanced(code, greeting.text)  # of the code reported: never 451 with "2.0.0"
                 raise cls(code, enh, f"host {where} refused to talk to me: {greeting.line()}", host.name,
                           greeting.line())
 
@@ -452,11 +452,11 @@ class Transport:
             raise _TempFail(451, "4.4.2", f"EHLO to {where}: {_one_line(str(e))}") from None
         if resp.code != 250:
             # RFC 5321 §4.1.4 allows falling back to HELO, but every MTA in use speaks ESMTP.
-            enh, _ = _enhanced(resp.code, resp.text)
             cls = _PermFail if resp.code >= 500 else _TempFail
+            code = resp.code if resp.code >= 400 else 451
+            enh, _ = _enhanced(code, resp.text)
             reply = resp.line()
-            raise cls(resp.code if resp.code >= 400 else 451, enh, f"EHLO rejected by {where}: {reply}", mta, reply,
-                      "EHLO")
+            raise cls(code, enh, f"EHLO rejected by {where}: {reply}", mta, reply, "EHLO")
 
     async def _quit(self, conn: _Conn) -> None:
         with contextlib.suppress(Exception):
@@ -504,9 +504,9 @@ class Transport:
         def finish(code: int, enhanced: str, text: str) -> list[RcptResult]:
             return [done.get(r) or RcptResult(r, code, enhanced, text, mta) for r in rcpts]
 
-        def finish_reply(resp: Reply, stage: str) -> list[RcptResult]:
+        def finish_reply(resp: Reply, stage: str, *, final: bool = False) -> list[RcptResult]:
             """Every recipient not yet decided gets this reply of the remote's."""
-            return [done.get(r) or self._reply(r, resp, mta, stage) for r in rcpts]
+            return [done.get(r) or self._reply(r, resp, mta, stage, final=final) for r in rcpts]
 
         conn.used += 1
         unchecked, conn.unchecked = conn.unchecked, False
@@ -537,7 +537,7 @@ class Transport:
             if resp.code == 421 and unchecked:  # e.g. closing after an idle or per-connection limit
                 conn.used -= 1
                 raise _Stale()
-            if resp.code != 250:
+            if resp.code // 100 != 2:  # RFC 5321 §4.2: the first digit decides (a 251 accepts too)
                 if pipelined and resp.code != 421:
                     await self._abandon(smtp, len(rcpts))
                 return finish_reply(resp, "MAIL FROM"), resp.code != 421
@@ -547,7 +547,7 @@ class Transport:
                 if not pipelined:
                     smtp.send(line)
                 resp = await smtp.reply(d.rcpt_timeout)
-                if resp.code in (250, 251):
+                if resp.code // 100 == 2:  # any 2xx (§4.2): a 252 kept as its own result read as delivered
                     accepted.append(r)
                 elif resp.code == 421:
                     return finish_reply(resp, "RCPT TO"), False
@@ -565,7 +565,7 @@ class Transport:
                 return finish_reply(resp, "DATA"), resp.code != 421
             resp = await smtp.message(data, block_timeout=d.data_block_timeout, done_timeout=d.data_done_timeout)
             conn.clean = True  # the final reply ends the transaction, whatever it says
-            return finish_reply(resp, "end of DATA"), resp.code != 421
+            return finish_reply(resp, "end of DATA", final=True), resp.code != 421
         except Timeout:
             smtp.close()
             return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
@@ -589,10 +589,11 @@ class Transport:
         await smtp.reply(self.cfg.delivery.data_done_timeout)
 
     @staticmethod
-    def _reply(rcpt: str, resp: Reply, mta: str, stage: str) -> RcptResult:
+    def _reply(rcpt: str, resp: Reply, mta: str, stage: str, *, final: bool = False) -> RcptResult:
         """A recipient's result from a remote reply: the reply is kept verbatim (once), the text
-        says where it came from."""
-        enh, _ = _enhanced(resp.code, resp.text)
-        code = resp.code if 200 <= resp.code < 600 else 451
+        says where it came from. Only the reply to the dot (``final``) can deliver; any other code
+        that is not a refusal is out of place for its command and defers (451)."""
+        code = resp.code if 400 <= resp.code < 600 or (final and 200 <= resp.code < 300) else 451
+        enh, _ = _enhanced(code, resp.text)
         reply = resp.line()
         return RcptResult(rcpt, code, enh, f"host {mta} said: {reply} (in reply to {stage})", mta, reply, stage)
