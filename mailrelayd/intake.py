@@ -25,6 +25,7 @@ from mailrelayd.config import Config
 from mailrelayd.errors import MessageRefused, Reply
 from mailrelayd.log import get_logger
 from mailrelayd.smtp import headers as hdr
+from mailrelayd.smtp.dataread import BARE_CR_LF
 from mailrelayd.smtp.headers import HeaderScan
 from mailrelayd.smtp.policy import NO_FROM, Facts
 from mailrelayd.spool.store import FEEDBACK, OUTBOUND, NewMessage, Spool
@@ -112,6 +113,10 @@ class Intake:
         """The message as it will be stored, unsigned; and whether it is to be signed."""
         cfg = self.cfg
         scan = hdr.scan_headers(body)
+        if scan.bare_line_end:
+            # The front ends refuse or normalise these; a header block with one would let a receiver see
+            # fields (a From) that our scan and the policy did not.
+            raise MessageRefused(BARE_CR_LF)
         facts = Facts(peer_ip=origin.peer_ip, tls=origin.tls is not None, user=origin.user)
         refusal = self.check_headers(facts, scan, outbound)
         if refusal is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.errors
 import email.policy
+import email.utils
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -126,6 +127,9 @@ def parse_mailbox(path: str, *, utf8: bool = False) -> Mailbox:
     if len(local.encode("utf-8", "surrogateescape")) > MAX_LOCAL:
         raise AddressError("local part longer than 64 octets")
     dom, literal = _parse_domain(domain, utf8=utf8)
+    # Again on the normal form: IDNA makes a domain longer, and what we return must parse again.
+    if len(local.encode("utf-8", "surrogateescape")) + 1 + len(dom) > MAX_PATH - 2:
+        raise AddressError("address too long")
     return Mailbox(local, dom, literal)
 
 
@@ -158,7 +162,8 @@ def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False,
     m = _FAST.match(arg.lstrip(" "))
     if m is not None:
         local, domain, rest = m.groups()
-        if len(local) <= MAX_LOCAL and len(domain) <= MAX_DOMAIN and ".." not in domain:
+        # The path limit as parse_mailbox() applies it (the fast path must not accept what it refuses).
+        if len(local) <= MAX_LOCAL and len(local) + 1 + len(domain) <= MAX_PATH - 2 and ".." not in domain:
             d = domain.lower().rstrip(".")  # = normalize_domain() for ASCII host names (hot path)
             if all(_LABEL.match(lbl) for lbl in d.split(".")):
                 return Mailbox(local, d), rest
@@ -169,8 +174,11 @@ def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False,
         raise AddressError("null address not allowed here")
     if postmaster_domain is not None and path.lower() == POSTMASTER:
         return Mailbox(POSTMASTER, postmaster_domain), rest
-    # A quoted local part may hold spaces (RFC 5321 qtextSMTP); _quoted_local checks its characters.
-    unquoted = path.rpartition('"')[2] if path.startswith('"') else path
+    # A quoted local part may hold spaces (RFC 5321 qtextSMTP); _quoted_local checks its characters. What
+    # is around it may not: the source route before it (§4.1.2 Path = "<" [ A-d-l ":" ] Mailbox ">") and
+    # the domain after it.
+    quote = path.find('"')
+    unquoted = path if quote < 0 else path[:quote] + path.rpartition('"')[2]
     if any(c in unquoted for c in " \t\r\n\x00"):
         raise AddressError("whitespace or control character in address")
     return parse_mailbox(path, utf8=utf8), rest
@@ -180,7 +188,11 @@ def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False,
 # "addr-spec", or an optional display name of atoms, spaces and periods, or one plain quoted string,
 # then "<addr-spec>". Anything else (comments, groups, lists, encoded words, escapes) takes the email path.
 _HDR_ADDR = rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?"
-_HDR_SIMPLE = re.compile(rf'[ \t]*(?:({_HDR_ADDR})|(?:[ \t.{_ATEXT}]*|"[^"\\\r\n]*")[ \t]*<({_HDR_ADDR})>)[ \t]*\Z')
+# No two adjacent parts may match the same blanks: backtracking over them was cubic in the length of the
+# value (4,000 spaces and an "x" took 45 s). A quoted name holds no undecodable byte (a lone surrogate
+# from surrogateescape), which the email path refuses.
+_HDR_SIMPLE = re.compile(rf'[ \t]*(?:({_HDR_ADDR})|(?:[.{_ATEXT}][ \t.{_ATEXT}]*|"[^"\\\r\n\udc80-\udcff]*"[ \t]*)?'
+                         rf'<({_HDR_ADDR})>)[ \t]*\Z')
 
 
 def parse_header_mailboxes(value: str) -> list[Mailbox]:
@@ -190,16 +202,44 @@ def parse_header_mailboxes(value: str) -> list[Mailbox]:
     Raises AddressError unless every entry is a valid mailbox: a group (``undisclosed-recipients:;``),
     an invalid entry (``ceo@victim.com@example.com``, which receivers read differently) or an
     undecodable byte refuses the whole field, so no receiver can see a different author than we check.
-    Obsolete but unambiguous syntax (a period in a display name, a route) is accepted."""
+    Obsolete but unambiguous syntax (a period in a display name, a route) is accepted. So is a value of
+    any length in the simple shapes; any other longer than MAX_PARSED_VALUE is refused."""
     m = _HDR_SIMPLE.match(value)
-    if m is not None:
+    # An RFC 2047 encoded word takes the email path, which decodes it and refuses a name that decodes to
+    # a CR or LF (a header injected into whoever decodes and writes it again) or touches a "<" (§5).
+    if m is not None and "=?" not in value:
         return [parse_mailbox(m.group(1) or m.group(2), utf8=True)]
     return header_mailboxes_by_email(value)
 
 
+# Longest value given to the ``email`` parsers, one line's worth (RFC 5322 §2.1.1): they copy the rest of
+# the value for every token they take, so their time grows with the square of the length (a 64 KB From of
+# commas took 20 s, 1 KB takes 20 ms). Only the shapes _HDR_SIMPLE takes, in linear time, may be longer.
+MAX_PARSED_VALUE = 998
+# Comments nest (RFC 5322 §3.2.2) and the email parser recurses into each: at some depth it fails with
+# RecursionError or not, as deep as its caller's stack already is. This bound decides the same every time.
+MAX_COMMENTS = 50
+
+# What email's header parser raises, instead of recording a defect, for some malformed values (its bugs
+# in Python 3.11: IndexError for "a <", AttributeError for "a@[1.2.3.4", TypeError, UnboundLocalError),
+# for a CR or LF in the value or a display name decoded to one (ValueError), or when the stack is already
+# nearly full (RecursionError).
+_PARSER_FAILURES = (AttributeError, IndexError, NameError, TypeError, ValueError, RecursionError,
+                    email.errors.HeaderParseError)
+
+
 def header_mailboxes_by_email(value: str) -> list[Mailbox]:
     """:func:`parse_header_mailboxes` without its fast path: every value through the ``email`` parser."""
-    field = email.policy.default.header_factory("From", value)
+    if len(value) > MAX_PARSED_VALUE:
+        raise AddressError("address field too long")
+    if value.count("(") > MAX_COMMENTS:
+        raise AddressError("too many comments in address field")
+    try:
+        field = email.policy.default.header_factory("From", value)
+        # The parser the DKIM signer picks its d= domain with; it reads RFC 2047 encoded words as text.
+        others = [addr for _, addr in email.utils.getaddresses([value]) if addr]
+    except _PARSER_FAILURES:
+        raise AddressError("unparsable address field") from None
     for defect in field.defects:
         if isinstance(defect, email.errors.InvalidHeaderDefect | email.errors.UndecodableBytesDefect):
             raise AddressError(f"invalid address field: {defect}")
@@ -214,6 +254,12 @@ def header_mailboxes_by_email(value: str) -> list[Mailbox]:
             out.append(parse_mailbox(f"{local}@{a.domain}", utf8=True))
     if not out:
         raise AddressError("no mailbox")
+    # Both parsers must find the same author domains. They differ where the value is ambiguous: the email
+    # package decodes an encoded word in a domain ("a@=?utf-8?q?victim.example?=" is a@victim.example to
+    # it), which RFC 2047 §5 forbids in an addr-spec and which receivers, DMARC and our signer read as text.
+    theirs = [_parse_domain(addr.rpartition("@")[2], utf8=True)[0] if "@" in addr else "" for addr in others]
+    if theirs != [m.domain for m in out]:
+        raise AddressError("ambiguous address field")
     return out
 
 
@@ -259,6 +305,9 @@ def _parse_domain(domain: str, *, utf8: bool) -> tuple[str, bool]:
                 else ipaddress.IPv4Address(inner)
         except ValueError:
             raise AddressError("malformed address literal") from None
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+            # ipaddress takes "fe80::1%<anything>"; the IPv6-addr of RFC 5321 §4.1.3 has no zone index.
+            raise AddressError("malformed address literal")
         return (f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"), True
     if not domain.isascii() and not utf8:
         raise AddressError("non-ASCII domain without SMTPUTF8")

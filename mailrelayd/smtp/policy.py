@@ -171,11 +171,13 @@ class Policy:
             from_addrs = [str(m) for m in scan.from_mailboxes()]
         except AddressError:
             return INVALID_FROM
+        if len(scan.sender_values) > 1:  # counted before parsing: 10,000 Sender fields are not worth reading
+            return INVALID_SENDER
         try:
             sender_addrs = [str(m) for m in scan.sender_mailboxes()]
         except AddressError:
             return INVALID_SENDER
-        if len(scan.sender_values) > 1 or len(sender_addrs) > 1:
+        if len(sender_addrs) > 1:
             return INVALID_SENDER
         if len(from_addrs) > 1 and not sender_addrs:
             return MULTIPLE_FROM
