@@ -301,6 +301,9 @@ class LimitsConfig:
     max_recipients: int = 100
     max_line_length: int = 1000
     """RFC 5321 §4.5.3.1.6: 1000 octets including CRLF."""
+    max_header_size: Size = 100 * 1024
+    """Largest header section (Postfix's header_size_limit); larger: 552 5.3.4. Bounds the work of
+    reading the header block on the event loop (a 25 MB one of short lines took seconds)."""
     command_timeout: Duration = 300.0
     """RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command."""
     data_timeout: Duration = 600.0
@@ -833,6 +836,8 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         raise ld.err("limits.max_recipients", "must be at least 1")
     if not 512 <= lim.max_line_length <= 100_000:
         raise ld.err("limits.max_line_length", "must be between 512 and 100000")
+    if not 1024 <= lim.max_header_size <= max(lim.max_message_size, 1024):
+        raise ld.err("limits.max_header_size", "must be between 1KB and limits.max_message_size")
     for k in ("max_connections", "max_connections_per_ip", "max_errors"):
         if getattr(lim, k) < 1:
             raise ld.err(f"limits.{k}", "must be at least 1")

@@ -33,6 +33,8 @@ from mailrelayd.users import User
 
 log = get_logger()
 
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header size exceeds limit")
+
 Signer = Callable[[bytes, str], Awaitable[bytes]]
 """Given the message and its header From domain, returns DKIM-Signature fields to prepend (or b"")."""
 
@@ -112,7 +114,9 @@ class Intake:
                  outbound: bool) -> tuple[NewMessage, bool]:
         """The message as it will be stored, unsigned; and whether it is to be signed."""
         cfg = self.cfg
-        scan = hdr.scan_headers(body)
+        scan = hdr.scan_headers(body, cfg.limits.max_header_size)
+        if scan.too_large:
+            raise MessageRefused(HEADER_TOO_BIG)
         if scan.bare_line_end:
             # The front ends refuse or normalise these; a header block with one would let a receiver see
             # fields (a From) that our scan and the policy did not.

@@ -47,6 +47,25 @@ async def test_size_lied_about_enforced_on_data(start_daemon) -> None:
     await t.close()
 
 
+async def test_header_section_over_max_header_size(start_daemon) -> None:
+    """A header block past limits.max_header_size is refused 552 5.3.4 without being read to its
+    end (a few MB of short lines held the event loop for seconds); up to the limit is fine."""
+    d = await start_daemon({"limits": {"max_header_size": "8KB"}})
+    t = await _ready(d.port("relay"))
+    assert (await t.cmd("DATA"))[0] == 354
+    big = b"Subject: many\r\n" + b"X:\r\n" * 5000 + b"\r\nbody\r\n"  # 20 KB of header block
+    code, text = await t.cmd(big + b".")
+    assert (code, text) == (552, "5.3.4 Message header size exceeds limit")
+    assert await _spooled(d) == 0
+    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250  # the session goes on
+    assert (await t.cmd("RCPT TO:<x@other.example>"))[0] == 250
+    assert (await t.cmd("DATA"))[0] == 354
+    fits = b"Subject: some\r\n" + b"X-A: b\r\n" * 900 + b"\r\n" + b"body line\r\n" * 5000  # 7 KB of header
+    assert (await t.cmd(fits + b"."))[0] == 250
+    assert await _spooled(d) == 1
+    await t.close()
+
+
 async def test_too_many_recipients(start_daemon) -> None:
     d = await start_daemon({"limits": {"max_recipients": 3}})
     t = await SmtpTalk.connect(d.port("relay"))

@@ -33,6 +33,7 @@ class HeaderScan:
     bare_line_end: bool = False
     """A CR or LF not part of a CRLF in the header block (RFC 5321 §2.3.8). Parsers that take either for a
     line end see other fields there than this scan does (a From where we saw a Subject)."""
+    too_large: bool = False  # the header block is longer than the limit scan_headers was given
     from_parsed: list[Mailbox] | AddressError | None = None  # from_mailboxes(), once computed
 
     def from_mailboxes(self) -> list[Mailbox]:
@@ -84,9 +85,10 @@ _WATCH = {b"from": "from_values", b"sender": "sender_values"}
 _FIELD = re.compile(rb"([!-9;-~]+):")
 
 
-def scan_headers(data: bytes) -> HeaderScan:
+def scan_headers(data: bytes, limit: int | None = None) -> HeaderScan:
     """Scan the header block of a CRLF message. Tolerates a missing body, a header-only message and
-    a message with no header block at all."""
+    a message with no header block at all. Past ``limit`` octets of header block the scan stops
+    and sets ``too_large`` (the rest is not looked at)."""
     scan = HeaderScan(end=len(data))
     # The lines of each watched field, joined once the scan is done: adding to a growing string for
     # every continuation line was quadratic (a From folded into 100,000 short lines took 2 s).
@@ -95,6 +97,9 @@ def scan_headers(data: bytes) -> HeaderScan:
     in_field = False
     pos, n = 0, len(data)
     while pos < n:
+        if limit is not None and pos > limit:
+            scan.too_large = True
+            break
         eol = data.find(b"\r\n", pos)
         if eol < 0:
             eol = n
