@@ -44,6 +44,15 @@ def test_parser_joins_multiline_replies_split_anywhere() -> None:
         assert got == [Reply(250, "mx.test says hi\nPIPELINING\nSIZE 10"), Reply(354, "go ahead")], cut
 
 
+def test_a_huge_reply_is_quoted_in_part() -> None:
+    """A reply can be megabytes (512 lines of 16 KB); results, DSNs and logs quote 2000 characters."""
+    p = ReplyParser()
+    (r,) = p.feed(b"".join(b"550-" + b"x" * 16000 + b"\r\n" for _ in range(100)) + b"550 5.1.1 no\r\n")
+    assert len(r.text) > 1_000_000
+    assert len(r.line()) == 2000 and r.line().startswith("550 xxx") and r.line().endswith(" [...]")
+    assert Reply(550, "5.1.1 no such user").line() == "550 5.1.1 no such user"
+
+
 def test_parser_takes_bare_lf_and_code_only_lines() -> None:
     assert ReplyParser().feed(b"250\n221-bye\n221 now\n") == [Reply(250, ""), Reply(221, "bye\nnow")]
 

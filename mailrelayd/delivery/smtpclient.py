@@ -27,6 +27,8 @@ MAX_LINE = 16384
 """Longest reply line accepted (RFC 5321 §4.5.3.1.5 says 512; real servers send longer text)."""
 MAX_LINES = 512
 """Most lines in one reply (a long EHLO list is ~30)."""
+MAX_QUOTED = 2000
+"""Longest reply text kept for a recipient's result, its DSN and logs (Reply.line)."""
 
 
 class ClientError(Exception):
@@ -62,8 +64,10 @@ class Reply:
     """The text of every line after the code, joined with newlines."""
 
     def line(self) -> str:
-        """The reply on one line, as logs and DSNs quote it."""
-        return f"{self.code} {' '.join(self.text.split())}".strip()
+        """The reply on one line, as logs and DSNs quote it: at most MAX_QUOTED characters (a reply
+        may be megabytes; it is stored per recipient and quoted in DSNs and every log line)."""
+        text = f"{self.code} {' '.join(self.text.split())}".strip()
+        return text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED - 6] + " [...]"
 
 
 _LINE_END = re.compile(rb"\r\n|\n")
