@@ -39,7 +39,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -56,6 +55,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from mailrelayd.metrics import DKIM_SIGN_SECONDS, DKIM_SIGNATURES, DKIM_UNSIGNED
+from mailrelayd.smtp.address import AddressError, parse_header_mailboxes
 
 __all__ = [
     "ALGORITHMS",
@@ -267,14 +267,18 @@ def _header_from_domain(headers: Sequence[Sequence[bytes]]) -> tuple[str | None,
         return None, "no From header field"
     if len(values) > 1:
         return None, f"{len(values)} From header fields"
-    text = re.sub(r"\r?\n", "", values[0].decode("utf-8", "replace"))
-    domains = {addr.rpartition("@")[2] for _, addr in getaddresses([text]) if "@" in addr}
-    domains.discard("")
+    # The parser the submission policy checks From with (one reading of the field for both: what
+    # we sign for is what we let through); undecodable bytes stay lone surrogates and are refused.
+    text = re.sub(r"\r?\n", "", values[0].decode("utf-8", "surrogateescape")).strip()
+    try:
+        domains = {_normalize_domain(box.domain) for box in parse_header_mailboxes(text)}
+    except AddressError as e:
+        return None, f"unparsable From: {e}"[:200]
     if not domains:
         return None, "no address in From"
     if len(domains) > 1:
         return None, "From has addresses in several domains"
-    return _normalize_domain(domains.pop()), None
+    return domains.pop(), None
 
 
 class _Hasher(Protocol):

@@ -409,7 +409,13 @@ def test_no_key_for_from_domain_leaves_message_unsigned(keys: Keys) -> None:
     (b"Subject: no from\r\n\r\nbody\r\n", "no From"),
     (b"From: a@example.com\r\nFrom: b@example.com\r\n\r\nbody\r\n", "2 From"),
     (b"From: a@example.com, b@example.net\r\n\r\nbody\r\n", "several domains"),
-    (b"From: undisclosed\r\n\r\nbody\r\n", "no address"),
+    (b"From: undisclosed\r\n\r\nbody\r\n", "unparsable From"),
+    (b"From: undisclosed-recipients:;\r\n\r\nbody\r\n", "unparsable From"),
+    # What receivers read differently is not signed for (the parser the submission policy uses).
+    (b"From: ceo@example.net@example.com\r\n\r\nbody\r\n", "unparsable From"),
+    (b"From: a@=?utf-8?q?example.com?=\r\n\r\nbody\r\n", "unparsable From"),
+    (b"From: a\xff@example.com\r\n\r\nbody\r\n", "unparsable From"),
+    (b"From: a@example.com.\r\n\r\nbody\r\n", "unparsable From"),  # no trailing dot in RFC 5322
     (b"", "no From"),
 ])
 def test_messages_without_one_from_domain_are_unsigned(keys: Keys, msg: bytes, reason: str) -> None:
@@ -430,7 +436,10 @@ def test_malformed_header_never_raises(keys: Keys, msg: bytes) -> None:
 
 def test_from_with_display_name_and_mixed_case(keys: Keys) -> None:
     signer = DkimSigner([keys.rsa])
-    msg = message(sender='"Example, Inc." <Billing@EXAMPLE.COM.>')
+    msg = message(sender='"Example, Inc." <Billing@EXAMPLE.COM>')
+    assert signer.sign(msg).domain == "example.com"
+    # One author domain however its case is written (it was "several domains", and unsigned).
+    msg = b"From: a@Example.COM, b@example.com\r\nSender: a@example.com\r\n\r\nbody\r\n"
     assert signer.sign(msg).domain == "example.com"
 
 

@@ -570,7 +570,11 @@ def big_messages() -> Iterator[tuple[str, bytes]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, tls_files: tuple[Path, Path]) -> tuple[Policy, DkimSigner]:
     d = tmp_path_factory.mktemp("headers_fuzz")
-    cfg = load_config(write_config(d / "cfg", base_config(tls_files)))
+    # The largest header section allowed, so that the big messages reach the parsers behind the limit
+    # (the limit itself is tested in test_smtp_limits).
+    data = base_config(tls_files)
+    data.setdefault("limits", {})["max_header_size"] = data.get("limits", {}).get("max_message_size", "25MB")
+    cfg = load_config(write_config(d / "cfg", data))
     submission = next(lst for lst in cfg.listeners if lst.name == "submission")
     pem, _ = generate_key("ed25519-sha256")
     write_private_key(d / "k.pem", pem)
