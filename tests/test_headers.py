@@ -124,3 +124,14 @@ def test_postmaster_domain_falls_back_to_hostname(tmp_path: Path, tls_files: tup
     data["relay"]["local_domains"] = []
     cfg = load_config(write_config(tmp_path, data))
     assert Policy(cfg, cfg.listeners[0], lambda _a: False).postmaster_domain == "relay.test.example"
+
+
+@pytest.mark.parametrize(("data", "want"), [
+    (b"Message-ID: <a@b.example>\r\n\r\nx", "<a@b.example>"),
+    (b"Message-ID:\r\n <a@b.example>\r\n\r\nx", "<a@b.example>"),  # folded after the colon (some MUAs do)
+    (b"Message-ID: <a@b.example>\r\n\tSubject: not a field\r\nMessage-ID: <c@d>\r\n\r\nx",
+     "<a@b.example> Subject: not a field"),
+    (b"Subject: x\r\n\r\nx", ""),
+])
+def test_message_id_is_unfolded(data: bytes, want: str) -> None:
+    assert scan_headers(data).message_id == want

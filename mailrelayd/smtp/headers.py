@@ -94,6 +94,7 @@ def scan_headers(data: bytes, limit: int | None = None) -> HeaderScan:
     # every continuation line was quadratic (a From folded into 100,000 short lines took 2 s).
     watched: dict[str, list[list[bytes]]] = {attr: [] for attr in _WATCH.values()}
     current: list[bytes] | None = None
+    message_id: list[bytes] = []
     in_field = False
     pos, n = 0, len(data)
     while pos < n:
@@ -126,8 +127,8 @@ def scan_headers(data: bytes, limit: int | None = None) -> HeaderScan:
                 current = [line[m.end():]]
                 watched[attr].append(current)
             elif key == b"message-id":
-                if not scan.has_message_id:
-                    scan.message_id = line[m.end():].strip().decode("utf-8", "replace")[:998]
+                if not scan.has_message_id:  # the first one, folded lines too ("Message-ID:\r\n <id>")
+                    current = message_id = [line[m.end():]]
                 scan.has_message_id = True
             elif key == b"date":
                 scan.has_date = True
@@ -141,6 +142,8 @@ def scan_headers(data: bytes, limit: int | None = None) -> HeaderScan:
     # §3.2 allows UTF-8 only), where U+FFFD in their place would make a valid mailbox not in the message.
     scan.from_values = [b"".join(f).strip().decode("utf-8", "surrogateescape") for f in watched["from_values"]]
     scan.sender_values = [b"".join(f).strip().decode("utf-8", "surrogateescape") for f in watched["sender_values"]]
+    if message_id:
+        scan.message_id = b" ".join(part.strip() for part in message_id[:20]).strip().decode("utf-8", "replace")[:998]
     return scan
 
 
