@@ -836,8 +836,8 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         raise ld.err("limits.max_recipients", "must be at least 1")
     if not 512 <= lim.max_line_length <= 100_000:
         raise ld.err("limits.max_line_length", "must be between 512 and 100000")
-    if not 1024 <= lim.max_header_size <= max(lim.max_message_size, 1024):
-        raise ld.err("limits.max_header_size", "must be between 1KB and limits.max_message_size")
+    if lim.max_header_size < 1024:  # above max_message_size it never applies: no error for that
+        raise ld.err("limits.max_header_size", "must be at least 1KB")
     for k in ("max_connections", "max_connections_per_ip", "max_errors"):
         if getattr(lim, k) < 1:
             raise ld.err(f"limits.{k}", "must be at least 1")

@@ -142,6 +142,10 @@ def load_users(path: Path) -> dict[str, User]:
         raise UsersFileError(f"{path}: users: must be a table")
     for name, entry in table.items():
         key = f"users.{name}"
+        if not name.strip() or not name.isprintable():
+            # Nobody can type it at AUTH (an empty name is refused there), and a control character
+            # would reach logs and the Received: "user" clause.
+            raise UsersFileError(f"{path}: {key!r}: a user name must be printable and not blank")
         if not isinstance(entry, dict):
             raise UsersFileError(f"{path}: {key}: must be a table")
         extra = set(entry) - {"password", "allowed_from", "rate", "api_keys"}

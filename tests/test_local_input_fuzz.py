@@ -196,7 +196,9 @@ def test_users_file_fuzz(tmp_path: Path) -> None:
             msg = str(e)
             assert msg.startswith(f"{path}: "), f"{case}: error does not name the file: {msg}"
             if "\udcff" not in text and "\ud800" not in text:  # else: not UTF-8, reported for the file
-                assert any(n in msg for n in must_name), f"{case}: error names none of {must_name}: {msg}"
+                # A name with control characters is named in its repr (it is not printed as it is).
+                assert any(n in msg or repr(n)[1:-1] in msg for n in must_name), \
+                    f"{case}: error names none of {must_name}: {msg}"
         else:
             _check_loaded(users, case, verified)
         assert time.monotonic() - t0 < 1.0, case
@@ -268,6 +270,13 @@ def test_users_file_raw_bytes_and_file_kinds(tmp_path: Path) -> None:
     with pytest.raises(UsersFileError) as e:  # was: loaded, and alice's key authenticated as mallory
         load_users(path)
     assert str(e.value).startswith(f"{path}: users.mallory.api_keys:") and "users.alice" in str(e.value)
+
+    for name in ("", " ", "a\nb", "a\x1bb", "\u2028"):  # nobody can log in as it; it would reach logs
+        doc = _users_doc()
+        doc["users"][name] = {"password": TEST_HASH}
+        path.write_text(tomli_w.dumps(doc))
+        with pytest.raises(UsersFileError, match="printable and not blank"):
+            load_users(path)
 
     kinds: dict[str, Callable[[Path], None]] = {
         "missing": lambda p: None,
