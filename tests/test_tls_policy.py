@@ -311,8 +311,6 @@ def test_tlsrpt_log_survives_restart(tmp_path: Path) -> None:
     (["v=TLSRPTv1; rua=ftp://x"], []),
     (["v=TLSRPTv1; rua=mailto:a@d.test", "v=TLSRPTv1; rua=mailto:b@d.test"], []),
     (["v=spf1 -all"], []),
-    (["v=TLSRPTv1; rua=" + ",".join(f"mailto:r{i}@d.test" for i in range(50))],  # the first MAX_RUA only
-     [f"mailto:r{i}@d.test" for i in range(tlsrpt.MAX_RUA)]),
 ])
 def test_parse_rua(texts: list[str], want: list[str]) -> None:
     assert tlsrpt.parse_rua(texts) == want

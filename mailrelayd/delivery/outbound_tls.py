@@ -219,15 +219,14 @@ class OutboundTls:
             return 0
         filename = tlsrpt.report_filename(submitter, domain, day)
         n = 0
-        mailto = mailto_recipients(ruas, domain)
+        mailto = mailto_recipients(ruas, domain)[:tlsrpt.MAX_RUA]
         if mailto and enqueue is not None:
             data = tlsrpt.report_mail(report, to=mailto, domain=domain, submitter=submitter,
                                       from_addr=f"postmaster@{submitter}", filename=filename)
             await enqueue(tuple(mailto), data, submitter)
             n += 1
-        for uri in ruas:
-            if uri.lower().startswith("https:"):
-                n += await self._post(uri, report, domain)
+        for uri in [u for u in ruas if u.lower().startswith("https:")][:tlsrpt.MAX_RUA]:
+            n += await self._post(uri, report, domain)
         log.info("tlsrpt.sent", domain=domain, day=day, rua=ruas)
         return n
 

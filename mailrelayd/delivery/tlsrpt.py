@@ -184,6 +184,8 @@ _RUA_RE = re.compile(r"^v=TLSRPTv1\s*;")
 
 
 MAX_RUA = 5
+"""Of each kind (mailto, https), the valid rua URIs used: the record is the remote domain's, and each
+costs a recipient or a POST of up to a minute (RFC 8460 §3 sets no number)."""
 
 
 def parse_rua(texts: list[str]) -> list[str]:
@@ -195,9 +197,7 @@ def parse_rua(texts: list[str]) -> list[str]:
         k, sep, v = part.strip().partition("=")
         if sep and k.strip() == "rua":
             uris = [u.strip() for u in v.split(",") if u.strip()]
-            # The record is the remote domain's: each URI costs a recipient or a POST of up to a
-            # minute, so only the first few are used (RFC 8460 §3 sets no number).
-            return [u for u in uris if u.lower().startswith(("mailto:", "https:"))][:MAX_RUA]
+            return [u for u in uris if u.lower().startswith(("mailto:", "https:"))]
     return []
 
 
