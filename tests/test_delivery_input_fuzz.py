@@ -20,7 +20,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from email import message_from_bytes
 from email.policy import default as email_default
-from email.utils import getaddresses
 from pathlib import Path
 
 import dns.flags
@@ -340,7 +339,7 @@ def test_rua_against_seeded_hostile_records() -> None:
         mail = tlsrpt.report_mail(report, to=rcpts, domain="d.test", submitter="relay.test",
                                   from_addr="postmaster@relay.test", filename="r.json.gz")
         to = message_from_bytes(mail, policy=email_default)["To"]
-        assert [a for _, a in getaddresses([str(to)])] == rcpts, record
+        assert [a.addr_spec for a in to.addresses] == rcpts, record
     assert kept > 30
 
 

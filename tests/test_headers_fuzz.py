@@ -74,6 +74,11 @@ T = TypeVar("T")
 SLOW = 1.0  # seconds: no single call may take longer (the slowest, on 1 MB, takes about 0.1 s)
 
 
+
+def _v6(ip: ipaddress.IPv6Address) -> str:
+    """The one spelling of an IPv6 literal (RFC 5952; IPv4-mapped in the mixed notation of its §5)."""
+    return f"::ffff:{ip.ipv4_mapped}" if ip.ipv4_mapped is not None else ip.compressed
+
 def timed(fn: Callable[[], T]) -> T:
     t0 = time.perf_counter()
     try:
@@ -168,7 +173,7 @@ def domain(rng: random.Random, *, literals: bool = True, own: float = 0.0) -> Pa
             return Part(f"[{v4}]", f"[{v4}]")
         v6 = ipaddress.IPv6Address(rng.getrandbits(128) if rng.random() < 0.5 else rng.getrandbits(16))
         text = rng.choice([v6.exploded, v6.compressed, v6.compressed.upper()])
-        return Part(f"[{rng.choice(['IPv6', 'ipv6'])}:{text}]", f"[IPv6:{v6.compressed}]")
+        return Part(f"[{rng.choice(['IPv6', 'ipv6'])}:{text}]", f"[IPv6:{_v6(v6)}]")
     return rng.choice([
         Part("x" * 64 + ".example", None), Part(".".join(["a" * 60] * 5), None), Part("a..b.example", None),
         Part("-a.example", None), Part("a_b.example", None), Part("[300.1.2.3]", None), Part("[1.2.3]", None),
@@ -223,7 +228,8 @@ ENVELOPE_EXTRA = [  # (argument, mailbox or None for refused)
     ("<" + "x" * 64 + "@" + ".".join(["ü" * 10] * 12) + ".de>", None),  # 199 characters, 271 once IDNA-encoded
     ("<" + "a" * 1_000_000 + "@example.com>", None), ("<" + '"' * 1_000_000 + ">", None),
     ("<" + "@a," * 300_000 + "@b:u@d.example>", None), ("<u@" + "a." * 500_000 + "example>", None),
-    ("<" + "\\" * 1_000_000, None), ("<a@[IPv6:::ffff:1.2.3.4]>", Mailbox("a", "[IPv6:::ffff:102:304]", True)),
+    ("<" + "\\" * 1_000_000, None), ("<a@[IPv6:::ffff:1.2.3.4]>", Mailbox("a", "[IPv6:::ffff:1.2.3.4]", True)),
+    ("<a@[IPv6:0:0:0:0:0:ffff:c000:201]>", Mailbox("a", "[IPv6:::ffff:192.0.2.1]", True)),  # RFC 5952 §5
     ("<a@[IPv6:fe80::1%25eth0]>", None), ("<a@[IPv6:fe80::1%]>", None),
     ("<Postmaster>", Mailbox("postmaster", PM)), ("<POSTMASTER>", Mailbox("postmaster", PM)),
     ("<postmaster@>", None), ('<"postmaster">', None),
@@ -268,7 +274,7 @@ def check_envelope(arg: str, *, utf8: bool, want: Mailbox | str | None, rest: st
 def _parse_literal(text: str) -> str:
     inner = text[1:-1]
     if inner.startswith("IPv6:"):
-        return f"[IPv6:{ipaddress.IPv6Address(inner[5:]).compressed}]"
+        return f"[IPv6:{_v6(ipaddress.IPv6Address(inner[5:]))}]"
     return f"[{ipaddress.IPv4Address(inner)}]"
 
 

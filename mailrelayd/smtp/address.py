@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.errors
 import email.policy
 import email.utils
+import inspect
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -228,6 +229,15 @@ _PARSER_FAILURES = (AttributeError, IndexError, NameError, TypeError, ValueError
                     email.errors.HeaderParseError)
 
 
+_GETADDRESSES_STRICT = "strict" in inspect.signature(email.utils.getaddresses).parameters
+
+
+def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
+    if _GETADDRESSES_STRICT:
+        return email.utils.getaddresses(values, strict=False)  # type: ignore[call-arg]
+    return email.utils.getaddresses(values)
+
+
 def header_mailboxes_by_email(value: str) -> list[Mailbox]:
     """:func:`parse_header_mailboxes` without its fast path: every value through the ``email`` parser."""
     if len(value) > MAX_PARSED_VALUE:
@@ -236,8 +246,10 @@ def header_mailboxes_by_email(value: str) -> list[Mailbox]:
         raise AddressError("too many comments in address field")
     try:
         field = email.policy.default.header_factory("From", value)
-        # The parser the DKIM signer picks its d= domain with; it reads RFC 2047 encoded words as text.
-        others = [addr for _, addr in email.utils.getaddresses([value]) if addr]
+        # The older, simpler parser (what many receivers' code still uses); it reads RFC 2047 encoded
+        # words as text. Its lenient mode, the only one before Python 3.13 (3.13's strict default also
+        # refuses domain literals), so that the decision is the same on every version.
+        others = [addr for _, addr in _getaddresses([value]) if addr]
     except _PARSER_FAILURES:
         raise AddressError("unparsable address field") from None
     for defect in field.defects:
@@ -261,6 +273,12 @@ def header_mailboxes_by_email(value: str) -> list[Mailbox]:
     if theirs != [m.domain for m in out]:
         raise AddressError("ambiguous address field")
     return out
+
+
+def _ipv6_text(ip: ipaddress.IPv6Address) -> str:
+    """One spelling whatever the Python version: an IPv4-mapped address in the mixed notation RFC 5952
+    §5 recommends (``::ffff:192.0.2.1``; Python 3.13 writes it so, 3.11 as ``::ffff:c000:201``)."""
+    return f"::ffff:{ip.ipv4_mapped}" if ip.ipv4_mapped is not None else ip.compressed
 
 
 def _quoted_local(path: str) -> tuple[str, str]:
@@ -308,7 +326,7 @@ def _parse_domain(domain: str, *, utf8: bool) -> tuple[str, bool]:
         if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
             # ipaddress takes "fe80::1%<anything>"; the IPv6-addr of RFC 5321 §4.1.3 has no zone index.
             raise AddressError("malformed address literal")
-        return (f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"), True
+        return (f"[IPv6:{_ipv6_text(ip)}]" if isinstance(ip, ipaddress.IPv6Address) else f"[{ip}]"), True
     if not domain.isascii() and not utf8:
         raise AddressError("non-ASCII domain without SMTPUTF8")
     if len(domain) > MAX_DOMAIN:
