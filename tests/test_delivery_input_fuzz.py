@@ -30,7 +30,6 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mailrelayd.config import DnsConfig, HostPort
@@ -51,6 +50,7 @@ from mailrelayd.delivery.mx import MAX_MX_HOSTS, DnsPermanentError, DnsTemporary
 from mailrelayd.delivery.outbound_tls import client_context, mailto_recipients
 from mailrelayd.delivery.tlspolicy import plan_host
 from tests.support.dnsserver import DnsServer
+from tests.support.policyserver import PolicyServer, cannot_bind_443
 from tests.support.testca import TestCA
 
 # --- an independent reading of the grammar -------------------------------------------------------
@@ -718,35 +718,23 @@ def test_dane_matching_against_mangled_chains(tmp_path: Path) -> None:
 
 # --- the policy as fetched over HTTPS ------------------------------------------------------------
 @pytest.fixture
-async def policy_host(tmp_path: Path, dns_srv: DnsServer) -> AsyncIterator[tuple[dict[str, bytes], TestCA]]:
-    """HTTPS on 127.0.0.1:443 (fetch_policy's URL has no port), serving ``bodies[domain]`` as
-    text/plain for mta-sts.<domain>; skipped where port 443 cannot be had."""
+async def policy_host(tmp_path: Path, dns_srv: DnsServer) -> AsyncIterator[tuple[PolicyServer, TestCA]]:
+    """The shared policy host (tests/support/policyserver.py) for mta-sts.f0-f7.fetch.test."""
+    why = cannot_bind_443()
+    if why:
+        pytest.skip(why)
     ca = TestCA(tmp_path)
     names = [f"mta-sts.f{i}.fetch.test" for i in range(8)]
     for n in names:
         dns_srv.add(f"{n}.", "A", "127.0.0.1")
-    bodies: dict[str, bytes] = {}
-
-    async def get(request: web.Request) -> web.Response:
-        body = bodies[request.host.split(":")[0].removeprefix("mta-sts.")]
-        return web.Response(body=body, content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/.well-known/mta-sts.txt", get)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 443, ssl_context=ca.issue("policy", names).server_context()).start()
-    except OSError as e:
-        await runner.cleanup()
-        pytest.skip(f"cannot listen on 127.0.0.1:443 for the policy host: {e}")
-    yield bodies, ca
-    await runner.cleanup()
+    srv = await PolicyServer(ca.issue("policy", names)).start()
+    yield srv, ca
+    await srv.stop()
 
 
 async def test_fetched_hostile_policies_are_fetch_errors_and_never_enforced(
-        policy_host: tuple[dict[str, bytes], TestCA], dns_srv: DnsServer) -> None:
-    bodies, ca = policy_host
+        policy_host: tuple[PolicyServer, TestCA], dns_srv: DnsServer) -> None:
+    srv, ca = policy_host
     good = b"version: STSv1\nmode: enforce\nmx: mx.example\nmax_age: 86400\n"
     cases = {
         "f0.fetch.test": good,
@@ -758,7 +746,7 @@ async def test_fetched_hostile_policies_are_fetch_errors_and_never_enforced(
         "f6.fetch.test": good + b"note: " + b"x" * mta_sts.MAX_POLICY_BYTES,  # too large
         "f7.fetch.test": good.replace(b"\n", b"\r"),                          # CR alone ends no line
     }
-    bodies.update(cases)
+    srv.policies.update(cases)
     resolver = _mx(dns_srv).resolver
     ctx = client_context(True, ca.ca_file)
 

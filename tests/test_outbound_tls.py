@@ -8,7 +8,6 @@ import contextlib
 import gzip
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,6 @@ from typing import Any
 
 import pytest
 import tomli_w
-from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client import REGISTRY
 
@@ -28,6 +26,7 @@ from mailrelayd.delivery.tlsrpt import day_of
 from mailrelayd.delivery.transport import RcptResult, Transport
 from tests.conftest import REPO, base_config, deep_merge, write_config
 from tests.support.dnsserver import DnsServer
+from tests.support.policyserver import PolicyServer, cannot_bind_443
 from tests.support.sink import Sink
 from tests.support.testca import Issued, TestCA
 
@@ -37,54 +36,6 @@ MX = "mx.dest.test"
 
 def _policy(mode: str = "enforce", mx: str = MX) -> str:
     return f"version: STSv1\nmode: {mode}\nmx: {mx}\nmax_age: 86400\n"
-
-
-def _can_bind_443() -> str | None:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", 443))
-    except OSError as e:
-        return f"cannot bind 127.0.0.1:443 for the MTA-STS policy server: {e}"
-    finally:
-        s.close()
-    return None
-
-
-class PolicyServer:
-    """HTTPS on 127.0.0.1:443: /.well-known/mta-sts.txt by Host, and a TLS-RPT POST endpoint."""
-
-    def __init__(self, issued: Issued) -> None:
-        self.ctx = issued.server_context()
-        self.policies: dict[str, str] = {}
-        self.requests: list[str] = []
-        self.posts: list[tuple[str, bytes]] = []
-        self._runner: web.AppRunner | None = None
-
-    async def _get(self, request: web.Request) -> web.Response:
-        self.requests.append(request.host)
-        host = request.host.split(":")[0]
-        text = self.policies.get(host.removeprefix("mta-sts."))
-        if text is None:
-            return web.Response(status=404)
-        return web.Response(text=text, content_type="text/plain")
-
-    async def _post(self, request: web.Request) -> web.Response:
-        self.posts.append((request.headers.get("Content-Type", ""), await request.read()))
-        return web.Response(status=201)
-
-    async def start(self) -> PolicyServer:
-        app = web.Application()
-        app.router.add_get("/.well-known/mta-sts.txt", self._get)
-        app.router.add_post("/tlsrpt", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 443, ssl_context=self.ctx, reuse_address=True).start()
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +66,7 @@ def dns_srv() -> Iterator[DnsServer]:
 
 @pytest.fixture
 async def policy_server(certs: dict[str, Issued]) -> AsyncIterator[PolicyServer]:
-    why = _can_bind_443()
+    why = cannot_bind_443()
     if why:
         pytest.skip(why)
     srv = await PolicyServer(certs["policy"]).start()
@@ -375,7 +326,7 @@ async def test_dane_bogus_tlsa_defers(tmp_path: Path, tls_files: tuple[Path, Pat
 def test_enforce_under_uvloop(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued],
                               dns_srv: DnsServer) -> None:
     uvloop = pytest.importorskip("uvloop")
-    why = _can_bind_443()
+    why = cannot_bind_443()
     if why:
         pytest.skip(why)
 

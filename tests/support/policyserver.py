@@ -1,0 +1,59 @@
+"""An MTA-STS policy host for the tests: HTTPS on 127.0.0.1:443 (a policy URL has no port, RFC 8461
+§3.3), serving /.well-known/mta-sts.txt by Host, and a TLS-RPT POST endpoint (RFC 8460 §3)."""
+
+from __future__ import annotations
+
+import socket
+
+from aiohttp import web
+
+from tests.support.testca import Issued
+
+
+def cannot_bind_443() -> str | None:
+    """Why 127.0.0.1:443 cannot be had here (a reason to skip), or None."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", 443))
+    except OSError as e:
+        return f"cannot bind 127.0.0.1:443 for the MTA-STS policy server: {e}"
+    finally:
+        s.close()
+    return None
+
+
+class PolicyServer:
+    """``policies[domain]`` (text, or bytes as they are: not UTF-8, oversized) for mta-sts.<domain>."""
+
+    def __init__(self, issued: Issued) -> None:
+        self.ctx = issued.server_context()
+        self.policies: dict[str, str | bytes] = {}
+        self.requests: list[str] = []
+        self.posts: list[tuple[str, bytes]] = []
+        self._runner: web.AppRunner | None = None
+
+    async def _get(self, request: web.Request) -> web.Response:
+        self.requests.append(request.host)
+        host = request.host.split(":")[0]
+        body = self.policies.get(host.removeprefix("mta-sts."))
+        if body is None:
+            return web.Response(status=404)
+        return web.Response(body=body.encode() if isinstance(body, str) else body, content_type="text/plain")
+
+    async def _post(self, request: web.Request) -> web.Response:
+        self.posts.append((request.headers.get("Content-Type", ""), await request.read()))
+        return web.Response(status=201)
+
+    async def start(self) -> PolicyServer:
+        app = web.Application()
+        app.router.add_get("/.well-known/mta-sts.txt", self._get)
+        app.router.add_post("/tlsrpt", self._post)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 443, ssl_context=self.ctx, reuse_address=True).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
