@@ -304,6 +304,9 @@ class LimitsConfig:
     max_header_size: Size = 100 * 1024
     """Largest header section (Postfix's header_size_limit); larger: 552 5.3.4. Bounds the work of
     reading the header block on the event loop (a 25 MB one of short lines took seconds)."""
+    max_hops: int = 50
+    """Received fields a message may carry, ours included (Postfix's hopcount_limit); more: 554 5.4.6.
+    RFC 5321 §6.3: counting them is how a mail loop is stopped."""
     command_timeout: Duration = 300.0
     """RFC 5321 §4.5.3.2.7: a server waits at least 5 minutes for the next command."""
     data_timeout: Duration = 600.0
@@ -838,7 +841,7 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         raise ld.err("limits.max_line_length", "must be between 512 and 100000")
     if lim.max_header_size < 1024:  # above max_message_size it never applies: no error for that
         raise ld.err("limits.max_header_size", "must be at least 1KB")
-    for k in ("max_connections", "max_connections_per_ip", "max_errors"):
+    for k in ("max_connections", "max_connections_per_ip", "max_errors", "max_hops"):
         if getattr(lim, k) < 1:
             raise ld.err(f"limits.{k}", "must be at least 1")
     if lim.max_data_memory < lim.max_message_size:

@@ -34,6 +34,7 @@ from mailrelayd.users import User
 log = get_logger()
 
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header size exceeds limit")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")  # RFC 3463 §3.5: routing loop detected
 
 Signer = Callable[[bytes, str], Awaitable[bytes]]
 """Given the message and its header From domain, returns DKIM-Signature fields to prepend (or b"")."""
@@ -121,6 +122,8 @@ class Intake:
             # The front ends refuse or normalise these; a header block with one would let a receiver see
             # fields (a From) that our scan and the policy did not.
             raise MessageRefused(BARE_CR_LF)
+        if scan.received >= cfg.limits.max_hops:  # with the Received field we add, one hop too many
+            raise MessageRefused(TOO_MANY_HOPS)
         facts = Facts(peer_ip=origin.peer_ip, tls=origin.tls is not None, user=origin.user)
         refusal = self.check_headers(facts, scan, outbound)
         if refusal is not None:

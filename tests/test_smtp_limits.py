@@ -253,3 +253,59 @@ async def test_spool_write_failure_never_says_250(start_daemon, monkeypatch) -> 
     monkeypatch.undo()
     assert await _spooled(d) == 0
     await t.close()
+
+
+async def test_hop_count_stops_at_max_hops(start_daemon) -> None:
+    """RFC 5321 §6.3: a message with as many Received fields as limits.max_hops allows (ours counts)
+    is refused 554 5.4.6 at the end of DATA; one fewer is accepted. Received fields in the body do
+    not count."""
+    d = await start_daemon({"limits": {"max_hops": 5}})
+    t = await _ready(d.port("relay"))
+    assert (await t.cmd("DATA"))[0] == 354
+    trace = b"".join(b"Received: from h%d.example by h%d.example; Mon, 30 Nov 2026 08:00:00 +0000\r\n" % (i, i + 1)
+                     for i in range(5))
+    code, text = await t.cmd(trace + b"Subject: loop\r\n\r\nbody\r\n.")
+    assert (code, text) == (554, "5.4.6 Too many hops")
+    assert await _spooled(d) == 0
+    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250  # the session goes on
+    assert (await t.cmd("RCPT TO:<x@other.example>"))[0] == 250
+    assert (await t.cmd("DATA"))[0] == 354
+    body = b"Subject: four hops\r\n\r\n" + trace  # Received lines in the body are text
+    assert (await t.cmd(trace.split(b"\r\n", 1)[1] + body + b"."))[0] == 250
+    assert await _spooled(d) == 1
+    await t.close()
+
+
+async def test_route_back_to_itself_ends(start_daemon) -> None:
+    """A route that points at the relay's own listener (a typo, or an MX that names this host) from
+    a trusted network: each pass adds a Received field, so the loop ends at limits.max_hops with a
+    554 5.4.6 bounce, and the bounce's own loop ends the same way. Nothing circulates forever."""
+    from mailrelayd.spool.store import HistoryQuery
+    from tests.support.pg import free_port
+
+    port = free_port()
+    d = await start_daemon({
+        "listeners": [{"name": "relay", "address": f"127.0.0.1:{port}", "mode": "relay", "tls": "none"}],
+        "limits": {"max_hops": 4}, "routes": [{"domain": "*", "host": f"127.0.0.1:{port}"}]})
+    t = await _ready(port, rcpt="someone@looped.example")
+    assert (await t.cmd("DATA"))[0] == 354
+    assert (await t.cmd(b"From: <app@example.com>\r\nSubject: loop\r\n\r\nbody\r\n."))[0] == 250
+    await t.close()
+
+    async def settled() -> list:
+        while True:
+            rows = await d.spool.history(HistoryQuery())
+            if (await d.spool.stats()).messages == 0 and rows:
+                return rows
+            await asyncio.sleep(0.1)
+    rows = await asyncio.wait_for(settled(), 30)
+    looped = [r for r in rows if r.recipient == "someone@looped.example"]
+    # Accepted with 1, 2, 3 and 4 Received fields (ours included); the fifth pass was refused.
+    assert len(looped) == 4, rows
+    assert sorted(r.state for r in looped) == ["bounced", "delivered", "delivered", "delivered"], rows
+    assert any("5.4.6" in r.last_reply for r in looped if r.state == "bounced")
+    bounces = [r for r in rows if r.recipient == "app@example.com"]
+    # The bounce (null sender) looped too: the one we made, then a pass per hop; its own 554 ends it
+    # without another bounce.
+    assert len(bounces) == 5 and len(rows) == 9, rows
+    assert [r.state for r in bounces].count("bounced") == 1, rows

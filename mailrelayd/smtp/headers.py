@@ -26,6 +26,8 @@ class HeaderScan:
     sender_values: list[str] = field(default_factory=list)
     has_message_id: bool = False
     has_date: bool = False
+    received: int = 0
+    """Received fields in the header block: the hop count that stops mail loops (RFC 5321 §6.3)."""
     message_id: str = ""
     """The first Message-ID field's value, unfolded and stripped (for history, events and logs)."""
     needs_separator: bool = False  # a body follows the header block without the empty line
@@ -132,6 +134,8 @@ def scan_headers(data: bytes, limit: int | None = None) -> HeaderScan:
                 scan.has_message_id = True
             elif key == b"date":
                 scan.has_date = True
+            elif key == b"received":
+                scan.received += 1
         if b"\r" in line or b"\n" in line:
             scan.bare_line_end = True
         if eol == n:  # header-only message whose last line has no CRLF
