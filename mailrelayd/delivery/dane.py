@@ -22,6 +22,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from mailrelayd.delivery.tolerantdns import tolerant
+
 DANE_TA, DANE_EE = 2, 3
 SPKI, FULL = 1, 0
 _DIGEST_LEN = {0: None, 1: 32, 2: 64}
@@ -96,7 +98,7 @@ async def lookup(resolver: dns.asyncresolver.Resolver, host: str, port: int) -> 
         return DaneLookup("insecure", detail="the DNS resolver is not on loopback, so its AD bit is not trusted")
     name = tlsa_name(host, port)
     try:
-        answer = await resolver.resolve(name, "TLSA", search=False, raise_on_no_answer=False)
+        answer = await tolerant(resolver).resolve(name, "TLSA", search=False, raise_on_no_answer=False)
     except dns.resolver.NXDOMAIN as e:
         resp = e.responses().get(e.qnames()[0]) if e.qnames() else None
         return DaneLookup("none" if _ad(resp) else "insecure", detail=f"no TLSA record at {name}")
@@ -106,15 +108,19 @@ async def lookup(resolver: dns.asyncresolver.Resolver, host: str, port: int) -> 
         return DaneLookup("failed", detail=f"TLSA lookup of {name} failed: {type(e).__name__}")
     if not _ad(answer.response):
         return DaneLookup("insecure", detail=f"TLSA answer for {name} is not DNSSEC-validated (no AD bit)")
-    if answer.rrset is None:
-        return DaneLookup("none", detail=f"no TLSA record at {name}")
-    records = tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset
+    # Records the parser had to skip are malformed, hence unusable (RFC 7672 §2.1.1); with none left
+    # the RRset is "unusable", not absent: TLS stays mandatory (§2.2).
+    malformed = len(answer.response.errors)
+    skipped = f"; {malformed} malformed record(s) ignored" if malformed else ""
+    records = tuple(Tlsa(r.usage, r.selector, r.mtype, bytes(r.cert)) for r in answer.rrset or ()
                     if r.rdtype == dns.rdatatype.TLSA)
     if not records:
+        if malformed:
+            return DaneLookup("unusable", detail=f"no usable TLSA record at {name}{skipped}")
         return DaneLookup("none", detail=f"no TLSA record at {name}")
     if not any(r.usable for r in records):
-        return DaneLookup("unusable", records, f"no usable TLSA record at {name}")
-    return DaneLookup("usable", records, "")
+        return DaneLookup("unusable", records, f"no usable TLSA record at {name}{skipped}")
+    return DaneLookup("usable", records, skipped.removeprefix("; "))
 
 
 async def mx_secure(resolver: dns.asyncresolver.Resolver, domain: str) -> bool:
