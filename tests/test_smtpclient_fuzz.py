@@ -526,6 +526,7 @@ def expect(plan: Plan) -> list[Want]:
         m = sess.read(plan.mail)
         if m.code // 100 != 2:
             if plan.pipelining and m.code != 421:  # the rest of the group is read, a 354 ended at once
+                done.update(dict.fromkeys(range(n), _decided(m)))  # decided, whatever the rest does
                 for r in plan.rcpts:
                     sess.read(r)
                 if sess.read(plan.data).code == 354:
@@ -661,7 +662,9 @@ class Server:
             if not line:
                 return
             verb = line[:4].upper()
-            if verb in (b"EHLO", b"HELO"):
+            if verb == b"HELO" and first and ehlo_done and plan.ehlo.code // 100 == 5:
+                step = plan.ehlo  # the client's HELO fallback (RFC 5321 §4.1.4): refused the same way
+            elif verb in (b"EHLO", b"HELO"):
                 step = plan.ehlo if first and not ehlo_done else _ehlo_plain(plan.pipelining)
                 ehlo_done = True
             elif verb == b"MAIL":
@@ -749,6 +752,16 @@ NAMED: dict[str, tuple[Plan, int]] = {
         (_named(False, dot=replace(_r(550, b"5.7.1 spam"), kind="junk", surplus=JUNK, violation=True)), 550),
     "421 to RCPT in a group, DATA never answered (was held 5 s more waiting for a reply to QUIT)":
         (_named(True, rcpts=[_r(421, b"4.3.2 busy")], data=Step("hang")), 421),
+    "550 to MAIL in a group, then no reply to RCPT (was deferred: the 550 was dropped)":
+        (_named(True, mail=_r(550, b"5.7.1 sender refused"), rcpts=[Step("bad", raw=JUNK)]), 550),
+    "553 to MAIL in a group, then a close (was deferred: the 553 was dropped)":
+        (_named(True, mail=_r(553, b"5.1.8 bad sender domain"), rcpts=[_r(503), Step("close", raw=b"503-")]), 553),
+    "550 to MAIL and junk in one write, in a group (was deferred: the 550 was dropped)":
+        (_named(True, mail=replace(_r(550, b"5.7.1 no"), kind="junk", surplus=JUNK, violation=True)), 550),
+    "550 to MAIL in a group, the dot after a stray 354 unanswered (was deferred: the 550 was dropped)":
+        (_named(True, mail=_r(550, b"5.7.1 no"), rcpts=[_r(503)], dot=Step("hang")), 550),
+    "450 to MAIL in a group, then a close (was 451 without the server's reply)":
+        (_named(True, mail=_r(450, b"4.7.1 try later"), rcpts=[Step("close", raw=b"")]), 450),
 }
 
 

@@ -18,6 +18,7 @@ from mailrelayd.delivery.transport import Transport
 from tests.conftest import base_config, deep_merge, write_config
 from tests.support.dnsserver import DnsServer
 from tests.support.sink import Sink
+from tests.test_smtpclient import EHLO_PIPELINING, Seen, _line, _serial_transaction, _serve
 
 MSG = (b"From: a@example.com\r\nTo: b@dest.test\r\nSubject: hi\r\n\r\n"
        b"line one\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n")
@@ -300,3 +301,141 @@ async def test_silent_server_greeting_timeout_defers(tmp_path: Path, tls_files: 
         for w in conns:
             w.close()
         server.close()
+
+
+# --- a refused MAIL in a pipelined group (RFC 2920 §3.1) -------------------------------------------
+AFTER_REFUSED_MAIL = {
+    "garbage": b"HTTP/1.1 400 Bad Request\r\n",       # not a reply: the session ends
+    "close": b"",                                      # the server hangs up after its refusal
+    "close_mid_reply": b"503-5.5.1 need MAIL\r\n",    # ... in the middle of the next reply
+}
+
+
+@pytest.mark.parametrize("after", sorted(AFTER_REFUSED_MAIL))
+async def test_refused_mail_in_a_broken_group_bounces_with_its_reply(
+        tmp_path: Path, tls_files: tuple[Path, Path], after: str) -> None:
+    """MAIL's 550 came whole before the rest of the group broke: it decides every recipient
+    (permanent, the server's own reply kept), instead of a deferral that retries a refused sender."""
+    ended = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        try:
+            await _line(reader, seen)
+            writer.write(EHLO_PIPELINING)
+            seen.reads.append(await reader.read(65536))  # MAIL, both RCPTs and DATA in one write
+            writer.write(b"550 5.7.1 sender refused\r\n" + AFTER_REFUSED_MAIL[after])
+            await writer.drain()
+            if after == "garbage":
+                await reader.read(65536)  # until the client gives up
+        finally:
+            ended.set()
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        res = await t.deliver("dest.test", "a@example.com", ["x@dest.test", "y@dest.test"], MSG)
+        await t.close()
+        await asyncio.wait_for(ended.wait(), 2)
+        assert [(r.address, r.code, r.enhanced, r.stage, r.remote_reply) for r in res] == [
+            (a, 550, "5.7.1", "MAIL FROM", "550 5.7.1 sender refused") for a in ("x@dest.test", "y@dest.test")]
+        assert seen.data == [] and seen.sessions == 1
+
+    await _serve(handler, body)
+
+
+# --- the end of a session (RFC 5321 §4.1.1.10) ------------------------------------------------------
+@pytest.mark.parametrize("when", ["last message", "shutdown"])
+async def test_quit_does_not_wait_for_a_silent_server(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                      when: str) -> None:
+    """A server that reads QUIT and never answers (the results, the delivery and the connection slot
+    used to wait 5 s for its 221): a session ended after its last message is closed at once, one
+    idle at shutdown after QUIT_WAIT at most; QUIT is sent before the close either way."""
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _serial_transaction(reader, writer, seen, b"250-mx.test\r\n250 8BITMIME\r\n")  # up to QUIT
+        seen.reads.append(await reader.read(65536))  # no 221: only the client's close ends this
+        closed.set()
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port, max_messages_per_connection=1 if when == "last message" else 100)
+        t0 = time.monotonic()
+        res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+        delivered = time.monotonic() - t0
+        await t.close()
+        shut = time.monotonic() - t0 - delivered
+        assert res[0].ok and seen.data
+        assert delivered < 0.5, delivered
+        assert shut < (0.5 if when == "last message" else transport_mod.QUIT_WAIT + 0.5), shut
+        await asyncio.wait_for(closed.wait(), 2)
+        assert seen.reads[-2:] == [b"QUIT\r\n", b""]
+
+    await _serve(handler, body)
+
+
+# --- MX hosts sharing an address ------------------------------------------------------------------
+async def test_an_address_shared_by_two_mx_hosts_is_tried_once(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                               dns_srv: DnsServer) -> None:
+    """Two MX names on one address are one server: one connection per attempt, under the first
+    (most preferred) name, which is also the name TLS would check."""
+    dns_srv.add("shared.test.", "MX", "10 a.shared.test.")
+    dns_srv.add("shared.test.", "MX", "20 b.shared.test.")
+    dns_srv.add("a.shared.test.", "A", "127.0.0.1")
+    dns_srv.add("b.shared.test.", "A", "127.0.0.1")
+    sessions: list[str] = []
+
+    async def busy(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        sessions.append("x")
+        w.write(b"421 4.3.2 busy\r\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(busy, "127.0.0.1", 0)
+    try:
+        t = _transport(tmp_path, tls_files, server.sockets[0].getsockname()[1], dns_port=dns_srv.port)
+        res = await t.deliver("shared.test", "a@example.com", ["x@shared.test"], MSG)
+        await t.close()
+    finally:
+        server.close()
+    assert res[0].temporary and res[0].remote_mta == "a.shared.test", res[0]
+    assert len(sessions) == 1
+
+
+@pytest.mark.parametrize("refusal", [b"500 5.5.2 unrecognized command", b"502 5.5.1 EHLO not implemented",
+                                     b"550 5.5.1 say HELO"])
+async def test_a_server_that_refuses_ehlo_gets_helo(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                   refusal: bytes) -> None:
+    """RFC 5321 §4.1.4: a server that does not take EHLO says so with a 5xx and stays where it was;
+    the client falls back to HELO (as Postfix does) and sends without extensions: no pipelining,
+    no MAIL parameters. Bouncing the mail there was wrong."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(refusal + b"\r\n")
+        await _serial_transaction(reader, writer, seen, b"250 mx.test\r\n")
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        res = await t.deliver("dest.test", "a@example.com", ["b@dest.test"], MSG.replace(b"hi", "hé".encode()))
+        await t.close()
+        assert res[0].ok, res[0]
+
+    seen = await _serve(handler, body)
+    assert [r.split(b" ")[0] for r in seen.reads[:4]] == [b"EHLO", b"HELO", b"MAIL", b"RCPT"]
+    assert seen.reads[2] == b"MAIL FROM:<a@example.com>\r\n"  # no SIZE, no BODY: nothing was offered
+
+
+async def test_a_server_that_refuses_ehlo_and_helo_bounces(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        for _ in range(2):
+            await _line(reader, seen)
+            writer.write(b"554 5.7.1 go away\r\n")
+        await _line(reader, seen)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        res = await t.deliver("dest.test", "a@example.com", ["b@dest.test"], MSG)
+        await t.close()
+        assert res[0].permanent and res[0].enhanced == "5.7.1" and "HELO rejected" in res[0].text, res[0]
+
+    seen = await _serve(handler, body)
+    assert [r.split(b" ")[0] for r in seen.reads[:2]] == [b"EHLO", b"HELO"]
+    assert seen.data == []

@@ -324,6 +324,12 @@ class SmtpClient:
         self.extensions = parse_ehlo(r) if r.code == 250 else {}
         return r
 
+    async def helo(self, name: str, timeout: float) -> Reply:
+        """HELO: a session without extensions (RFC 5321 §4.1.1.1), for servers that refuse EHLO."""
+        r = await self.command(b"HELO " + name.encode("idna" if not name.isascii() else "ascii"), timeout)
+        self.extensions = {}
+        return r
+
     async def starttls(self, ctx: ssl.SSLContext, server_hostname: str, timeout: float) -> Reply:
         """STARTTLS (RFC 3207). Returns the server's refusal, or its 220 once the handshake is done;
         a failed handshake raises :class:`ssl.SSLError` (or OSError / Timeout) and closes the session."""
@@ -376,15 +382,18 @@ class SmtpClient:
         await self.drain(block_timeout)
         return await self.reply(done_timeout)
 
-    async def quit(self, timeout: float) -> None:
-        """QUIT and close, ignoring what the server does (the session is over either way). The 221
-        is awaited only when no other reply is still due (a group left unread after a 421): the next
-        reply would not be QUIT's, and one that never comes would hold the caller for ``timeout``."""
+    async def quit(self, wait: float = 0.0) -> None:
+        """QUIT and close; the 221 is awaited for at most ``wait`` seconds. RFC 5321 §4.1.1.10: the
+        client sends QUIT before closing (close() flushes it) and SHOULD await the reply. Callers
+        that end a session mid-delivery pass 0, as Postfix does by default (smtp_skip_quit_response):
+        every outcome is settled by then, and a peer that never answers would otherwise hold the
+        results and the delivery and connection slots for the wait. The 221 is awaited only when no
+        other reply is due (a group left unread after a 421): the next reply would not be QUIT's."""
         try:
             if self.is_connected:
                 self.send(b"QUIT")
-                if self.edge.owed == 1:
-                    await self.reply(timeout)
+                if wait > 0 and self.edge.owed == 1:
+                    await self.reply(wait)
         except (ClientError, OSError):
             pass
         finally:

@@ -126,6 +126,11 @@ REUSE_WITHOUT_RSET = 2.0
 """Seconds a connection may sit idle and still be reused without an RSET round trip first."""
 
 
+QUIT_WAIT = 1.0
+"""Seconds shutdown (Transport.close) waits for the 221s of its idle sessions, all at once: there
+nothing else waits on them, so RFC 5321 §4.1.1.10's orderly end costs at most this, once."""
+
+
 class _Stale(Exception):
     """A connection reused without RSET was gone (or said 421) at MAIL: nothing was sent; try a new one."""
 
@@ -177,7 +182,7 @@ class Transport:
         conns = [c for lst in self._idle.values() for c in lst]
         self._idle.clear()
         self._idle_at.clear()
-        await asyncio.gather(*(self._quit(c) for c in conns), return_exceptions=True)
+        await asyncio.gather(*(self._quit(c, QUIT_WAIT) for c in conns), return_exceptions=True)
         await self.tls.close()
 
     # --- the public operation ------------------------------------------------------------
@@ -243,7 +248,7 @@ class Transport:
                     self._idle_at.setdefault((conn.host.name, conn.host.port), {})[key] = None
                 self._ensure_reaper()
             else:
-                await self._quit(conn)
+                await self._quit(conn)  # the results are settled: the 221 is not awaited (SmtpClient.quit)
         return results
 
     # --- connections ---------------------------------------------------------------------
@@ -319,6 +324,11 @@ class Transport:
         last = _TempFail(451, "4.4.1", "no MX host could be tried")
         all_perm = True
         tried = 0
+        # Two MX names on one address are one server: an address is connected to once per attempt
+        # (RFC 5321 §5.1 tries the addresses in order; the same server again only spends a connect
+        # on what just failed). Skipped here rather than in the MX list, so a name refused by policy
+        # (MTA-STS) does not take the address away from a later name that is allowed.
+        connected: set[str] = set()
         level = self.tls.level(route)
         for host in hosts:
             plan = await self.tls.plan(level, domain, host, sts, via_mx=route is None)
@@ -335,6 +345,9 @@ class Transport:
                     break
                 if _source_for(self.cfg, route, addr) is False:
                     continue  # no source address of this family to bind (route.source_address)
+                if addr in connected:
+                    continue
+                connected.add(addr)
                 tried += 1
                 try:
                     try:
@@ -450,17 +463,27 @@ class Transport:
             resp = await smtp.ehlo(helo, self.cfg.delivery.greeting_timeout)
         except (ClientError, OSError) as e:
             raise _TempFail(451, "4.4.2", f"EHLO to {where}: {_one_line(str(e))}") from None
+        verb = "EHLO"
+        if 500 <= resp.code < 600:
+            # RFC 5321 §4.1.4: a server that does not take EHLO answers 500, 501, 502 or 550 and stays
+            # where it was; HELO then opens a session without extensions (Postfix falls back too).
+            # A 5xx to HELO as well is the server's verdict on the session.
+            verb = "HELO"
+            try:
+                resp = await smtp.helo(helo, self.cfg.delivery.greeting_timeout)
+            except (ClientError, OSError) as e:
+                raise _TempFail(451, "4.4.2", f"HELO to {where}: {_one_line(str(e))}") from None
         if resp.code != 250:
-            # RFC 5321 §4.1.4 allows falling back to HELO, but every MTA in use speaks ESMTP.
             cls = _PermFail if resp.code >= 500 else _TempFail
             code = resp.code if resp.code >= 400 else 451
             enh, _ = _enhanced(code, resp.text)
             reply = resp.line()
-            raise cls(code, enh, f"EHLO rejected by {where}: {reply}", mta, reply, "EHLO")
+            raise cls(code, enh, f"{verb} rejected by {where}: {reply}", mta, reply, verb)
 
-    async def _quit(self, conn: _Conn) -> None:
+    async def _quit(self, conn: _Conn, wait: float = 0.0) -> None:
+        """QUIT; its 221 awaited ``wait`` seconds at most: none while delivering (see SmtpClient.quit)."""
         with contextlib.suppress(Exception):
-            await conn.smtp.quit(5)
+            await conn.smtp.quit(wait)
         conn.smtp.close()
 
     def _ensure_reaper(self) -> None:
@@ -538,9 +561,14 @@ class Transport:
                 conn.used -= 1
                 raise _Stale()
             if resp.code // 100 != 2:  # RFC 5321 §4.2: the first digit decides (a 251 accepts too)
+                refused = finish_reply(resp, "MAIL FROM")
                 if pipelined and resp.code != 421:
+                    # Decided: this reply came whole, and no RCPT counts without a MAIL (RFC 5321
+                    # §3.3), so a broken reply or a drop in the rest of the group (RFC 2920 §3.1)
+                    # ends the session but does not turn the refusal into a deferral.
+                    done.update(zip(rcpts, refused, strict=True))
                     await self._abandon(smtp, len(rcpts))
-                return finish_reply(resp, "MAIL FROM"), resp.code != 421
+                return refused, resp.code != 421
             conn.clean = False  # until the final reply to DATA (or an RSET)
             accepted: list[str] = []
             for r, line in zip(rcpts, rcpt_lines, strict=True):
