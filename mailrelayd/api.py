@@ -36,6 +36,7 @@ from mailrelayd.config import Config
 from mailrelayd.errors import DkimSignError, MessageRefused, Reply, SpoolError, reply_for
 from mailrelayd.log import get_logger
 from mailrelayd.sendmail import EX_NOUSER, PrepareError, prepare
+from mailrelayd.smtp.address import header_addresses
 from mailrelayd.submit import LocalSubmitter, to_crlf
 from mailrelayd.users import User, api_key_hash
 
@@ -47,6 +48,7 @@ BAD_TYPE = Reply(554, "5.6.1", "Content-Type must be message/rfc822 or applicati
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 NOT_IDENTITY = Reply(554, "5.6.1", "Content-Encoding is not supported: send the body uncompressed")
 BODY_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded reading the request body")
+FROM_REQUIRED = Reply(550, "5.6.0", "from is required (one address, \"Name <addr>\" allowed)")
 _RESERVED = {"from", "to", "cc", "bcc", "subject", "content-type", "content-transfer-encoding", "mime-version"}
 _FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 §3.6.8
 # Also what str.splitlines() splits at: Python-based readers would see a new line there.
@@ -158,7 +160,7 @@ def _address_field(name: str, items: list[str]) -> bytes:
             parts.append(item)  # as given (the email package wrote it so too)
             continue
         try:  # display names as encoded words; the addresses themselves must be ASCII here
-            parts.extend(email.utils.formataddr(p) for p in email.utils.getaddresses([item]))
+            parts.extend(email.utils.formataddr(p) for p in header_addresses([item]))
         except UnicodeEncodeError:
             raise BadRequest(Reply(553, "5.6.7", f"{name.lower()}: non-ASCII addresses need the message/rfc822 "
                                                  "form")) from None
@@ -174,7 +176,8 @@ def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
         raise BadRequest(Reply(501, "5.5.4", f"unknown field {sorted(unknown)[0]!r}"))
     frm = _addresses(doc.get("from"), "from")
     if len(frm) != 1:
-        raise BadRequest(Reply(550, "5.6.0", "from is required (one address, \"Name <addr>\" allowed)"))
+        raise BadRequest(FROM_REQUIRED)
+    sender = _json_sender(frm[0])
     to, cc, bcc = (_addresses(doc.get(k), k) for k in ("to", "cc", "bcc"))
     subject = doc.get("subject", "")
     if not isinstance(subject, str):
@@ -213,9 +216,16 @@ def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
         data = b"".join(fields) + msg.as_bytes()
     except (ValueError, TypeError, IndexError) as e:  # the email package's verdict on a value
         raise BadRequest(Reply(501, "5.5.4", f"bad message field: {e}"[:200])) from None
-    sender = email.utils.parseaddr(frm[0])[1]
-    rcpts = [a for _, a in email.utils.getaddresses([*to, *cc, *bcc]) if a]
-    return sender, rcpts, data
+    return sender, [a for _, a in header_addresses([*to, *cc, *bcc]) if a], data
+
+
+def _json_sender(value: str) -> str:
+    """The envelope sender of the JSON form: the first address of ``from``. Never the null sender, which
+    an empty address would be to the submitter: ``from`` names the author, and "<>" is nobody."""
+    sender = next((a for _, a in header_addresses([value]) if a), "")
+    if not sender:
+        raise BadRequest(FROM_REQUIRED)
+    return sender
 
 
 class ApiServer:

@@ -459,6 +459,8 @@ def _queue_action(args: argparse.Namespace, op: str) -> int:
         return 2
     body: dict[str, Any] = {"filter": filt, "dry_run": bool(getattr(args, "dry_run", False)),
                             "reason": getattr(args, "reason", None) or ""}
+    if empty and op == "release":
+        body["all"] = True  # the admin API takes an empty filter for everything only when told so
     if hold_for:
         body["until"] = time.time() + hold_for
     status, item = _queue_call(args, op, None, body)

@@ -19,8 +19,12 @@ from mailrelayd.spool.queueid import is_queue_id
 from mailrelayd.spool.store import MessageRecord, QueueFilter, Spool
 
 BULK_ACTIONS = ("hold", "release", "flush", "delete", "bounce")
-BULK_FIELDS = frozenset({"filter", "dry_run", "reason", "until"})
+BULK_FIELDS = frozenset({"filter", "dry_run", "reason", "until", "all"})
 FILTER_FIELDS = frozenset({"domain", "sender", "user", "older_than", "queue_ids"})
+WHOLE_QUEUE_ACTIONS = frozenset({"release", "flush"})
+"""The bulk verbs that may apply to the whole queue, and then only when asked (``"all": true``; for
+``flush``, no filter too, as ``mailrelayd queue flush`` documents). Hold, delete and bounce never do."""
+CRITERIA = "domain, sender, user, older_than or queue_ids"
 MAX_LIST = 1_000_000
 """Largest ``limit`` of ``GET queue`` (SQLite reads a negative LIMIT as "no limit")."""
 
@@ -47,6 +51,26 @@ def filter_from_json(data: Any) -> QueueFilter:
         if k in data and not getattr(f, k):
             raise ValueError(f"filter.{k} is empty")
     return f
+
+
+def _wants_everything(action: str, body: dict[str, Any], f: QueueFilter) -> bool:
+    """Whether a bulk request asks for the whole queue. Raises ValueError naming what is needed: an
+    empty filter never widens to everything by accident (a script's empty list of ids, a filter that
+    lost its keys), so release needs ``"all": true`` and hold, delete and bounce need a criterion."""
+    if "all" in body:
+        everything = body["all"]
+        if not isinstance(everything, bool):
+            raise ValueError("all must be true or false")
+        if everything and action not in WHOLE_QUEUE_ACTIONS:
+            raise ValueError(f"queue {action} cannot apply to the whole queue: give a filter ({CRITERIA})")
+        if everything and not f.empty:
+            raise ValueError('"all": true and a filter together: give one or the other')
+    else:
+        everything = f.empty and action == "flush"
+    if f.empty and not everything:
+        whole = ' or "all": true' if action in WHOLE_QUEUE_ACTIONS else ""
+        raise ValueError(f"queue {action} needs a filter ({CRITERIA}){whole}")
+    return everything
 
 
 def _reason(body: dict[str, Any]) -> str:
@@ -147,14 +171,20 @@ class QueueOps:
         return await self.queue.administrative(qid.upper(), "bounce")
 
     async def bulk(self, action: str, f: QueueFilter, *, dry_run: bool = False, reason: str = "",
-                   until: float | None = None) -> BulkResult:
+                   until: float | None = None, everything: bool = False) -> BulkResult:
+        """One bulk verb on what ``f`` selects; the whole queue only with ``everything`` (see
+        :func:`_wants_everything`). Raises ValueError for an empty filter without it."""
         q = self.queue
+        if everything and (action not in WHOLE_QUEUE_ACTIONS or not f.empty):
+            raise ValueError(f"queue {action} of the whole queue: only release and flush, and with no filter")
+        if f.empty and not everything:
+            raise ValueError(f"queue {action} needs a filter ({CRITERIA})")
         if action == "hold":
             return await q.hold(f, until=until, reason=reason, dry_run=dry_run)
         if action == "release":
-            return await q.release(None if f.empty else f, dry_run=dry_run)
+            return await q.release(None if everything else f, dry_run=dry_run)
         if action == "flush":
-            return await q.flush(None if f.empty else f, dry_run=dry_run)
+            return await q.flush(None if everything else f, dry_run=dry_run)
         if action == "delete":
             return await q.delete(f, reason, dry_run=dry_run)
         if action == "bounce":
@@ -164,8 +194,10 @@ class QueueOps:
     async def handle(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         """The admin API: ``GET queue``, ``GET queue/destinations``, ``GET queue/ID``,
         ``POST queue/hold|release|flush|delete|bounce`` with a JSON body ``{"filter": {...},
-        "dry_run": bool, "reason": str, "until": unix-time}``, ``POST queue/ID/<action>``. A spool
-        that cannot be read or written (disk full, damaged) is a 503 with the reason, for the CLI."""
+        "dry_run": bool, "reason": str, "until": unix-time, "all": bool}``, ``POST queue/ID/<action>``.
+        A bulk verb needs a filter; ``release`` of every hold needs ``"all": true`` instead, ``flush``
+        with no filter is every deferred message. A spool that cannot be read or written (disk full,
+        damaged) is a 503 with the reason, for the CLI."""
         try:
             return await self._handle(method, path, body)
         except SpoolError as e:
@@ -199,11 +231,13 @@ class QueueOps:
                 if until is None or until < 0:  # NaN or a huge integer would fail in the spool
                     raise ValueError("until must be a Unix time")
                 reason = _reason(body)
-                if parts[1] == "flush" and f.empty and "filter" not in body and not dry_run:
+                everything = _wants_everything(parts[1], body, f)
+                if parts[1] == "flush" and everything and not body.keys() & {"filter", "all"} and not dry_run:
                     flushed = await self.queue.flush(None)  # the 0.1 API (plus the suspensions lifted)
                     return 200, {"rescheduled": flushed.recipients, **({"resumed": list(flushed.resumed)}
                                                                         if flushed.resumed else {})}
-                res = await self.bulk(parts[1], f, dry_run=bool(dry_run), reason=reason, until=until or None)
+                res = await self.bulk(parts[1], f, dry_run=bool(dry_run), reason=reason, until=until or None,
+                                      everything=everything)
             except (ValueError, TypeError) as e:
                 return 400, {"error": str(e)}
             return 200, res.to_json()

@@ -2,9 +2,10 @@
 preparation shared by the local submission paths.
 
 Pure functions: argument parsing as Postfix's sendmail(1) does it, and the envelope/header work
-(``-t`` recipients from To/Cc/Bcc with Bcc removed, ``-f``/``-F``, bare local parts qualified
-with a domain). The CLI (:mod:`mailrelayd.cli`) reads standard input and hands the request to the
-daemon through the admin socket, or leaves it in the maildrop directory when the daemon is down.
+(``-t`` recipients from To/Cc/Bcc with Bcc removed, ``-f``/``-F``, ``-f '<>'`` for the null sender,
+bare local parts qualified with a domain). The CLI (:mod:`mailrelayd.cli`) reads standard input and
+hands the request to the daemon through the admin socket, or leaves it in the maildrop directory
+when the daemon is down.
 The HTTP API uses :func:`prepare` for ``message/rfc822`` bodies too.
 """
 
@@ -15,6 +16,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from mailrelayd.smtp.address import header_addresses
 
 # sysexits.h
 EX_OK = 0
@@ -51,7 +54,7 @@ class SendmailArgs:
     recipients: list[str] = field(default_factory=list)
     extract: bool = False  # -t
     dot_ends: bool = True  # cleared by -i / -oi
-    sender: str | None = None  # -f / -r
+    sender: str | None = None  # -f / -r; "" is the null reverse-path (-f '<>' or -f '')
     full_name: str | None = None  # -F
     config: str | None = None  # -C: our config file (Postfix: its configuration directory)
 
@@ -100,7 +103,7 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
                 value = args[i]
                 i += 1
             if opt in "fr":
-                a.sender = value.strip().strip("<>")
+                a.sender = sender_value(value)
             elif opt == "F":
                 a.full_name = value
             elif opt == "C":
@@ -157,9 +160,45 @@ def _value(f: bytes) -> str:
     return f.split(b":", 1)[1].decode("utf-8", "replace").replace("\r\n", "").strip()
 
 
+def sender_value(value: str) -> str:
+    """An envelope sender as given to ``-f``/``-r`` (or ``?from=`` of the HTTP API): without surrounding
+    blanks and one pair of enclosing angle brackets. ``-f '<>'`` and ``-f ''`` give "", the null reverse-path that
+    programs sending bounces and autoreplies ask for (sendmail(1), Postfix)."""
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1].strip()
+    return value
+
+
 def qualify(addr: str, domain: str) -> str:
     addr = addr.strip().strip("<>")
     return addr if "@" in addr or not addr else f"{addr}@{domain}"
+
+
+def _envelope_sender(sender: str | None, default_sender: str | None, header_from: str, fallback_sender: str,
+                     domain: str) -> str:
+    """``-f`` (its "" is the null sender, kept as ""), then the configured default, then the From
+    header, then login@domain (Postfix's default). Raises PrepareError when there is none."""
+    if sender is not None:
+        return qualify(sender_value(sender), domain)
+    mail_from = qualify(default_sender or header_from or fallback_sender, domain)
+    if not mail_from:
+        raise PrepareError("no sender: give -f, set [sendmail] default_from, or add a From header")
+    return mail_from
+
+
+def _from_field(mail_from: str, full_name: str | None, domain: str) -> bytes:
+    """The From header for a message without one: the sender and ``-F``'s name. For the null sender,
+    ``MAILER-DAEMON@domain`` without a name, as Postfix writes it (a From is required, RFC 5322 §3.6)."""
+    if not mail_from:
+        return f"From: MAILER-DAEMON@{domain}\r\n".encode()
+    if full_name and not _CONTROL.isdisjoint(full_name):
+        raise PrepareError(f"bad full name (-F) {full_name[:100]!r}: control characters are not allowed")
+    try:
+        return f"From: {email.utils.formataddr((full_name or '', mail_from))}\r\n".encode()
+    except UnicodeEncodeError:  # formataddr writes ASCII addresses only; argv may hold undecodable bytes
+        raise PrepareError(f"cannot write a From header for sender {mail_from[:100]!r} and full name (-F) "
+                           f"{(full_name or '')[:100]!r}: add a From header, or use an ASCII sender") from None
 
 
 def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: str | None, full_name: str | None,
@@ -184,7 +223,7 @@ def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: st
     rcpts = [qualify(r, domain) for r in recipients]
     if extract:
         values = [_value(f) for f in fields if _name(f) in (b"to", b"cc", b"bcc")]
-        rcpts += [qualify(a, domain) for _, a in email.utils.getaddresses(values) if a]
+        rcpts += [qualify(a, domain) for _, a in header_addresses(values) if a]
     # Bcc is never transmitted (RFC 5322 §3.6.3).
     fields = [f for f in fields if _name(f) not in (b"bcc", b"resent-bcc")]
     froms = [f for f in fields if _name(f) == b"from"]
@@ -192,28 +231,19 @@ def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: st
     new_fields = []
     for f in fields:
         if _name(f) == b"from":
-            pairs = email.utils.getaddresses([_value(f)])
+            pairs = header_addresses([_value(f)])
             if any(a and "@" not in a for _, a in pairs):  # "root (Cron Daemon)": qualify it
                 try:
                     fixed = ", ".join(email.utils.formataddr((n, qualify(a, domain))) for n, a in pairs if a)
                 except UnicodeEncodeError:  # formataddr writes ASCII addresses only
                     raise PrepareError(f"bad address in the From header: {_value(f)[:100]!r}") from None
                 f = f"From: {fixed}\r\n".encode()
-            header_from = next((qualify(a, domain) for _, a in email.utils.getaddresses([_value(f)]) if a), "")
+            header_from = next((qualify(a, domain) for _, a in header_addresses([_value(f)]) if a), "")
         new_fields.append(f)
     fields = new_fields
-    # -f, then the configured default, then the From header, then login@domain (Postfix's default).
-    mail_from = qualify(sender or default_sender or header_from or fallback_sender, domain)
-    if not mail_from:
-        raise PrepareError("no sender: give -f, set [sendmail] default_from, or add a From header")
+    mail_from = _envelope_sender(sender, default_sender, header_from, fallback_sender, domain)
     if not froms:
-        if full_name and not _CONTROL.isdisjoint(full_name):
-            raise PrepareError(f"bad full name (-F) {full_name[:100]!r}: control characters are not allowed")
-        try:
-            fields.insert(0, f"From: {email.utils.formataddr((full_name or '', mail_from))}\r\n".encode())
-        except UnicodeEncodeError:  # formataddr writes ASCII addresses only; argv may hold undecodable bytes
-            raise PrepareError(f"cannot write a From header for sender {mail_from[:100]!r} and full name (-F) "
-                               f"{(full_name or '')[:100]!r}: add a From header, or use an ASCII sender") from None
+        fields.insert(0, _from_field(mail_from, full_name, domain))
     seen: dict[str, None] = {}
     for r in rcpts:
         if r and "@" in r:

@@ -16,12 +16,13 @@ from mailrelayd.config import Config, LimitsConfig
 from mailrelayd.errors import MessageRefused, Reply
 from mailrelayd.intake import Intake, Origin
 from mailrelayd.smtp.address import AddressError, Mailbox, parse_command_path
-from mailrelayd.smtp.policy import TOO_BIG, Facts, Policy
+from mailrelayd.smtp.policy import SENDER_NOT_OWNED, TOO_BIG, Facts, Policy
 from mailrelayd.users import User
 
 NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long (RFC 5321 §4.5.3.1.6)")
 NUL_IN_DATA = Reply(550, "5.6.0", "NUL characters are not allowed in message data")
+NULL_SENDER_NOT_OWNED = Reply(550, "5.7.1", "Null sender <> not allowed for this user (its allowed_from needs \"*\")")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +54,9 @@ class LocalSubmitter:
 
     async def submit(self, user: User, mail_from: str, recipients: Sequence[str], data: bytes, *,
                      peer_ip: str = "127.0.0.1", tls: str | None = None) -> Submitted:
-        """Queue the message for the recipients that pass. Raises MessageRefused when the sender,
-        the content or every recipient is refused (and SpoolError / DkimSignError as Intake does)."""
+        """Queue the message for the recipients that pass. ``mail_from`` "" is the null sender (MAIL
+        FROM:<>). Raises MessageRefused when the sender, the content or every recipient is refused (and
+        SpoolError / DkimSignError as Intake does)."""
         facts = Facts(peer_ip=peer_ip, tls=tls is not None, user=user)
         refusal = content_refusal(data, self.cfg.limits)
         if refusal is not None:
@@ -65,12 +67,13 @@ class LocalSubmitter:
             raise MessageRefused(Reply(553, "5.1.7", f"Bad sender address syntax: {e}")) from None
         refusal = self.policy.check_mail(facts, sender, len(data)) or self.policy.check_rate(facts)
         if refusal is not None:
-            raise MessageRefused(refusal)
+            raise MessageRefused(NULL_SENDER_NOT_OWNED if sender is None and refusal == SENDER_NOT_OWNED
+                                 else refusal)
         accepted: list[str] = []
         refused: list[Refused] = []
         for r in recipients:
             try:
-                rcpt = plain_mailbox(r)
+                rcpt = recipient_mailbox(r)
             except AddressError as e:
                 refused.append(Refused(r, Reply(553, "5.1.3", f"Bad recipient address syntax: {e}")))
                 continue
@@ -83,7 +86,7 @@ class LocalSubmitter:
             raise MessageRefused(refused[0].reply if len(refused) == 1 else NO_RECIPIENTS)
         origin = Origin(listener=self.listener, peer_ip=peer_ip, helo=None, protocol=self.protocol, tls=tls,
                         user=user)
-        qid = await self.intake.accept(origin, str(sender), accepted, data, outbound=True)
+        qid = await self.intake.accept(origin, str(sender) if sender else "", accepted, data, outbound=True)
         return Submitted(qid, tuple(refused))
 
 
@@ -98,11 +101,23 @@ def content_refusal(data: bytes, limits: LimitsConfig) -> Reply | None:
     return None
 
 
-def plain_mailbox(addr: str) -> Mailbox:
-    """One address, parsed as SMTP would parse it in MAIL FROM / RCPT TO."""
-    if not addr or any(c in addr for c in "<>\r\n"):
+def plain_mailbox(addr: str) -> Mailbox | None:
+    """One address without angle brackets, parsed as SMTP would parse it in MAIL FROM / RCPT TO:
+    "" is the null reverse-path (None, as ``MAIL FROM:<>``), which a sender may be and a recipient
+    not (:func:`recipient_mailbox`)."""
+    if addr == "":
+        return None
+    if any(c in addr for c in "<>\r\n"):
         raise AddressError("not a plain address")
     box, rest = parse_command_path(f"<{addr}>", allow_null=False, utf8=True)
     if box is None or rest.strip():
         raise AddressError("not a plain address")
+    return box
+
+
+def recipient_mailbox(addr: str) -> Mailbox:
+    """:func:`plain_mailbox` for RCPT TO, where the null path is not allowed."""
+    box = plain_mailbox(addr)
+    if box is None:
+        raise AddressError("null address not allowed here")
     return box

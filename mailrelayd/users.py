@@ -19,6 +19,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 import tempfile
 import tomllib
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ _LN, _R, _P = 15, 8, 1
 _MAXMEM = 128 * 1024 * 1024
 _MIN_DKLEN, _MAX_DKLEN = 16, 64
 _API_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}")  # what api_key_hash() writes
+MAX_USERS_FILE = 16 * 1024**2
+"""Largest users file read (a few hundred bytes a user): a bigger one is a mistake, not a users file."""
 
 
 class UsersFileError(Exception):
@@ -56,11 +59,12 @@ class User:
 
         A pattern ``@example.com`` allows any local part at exactly that domain; any other
         pattern is a whole address. Comparison ignores the case of the domain (RFC 5321 §2.4)
-        and of the local part (no one runs case-sensitive mailboxes for sending).
+        and of the local part (no one runs case-sensitive mailboxes for sending). The null sender
+        ("") only ``*`` allows: bounces come from the MTA, not from applications.
         """
         addr = address.strip().lower()
         if not addr:
-            return False
+            return any(pat.strip() == "*" for pat in self.allowed_from)
         domain = addr.rpartition("@")[2].rstrip(".")
         for pat in self.allowed_from:
             p = pat.strip().lower()
@@ -120,14 +124,56 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes] | None:
 DUMMY_HASH = "$scrypt$ln=15,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
 
-def load_users(path: Path) -> dict[str, User]:
-    """Read the users file. Raises :class:`UsersFileError` naming the file and the bad key."""
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _read_users_file(path: Path) -> str:
+    """The text of the users file, newlines read as a text-mode read does. Raises UsersFileError."""
+    data = _read_regular_file(path, MAX_USERS_FILE)
     try:
-        data = tomllib.loads(path.read_text("utf-8"))
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsersFileError(f"{path}: cannot read: {e}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of ``path``. Raises UsersFileError for what is not a regular file of at most ``limit``
+    bytes: open() of a FIFO without a writer, or a read of one or of /dev/zero, would hang the start or
+    the SIGHUP reload. O_NONBLOCK lets the open return at once, and the checks are on what was opened
+    (fstat), not on the name, which may have changed since (TOCTOU)."""
+    too_large = f"{path}: larger than {limit // 1024**2} MB"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UsersFileError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise UsersFileError(f"{path}: cannot read: {e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsersFileError(f"{path}: not a regular file but a {_file_kind(st.st_mode)}")
+        if st.st_size > limit:
+            raise UsersFileError(f"{too_large} ({st.st_size} bytes)")
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)  # bounded even if it grew after the fstat
+    except OSError as e:
+        raise UsersFileError(f"{path}: cannot read: {e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UsersFileError(too_large)
+    return data
+
+
+def load_users(path: Path) -> dict[str, User]:
+    """Read the users file. Raises :class:`UsersFileError` naming the file and the bad key."""
+    text = _read_users_file(path)
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsersFileError(f"{path}: TOML syntax error: {e}") from None
     except RecursionError:  # tomllib recurses into nested arrays and inline tables

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from mailrelayd.api import BadRequest, build_json_message
 from mailrelayd.config import ConfigError, load_config
 from mailrelayd.spool.store import HistoryQuery
 from mailrelayd.users import load_users
@@ -131,6 +132,11 @@ async def test_errors_carry_smtp_codes(start_daemon, tmp_path, tls_files) -> Non
         assert status == 400, body
         status, body = await post(None, data=b"hello", headers={"Content-Type": "text/plain"})
         assert (status, body["error"]["enhanced"]) == (415, "5.6.1")
+        # ?from=<> is the null sender, which alice's allowed_from (no "*") does not allow: said so.
+        status, body = await post(None, data=b"From: app@example.com\r\n\r\nx\r\n", headers={
+            "Content-Type": "message/rfc822"}, params={"from": "<>", "to": "a@dest.test"})
+        assert (status, body["error"]["code"], body["error"]["enhanced"]) == (403, 550, "5.7.1"), body
+        assert body["error"]["message"].startswith("Null sender <> not allowed"), body
         # The rate, 3/h, counts messages that passed the sender checks (the suppressed one did).
         codes = [(await post(ok))[0] for _ in range(3)]
         assert codes == [202, 202, 429], codes
@@ -165,6 +171,26 @@ async def test_tls_api(start_daemon, tmp_path, tls_files, client_tls) -> None:
         if d is not None:
             await d.stop()
         await sink.stop()
+
+
+def test_json_addresses_read_alike_on_every_python() -> None:
+    """The JSON form's from/to/cc/bcc through the lenient address reader: Python 3.13's strict default
+    of email.utils.getaddresses/parseaddr dropped domain literals (a From of app@[192.0.2.1] was an
+    empty sender, refused as bad syntax, and a literal recipient vanished), 3.11 kept them."""
+    sender, rcpts, data = build_json_message({
+        "from": "App <app@[192.0.2.1]>", "to": ["user@[192.0.2.1]", "b@dest.test"],
+        "cc": "Ré <c@[IPv6:2001:db8::1]>", "bcc": "D <d@[192.0.2.4]>, e@dest.test", "text": "x"})
+    assert sender == "app@[192.0.2.1]"
+    assert rcpts == ["user@[192.0.2.1]", "b@dest.test", "c@[IPv6:2001:db8::1]", "d@[192.0.2.4]", "e@dest.test"]
+    head = email.message_from_bytes(data, policy=email.policy.default)
+    assert head["Cc"].addresses[0].addr_spec == "c@[IPv6:2001:db8::1]"  # the non-ASCII name encoded, the address kept
+    assert head["Cc"].addresses[0].display_name == "Ré"
+    # The author's address, never the null sender: "<>" (no address) is refused as a missing from.
+    for frm in ("<>", "Nobody <>", " "):
+        with pytest.raises(BadRequest) as e:
+            build_json_message({"from": frm, "to": "a@dest.test", "text": "x"})
+        assert (e.value.reply.code, e.value.reply.enhanced) == (550, "5.6.0"), frm
+        assert "from is required" in e.value.reply.text
 
 
 def test_plaintext_api_only_on_loopback(tmp_path, tls_files) -> None:

@@ -37,10 +37,18 @@ from mailrelayd.intake import Intake
 from mailrelayd.queueops import QueueOps
 from mailrelayd.ratelimit import parse_rate
 from mailrelayd.smtp.policy import Policy
-from mailrelayd.spool.store import MessageRecord, NewMessage, Spool
+from mailrelayd.spool.store import MessageRecord, NewMessage, QueueFilter, Spool
 from mailrelayd.submit import LocalSubmitter, Submitted
-from mailrelayd.users import User, UsersFileError, api_key_hash, api_key_index, load_users, verify_password
-from tests.conftest import TEST_HASH, base_config, deep_merge, write_config
+from mailrelayd.users import (
+    MAX_USERS_FILE,
+    User,
+    UsersFileError,
+    api_key_hash,
+    api_key_index,
+    load_users,
+    verify_password,
+)
+from tests.conftest import TEST_HASH, base_config, deep_merge, mailrelayd_cmd, write_config
 
 # --- shared pools of hostile values -------------------------------------------------------------
 HOSTILE_STRINGS = [
@@ -300,6 +308,67 @@ def test_users_file_raw_bytes_and_file_kinds(tmp_path: Path) -> None:
     assert set(load_users(link)) == {"alice", "bob"}
 
 
+def _special_users_files(tmp_path: Path) -> dict[str, Path]:
+    """Paths that are no regular file (a FIFO first: before the fix, reading it blocked for good)."""
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    link = tmp_path / "link-to-fifo.toml"
+    link.symlink_to(fifo)
+    directory = tmp_path / "dir.toml"
+    directory.mkdir()
+    return {"FIFO": fifo, "symlink to a FIFO": link, "directory": directory, "character device": Path("/dev/zero")}
+
+
+async def test_users_file_that_is_no_regular_file_or_too_large_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO as auth.users_file blocked the start, `check-config` and every SIGHUP reload after it (as
+    would /dev/zero, read until memory ran out); a huge file was read whole. Now: an error naming it."""
+    paths = _special_users_files(tmp_path)
+    try:
+        for kind, path in paths.items():
+            with pytest.raises(UsersFileError) as e:
+                await _bounded(asyncio.to_thread(load_users, path), f"load_users of a {kind}")
+            kind_named = kind.removeprefix("symlink to a ")
+            assert str(e.value) == f"{path}: not a regular file but a {kind_named}", str(e.value)
+    finally:
+        _unblock_fifos(tmp_path)
+    huge = tmp_path / "huge.toml"
+    with huge.open("wb") as f:  # sparse: 100 MB that costs nothing (it was read, then parsed)
+        f.write(tomli_w.dumps(_users_doc()).encode())
+        f.truncate(100 * 1024**2)
+    t0 = time.monotonic()
+    with pytest.raises(UsersFileError, match=rf"^{re.escape(str(huge))}: larger than 16 MB \(104857600 bytes\)$"):
+        load_users(huge)
+    assert time.monotonic() - t0 < 0.5
+    os.truncate(huge, MAX_USERS_FILE)  # at the cap: read and parsed (the NULs after the users are no TOML)
+    with pytest.raises(UsersFileError, match="TOML syntax error"):
+        load_users(huge)
+
+
+async def test_check_config_and_reload_with_a_fifo_users_file(start_daemon, tmp_path: Path,
+                                                               cli_env: dict[str, str]) -> None:
+    d = await start_daemon()
+    users = d.config.parent / "users.toml"
+    good = users.read_bytes()
+    users.unlink()
+    os.mkfifo(users)
+    try:
+        p = await asyncio.create_subprocess_exec(*mailrelayd_cmd(), "check-config", "-c", str(d.config), env=cli_env,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(p.communicate(), 30)
+        except TimeoutError:
+            p.kill()
+            await p.wait()
+            raise AssertionError("check-config hung on a FIFO users file") from None
+        assert p.returncode == 1 and f"{users}: not a regular file but a FIFO" in err.decode(), err
+        assert await _bounded(d.daemon.reload(), "SIGHUP reload", 10.0) is False  # the old users stay in force
+    finally:
+        _unblock_fifos(users.parent, pattern=users.name)
+    users.unlink()
+    users.write_bytes(good)
+    assert await _bounded(d.daemon.reload(), "SIGHUP reload", 10.0) is True  # not stuck "reloading"
+
+
 # --- a config, a spool, and the local submission stack ---------------------------------------------
 @pytest.fixture
 def cfg(tmp_path: Path, tls_files: tuple[Path, Path]) -> Config:
@@ -431,11 +500,11 @@ async def _spool_bodies(spool: Spool) -> tuple[list[bytes], list[MessageRecord]]
     return [await spool.body(m.queue_id) or b"" for m in msgs], msgs
 
 
-def _unblock_fifos(*dirs: Path) -> None:
+def _unblock_fifos(*dirs: Path, pattern: str = "*fifo*") -> None:
     """A reader stuck in open() on a FIFO (the bug this file tests for) would keep the test process
     from exiting: give it a writer, then EOF."""
     for d in dirs:
-        for p in d.glob("*fifo*"):
+        for p in d.glob(pattern):
             with contextlib.suppress(OSError):
                 os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
 
@@ -551,6 +620,31 @@ async def test_sendmail_admin_request_fuzz(cfg: Config, spool: Spool) -> None:
     assert time.monotonic() - started < 3.0
 
 
+async def test_sendmail_request_with_the_null_sender(cfg: Config, spool: Spool) -> None:
+    """A request (admin socket or maildrop file) with sender "" or "<>" is MAIL FROM:<>: refused with a
+    reply that says why unless the user's allowed_from has "*", queued with the null sender if it has."""
+    service, _ = _service(cfg, spool)  # cron: @example.com
+    for sender in ("", "<>"):
+        status, res = await service.handle(_request("null-refused", sender=sender))
+        assert (status, res["exit"]) == (403, sm.EX_NOPERM), res
+        assert res["reply"] == {"code": 550, "enhanced": "5.7.1",
+                                "message": 'Null sender <> not allowed for this user (its allowed_from needs "*")'}
+    service.user = User("cron", TEST_HASH, ("*",))
+    status, res = await service.handle(_request("null-queued", sender="<>"))
+    assert status == 200, res
+    m = await spool.get(res["queue_id"])
+    assert m is not None and m.mail_from == ""
+    body = await spool.body(m.queue_id) or b""
+    assert b"\r\nFrom: MAILER-DAEMON@example.com\r\n" in body  # the message had no From
+
+
+def test_only_a_star_pattern_allows_the_null_sender() -> None:
+    assert User("a", TEST_HASH, ("*",)).may_send_as("")
+    assert User("a", TEST_HASH, ("@example.com", " * ")).may_send_as("")
+    for patterns in ((), ("@example.com",), ("app@example.com",), ("@",)):
+        assert not User("a", TEST_HASH, patterns).may_send_as(""), patterns
+
+
 # --- the admin socket: queue verbs and history ----------------------------------------------------
 SEEDED = [("app@one.test", "r1@dest-one.test", "alice", "<m1@one.test>"),
           ("app@two.test", "r2@dest-two.test", "bob", "<m2@two.test>"),
@@ -586,6 +680,14 @@ FILTER_VALUES: dict[str, list[Any]] = {
 }
 
 
+# Requests of a bulk verb that select nothing: never the whole queue (but for `flush`, where no filter is
+# every deferred message, as `mailrelayd queue flush` documents). These released every hold.
+EMPTY_BULK_BODIES: list[Any] = [
+    None, {}, {"filter": {}}, {"filter": {}, "dry_run": False}, {"reason": "x"}, {"all": False},
+    {"filter": {"queue_ids": []}}, {"filter": {"queue_ids": []}, "all": False},
+    {"filter": {"queue_ids": []}, "dry_run": True, "all": False}]
+
+
 def _queue_request(rng: random.Random) -> tuple[str, str, Any]:
     r = rng.random()
     if r < 0.1:
@@ -595,14 +697,14 @@ def _queue_request(rng: random.Random) -> tuple[str, str, Any]:
         limit = {"limit": rng.choice([*HOSTILE_NUMBERS, "10", None, [], {}])}
         return "GET", "queue", limit if rng.random() < 0.8 else hostile(rng)
     verb = rng.choice(["hold", "release", "flush", "delete", "bounce"])
-    if r < 0.35:  # not a JSON object (no body, or {}, is the CLI's `queue flush`: everything, on purpose)
-        body = rng.choice([[], [{"filter": {}}], "all", 5, 1.5, True, hostile(rng)])
-        return "POST", f"queue/{verb}", [] if body in (None, {}) else body
+    if r < 0.35:  # not a JSON object, or nothing to select by (no body, or {}, is `queue flush`: everything)
+        body = rng.choice([[], [{"filter": {}}], "all", 5, 1.5, True, hostile(rng), *EMPTY_BULK_BODIES])
+        return "POST", f"queue/{verb}", [] if verb == "flush" and body in EMPTY_BULK_BODIES else body
     filt: dict[str, Any] = {}
     for key in rng.sample([*FILTER_VALUES, "domian", "Domain", "sender "], rng.randint(1, 3)):
         filt[key] = rng.choice(FILTER_VALUES.get(key, HOSTILE_STRINGS))
     other = hostile(rng)
-    body = {"filter": filt if rng.random() < 0.9 else other if other != {} else []}  # {}: "all", on purpose
+    body = {"filter": filt if rng.random() < 0.9 else other if other != {} or verb != "flush" else []}
     for key in rng.sample(["dry_run", "reason", "until", "filtre", "limit"], rng.randint(0, 2)):
         body[key] = rng.choice({"dry_run": ["false", 0, 1, None, "yes", []], "reason": [*HOSTILE_STRINGS, 5, {}],
                                 "until": [*HOSTILE_NUMBERS, "tomorrow", None]}.get(key, [1, {"domain": "x"}]))
@@ -661,7 +763,8 @@ async def test_queue_verbs_fuzz(cfg: Config, spool: Spool) -> None:
     assert (status, res["messages"]) == (200, 1), res
     status, res = await ops.handle("POST", "queue/hold", {"filter": {"queue_ids": [qids[1].lower()]}, "reason": "x"})
     assert (status, res["messages"]) == (200, 1), res
-    status, res = await ops.handle("POST", "queue/release", {"filter": {"queue_ids": []}, "dry_run": False})
+    status, res = await ops.handle("POST", "queue/release", {"filter": {"queue_ids": []}, "dry_run": False,
+                                                             "all": True})
     assert (status, res["messages"]) == (200, 1), res  # `queue release --all`
     status, res = await ops.handle("GET", "queue", {"limit": 2})
     assert status == 200 and len(res) == 2
@@ -669,6 +772,53 @@ async def test_queue_verbs_fuzz(cfg: Config, spool: Spool) -> None:
     assert status == 200 and len(res) == 3
     status, res = await ops.handle("POST", "queue/flush", {})
     assert status == 200 and res["rescheduled"] == 3  # the 0.1 API: flush everything
+
+
+async def test_bulk_verbs_need_a_filter_or_an_explicit_all(cfg: Config, spool: Spool) -> None:
+    """`POST queue/release` with no filter, or an empty one, released every hold (the CLI asks for
+    --all): now it needs "all": true, and hold, delete and bounce never apply to the whole queue."""
+    qids = await _seed(spool)
+    qm = QueueManager(cfg, spool, dsn_builder=build_dsn)
+    await qm.load()
+    ops = QueueOps(spool, None, qm)
+    status, res = await ops.handle("POST", "queue/hold", {"filter": {"domain": "dest-one.test"}})
+    assert (status, res["messages"]) == (200, 1), res
+    status, res = await ops.handle("POST", "queue/hold", {"filter": {"queue_ids": [qids[1]]}})
+    assert (status, res["messages"]) == (200, 1), res
+    held = await _snapshot(spool, qm)
+    for verb in ("release", "hold", "delete", "bounce"):
+        for body in EMPTY_BULK_BODIES:
+            status, res = await ops.handle("POST", f"queue/{verb}", body)
+            assert status == 400 and f"queue {verb} needs a filter" in res["error"], (verb, body, res)
+            assert ('"all": true' in res["error"]) == (verb == "release"), res  # what would do it
+    for verb in ("hold", "delete", "bounce"):
+        status, res = await ops.handle("POST", f"queue/{verb}", {"all": True})
+        assert status == 400 and "cannot apply to the whole queue" in res["error"], (verb, res)
+    status, res = await ops.handle("POST", "queue/release", {"all": True, "filter": {"domain": "dest-one.test"}})
+    assert status == 400 and "one or the other" in res["error"], res
+    for value in ("yes", 1, None, [], {"all": True}):
+        status, res = await ops.handle("POST", "queue/release", {"filter": {"queue_ids": []}, "all": value})
+        assert status == 400 and res["error"] == "all must be true or false", res
+    assert await _snapshot(spool, qm) == held  # nothing released, deleted or bounced
+    with pytest.raises(ValueError, match="needs a filter"):  # nor through the method the handler calls
+        await ops.bulk("release", QueueFilter())
+
+    status, res = await ops.handle("POST", "queue/release", {"all": True, "dry_run": True})
+    assert (status, res["messages"], res["dry_run"]) == (200, 2, True), res
+    assert await _snapshot(spool, qm) == held
+    status, res = await ops.handle("POST", "queue/release", {"all": True})
+    assert (status, res["messages"], len(res["rules"])) == (200, 2, 1), res
+    assert not any(h for m in await _snapshot(spool, qm) for *_, h in m[2])
+    # What `mailrelayd queue release --all` sends: an empty filter, and "all": true.
+    await ops.handle("POST", "queue/hold", {"filter": {"queue_ids": [qids[2]]}})
+    status, res = await ops.handle("POST", "queue/release", {"filter": {"queue_ids": []}, "dry_run": False,
+                                                             "reason": "", "all": True})
+    assert (status, res["messages"]) == (200, 1), res
+    # flush with no filter is every deferred message, as documented.
+    status, res = await ops.handle("POST", "queue/flush", {"filter": {}, "dry_run": True})
+    assert (status, res["messages"]) == (200, 3), res
+    status, res = await ops.handle("POST", "queue/flush", {"all": True, "dry_run": True})
+    assert (status, res["messages"]) == (200, 3), res
 
 
 def _history_body(rng: random.Random) -> Any:
@@ -816,7 +966,8 @@ def test_sendmail_prepare_fuzz() -> None:
         except sm.PrepareError as e:
             assert str(e) and e.exit_code in (sm.EX_DATAERR, sm.EX_NOUSER, sm.EX_USAGE), case
             continue
-        assert p.mail_from and p.recipients and all("@" in r for r in p.recipients), case
+        null = kw["sender"] is not None and sm.sender_value(kw["sender"]) == ""  # -f '' or -f '<>'
+        assert bool(p.mail_from) != null and p.recipients and all("@" in r for r in p.recipients), case
         if set(p.mail_from) & set("\r\n\0"):
             continue  # the From header written for it is broken, but the submitter refuses such a sender (553)
         assert len(set(p.recipients)) == len(p.recipients), case

@@ -103,6 +103,52 @@ async def test_queue_commands_against_running_and_stopped_daemon(start_daemon, c
         await sink.stop()
 
 
+async def test_release_of_every_hold_needs_all(start_daemon, client_tls, cli_env) -> None:
+    """`queue release --all` releases every hold, through the admin socket and on a stopped daemon's
+    spool; a request with no filter, or an empty one, is refused (it released every hold), and so is
+    one that would delete or bounce the whole queue."""
+    import aiohttp
+
+    sink = await Sink().start()
+    try:
+        d = await start_daemon({"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}]})
+        code, out, err = await _cli(cli_env, d.config, "queue", "hold", "--domain", "dest.test")
+        assert code == 0, err
+        qid = await _submit(d.port("submission"), client_tls, "a@dest.test")
+        sock = d.config.parent / "state" / "admin.sock"
+        async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(sock))) as http:
+            for path, body in (("queue/release", b""), ("queue/release", b"{}"), ("queue/release", b'{"filter": {}}'),
+                               ("queue/release", b'{"filter": {"queue_ids": []}, "all": false}'),
+                               ("queue/delete", b"{}"), ("queue/bounce", b'{"filter": {}}'),
+                               ("queue/delete", b'{"all": true}'), ("queue/hold", b"{}")):
+                async with http.post(f"http://localhost/{path}", data=body,
+                                     headers={"Content-Type": "application/json"}) as resp:
+                    error = (await resp.json())["error"]
+                    assert resp.status == 400 and "filter" in error, (path, body, resp.status, error)
+                    assert ('"all": true' in error) == (body != b'{"all": true}' and path == "queue/release"), error
+        code, out, err = await _cli(cli_env, d.config, "queue", "list", "--json")
+        assert [m["state"] for m in json.loads(out)] == ["held"], out
+        code, out, err = await _cli(cli_env, d.config, "queue", "release")
+        assert code == 2 and "--all" in err, err
+        code, out, err = await _cli(cli_env, d.config, "queue", "release", "--all", "--dry-run")
+        assert code == 0 and "would release 1 message(s)" in out, (out, err)
+        code, out, err = await _cli(cli_env, d.config, "queue", "release", "--all")
+        assert code == 0 and "released 1 message(s)" in out and "rule removed: domain dest.test" in out, (out, err)
+        (msg,) = await sink.wait_for(1)
+        assert msg.rcpts == ["a@dest.test"]
+        await _wait(lambda: _gone(d, qid))
+
+        await d.stop()  # the same on the spool, with the daemon stopped
+        code, _, err = await _cli(cli_env, d.config, "queue", "hold", "--sender", "@example.com")
+        assert code == 0, err
+        code, out, err = await _cli(cli_env, d.config, "queue", "release", "--all")
+        assert code == 0 and "rule removed: sender @example.com" in out, (out, err)
+        code, out, err = await _cli(cli_env, d.config, "queue", "destinations", "--json")
+        assert code == 0 and json.loads(out)["holds"] == [], out
+    finally:
+        await sink.stop()
+
+
 async def _gone(d: Any, qid: str) -> bool:
     return await d.spool.get(qid) is None
 

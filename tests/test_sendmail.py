@@ -61,6 +61,40 @@ def test_prepare_extracts_recipients_removes_bcc_and_qualifies_from() -> None:
     assert e.value.exit_code == sm.EX_NOUSER
 
 
+def test_f_empty_or_angle_brackets_is_the_null_sender() -> None:
+    """sendmail -f '<>' (or -f '', or -r): the null reverse-path of bounces and autoreplies, as in
+    sendmail and Postfix. It fell back to default_from / the From header / login@domain instead."""
+    for argv in (["-f", "<>"], ["-f<>"], ["-f", ""], ["-f", " <> "], ["-r", "<>"], ["-r", ""], ["-r<>"]):
+        assert sm.parse_args([*argv, "a@dest.test"]).sender == "", argv
+    assert sm.parse_args(["-f", "<app@example.com>"]).sender == "app@example.com"
+    assert sm.parse_args(["a@dest.test"]).sender is None
+    assert sm.parse_args(["-f", "<", "a@dest.test"]).sender == "<"  # a typo, refused later: not the null sender
+    autoreply = b"From: Ops <ops@example.com>\r\nSubject: Out of office\r\n\r\naway\r\n"
+    for sender in ("", "<>", " <> "):  # "<>": the HTTP API's ?from=<>
+        p = sm.prepare(autoreply, recipients=["a@dest.test"], extract=False, sender=sender, full_name=None,
+                       domain="example.com", default_sender="noreply@example.com", fallback_sender="root@example.com")
+        assert (p.mail_from, p.recipients, p.data) == ("", ("a@dest.test",), autoreply), sender
+    # No From header: one is required (RFC 5322 §3.6); Postfix writes MAILER-DAEMON, without -F's name.
+    p = sm.prepare(b"Subject: x\r\n\r\nhi\r\n", recipients=["a@dest.test"], extract=False, sender="",
+                   full_name="Cron", domain="example.com", default_sender=None)
+    assert (p.mail_from, p.data) == ("", b"From: MAILER-DAEMON@example.com\r\nSubject: x\r\n\r\nhi\r\n")
+    # Not given at all: still no sender is an error.
+    with pytest.raises(sm.PrepareError, match="no sender"):
+        sm.prepare(b"Subject: x\r\n\r\n", recipients=["a@dest.test"], extract=False, sender=None, full_name=None,
+                   domain="example.com", default_sender=None)
+
+
+def test_domain_literals_read_alike_on_every_python() -> None:
+    """-t recipients and the From header through the lenient address reader: Python 3.13's strict
+    default of email.utils.getaddresses dropped user@[192.0.2.1] (3.11 keeps it)."""
+    data = (b"From: Ops <ops@[192.0.2.1]>\r\nTo: user@[192.0.2.1], b@dest.test\r\n"
+            b"Cc: C <c@[IPv6:2001:db8::1]>\r\nSubject: x\r\n\r\nhi\r\n")
+    p = sm.prepare(data, recipients=[], extract=True, sender=None, full_name=None, domain="example.com",
+                   default_sender=None)
+    assert p.recipients == ("user@[192.0.2.1]", "b@dest.test", "c@[IPv6:2001:db8::1]")
+    assert p.mail_from == "ops@[192.0.2.1]"  # from the From header
+
+
 # --- end to end -------------------------------------------------------------------------------
 def _overrides(sink: Sink, **sendmail: Any) -> dict[str, Any]:
     return {"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}],
@@ -134,6 +168,9 @@ async def test_symlink_named_sendmail_and_refusals(start_daemon, tmp_path) -> No
         assert code == sm.EX_NOPERM and "5.7.1" in out, out
         code, out = await _run([str(link), "-t"], b"Subject: nobody\n\nx\n", d.config)
         assert code == sm.EX_NOUSER, out
+        # The null sender needs allowed_from "*": refused for good, and the reply says so.
+        code, out = await _run([str(link), "-f", "<>", "dev@dest.test"], b"From: app@example.com\n\nx\n", d.config)
+        assert code == sm.EX_NOPERM and "550 5.7.1 Null sender <> not allowed for this user" in out, out
         await asyncio.sleep(0.5)
         assert len(sink.messages) == 1
     finally:
@@ -175,6 +212,30 @@ async def test_daemon_down_maildrop_then_picked_up_on_start(start_daemon, tmp_pa
                 break
             await asyncio.sleep(0.05)
         assert not list((directory / "state" / "maildrop").glob("*.json"))
+    finally:
+        await sink.stop()
+
+
+async def test_null_sender_through_the_daemon_and_the_maildrop(start_daemon, tmp_path, tls_files) -> None:
+    """-f '<>' reaches the next hop as MAIL FROM:<>, whether the daemon takes the message over its
+    admin socket or picks it up from the maildrop (it was sent as the From header's address)."""
+    sink = await Sink().start()
+    try:
+        directory = tmp_path / "relay"
+        users = {**USERS, "cron": ("*",)}  # "*" allows the null sender too
+        cfg = write_config(directory, deep_merge(base_config(tls_files), _overrides(sink)), users)
+        (directory / "state").mkdir()
+        autoreply = b"From: Ops <ops@example.com>\nSubject: Out of office\n\naway\n"
+        for argv in (["-f", "<>"], ["-r", ""]):
+            code, out = await _run([*mailrelayd_cmd(), "sendmail", "-oi", *argv, "down@dest.test"], autoreply, cfg)
+            assert code == 0 and "maildrop" in out, out
+        await start_daemon(_overrides(sink), users=users, directory=directory)
+        code, out = await _run([*mailrelayd_cmd(), "sendmail", "-oi", "-f<>", "up@dest.test"], autoreply, cfg)
+        assert code == 0, out
+        msgs = await sink.wait_for(3, timeout=20)
+        assert sorted((m.mail_from, *m.rcpts) for m in msgs) == [  # the sink's spelling of MAIL FROM:<>
+            ("<>", "down@dest.test"), ("<>", "down@dest.test"), ("<>", "up@dest.test")]
+        assert all(_parsed(m.data)["From"] == "Ops <ops@example.com>" for m in msgs)
     finally:
         await sink.stop()
 

@@ -15,6 +15,7 @@ import email.utils
 import inspect
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mailrelayd.config import normalize_domain
@@ -232,10 +233,14 @@ _PARSER_FAILURES = (AttributeError, IndexError, NameError, TypeError, ValueError
 _GETADDRESSES_STRICT = "strict" in inspect.signature(email.utils.getaddresses).parameters
 
 
-def _getaddresses(values: list[str]) -> list[tuple[str, str]]:
+def header_addresses(values: Iterable[str]) -> list[tuple[str, str]]:
+    """(display name, address) of each entry of address header values (To, Cc, From...), as
+    :func:`email.utils.getaddresses` reads them in its lenient mode: the only mode before Python 3.13,
+    whose strict default drops domain literals (``user@[192.0.2.1]``) and more. Every reader of such
+    values goes through here, so that each Python decides alike."""
     if _GETADDRESSES_STRICT:
-        return email.utils.getaddresses(values, strict=False)  # type: ignore[call-arg]
-    return email.utils.getaddresses(values)
+        return email.utils.getaddresses(list(values), strict=False)  # type: ignore[call-arg]
+    return email.utils.getaddresses(list(values))
 
 
 def header_mailboxes_by_email(value: str) -> list[Mailbox]:
@@ -249,7 +254,7 @@ def header_mailboxes_by_email(value: str) -> list[Mailbox]:
         # The older, simpler parser (what many receivers' code still uses); it reads RFC 2047 encoded
         # words as text. Its lenient mode, the only one before Python 3.13 (3.13's strict default also
         # refuses domain literals), so that the decision is the same on every version.
-        others = [addr for _, addr in _getaddresses([value]) if addr]
+        others = [addr for _, addr in header_addresses([value]) if addr]
     except _PARSER_FAILURES:
         raise AddressError("unparsable address field") from None
     for defect in field.defects:
