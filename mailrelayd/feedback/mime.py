@@ -19,7 +19,7 @@ import email
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from email.message import Message
 from email.policy import compat32
 
@@ -184,6 +184,8 @@ def header_str(msg: Message, name: str, default: str = "") -> str:
         return default
     if value is None:
         return default
+    if isinstance(value, Header):
+        value = next(iter(_raw_values(msg, name)), value)
     return decode_header_value(value)
 
 
@@ -193,7 +195,21 @@ def header_all(msg: Message, name: str) -> list[str]:
         values = msg.get_all(name) or []
     except Exception:
         return []
+    if any(isinstance(v, Header) for v in values):
+        values = _raw_values(msg, name) or values
     return [decode_header_value(v) for v in values]
+
+
+def _raw_values(msg: Message, name: str) -> list[object]:
+    """The values of a header as parsed. For a value with raw 8-bit bytes (UTF-8 headers, RFC 6532)
+    compat32's ``get()`` returns an unknown-8bit ``Header`` whose text already has the bytes
+    replaced by U+FFFD; the raw value keeps them (as surrogate escapes) for
+    :func:`decode_header_value`, which decodes them as UTF-8."""
+    try:
+        wanted = name.lower()
+        return [value for key, value in msg.raw_items() if key.lower() == wanted]
+    except Exception:
+        return []
 
 
 def decode_header_value(value: object) -> str:

@@ -6,11 +6,12 @@ Entry point: :func:`parse_feedback`.
    tree once into one structure (leaves with types and lazily decoded text, the report parts,
    the original message's headers).
 2. The flat, ordered list :data:`mailrelayd.feedback.recognizers.RECOGNIZERS` runs over it:
-   ARF, JMRP, MDN, RFC 3464/6533 DSN, Amazon SES notifications, the auto-reply / not-a-bounce
-   gate, DSN fields in text, the bounce formats of older and proprietary mail systems
-   (:mod:`mailrelayd.feedback.legacy`), text heuristics. Each returns evidence (recipients with
-   kinds) or nothing; the first evidence in that order decides, because the order is the
-   evidence's weight (a machine-readable report outranks anything read from prose).
+   ARF, JMRP, MDN, the gate for bounces a person forwarded, RFC 3464/6533 DSN, Amazon SES
+   notifications, the auto-reply / not-a-bounce gate, DSN fields in text, the bounce formats of
+   older and proprietary mail systems (:mod:`mailrelayd.feedback.legacy`), text heuristics.
+   Each returns evidence (recipients with kinds) or nothing; the first evidence in that order
+   decides, because the order is the evidence's weight (a machine-readable report outranks
+   anything read from prose).
 
 What is *done* with a report (VERP token first, then the trust rules) is decided by
 :mod:`mailrelayd.feedback.trust`.

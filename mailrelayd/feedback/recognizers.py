@@ -3,7 +3,8 @@ returns evidence (a :class:`FeedbackReport` naming recipients and their kinds) o
 
 :data:`RECOGNIZERS` is the ordered list :func:`mailrelayd.feedback.parse.parse_feedback` runs;
 the order is the weight of the evidence: standard machine-readable reports first (RFC 5965 ARF,
-Microsoft JMRP, RFC 8098 MDN, RFC 3464/6533 DSN), then provider notifications (Amazon SES),
+Microsoft JMRP, RFC 8098 MDN, RFC 3464/6533 DSN; before the DSN, the gate that stops at bounces
+a person forwarded), then provider notifications (Amazon SES),
 then the gate that stops at auto-replies and ordinary mail, then DSN fields pasted into text,
 the bounce formats of older and proprietary mail systems (:mod:`mailrelayd.feedback.legacy`),
 and the plain-text heuristics. Every hard/soft decision is
@@ -36,12 +37,16 @@ from mailrelayd.feedback.report import (
 from mailrelayd.feedback.textbounce import (
     excluded_addresses,
     find_recipients,
+    forwarded_by_person,
     from_mail_system,
     is_auto_reply,
     is_warning,
+    later_snippets,
     looks_like_bounce,
     returned_recipient,
     snippet_for,
+    transcript_reply,
+    without_successful_replies,
 )
 from mailrelayd.feedback.tree import ARF_TYPE, DSN_TYPES, MDN_TYPES, MessageTree, first_address
 
@@ -49,6 +54,9 @@ from mailrelayd.feedback.tree import ARF_TYPE, DSN_TYPES, MDN_TYPES, MessageTree
 LEGACY_MAX_BYTES = 32 * 1024
 MAX_RECIPIENTS = 100
 _GENERIC_REASONS = frozenset({"onhold", ""})
+# A failure's enhanced status code in bounce text. A 2.x.x there is a step that worked (the "250
+# 2.1.0 Ok" to MAIL FROM in a quoted session transcript), never the recipient's failure.
+_FAILURE_STATUS = re.compile(r"\b[45]\.\d{1,3}\.\d{1,3}\b")
 _HEADER_START = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,60}[ \t]*:")
 
 
@@ -218,6 +226,19 @@ def recognize_mdn(scan: Scan) -> FeedbackReport | None:
     if tree.report_type == "disposition-notification" or tree.report_part(*MDN_TYPES) is not None:
         return report(tree, NOT_FEEDBACK, detail="read receipt (MDN, RFC 8098)", parser="mdn")
     return None
+
+
+def recognize_forwarded(scan: Scan) -> FeedbackReport | None:
+    """A bounce a person forwarded (inline, or attached as a message) is that person's mail, not a
+    report to us: whatever it quotes, it suppresses nobody. A message with a delivery-status part of
+    its own (not inside an attached message) is a report, whoever sent it; a bounce wrapped inside
+    a mail system's report is still read (the mail system is no person)."""
+    tree = scan.tree
+    if any(t in tree.report_parts and t not in tree.nested_reports for t in DSN_TYPES):
+        return None
+    if not forwarded_by_person(tree.msg, tree.text):
+        return None
+    return report(tree, NOT_FEEDBACK, detail="mail forwarded by a person", parser="forwarded")
 
 
 def recognize_dsn(scan: Scan) -> FeedbackReport | None:
@@ -455,24 +476,55 @@ def from_addresses(scan: Scan, addresses: list[str], temporary: tuple[str, ...],
         if not normalised:
             continue
         snippet = snippet_for(text, address, addresses)
-        status = normalise_status(snippet)
+        status = _failure_status(snippet)
         if warning or address in temporary:
             result = classify_failure(status or "4.0.0", snippet or text)
             kind, reason = DELAYED, _delayed_reason(result)
-        elif len(addresses) == 1:
-            # The lines about the recipient first; if they do not name a cause, the whole
-            # notification (it is about this one recipient).
-            result = classify_failure(status, snippet, final=True)
-            if not result.decisive:
-                result = classify_failure(status or normalise_status(text), text, final=True)
-            kind, reason = result.kind, result.reason
         else:
-            # Several recipients: only the lines about this one count (another one's "user
-            # unknown" must not suppress it).
-            result = classify_failure(status, snippet, final=True)
+            result, status, snippet = _recipient_verdict(text, address, addresses, snippet, status)
             kind, reason = result.kind, result.reason
         recipients.append(FeedbackRecipient(normalised, kind, status, reason, " ".join(snippet.split())[:500]))
     return report(scan.tree, SOFT_BOUNCE, recipients=dedupe(recipients), parser=parser)
+
+
+def _failure_status(text: str) -> str:
+    match = _FAILURE_STATUS.search(text)
+    return match.group(0) if match else ""
+
+
+def _recipient_verdict(
+    text: str, address: str, addresses: list[str], snippet: str, status: str
+) -> tuple[Classification, str, str]:
+    """(classification, status, the lines it read) of one recipient of a plain-text bounce.
+
+    The evidence, most specific first, the first that names a cause deciding: the remote server's
+    reply to this recipient's ``RCPT TO`` in a quoted session transcript; the lines about its first
+    mention; the lines about its later mentions (Exchange's section for administrators, a
+    transcript). Only the lines about this recipient count when there are several (another one's
+    "user unknown" must not suppress it); with one, the whole notification is about it and is read
+    last. A status code alone (no words) is kept over no evidence at all.
+    """
+    reply = transcript_reply(text, address)
+    if reply:
+        reply_status = _failure_status(reply)
+        from_reply = classify_failure(reply_status, reply, final=True)
+        if from_reply.decisive:
+            return from_reply, reply_status, reply
+    # The replies of a quoted transcript that accepted a step are no evidence ("250 2.1.5 Ok").
+    result = classify_failure(status, without_successful_replies(snippet), final=True)
+    if not result.decisive:
+        for lines in ([reply] if reply else []) + later_snippets(text, address, addresses):
+            lines = without_successful_replies(lines)
+            lines_status = _failure_status(lines)
+            candidate = classify_failure(lines_status, lines, final=True)
+            if candidate.decisive or (candidate.evidence == "code" and result.evidence == "none"):
+                result, status, snippet = candidate, lines_status, lines
+                if candidate.decisive:
+                    break
+    if not result.decisive and len(addresses) == 1:
+        whole = without_successful_replies(text)
+        result = classify_failure(status or _failure_status(whole), whole, final=True)
+    return result, status, snippet
 
 
 def nothing_found(tree: MessageTree, detail: str) -> FeedbackReport:
@@ -497,6 +549,7 @@ RECOGNIZERS: tuple[tuple[str, str, Recognizer], ...] = (
     ("arf", "standard", recognize_arf),
     ("jmrp", "standard", recognize_jmrp),
     ("mdn", "standard", recognize_mdn),
+    ("forwarded", "gate", recognize_forwarded),
     ("dsn", "standard", recognize_dsn),
     ("ses", "standard", recognize_ses),
     ("not-bounce", "gate", recognize_not_bounce),

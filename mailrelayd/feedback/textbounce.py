@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from email.message import Message
 
 from mailrelayd.feedback.addresses import (
@@ -51,6 +51,8 @@ _SCRIPT_END = re.compile(r"</(?:script|style)\s*>", re.IGNORECASE)
 _BOUNCE_SENDER = _any(
     r"mailer[-_. ]?daemon", r"postmaster", r"post_master", r"mail delivery", r"mail ?administrator",
     r"delivery (subsystem|system|service)", r"\bmdaemon\b", r"mail\.delivery\.system",
+    # The system mailbox every Exchange 2013+ organisation sends its NDRs from (same name everywhere).
+    r"microsoftexchange329e71ec88ae4615bbc36ab6ce41109e@",
 )
 _BOUNCE_SUBJECT = _any(
     r"undeliver", r"delivery (status|failure|failed|notification|problem|report|error)", r"returned mail",
@@ -58,7 +60,10 @@ _BOUNCE_SUBJECT = _any(
     r"mail system error", r"message delayed", r"delayed mail", r"warning: message", r"not delivered",
     r"returned to sender", r"rejected", r"mail failure", r"\bbounce\b", r"nondeliverable",
     r"error sending", r"there was an error", r"message (could not|couldn't|was not)", r"failed delivery",
-    r"status notification", r"unzustellbar", r"non remis",
+    r"status notification",
+    # Exchange / Microsoft 365 NDR subjects in other languages ("Undeliverable:" translated).
+    r"unzustellbar", r"non remis", r"no se puede entregar", r"non recapitabile", r"onbestelbaar",
+    r"n[ãa]o [ée] poss[íi]vel entregar",
 )
 # Statements that a delivery failed, and failure causes: two independent kinds of evidence.
 _BOUNCE_STATEMENT = _any(
@@ -70,6 +75,16 @@ _BOUNCE_STATEMENT = _any(
     r"delivery status notification", r"failed recipient", r"could(n't| not) deliver",
     r"(wasn't|were not) able to deliver", r"message you sent", r"non-?delivery", r"error delivering",
     r"delivery problem", r"transcript of session",
+    # Exchange's section for administrators quotes the remote server in English whatever the
+    # language of the rest ("Remote Server returned '550 5.1.1 ...'").
+    r"remote server returned", r"diagnostic information for administrators",
+    # The same lead sentences and headings of localized Exchange / Microsoft 365 NDRs.
+    r"zustellung an folgende empf[äa]nger", r"nicht (an .{1,100} )?(zugestellt|[üu]bermittelt) werden",
+    r"diagnoseinformationen f[üu]r administratoren",
+    r"la remise s'est sold[ée]e par un [ée]chec", r"n'a pas pu [êe]tre remis",
+    r"informations de diagnostic pour les administrateurs",
+    r"no se pudo entregar", r"no se ha podido entregar",
+    r"informaci[óo]n de diagn[óo]stico para administradores",
 )
 _BOUNCE_CAUSE = _any(
     r"user unknown", r"unknown user", r"no such (user|mailbox|domain|address)", r"mail ?box (is )?full",
@@ -91,6 +106,10 @@ _AUTO_SUBJECT = _any(
     r"autoresponder", r"vacation", r"away from (the|my) office", r"\baway\b", r"abwesenheit", r"absence",
     r"r[ée]ponse automatique", r"respuesta autom", r"on leave", r"holiday", r"i am out", r"i'm out",
     r"currently out",
+    # Out-of-office subjects of mail clients in other languages (Exchange/Outlook, Gmail, Zimbra).
+    r"automatische antwort", r"abwesend", r"au(ss|ß)er haus", r"absente? du bureau",
+    r"fuera de (la )?oficina", r"risposta automatica", r"fuori (ufficio|sede)", r"automatisch antwoord",
+    r"afwezig", r"resposta autom[áa]tica", r"fora do escrit[óo]rio",
 )
 
 _ADDR = ADDRESS_RE.pattern
@@ -118,6 +137,20 @@ _RECIPIENT_KEYWORD = re.compile(
     re.IGNORECASE,
 )
 _SENDMAIL_TRANSCRIPT = re.compile(r"^[ \t]*[245]\d\d[ -].{0,300}\.\.\.[ \t]*\S")
+# An SMTP session transcript quoted by a bounce: the client's RCPT command for one recipient
+# (Sendmail and Courier ">>> RCPT To:<a>", MDaemon "--> RCPT To:<a>" after a log timestamp), and the
+# server's reply lines right after it ("<<< 550 5.1.1 ...", "<-- 550 5.1.1 ...").
+# Every quantifier is bounded: searched on a run of blanks or dashes, each start scans a few
+# characters only.
+_RCPT_COMMAND = re.compile(r"(?:>>>|-->)[ \t]{0,10}rcpt to:[ \t]{0,10}<?([^\s<>]{1,320})", re.IGNORECASE)
+_SERVER_REPLY = re.compile(r"(?:<<<|<--)[ \t]{0,10}([2-5])\d\d(?:[ -]|$)")
+# A person forwarding mail: the forward prefixes mail clients put before the subject (Fwd/Fw;
+# German WG, French TR, Spanish RV, Italian I, Portuguese ENC, Dutch Doorst, Swedish VB, Danish and
+# Norwegian VS, Polish PD; matched at the start of the decoded, blank-trimmed subject), and the
+# marker a forward starts with when nothing is written above it.
+_FORWARD_SUBJECT = re.compile(r"(?:fwd?|wg|tr|rv|i|enc|doorst|vb|vs|pd)[ \t]{0,10}:", re.IGNORECASE)
+_FORWARD_START = re.compile(r"\s{0,40}(?:-{2,80}[ \t]{0,10}forwarded message|begin forwarded message:)",
+                            re.IGNORECASE)
 _TO_HEADER = re.compile(r"^to:[ \t]*(.{1,500})$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -218,6 +251,15 @@ def is_auto_reply(msg: Message) -> bool:
     return bool(_AUTO_SUBJECT.search(header_str(msg, "subject")))
 
 
+def forwarded_by_person(msg: Message, text: Callable[[], str]) -> bool:
+    """A person forwarded this message (a bounce they got, typically): not sent by a mail system,
+    and its subject has a forward prefix or its text (``text()``, asked for last) starts with a
+    forwarded-message marker."""
+    if from_mail_system(msg):
+        return False
+    return bool(_FORWARD_SUBJECT.match(header_str(msg, "subject")) or _FORWARD_START.match(text()))
+
+
 def excluded_addresses(msg: Message, original: Message | None) -> set[str]:
     """Addresses that are never the failed recipient: the report's own From/To and the original's From."""
     out: set[str] = set()
@@ -268,27 +310,98 @@ def snippet_for(text: str, address: str, others: Iterable[str], *, max_lines: in
 
     A Sendmail transcript line (``550 <user@example.com>... User unknown``) is taken alone.
     """
+    found = _snippets(text, address, others, max_lines=max_lines, limit=1)
+    return found[0] if found else ""
+
+
+def later_snippets(text: str, address: str, others: Iterable[str], *, max_lines: int = 12,
+                   limit: int = 8) -> list[str]:
+    """The lines about each further mention of ``address`` (after :func:`snippet_for`'s), in order.
+
+    Many notifications name a recipient twice and give the reason only the second time: Exchange
+    in its user section, then in the section for administrators with the remote server's reply;
+    MDaemon and old Sendmail in their list of recipients, then in the session transcript.
+    """
+    return _snippets(text, address, others, max_lines=max_lines, limit=limit + 1)[1:]
+
+
+def _snippets(text: str, address: str, others: Iterable[str], *, max_lines: int, limit: int) -> list[str]:
     lines = text.split("\n")
     lowered = [line.lower() for line in lines]
     needle = address.lower()
     other_needles = [o.lower() for o in others if o.lower() != needle]
-    start = next((i for i, line in enumerate(lowered) if needle in line), -1)
-    if start < 0:
-        return ""
-    out = [lines[start]]
+    out: list[str] = []
+    i = 0
+    while i < len(lines) and len(out) < limit:
+        if needle not in lowered[i]:
+            i += 1
+            continue
+        snippet, i = _paragraph(lines, lowered, i, needle, other_needles, max_lines)
+        out.append(snippet)
+    return out
+
+
+def _paragraph(lines: list[str], lowered: list[str], start: int, needle: str, other_needles: list[str],
+               max_lines: int) -> tuple[str, int]:
+    """The lines about the mention on line ``start``, and the index of the line after them."""
     if _SENDMAIL_TRANSCRIPT.match(lines[start]):
-        return lines[start]  # "554 <user@example.com>... reason": one line per recipient
+        return lines[start], start + 1  # "554 <user@example.com>... reason": one line per recipient
+    out = [lines[start]]
     seen_content = False
-    for i in range(start + 1, min(len(lines), start + 1 + max_lines)):
+    end = min(len(lines), start + 1 + max_lines)
+    for i in range(start + 1, end):
         line = lowered[i]
         if any(o in line for o in other_needles):
-            break
+            return "\n".join(out), i
         if needle not in line and _SENDMAIL_TRANSCRIPT.match(line):
-            break  # the next Sendmail transcript entry ("421 host (smtp)... Deferred")
+            return "\n".join(out), i  # the next Sendmail transcript entry ("421 host (smtp)... Deferred")
         if not line.strip():
             if seen_content:
-                break
+                return "\n".join(out), i
             continue
         seen_content = True
         out.append(lines[i])
-    return "\n".join(out)
+    return "\n".join(out), end
+
+
+def without_successful_replies(text: str) -> str:
+    """``text`` without the server replies of a quoted session transcript that accepted a step
+    (``<<< 250 2.1.5 Ok``, ``<-- 354 Go ahead``): they are no failure, and their codes must not be
+    read as the status of one."""
+    if "<<<" not in text and "<--" not in text:
+        return text
+    kept = []
+    for line in text.split("\n"):
+        reply = _SERVER_REPLY.search(line)
+        if reply is None or reply.group(1) in ("4", "5"):
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def transcript_reply(text: str, address: str, *, max_lines: int = 8) -> str:
+    """The remote server's reply to the ``RCPT TO`` for ``address`` in an SMTP session transcript
+    quoted by the notification, when it is a failure (4xx/5xx); ``""`` otherwise.
+
+    It is the server's own verdict on that one address, the most specific evidence a transcript
+    holds; the rest of a transcript (``EHLO``, the ``250`` replies to ``MAIL FROM``) says nothing
+    about the recipient.
+    """
+    if "rcpt to" not in text.lower():
+        return ""
+    lines = text.split("\n")
+    needle = address.lower()
+    for i, line in enumerate(lines):
+        command = _RCPT_COMMAND.search(line)
+        if command is None or command.group(1).lower() != needle:
+            continue
+        reply: list[str] = []
+        last_class = ""
+        for following in lines[i + 1 : i + 1 + max_lines]:
+            answer = _SERVER_REPLY.search(following)
+            if answer is None:
+                break
+            reply.append(following[answer.start() :])
+            last_class = answer.group(1)
+        if last_class in ("4", "5"):
+            return "\n".join(reply)
+    return ""

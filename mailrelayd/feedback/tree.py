@@ -48,6 +48,8 @@ class MessageTree:
     leaves: list[Leaf]
     report_type: str = ""
     report_parts: dict[str, Message] = field(default_factory=dict)
+    # Report types whose first part lies inside an attached message (a report forwarded as an attachment).
+    nested_reports: set[str] = field(default_factory=set)
     # Every part (depth, part) down to depth 4, whose headers may matter (JMRP's X-HmXmrOriginalRecipient).
     nodes: list[tuple[int, Message]] = field(default_factory=list)
     original: Message | None = None
@@ -102,8 +104,10 @@ def build_tree(raw: bytes) -> MessageTree:
         if ctype == "multipart/report" and depth <= 2 and not tree.report_type:
             value = part.get_param("report-type") or ""
             tree.report_type = value.lower() if isinstance(value, str) else ""
-        if ctype in REPORT_TYPES and depth <= MAX_REPORT_DEPTH:
-            tree.report_parts.setdefault(ctype, part)
+        if ctype in REPORT_TYPES and depth <= MAX_REPORT_DEPTH and ctype not in tree.report_parts:
+            tree.report_parts[ctype] = part
+            if original_depth is not None:
+                tree.nested_reports.add(ctype)
         if depth <= 4:
             tree.nodes.append((depth, part))
         if depth > 0 and tree.original is None:
