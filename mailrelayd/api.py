@@ -34,6 +34,7 @@ from aiohttp import web
 from mailrelayd import metrics
 from mailrelayd.config import Config
 from mailrelayd.errors import DkimSignError, MessageRefused, Reply, SpoolError, reply_for
+from mailrelayd.httpguard import HEADER_TIMEOUT, WRITE_TIMEOUT, HttpGuard
 from mailrelayd.log import get_logger
 from mailrelayd.sendmail import EX_NOUSER, PrepareError, prepare
 from mailrelayd.smtp.address import header_addresses
@@ -229,27 +230,31 @@ def _json_sender(value: str) -> str:
 
 
 class ApiServer:
-    def __init__(self, context: ApiContext) -> None:
+    def __init__(self, context: ApiContext, *, header_timeout: float = HEADER_TIMEOUT,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         self.context = context
         self._runner: web.AppRunner | None = None
         self.bound: tuple[str, int] | None = None
+        # Slow or idle heads and clients that stop reading are closed (the request body has its own
+        # bound, limits.data_timeout, in post_message).
+        self.guard = HttpGuard("api", header_timeout=header_timeout, write_timeout=write_timeout)
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None, max_body: int) -> None:
-        app = web.Application(client_max_size=max_body)
+        app = web.Application(client_max_size=max_body, middlewares=[self.guard.middleware])
         app.router.add_post("/v1/messages", self.post_message)
         # auto_decompress off: aiohttp drops the connection without a reply on a compressed body that
         # ends early; Content-Encoding is refused in _read instead.
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0,
                                      auto_decompress=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, ssl_context=tls, reuse_address=True).start()
-        addrs = self._runner.addresses
-        if addrs:
-            self.bound = (str(addrs[0][0]), int(addrs[0][1]))
+        self.bound = await self.guard.start(self._runner, host, port, tls=tls,
+                                            tls_handshake_timeout=self.context.cfg.limits.tls_handshake_timeout)
 
     async def stop(self) -> None:
         if self._runner is not None:
+            self.guard.close()
             await self._runner.cleanup()
+            await self.guard.wait_closed()
             self._runner = None
 
     async def post_message(self, request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from mailrelayd import __version__
+from mailrelayd.httpguard import HEADER_TIMEOUT, WRITE_TIMEOUT, HttpGuard
 
 
 @dataclass
@@ -33,12 +34,16 @@ class SidecarHooks:
 
 
 class Sidecar:
-    def __init__(self, hooks: SidecarHooks, started: float | None = None, admin_max_body: int = 64 * 1024**2) -> None:
+    def __init__(self, hooks: SidecarHooks, started: float | None = None, admin_max_body: int = 64 * 1024**2, *,
+                 header_timeout: float = HEADER_TIMEOUT, write_timeout: float = WRITE_TIMEOUT) -> None:
         self.hooks = hooks
         self.admin_max_body = admin_max_body
         self.started = started if started is not None else time.time()
         self._runners: list[web.AppRunner] = []
         self.bound: tuple[str, int] | None = None
+        # For the TCP address, which anyone who can reach it may hold open; the admin socket is local
+        # and only the daemon's owner and group may connect to it.
+        self.guard = HttpGuard("http", header_timeout=header_timeout, write_timeout=write_timeout)
 
     # --- handlers -----------------------------------------------------------------------
     async def health(self, _: web.Request) -> web.Response:
@@ -77,17 +82,14 @@ class Sidecar:
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self, host: str | None, port: int | None, admin_socket: Path | None) -> None:
         if host is not None and port is not None:
-            app = web.Application()
+            app = web.Application(middlewares=[self.guard.middleware])
             app.router.add_get("/health", self.health)
             app.router.add_get("/ready", self.ready)
             app.router.add_get("/metrics", self.metrics)
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
             self._runners.append(runner)
-            if runner.addresses:  # public API: the bound (host, port[, ...]) of each site
-                self.bound = tuple(runner.addresses[0][:2])
+            self.bound = await self.guard.start(runner, host, port)
         if admin_socket is not None:
             # Large enough for a sendmail submission (the message travels base64 in JSON).
             admin = web.Application(client_max_size=self.admin_max_body)
@@ -105,6 +107,8 @@ class Sidecar:
             self._runners.append(runner)
 
     async def stop(self) -> None:
+        self.guard.close()
         for r in self._runners:
             await r.cleanup()
         self._runners.clear()
+        await self.guard.wait_closed()
