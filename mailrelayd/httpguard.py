@@ -206,12 +206,14 @@ class HttpGuard:
         return str(addr[0]), int(addr[1])
 
     def close(self) -> None:
-        """Stop accepting, and abort the connections whose client is not reading: nothing graceful is
-        left to do with them, and aiohttp's shutdown would wait its shutdown_timeout for their handlers."""
+        """Stop accepting, and abort the connections with no request in a handler (idle, a head still
+        coming, aiohttp lingering to drain an unread body) and those whose client is not reading:
+        nothing graceful is left to do with them, and aiohttp's shutdown would wait its
+        shutdown_timeout for them. A request being handled (a commit in flight) gets to finish."""
         if self._server is not None:
             self._server.close()
         for guard in self.connections:
-            if guard.writing_paused:
+            if guard.writing_paused or guard.active == 0:
                 guard.abort("shutdown")
 
     async def wait_closed(self) -> None:
