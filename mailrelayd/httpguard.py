@@ -77,6 +77,8 @@ class Guard(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writing_paused = True
+        if self.owner.closing:  # a stop is under way: a client that stops reading now is not waited for
+            asyncio.get_running_loop().call_soon(self.abort, "shutdown")
         if self._stalled is None:
             self._stalled = self._call_later(self.owner.write_timeout, self._stall_expired)
         self.inner.pause_writing()
@@ -158,6 +160,7 @@ class HttpGuard:
         self.write_timeout = write_timeout
         self._guards: dict[asyncio.BaseTransport, Guard] = {}
         self._server: asyncio.Server | None = None
+        self.closing = False
 
     @property
     def connections(self) -> list[Guard]:
@@ -209,7 +212,9 @@ class HttpGuard:
         """Stop accepting, and abort the connections with no request in a handler (idle, a head still
         coming, aiohttp lingering to drain an unread body) and those whose client is not reading:
         nothing graceful is left to do with them, and aiohttp's shutdown would wait its
-        shutdown_timeout for them. A request being handled (a commit in flight) gets to finish."""
+        shutdown_timeout for them. A request being handled (a commit in flight) gets to finish; if its
+        client then does not read the response, the connection is reset when writing pauses."""
+        self.closing = True
         if self._server is not None:
             self._server.close()
         for guard in self.connections:
