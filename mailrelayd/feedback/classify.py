@@ -25,6 +25,7 @@ at all the answer is soft: a wrong soft costs one more attempt, a wrong hard los
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 HARD = "hard_bounce"
@@ -45,6 +46,21 @@ POLICY_REASONS = frozenset({
 _MAX_TEXT = 4000
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.]\d)")
 _URL = re.compile(r"(?:https?|ftp)://\S{0,500}|www\.\S{0,500}")
+# A URL that points at a DNS block list or a sender-reputation service is the refusal's reason, often
+# the only one ("553 http://www.spamhaus.org/query/bl?ip=192.0.2.1"): it reads as "blocklist" before
+# the other URLs are dropped. Hosts of the common lists and reputation lookups (Spamhaus, SpamCop,
+# Barracuda, SORBS, Validity Sender Score, Cisco SenderBase/Talos, Mailspike, UCEPROTECT, CBL at
+# abuseat.org, SURBL/URIBL, SpamRATS, Invaluement, Proofpoint's IP check, Microsoft's sender support
+# and delisting pages), and any list named as such in a URL.
+_REPUTATION_URL = re.compile(
+    r"spamhaus\.|spamcop\.|barracudacentral\.|barracudanetworks\.com/reputation|sorbs\.net|senderscore\.|"
+    r"senderbase\.|talosintelligence\.|mailspike\.|uceprotect\.|abuseat\.org|[/.]cbl\.|surbl\.|uribl\.|"
+    r"spamrats\.|invaluement\.|ipcheck\.proofpoint\.|sendersupport\.olc\.protection\.outlook\.|"
+    r"sender\.office\.com|(?:black|block|deny)[-_]?list|dnsbl|[/.=]rbl\b"
+)
+# RFC 3464 address types and MIME type names: "Final-Recipient: rfc822; a@b" (DSN fields read as text
+# when the Diagnostic-Code says nothing), "message/rfc822". They name a format, not a failure.
+_TYPE_TOKEN = re.compile(r"\b(?:rfc ?822|utf-8) ?;|\b(?:message|text)/(?:rfc822|global)(?:-headers?)?\b")
 _EMAIL = re.compile(r"[^\s<>()\[\]\"',;:]{1,64}@[a-z0-9.-]{1,255}")
 _REPLY = re.compile(r"(?<![\d.#-])([245])([0-5])(\d)(?=[ -]|$)")
 
@@ -64,11 +80,15 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"too much mail", r"full mail ?box", r"(account|inbox|mail ?box|recipient|user) is full",
         r"is over (the |their |his |her )?(\w+ )?(quota|limit)", r"quota exceeded", r"out of storage",
         r"mailbox has exceeded", r"user.{0,20}over.{0,10}(quota|limit)",
+        # Japanese: the mailbox is full / over its capacity (容量).
+        r"(メールボックス|受信箱|受信フォルダ)[^。\n]{0,20}(容量|満杯|一杯|いっぱい)", r"満杯",
+        r"容量(が|を)?(超過|オーバー|一杯|いっぱい)",
     )),
     ("exceedlimit", _rx(
         r"message (size )?(is |was )?too (big|large)",
         r"exceeds? (the )?(fixed |maximum |max )?(message )?size",
         r"message size exceeds", r"size limit", r"message length exceeds", r"too large for",
+        r"(メッセージ|メール)(の)?サイズ[^。\n]{0,20}(超え|超過|大きすぎ)",
     )),
     ("speeding", _rx(
         r"too many (connections|recipients|messages|concurrent|mails|emails|sessions)",
@@ -101,7 +121,10 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"authentication fail", r"turn on smtp auth",
     )),
     ("rejected", _rx(
-        r"sender (address |domain )?(rejected|denied|verify failed|unknown|is not|blocked|invalid)",
+        r"sender('s)? (e-?mail )?(address |domain )?(is |was )?(rejected|denied|verify failed|unknown|is not|"
+        r"blocked|invalid|not found|could(n't| not) be (found|verified))",
+        # Japanese: the sender (送信者, 差出人, 送信元) address or domain refused or unknown.
+        r"(送信者|差出人|送信元)[^。\n]{0,20}(拒否|見つかりません|存在しません|不正|無効)",
         r"domain of sender", r"sender domain", r"mail from.{0,60}(rejected|refused|denied|not accepted)",
         r"sender.{0,20}not (allowed|permitted|accepted)", r"invalid sender", r"bad sender", r"from address",
         r"purported responsible", r"return.?path", r"envelope.?from", r"reverse.?path", r"senders? (is )?not",
@@ -152,6 +175,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"does not accept (any )?(e-?)?mail", r"not accept(ing)? (any )?(e-?)?mail", r"null mx",
         r"accepts no mail",
         r"no mail (is )?accepted", r"does not receive (e-?)?mail",
+        r"not accepting (any )?network messages",  # RFC 3463 X.3.2's wording
     )),
     ("hostunknown", _rx(
         r"host (or domain name )?not found", r"domain (name )?not found", r"no such (domain|host)",
@@ -163,6 +187,10 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"domain .{0,40}could(n't| not) be found", r"couldn't find.{0,20}domain",
         r"bad destination (system|host)", r"domain name service", r"unknown mail domain",
         r"(couldn't|could not|can't|cannot|unable to) find (a |any )?(mail exchanger|mx|host|domain)",
+        # The host named between the words ("DNS lookup failure: host mx.example not found", DragonFly).
+        r"\bhost \[?[a-z0-9][a-z0-9.-]{0,252}\]? not found",
+        # Japanese: the domain or host does not exist / is not found.
+        r"(ドメイン|ホスト)[^。\n]{0,30}(見つかりません|存在しません)", r"ドメイン(が)?不明",
     )),
     ("userunknown", _rx(
         r"user ?unknown", r"unknown (user|recipient|address|mail ?box|local.?part|account|alias|e-?mail)",
@@ -191,6 +219,17 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"non-?existent (user|recipient|mail ?box|address|account)",
         r"(isn't|is not) a valid (user|recipient|address)",
         r"invalid mailbox", r"err\.nosuchuser", r"nosuchuser",
+        # "the address couldn't be found" (Gmail / Google Workspace "Address not found", Microsoft
+        # 365 "The email address you entered couldn't be found"); the sender's is a tier 1 cause.
+        r"(address|recipient|mail ?box|account)( you entered| you specified)? (couldn't|could not|can't|cannot|"
+        r"can not) be found",
+        r"bad (destination )?(mail ?box )?address syntax",
+        # Japanese: the user / address / mailbox is not found, does not exist, unknown (Domino
+        # "ユーザー X は Domino ディレクトリには見つかりません", carriers' "宛先不明").
+        r"(ユーザ|ユーザー|利用者|受信者|宛先|あて先|アドレス|アカウント|メールボックス|ディレクトリ)[^。\n]{0,60}"
+        r"(見つかりません|存在しません)",
+        r"宛先不明", r"(ユーザ|ユーザー)(が)?(不明|存在しない)",
+        r"存在しない(ユーザ|ユーザー|アドレス|メールアドレス|宛先|アカウント)",
     )),
 )
 
@@ -228,7 +267,7 @@ _WEAK_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("policyviolation", _rx(r"policy", r"prohibited", r"not allowed", r"forbidden", r"violation")),
     ("systemerror", _rx(
         r"system error", r"internal error", r"local error", r"transaction failed",
-        r"service (currently )?unavailable",
+        r"service (is )?(currently )?(unavailable|not available)",
         r"server error", r"system (is )?(busy|not available)", r"i/o error", r"out of memory", r"system full",
     )),
     ("blocked", _rx(r"refused", r"denied", r"blocked", r"rejected", r"not accepted")),
@@ -383,7 +422,12 @@ def classify_failure(
 def _classify(status: str, diagnostic: str, smtp_code: int | None, final: bool) -> Classification:
     # URLs carry no reason but do carry words ("https://.../#filtered", "...?ip=1.2.3.4");
     # addresses neither ("filtered@example.com").
-    text = _URL.sub(" ", str(diagnostic or "")[:_MAX_TEXT].lower())
+    # A block list's URL is the reason, though ("553 http://www.spamhaus.org/query/bl?ip=...").
+    text = str(diagnostic or "")[:_MAX_TEXT].lower()
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text)  # half-width katakana, full-width digits
+    text = _URL.sub(lambda m: " blocklist " if _REPUTATION_URL.search(m.group(0)) else " ", text)
+    text = _TYPE_TOKEN.sub(" ", text)
     text = " ".join(_EMAIL.sub("<addr>", text).split())
     status_code = _enhanced(str(status or ""))
     text_code = _enhanced(text)
@@ -425,6 +469,10 @@ def _classify(status: str, diagnostic: str, smtp_code: int | None, final: bool) 
     # A code quoted from the remote server is more specific than a generic Status the
     # reporting MTA filled in (Status: 5.0.0, "550 5.1.1 ..."). An address-level code outranks
     # the generic words below ("Recipient rejected", "denied").
+    # X.1.3 (bad destination address syntax) in the Status only, with no code of the remote's own:
+    # Sendmail writes 5.1.3 for any bare 553 reply, whatever the refusal was. No evidence either way.
+    if status_code is not None and status_code[1:] == (1, 3) and text_code is None:
+        status_code = None
     codes = [c for c in (text_code, status_code) if c is not None and (c[1], c[2]) != (0, 0)]
     weak = _match(_WEAK_SOFT, text)
     if permanent:
@@ -446,4 +494,7 @@ def _classify(status: str, diagnostic: str, smtp_code: int | None, final: bool) 
         return Classification(SOFT, _reason_from_code(code)[1], "code")
     if reply == 551 and permanent:
         return Classification(HARD, "hasmoved", "code")  # RFC 5321 section 3.4: "User not local"
+    if reply in (521, 556) and permanent:
+        # RFC 7504: 521 "host does not accept mail", 556 "domain does not accept mail" (null MX).
+        return Classification(HARD, "notaccept", "code")
     return Classification(SOFT, "onhold" if permanent else "expired", "none")

@@ -9,6 +9,9 @@ from mailrelayd.feedback.addresses import address_from_field
 from mailrelayd.feedback.fields import Group, first, parse_groups
 
 _STATUS = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+# Actions that report a success (RFC 3464 section 2.3.3: delivered, relayed, expanded), and Postfix's
+# address-verification report (``sendmail -bv``: "deliverable", with a 2.x.x Status).
+SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded", "deliverable"})
 _DSN_FIELD_HINT = re.compile(
     r"^(final-recipient|original-recipient|action|status)\s*:", re.IGNORECASE | re.MULTILINE
 )
@@ -23,6 +26,11 @@ class DsnRecipient:
     status: str  # "5.1.1" or ""
     diagnostic: str  # Diagnostic-Code without its type ("smtp; ")
     remote_mta: str  # Remote-MTA without its type ("dns; ")
+
+    @property
+    def succeeded(self) -> bool:
+        """A success, not a failure: a success Action, or a 2.x.x Status (RFC 3463 section 3.1)."""
+        return self.action in SUCCESS_ACTIONS or self.status.startswith("2.")
 
 
 @dataclass(frozen=True)

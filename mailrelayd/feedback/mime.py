@@ -184,8 +184,6 @@ def header_str(msg: Message, name: str, default: str = "") -> str:
         return default
     if value is None:
         return default
-    if isinstance(value, Header):
-        value = next(iter(_raw_values(msg, name)), value)
     return decode_header_value(value)
 
 
@@ -195,25 +193,21 @@ def header_all(msg: Message, name: str) -> list[str]:
         values = msg.get_all(name) or []
     except Exception:
         return []
-    if any(isinstance(v, Header) for v in values):
-        values = _raw_values(msg, name) or values
     return [decode_header_value(v) for v in values]
-
-
-def _raw_values(msg: Message, name: str) -> list[object]:
-    """The values of a header as parsed. For a value with raw 8-bit bytes (UTF-8 headers, RFC 6532)
-    compat32's ``get()`` returns an unknown-8bit ``Header`` whose text already has the bytes
-    replaced by U+FFFD; the raw value keeps them (as surrogate escapes) for
-    :func:`decode_header_value`, which decodes them as UTF-8."""
-    try:
-        wanted = name.lower()
-        return [value for key, value in msg.raw_items() if key.lower() == wanted]
-    except Exception:
-        return []
 
 
 def decode_header_value(value: object) -> str:
     """Best-effort decoding of one header value as returned by compat32."""
+    if isinstance(value, Header):
+        # compat32 hands out a value with 8-bit bytes (a raw UTF-8 Diagnostic-Code) as a Header of
+        # "unknown-8bit" chunks, whose str() has lost them; decode_header() gives the bytes back.
+        try:
+            chunks = decode_header(value)
+        except Exception:
+            chunks = []
+        value = "".join(
+            decode_bytes(b, None if cs in (None, "unknown-8bit") else cs) if isinstance(b, bytes) else b
+            for b, cs in chunks) or value
     try:
         text = str(value)
     except Exception:
@@ -240,9 +234,42 @@ def _codec_for(charset: str | None) -> str:
         return "utf-8"
 
 
+# Japanese mail is declared with one of these and often sent in another (or in UTF-8).
+_JAPANESE_CODECS = ("iso2022_jp", "shift_jis", "cp932", "euc_jp")
+
+
 def decode_bytes(data: bytes, charset: str | None) -> str:
-    """Decode ``data`` with ``charset``, falling back to UTF-8 with replacement; never raises."""
+    """Decode ``data`` with ``charset``; never raises.
+
+    Bytes the declared (or default) charset cannot decode are often in another one: raw UTF-8
+    in a part declared ISO-2022-JP or US-ASCII, ISO-2022-JP in an undeclared (or US-ASCII) part,
+    EUC-JP declared as ISO-2022-JP. The first of UTF-8, ISO-2022-JP (when its escape sequences are
+    there) and, for a Japanese declaration, the other Japanese charsets that decodes the bytes
+    cleanly is used; else the declared charset with replacement characters.
+    """
     codec = _codec_for(charset)
+    escaped = b"\x1b$" in data  # ISO-2022-JP's switch to JIS X 0208: 7-bit, so "valid" ASCII and UTF-8 too
+    if escaped and codec in ("utf-8", "ascii"):
+        try:
+            return data.decode("iso2022_jp")
+        except UnicodeDecodeError:
+            pass
+    try:
+        return data.decode(codec)
+    except Exception:
+        pass
+    candidates = ["utf-8"]
+    if escaped:
+        candidates.append("iso2022_jp")
+    if codec in _JAPANESE_CODECS:
+        candidates.extend(c for c in _JAPANESE_CODECS if c != codec)
+    for candidate in candidates:
+        if candidate == codec:
+            continue
+        try:
+            return data.decode(candidate)
+        except (UnicodeDecodeError, LookupError):
+            continue
     try:
         return data.decode(codec, "replace")
     except Exception:

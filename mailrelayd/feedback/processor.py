@@ -39,6 +39,7 @@ from mailrelayd.feedback.trust import (
     VerpMatch,
     decide,
     peer_ip_of,
+    policy_for,
     reporter_is_trusted,
 )
 from mailrelayd.feedback.verp import parse_return_path
@@ -129,7 +130,7 @@ class FeedbackProcessor:
             if named:
                 sent = await self.spool.sent_to_since(named, msg.received_at - fb.sent_window)
             if report.kind == "complaint":
-                trusted, why = await self._reporter_trusted(body)
+                trusted, why = await self._reporter_trusted(body, report)
         decision = decide(report, verp=verp, sent=sent, reporter_trusted=trusted, require_verp=fb.require_verp)
         sender_domain = verp.sender_domain if verp else _domain(report.original_from)
         # The message that bounced (named by the VERP token) is what an operator looks for; else the report's.
@@ -178,11 +179,11 @@ class FeedbackProcessor:
                 suppressed.append(a.address)
         return suppressed
 
-    async def _reporter_trusted(self, body: bytes) -> tuple[bool, str]:
+    async def _reporter_trusted(self, body: bytes, report: FeedbackReport) -> tuple[bool, str]:
         fb = self.cfg.feedback
         if not fb.trusted_reporters:
             return False, "feedback.trusted_reporters is empty"
-        policy = ReporterPolicy.from_config(fb.trusted_reporters)
+        policy = policy_for(report, ReporterPolicy.from_config(fb.trusted_reporters))
         loop = asyncio.get_running_loop()
 
         async def run_blocking(fn: Any, *args: Any) -> bool:

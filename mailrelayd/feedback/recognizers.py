@@ -31,6 +31,7 @@ from mailrelayd.feedback.report import (
     SEVERITY,
     SOFT_BOUNCE,
     UNPARSABLE,
+    UNSUBSCRIBE_PARSER,
     FeedbackRecipient,
     FeedbackReport,
 )
@@ -255,8 +256,8 @@ def from_dsn_text(scan: Scan, text: str, *, parser: str) -> FeedbackReport | Non
     recipients: list[FeedbackRecipient] = []
     addresses = [r.address for r in fields.recipients]
     for r in fields.recipients:
-        if r.action in ("delivered", "relayed", "expanded"):
-            continue  # RFC 3464 section 2.3.3: not failures
+        if r.succeeded:
+            continue  # RFC 3464 section 2.3.3 and RFC 3463 class 2: not failures
         address = normalise_address(r.address)
         if not address:
             continue
@@ -402,6 +403,24 @@ def _ses_document(tree: MessageTree) -> dict[str, object] | None:
         if isinstance(doc, dict) and ("notificationType" in doc or "eventType" in doc) and "mail" in doc:
             return doc
     return None
+
+
+def recognize_unsubscribe(scan: Scan) -> FeedbackReport | None:
+    """A mail client's unsubscribe request: Apple Mail's "Unsubscribe" button sends a message of its
+    user's own to the ``mailto:`` of the List-Unsubscribe header (RFC 2369), marked
+    ``X-Apple-Unsubscribe: true`` (and ``Auto-Submitted: auto-replied``, so it comes before the
+    auto-reply gate). An opt-out complaint whose complainer is the message's own From: the trust
+    rules believe it only from a DKIM signature of the complainer's own domain
+    (:func:`mailrelayd.feedback.trust.policy_for`)."""
+    tree = scan.tree
+    if header_str(tree.msg, "x-apple-unsubscribe").strip().lower() != "true" or from_mail_system(tree.msg):
+        return None
+    found = [normalise_address(a) for a in find_addresses(header_str(tree.msg, "from"))]
+    found = [a for a in found if a]
+    recipients = (FeedbackRecipient(found[0], COMPLAINT, reason="feedback", diagnostic="opt-out"),) \
+        if len(found) == 1 else ()
+    return report(tree, COMPLAINT, recipients=recipients, feedback_type="opt-out", parser=UNSUBSCRIBE_PARSER,
+                  detail="" if recipients else "complaint without a recoverable recipient")
 
 
 # --- the gate ---------------------------------------------------------------------------------
@@ -552,6 +571,7 @@ RECOGNIZERS: tuple[tuple[str, str, Recognizer], ...] = (
     ("forwarded", "gate", recognize_forwarded),
     ("dsn", "standard", recognize_dsn),
     ("ses", "standard", recognize_ses),
+    ("unsubscribe", "standard", recognize_unsubscribe),
     ("not-bounce", "gate", recognize_not_bounce),
     ("dsn-in-text", "heuristics", recognize_dsn_in_text),
     ("legacy", "legacy", recognize_legacy),

@@ -20,6 +20,9 @@ SUPPRESSING_KINDS = frozenset({HARD_BOUNCE, COMPLAINT})
 # Recipient kinds that are recorded against the recipient (soft ones count toward the threshold).
 RECIPIENT_KINDS = frozenset({HARD_BOUNCE, SOFT_BOUNCE, COMPLAINT})
 SENDER_KINDS = frozenset({REPUTATION, POLICY})
+# The parser of a complaint its complainer sent themselves (a mail client's unsubscribe request):
+# no third party vouches for it (see mailrelayd.feedback.trust.policy_for).
+UNSUBSCRIBE_PARSER = "unsubscribe"
 
 
 @dataclass(frozen=True)

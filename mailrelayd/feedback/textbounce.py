@@ -127,6 +127,12 @@ _RECIPIENT_LINES = (
     re.compile(r"^[ \t]{0,20}(" + _ADDR + r")'?[ \t]+on[ \t]+\d", re.MULTILINE),
     # RFC 6531 recipients in angle brackets: "<josé@exämple.net>: host ... said: 550 5.1.1 ..."
     re.compile(r"^[ \t]{0,20}<(" + UTF8_ADDRESS + r")>[ \t]*:", re.MULTILINE),
+    # A lead sentence naming the one recipient it failed for: DragonFly Mail Agent's "There was an
+    # error delivering your mail to <a@example.org>.", "An error occurred while delivering this
+    # message to a@example.org", "Problem delivering mail to <a@example.org>".
+    re.compile(r"\b(?:error|failure|problem)(?:[ \t]{1,5}occurred)?(?:[ \t]{1,5}while)?[ \t]{1,5}delivering"
+               r"(?:[ \t]{1,5}(?:your|the|this))?[ \t]{1,5}(?:mail|message|e-?mail)[ \t]{1,5}to[ \t]{1,5}<?("
+               + _ADDR + r")", re.IGNORECASE),
 )
 _RECIPIENT_KEYWORD = re.compile(
     r"(?:rcpt to|recipients?(?: address(?:es)?)?|original-recipient|final-recipient|failed recipient|"

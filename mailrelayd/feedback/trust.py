@@ -33,6 +33,7 @@ from mailrelayd.feedback.report import (
     SEVERITY,
     SOFT_BOUNCE,
     UNPARSABLE,
+    UNSUBSCRIBE_PARSER,
     FeedbackRecipient,
     FeedbackReport,
 )
@@ -187,6 +188,24 @@ class ReporterPolicy:
         """``domain`` is listed, or is a subdomain of a listed one (``fbl.mail.example`` under ``example``)."""
         d = domain.rstrip(".").lower()
         return any(d == listed or d.endswith("." + listed) for listed in self.domains)
+
+
+def policy_for(report: FeedbackReport, policy: ReporterPolicy) -> ReporterPolicy:
+    """The reporters whose word counts for ``report``.
+
+    A complaint its complainer sent themselves (a mail client's unsubscribe request, whose
+    complainer is the message's own From) has no third party vouching for it: a listed network or
+    a listed domain vouches for the reports it writes, not for a From it did not sign. Only a DKIM
+    signature (which always covers From) of a listed domain that is the complainer's own domain,
+    or a parent of it, counts.
+    """
+    if report.parser != UNSUBSCRIBE_PARSER:
+        return policy
+    domains = {r.address.rpartition("@")[2].rstrip(".").lower() for r in report.recipients if r.address}
+    if len(domains) != 1:
+        return ReporterPolicy()
+    domain = domains.pop()
+    return ReporterPolicy(frozenset(d for d in policy.domains if domain == d or domain.endswith("." + d)))
 
 
 # Our own Received header (smtp/headers.received_header): "from <helo> ([<ip>])" ... "by <us> (mailrelayd)".

@@ -1,0 +1,659 @@
+"""Bounce and complaint families the public sisimai samples showed wrong: each rule is tested on the
+shape of the family (its generator's headers and wording), with invented addresses and hosts.
+
+1. a block list or reputation service named only by a URL ("553 http://<dnsbl>/query?ip=..."), and a
+   Status X.1.3 that Sendmail writes for any bare 553: never a suppression;
+2. "the address couldn't be found" (Gmail / Google Workspace "Address not found") is an unknown
+   address, the sender's is not;
+3. a 2.x.x Status or a success Action (Postfix's "deliverable" verification report) is no failure;
+4. Apple Mail's unsubscribe request is an opt-out complaint by its own sender, believed only from a
+   DKIM signature of that sender's own domain;
+5. a DSN's own field lines ("Final-Recipient: rfc822; ...") are no evidence of anything;
+6. "System not accepting network messages" (RFC 3463 X.3.2) with a 5xx, and RFC 7504's bare 521/556,
+   mean the destination accepts no mail;
+7. DragonFly Mail Agent's "There was an error delivering your mail to <a>" names its recipient,
+   role addresses included, and "host <name> not found" is an unknown host;
+8. Japanese bounces: raw UTF-8 in a part declared ISO-2022-JP, and the Japanese wording of the
+   hard (and mailbox full) causes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mailrelayd.feedback.classify import HARD, POLICY, REPUTATION, SOFT, classify_status
+from mailrelayd.feedback.mime import decode_bytes
+from mailrelayd.feedback.parse import SUPPRESSING_KINDS, FeedbackReport, parse_feedback
+from mailrelayd.feedback.report import FeedbackRecipient
+from mailrelayd.feedback.trust import ReporterPolicy, decide, policy_for
+
+NOT_SUPPRESSING = {"soft_bounce", "delayed", "reputation", "policy"}
+
+
+def eml(text: str) -> bytes:
+    """A message as it arrives over SMTP: CRLF line ends, raw UTF-8 where 8-bit text is written."""
+    return text.replace("\n", "\r\n").encode("utf-8")
+
+
+def kinds(report: FeedbackReport) -> dict[str, str]:
+    return {r.address.lower(): r.kind for r in report.recipients}
+
+
+RETURNED = """Return-Path: <bounces+q7a9@bounce.example.com>
+From: Example News <news@example.com>
+To: {to}
+Subject: Spring newsletter
+Date: Mon, 10 Mar 2025 09:00:00 +0000
+Message-ID: <20250310090000.77f1c2@example.com>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=utf-8
+"""
+
+
+def sendmail_dsn(rcpt: str, status: str, diagnostic: str, reason_line: str) -> bytes:
+    """A Sendmail 8 DSN: transcript text part, delivery-status part, the returned message."""
+    return eml(f"""Return-Path: <>
+From: Mail Delivery Subsystem <MAILER-DAEMON@mta1.example.net>
+To: <bounces+q7a9@bounce.example.com>
+Subject: Returned mail: see transcript for details
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <202503100900.52A904Qx011742@mta1.example.net>
+Auto-Submitted: auto-generated (failure)
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="52A904Qx011742.1741597204/mta1.example.net"
+
+This is a MIME-encapsulated message
+
+--52A904Qx011742.1741597204/mta1.example.net
+
+The original message was received at Mon, 10 Mar 2025 10:00:01 +0100
+from relay1.example.com [198.51.100.7]
+
+   ----- The following addresses had permanent fatal errors -----
+<{rcpt}>
+    (reason: {reason_line})
+
+   ----- Transcript of session follows -----
+... while talking to mx.example.org.:
+>>> RCPT To:<{rcpt}>
+<<< {reason_line}
+550 5.1.1 <{rcpt}>... User unknown
+
+--52A904Qx011742.1741597204/mta1.example.net
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mta1.example.net
+Received-From-MTA: DNS; relay1.example.com
+Arrival-Date: Mon, 10 Mar 2025 10:00:01 +0100
+
+Final-Recipient: RFC822; {rcpt}
+Action: failed
+Status: {status}
+Remote-MTA: DNS; mx.example.org
+Diagnostic-Code: SMTP; {diagnostic}
+Last-Attempt-Date: Mon, 10 Mar 2025 10:00:04 +0100
+
+--52A904Qx011742.1741597204/mta1.example.net
+Content-Type: text/rfc822-headers
+
+{RETURNED.format(to=rcpt)}
+--52A904Qx011742.1741597204/mta1.example.net--
+""")
+
+
+# --- 1. block lists named by a URL; Sendmail's 5.1.3 for a bare 553 ----------------------------------
+
+SENDMAIL_DNSBL_URL = sendmail_dsn("reader@example.org", "5.1.3", "553 http://www.spamhaus.org/query/bl?ip=192.0.2.9",
+                                  "553 http://www.spamhaus.org/query/bl?ip=192.0.2.9")
+SENDMAIL_BARE_553 = sendmail_dsn("reader@example.org", "5.1.3", "553 mx.example.org", "553 mx.example.org")
+
+
+@pytest.mark.parametrize("raw", [SENDMAIL_DNSBL_URL, SENDMAIL_BARE_553], ids=["dnsbl-url", "bare-553"])
+def test_sendmail_553_without_words_suppresses_nobody(raw: bytes) -> None:
+    report = parse_feedback(raw)
+    assert report.suppressions == (), report
+    assert set(kinds(report).values()) <= NOT_SUPPRESSING, report
+
+
+def test_the_url_of_a_block_list_is_the_reason() -> None:
+    assert kinds(parse_feedback(SENDMAIL_DNSBL_URL)) == {"reader@example.org": REPUTATION}
+
+
+@pytest.mark.parametrize("url", [
+    "http://www.spamhaus.org/query/bl?ip=192.0.2.9",
+    "https://check.spamhaus.org/listed/?searchterm=192.0.2.9",
+    "http://www.spamcop.net/bl.shtml?192.0.2.9",
+    "https://www.barracudacentral.org/lookups/lookup-reputation",
+    "http://www.sorbs.net/lookup.shtml?192.0.2.9",
+    "https://www.senderscore.org/lookup.php?lookup=192.0.2.9",
+    "https://mailspike.org/iplookup.html",
+    "http://www.uceprotect.net/en/rblcheck.php?ipr=192.0.2.9",
+    "http://cbl.abuseat.org/lookup.cgi?ip=192.0.2.9",
+    "https://ipcheck.proofpoint.com/?ip=192.0.2.9",
+    "https://sendersupport.olc.protection.outlook.com/pm/",
+    "https://rbl.example.net/lookup?ip=192.0.2.9",
+    "https://postmaster.example.net/blocklist/192.0.2.9",
+])
+def test_block_list_urls(url: str) -> None:
+    # The reply's only words are the URL; the code alone would say "bad destination address".
+    assert classify_status("5.1.3", f"553 {url}") == (REPUTATION, "blocked")
+    assert classify_status("5.1.1", f"550 5.1.1 {url}")[0] == REPUTATION
+
+
+def test_other_urls_still_carry_no_reason() -> None:
+    text = ("550-5.1.1 The email account that you tried to reach does not exist. "
+            "https://support.google.com/mail/?p=NoSuchUser")
+    assert classify_status("5.1.1", text) == (HARD, "userunknown")
+    # "...#filtered" in a URL is no filter verdict; the code decides.
+    assert classify_status("5.1.1", "550 5.1.1 see https://docs.example.net/errors#filtered")[0] == HARD
+
+
+def test_a_status_5_1_3_alone_is_no_evidence() -> None:
+    assert classify_status("5.1.3", "553 mx.example.org")[0] == SOFT
+    assert classify_status("5.1.3", "")[0] == SOFT
+    # The remote server's own 5.1.3, or words, still decide.
+    assert classify_status("5.1.3", "553 5.1.3 <a@example.org>... Bad destination mailbox address syntax")[0] == HARD
+    assert classify_status("5.1.3", "553 5.1.3 mx.example.org")[0] == HARD
+    assert classify_status("5.1.3", "553 <a@example.org>... User unknown")[0] == HARD
+
+
+# --- 2. "Address not found" -------------------------------------------------------------------------
+
+
+def google_dsn(rcpt: str, text: str, fields: str) -> bytes:
+    """A Gmail / Google Workspace DSN: text and HTML alternatives, then a delivery-status part."""
+    html = text.replace("\n", "<br>\n")
+    return eml(f"""Return-Path: <>
+From: Mail Delivery Subsystem <mailer-daemon@googlemail.com>
+To: bounces+q7a9@bounce.example.com
+Auto-Submitted: auto-replied
+Subject: Delivery Status Notification (Failure)
+Message-ID: <67cecb25.050a0220.1f1a7.9d1bSMTPIN_ADDED_MISSING@mx.google.com>
+Date: Mon, 10 Mar 2025 03:00:05 -0700 (PDT)
+MIME-Version: 1.0
+Content-Type: multipart/report; boundary="000000000000b1c2d3e4f5a6b7c8"; report-type=delivery-status
+
+--000000000000b1c2d3e4f5a6b7c8
+Content-Type: multipart/alternative; boundary="000000000000c2d3e4f5a6b7c8d9"
+
+--000000000000c2d3e4f5a6b7c8d9
+Content-Type: text/plain; charset="UTF-8"
+
+
+** Address not found **
+
+{text}
+
+Learn more here: https://support.google.com/mail/?p=NoSuchUser
+
+--000000000000c2d3e4f5a6b7c8d9
+Content-Type: text/html; charset="UTF-8"
+
+<html><body><h2>Address not found</h2><p>{html}</p></body></html>
+
+--000000000000c2d3e4f5a6b7c8d9--
+
+--000000000000b1c2d3e4f5a6b7c8
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; googlemail.com
+Arrival-Date: Mon, 10 Mar 2025 03:00:04 -0700 (PDT)
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+{fields}
+Last-Attempt-Date: Mon, 10 Mar 2025 03:00:05 -0700 (PDT)
+
+--000000000000b1c2d3e4f5a6b7c8
+Content-Type: message/rfc822
+
+{RETURNED.format(to=rcpt)}
+Hello.
+
+--000000000000b1c2d3e4f5a6b7c8--
+""")
+
+
+GMAIL_ADDRESS_NOT_FOUND = google_dsn(
+    "gone@example.org",
+    "Your message wasn't delivered to gone@example.org because the address couldn't be found, or is\n"
+    "unable to receive mail.", "Status: 5.0.0")
+GSUITE_ADDRESS_NOT_FOUND = google_dsn(
+    "gone@example.org",
+    "Your message wasn't delivered to gone@example.org because the address couldn't be found. Check for\n"
+    "typos or unnecessary spaces and try again.", "Status: 5.0.0")
+# The same page when the remote server refused our *sender*: its reply decides.
+GSUITE_SENDER_REJECTED = google_dsn(
+    "reader@example.org",
+    "Your message wasn't delivered to reader@example.org because the address couldn't be found, or is\n"
+    "unable to receive mail.",
+    "Status: 5.1.8\nRemote-MTA: dns; mx.example.org. (192.0.2.25, the server for the domain example.org.)\n"
+    "Diagnostic-Code: smtp; 501 5.1.8 Sender address rejected")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (GMAIL_ADDRESS_NOT_FOUND, {"gone@example.org": HARD}),
+    (GSUITE_ADDRESS_NOT_FOUND, {"gone@example.org": HARD}),
+    (GSUITE_SENDER_REJECTED, {"reader@example.org": POLICY}),
+], ids=["gmail", "workspace", "sender-rejected"])
+def test_address_not_found(raw: bytes, expected: dict[str, str]) -> None:
+    assert kinds(parse_feedback(raw)) == expected
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("The recipient address couldn't be found.", HARD),
+    ("The email address you entered couldn't be found.", HARD),
+    ("the mailbox could not be found on this server", HARD),
+    ("The sender address couldn't be found.", POLICY),
+    ("sender address could not be verified", POLICY),
+    ("The sender's address couldn't be found.", POLICY),
+    ("the domain example.org couldn't be found", HARD),
+])
+def test_could_not_be_found(text: str, kind: str) -> None:
+    assert classify_status("5.0.0", f"550 {text}")[0] == kind
+
+
+# --- 3. successes are no failures ---------------------------------------------------------------------
+
+POSTFIX_VERIFY = eml("""Return-Path: <>
+From: Mail Delivery System <MAILER-DAEMON@mx1.example.net>
+To: bounces+q7a9@bounce.example.com
+Subject: Mail Delivery Status Report
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <20250310090004.3F1A21C0427@mx1.example.net>
+Auto-Submitted: auto-replied
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="3F1A21C0427.1741597204/mx1.example.net"
+
+This is a MIME-encapsulated message.
+
+--3F1A21C0427.1741597204/mx1.example.net
+Content-Description: Notification
+Content-Type: text/plain; charset=us-ascii
+
+This is the mail system at host mx1.example.net.
+
+Enclosed is the mail delivery report that you requested.
+
+<reader@example.org>: delivery via mx.example.org[192.0.2.25]:25: 250 2.1.5 Ok
+
+--3F1A21C0427.1741597204/mx1.example.net
+Content-Description: Delivery report
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx1.example.net
+X-Postfix-Queue-ID: 3F1A21C0427
+X-Postfix-Sender: rfc822; bounces+q7a9@bounce.example.com
+Arrival-Date: Mon, 10 Mar 2025 10:00:03 +0100 (CET)
+
+Final-Recipient: rfc822; reader@example.org
+Original-Recipient: rfc822;reader@example.org
+Action: deliverable
+Status: 2.1.5
+Remote-MTA: dns; mx.example.org
+Diagnostic-Code: smtp; 250 2.1.5 Ok
+
+--3F1A21C0427.1741597204/mx1.example.net--
+""")
+
+
+def test_a_success_report_is_not_feedback() -> None:
+    report = parse_feedback(POSTFIX_VERIFY)
+    assert (report.kind, report.recipients) == ("not_feedback", ()), report
+    # A 2.x.x Status is a success whatever the Action says.
+    odd = POSTFIX_VERIFY.replace(b"Action: deliverable", b"Action: failed")
+    assert parse_feedback(odd).recipients == ()
+    # The failures of a mixed report are still read.
+    mixed = POSTFIX_VERIFY.replace(
+        b"Diagnostic-Code: smtp; 250 2.1.5 Ok\r\n",
+        b"Diagnostic-Code: smtp; 250 2.1.5 Ok\r\n\r\nFinal-Recipient: rfc822; gone@example.org\r\n"
+        b"Action: undeliverable\r\nStatus: 5.1.1\r\nRemote-MTA: dns; mx.example.org\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown\r\n")
+    assert kinds(parse_feedback(mixed)) == {"gone@example.org": HARD}
+
+
+# --- 4. Apple Mail's unsubscribe request ---------------------------------------------------------------
+
+APPLE_UNSUBSCRIBE = eml("""Return-Path: <reader@icloud.example>
+Date: Mon, 10 Mar 2025 10:12:31 +0000 (UTC)
+From: reader@icloud.example
+Reply-To: reader@icloud.example
+To: unsubscribe-q7a9.3kx81f@lists.example.com
+Message-ID: <5E0D9A3B-7C41-4F2E-9B11-2A8C7D3E6F10@icloud.example>
+Subject: unsubscribe
+MIME-Version: 1.0
+Content-Type: text/plain; charset=UTF-8
+Content-Transfer-Encoding: quoted-printable
+DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=icloud.example; s=1a1hai; t=1741601551;
+\tbh=2jmj7l5rSw0yVb/vlWAYkK/YBwk=; h=Content-Type:From:Mime-Version:Date:Subject:Message-Id:To;
+\tb=Qm9ndXMgc2lnbmF0dXJlIGZvciBhIHRlc3Q=
+Auto-Submitted: auto-replied
+X-Apple-Unsubscribe: true
+
+Apple Mail sent this email to unsubscribe from the message =E2=80=9CSpring news=
+letter=E2=80=9D.
+""")
+
+
+def test_apple_unsubscribe_is_an_opt_out_complaint() -> None:
+    report = parse_feedback(APPLE_UNSUBSCRIBE)
+    assert (report.kind, report.feedback_type, report.parser) == ("complaint", "opt-out", "unsubscribe"), report
+    assert kinds(report) == {"reader@icloud.example": "complaint"}
+
+
+def test_unsubscribe_lookalikes_are_no_complaint() -> None:
+    # The header only counts from the client, not in a bounce of the request or without the header.
+    bounced = APPLE_UNSUBSCRIBE.replace(b"From: reader@icloud.example",
+                                        b"From: Mail Delivery System <MAILER-DAEMON@mx.example.com>")
+    assert parse_feedback(bounced).kind != "complaint"
+    plain = APPLE_UNSUBSCRIBE.replace(b"X-Apple-Unsubscribe: true\r\n", b"")
+    report = parse_feedback(plain)
+    assert (report.kind, report.recipients) == ("not_feedback", ())
+
+
+def test_an_unsubscribe_request_is_believed_only_from_its_senders_own_domain() -> None:
+    report = parse_feedback(APPLE_UNSUBSCRIBE)
+    listed = ReporterPolicy.from_config(["icloud.example", "fbl.example.net", "192.0.2.0/24"])
+    own = policy_for(report, listed)
+    assert own.domains == frozenset({"icloud.example"}) and own.networks == ()
+    # Another listed domain's signature, or a listed network, does not vouch for this From.
+    other = parse_feedback(APPLE_UNSUBSCRIBE.replace(b"From: reader@icloud.example", b"From: ceo@example.net"))
+    assert policy_for(other, listed) == ReporterPolicy()
+    sub = parse_feedback(APPLE_UNSUBSCRIBE.replace(b"From: reader@icloud.example", b"From: a@mail.icloud.example"))
+    assert policy_for(sub, listed).domains == frozenset({"icloud.example"})
+    # Other complaints keep the whole list, and the decision is the one for every complaint.
+    arf = FeedbackReport("complaint", (FeedbackRecipient("c@example.net", "complaint"),), parser="arf")
+    assert policy_for(arf, listed) == listed
+    d = decide(report, verp=None, sent={"reader@icloud.example"}, reporter_trusted=False, require_verp=False)
+    assert d.actions == () and d.untrusted == ("reader@icloud.example",)
+    d = decide(report, verp=None, sent={"reader@icloud.example"}, reporter_trusted=True, require_verp=False)
+    assert [(a.address, a.kind) for a in d.actions] == [("reader@icloud.example", "complaint")]
+
+
+# --- 5. a DSN's own fields are no evidence ----------------------------------------------------------------
+
+# An MTA that writes the delivery-status fields into its text/plain notification; the remote server's
+# reply carried nothing but its code.
+DSN_FIELDS_IN_TEXT = eml(f"""Return-Path: <>
+From: Mail Delivery System <MAILER-DAEMON@gw.example.net>
+To: bounces+q7a9@bounce.example.com
+Subject: Undelivered Mail Returned to Sender
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-ID: <ndr.20250310100004.81@gw.example.net>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+The following message could not be delivered.
+
+Reporting-MTA: dns; gw.example.net
+Arrival-Date: Mon, 10 Mar 2025 10:00:02 +0100
+
+Final-Recipient: rfc822; gone@example.org
+Original-Recipient: rfc822; gone@example.org
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550
+
+------ This is a copy of the message, including all the headers. ------
+
+{RETURNED.format(to="gone@example.org")}
+Hello.
+""")
+
+
+def test_dsn_field_lines_are_no_evidence() -> None:
+    assert kinds(parse_feedback(DSN_FIELDS_IN_TEXT)) == {"gone@example.org": HARD}
+    assert classify_status("5.1.1", "Final-Recipient: rfc822; a@example.org\nAction: failed\nStatus: 5.1.1")[0] == HARD
+    assert classify_status("5.1.1", "Final-Recipient: RFC822;a@example.org Content-Type: message/rfc822")[0] == HARD
+    # RFC 5322 named as a rule the message broke still is a cause.
+    assert classify_status("5.6.0", "550 5.6.0 message does not comply with RFC 5322")[0] == POLICY
+
+
+# --- 6. the destination accepts no mail -------------------------------------------------------------------
+
+POSTFIX_NOT_ACCEPTING = eml(f"""Return-Path: <>
+From: MAILER-DAEMON@mx1.example.net (Mail Delivery System)
+To: bounces+q7a9@bounce.example.com
+Subject: Undelivered Mail Returned to Sender
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <20250310090004.4A7B31C0511@mx1.example.net>
+Auto-Submitted: auto-replied
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="4A7B31C0511.1741597204/mx1.example.net"
+
+--4A7B31C0511.1741597204/mx1.example.net
+Content-Description: Notification
+Content-Type: text/plain; charset=us-ascii
+
+This is the mail system at host mx1.example.net.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients.
+
+<info@parked.example>: host mx.parked.example[192.0.2.44] said: 521 5.3.2
+    <info@parked.example>: Recipient address rejected: System not accepting
+    network messages (in reply to RCPT TO command)
+
+--4A7B31C0511.1741597204/mx1.example.net
+Content-Description: Delivery report
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx1.example.net
+Arrival-Date: Mon, 10 Mar 2025 10:00:03 +0100 (CET)
+
+Final-Recipient: rfc822; info@parked.example
+Action: failed
+Status: 5.3.2
+Remote-MTA: dns; mx.parked.example
+Diagnostic-Code: smtp; 521 5.3.2 <info@parked.example>: Recipient address
+    rejected: System not accepting network messages
+
+--4A7B31C0511.1741597204/mx1.example.net
+Content-Type: text/rfc822-headers
+
+{RETURNED.format(to="info@parked.example")}
+--4A7B31C0511.1741597204/mx1.example.net--
+""")
+
+
+def test_not_accepting_network_messages() -> None:
+    assert kinds(parse_feedback(POSTFIX_NOT_ACCEPTING)) == {"info@parked.example": HARD}
+    assert classify_status("5.3.2", "554 5.3.2 System not accepting network messages") == (HARD, "notaccept")
+    # Transient: the host is down for maintenance.
+    assert classify_status("4.3.2", "421 4.3.2 System not accepting network messages")[0] == SOFT
+
+
+def test_rfc7504_reply_codes() -> None:
+    assert classify_status("", "521 mx.parked.example") == (HARD, "notaccept")
+    assert classify_status("", "556 parked.example") == (HARD, "notaccept")
+    # Words or an enhanced code of another cause still decide.
+    assert classify_status("", "521 5.7.1 client host blocked using dnsbl.example.net")[0] == REPUTATION
+    assert classify_status("", "521 5.2.1 mailbox full")[0] == SOFT
+    assert classify_status("", "521 Service not available, closing transmission channel")[0] == SOFT
+
+
+# --- 7. DragonFly Mail Agent --------------------------------------------------------------------------------
+
+
+def dma_bounce(rcpt: str, reason: str) -> bytes:
+    """DragonFly Mail Agent: no MIME, the reason after the lead sentence, then the returned headers."""
+    return eml(f"""Received: from MAILER-DAEMON
+\tid 1f3a2
+\tby dma.example.net (DragonFly Mail Agent v0.13);
+\tMon, 10 Mar 2025 10:00:04 +0100
+X-Original-To: <{rcpt}>
+From: MAILER-DAEMON <>
+To: bounces+q7a9@bounce.example.com
+Subject: Mail delivery failed
+Message-Id: <1f3a2@dma.example.net>
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+
+This is the DragonFly Mail Agent v0.13 at dma.example.net.
+
+There was an error delivering your mail to <{rcpt}>.
+
+{reason}
+
+Message headers follow.
+
+Received: from relay1 (uid 1001)
+\t(envelope-from bounces+q7a9@bounce.example.com)
+\tid 1f3a0
+\tby dma.example.net (DragonFly Mail Agent v0.13);
+\tMon, 10 Mar 2025 10:00:03 +0100
+Subject: Spring newsletter
+To: <{rcpt}>
+Date: Mon, 10 Mar 2025 10:00:03 +0100
+Message-Id: <20250310090003.1f3a0@example.com>
+From: <news@example.com>
+""")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (dma_bounce("postmaster@gone-corp.example", "DNS lookup failure: host gone-corp.example not found"),
+     {"postmaster@gone-corp.example": HARD}),
+    (dma_bounce("root@old.example", "DNS lookup failure: host old.example not found"), {"root@old.example": HARD}),
+    (dma_bounce("info@parked.example",
+                "mx.parked.example [192.0.2.44] did not like our RCPT TO:\n521 5.3.2 <info@parked.example>: "
+                "Recipient address rejected: System not accepting network messages."),
+     {"info@parked.example": HARD}),
+], ids=["postmaster-no-domain", "root-no-domain", "not-accepting"])
+def test_dragonfly(raw: bytes, expected: dict[str, str]) -> None:
+    report = parse_feedback(raw)
+    assert kinds(report) == expected, report
+
+
+def test_error_delivering_phrasings_name_the_recipient() -> None:
+    from mailrelayd.feedback.textbounce import find_recipients
+
+    for line in ("There was an error delivering your mail to <postmaster@a.example>.",
+                 "An error occurred while delivering this message to postmaster@a.example",
+                 "Problem delivering mail to <postmaster@a.example>:"):
+        assert find_recipients(line, set()) == ["postmaster@a.example"], line
+    # A role address anywhere else is still no recipient.
+    assert find_recipients("Please contact postmaster@a.example for help.", set()) == []
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("DNS lookup failure: host gone-corp.example not found", HARD),
+    ("Host mx.gone.example not found", HARD),
+    ("Host or domain name not found. Name service error for name=gone.example type=A: Host not found", HARD),
+    ("Host or domain name not found. Name service error for name=slow.example type=MX: Host not found, "
+     "try again", SOFT),
+])
+def test_host_not_found(text: str, kind: str) -> None:
+    assert classify_status("5.0.0" if kind == HARD else "4.0.0", text)[0] == kind
+
+
+# --- 8. Japanese ----------------------------------------------------------------------------------------------
+
+# Lotus Domino in Japanese: raw UTF-8 in a text part declared ISO-2022-JP, and in the Diagnostic-Code.
+DOMINO_JA_TEXT = "ユーザー Yamada Hanako (gone@example.co.jp) は Domino ディレクトリには見つかりません。"
+DOMINO_JA = eml(f"""Return-Path: <MAILER-DAEMON@mail.example.co.jp>
+From: Postmaster@example.co.jp
+To: bounces+q7a9@bounce.example.com
+Subject: DELIVERY FAILURE: {DOMINO_JA_TEXT}
+Date: Mon, 10 Mar 2025 18:00:04 +0900
+MIME-Version: 1.0
+Message-ID: <OF0A1B2C3D.4E5F6071-ON49258C4A.00312345-49258C4A.00312346@example.co.jp>
+Content-Type: multipart/report; report-type=delivery-status; boundary="==IFJRGLKFGIR25431UHRUHIHD"
+
+--==IFJRGLKFGIR25431UHRUHIHD
+Content-Type: text/plain; charset=ISO-2022-JP
+Content-Transfer-Encoding: 7bit
+
+Your message
+
+  Subject: Spring newsletter
+
+was not delivered to:
+
+  gone@example.co.jp
+
+because:
+
+  {DOMINO_JA_TEXT}
+
+
+--==IFJRGLKFGIR25431UHRUHIHD
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns;mail.example.co.jp
+
+Final-Recipient: rfc822;gone@example.co.jp
+Action: failed
+Status: 5.0.0
+Diagnostic-Code: X-Notes; {DOMINO_JA_TEXT}
+
+--==IFJRGLKFGIR25431UHRUHIHD
+Content-Type: message/rfc822
+
+{RETURNED.format(to="gone@example.co.jp")}
+Hello.
+
+--==IFJRGLKFGIR25431UHRUHIHD--
+""")
+
+
+def test_domino_in_japanese() -> None:
+    report = parse_feedback(DOMINO_JA)
+    assert kinds(report) == {"gone@example.co.jp": HARD}, report
+    assert report.recipients[0].reason == "userunknown"
+    # The same notification without its delivery-status part (a gateway dropped it).
+    start = DOMINO_JA.index(b"--==IFJRGLKFGIR25431UHRUHIHD\r\nContent-Type: message/delivery-status")
+    end = DOMINO_JA.index(b"--==IFJRGLKFGIR25431UHRUHIHD\r\nContent-Type: message/rfc822")
+    text_only = (DOMINO_JA[:start] + DOMINO_JA[end:]).replace(b"multipart/report; report-type=delivery-status;",
+                                                             b"multipart/mixed;")
+    assert kinds(parse_feedback(text_only)) == {"gone@example.co.jp": HARD}
+
+
+def test_text_in_another_charset_than_declared() -> None:
+    text = "宛先のメールアドレスは存在しません。"
+    assert decode_bytes(text.encode("utf-8"), "iso-2022-jp") == text
+    assert decode_bytes(text.encode("utf-8"), "us-ascii") == text
+    assert decode_bytes(text.encode("iso2022_jp"), None) == text
+    assert decode_bytes(text.encode("euc_jp"), "iso-2022-jp") == text
+    # Declared right: as declared; undecodable in every candidate: replacement characters, no error.
+    assert decode_bytes(text.encode("shift_jis"), "shift_jis") == text
+    assert decode_bytes("café".encode("latin-1"), "latin-1") == "café"
+    assert decode_bytes(b"caf\xe9 \xff", None) == "caf\ufffd \ufffd"
+
+
+@pytest.mark.parametrize(("status", "text", "kind"), [
+    ("5.0.0", "550 宛先不明のため配信できませんでした", HARD),
+    ("5.0.0", "550 指定されたメールアドレスは存在しません", HARD),
+    ("5.0.0", "550 存在しないユーザです", HARD),
+    ("5.0.0", "550 ﾕｰｻﾞｰ neko は見つかりません", HARD),  # half-width katakana
+    ("5.0.0", "550 ドメイン example.jp が見つかりません", HARD),
+    ("5.1.1", "550 5.1.1 メールボックスの容量を超えています", SOFT),
+    ("5.0.0", "552 受信箱が満杯です", SOFT),
+    ("5.0.0", "550 送信者のアドレスが存在しません", POLICY),
+    ("4.0.0", "450 宛先不明", SOFT),
+])
+def test_japanese_causes(status: str, text: str, kind: str) -> None:
+    assert classify_status(status, text)[0] == kind
+
+
+def test_no_new_rule_suppresses_on_these_lookalikes() -> None:
+    for raw in (SENDMAIL_DNSBL_URL, SENDMAIL_BARE_553, GSUITE_SENDER_REJECTED, POSTFIX_VERIFY):
+        assert not any(r.kind in SUPPRESSING_KINDS for r in parse_feedback(raw).recipients)
+
+
+@pytest.mark.parametrize("run", [
+    "host " * 2_000, "host a" + "." * 4_000, "error delivering your mail to " * 1_000, "ユーザー" * 3_000,
+    "http://spamhaus." * 1_000, "www." * 4_000, "rfc822;" * 2_000, "\x1b$B" * 10_000,
+])
+def test_new_rules_stay_linear(run: str) -> None:
+    import time
+
+    from mailrelayd.feedback.textbounce import find_recipients
+
+    start = time.process_time()
+    classify_status("5.0.0", run)
+    find_recipients(run, set())
+    decode_bytes(run.encode("utf-8"), "iso-2022-jp")
+    parse_feedback(dma_bounce("postmaster@gone-corp.example", run[:20_000]))
+    assert time.process_time() - start < 1.0
