@@ -14,7 +14,15 @@ shape of the family (its generator's headers and wording), with invented address
 7. DragonFly Mail Agent's "There was an error delivering your mail to <a>" names its recipient,
    role addresses included, and "host <name> not found" is an unknown host;
 8. Japanese bounces: raw UTF-8 in a part declared ISO-2022-JP, and the Japanese wording of the
-   hard (and mailbox full) causes.
+   hard (and mailbox full) causes;
+9. "not accepting mail" with a qualifier (with attachments, from your domain, larger than...) refuses
+   this message or sender, not every message: never a suppression;
+10. the address between the words ("Rcpt <a> does not exist", "User [a] does not exist", "mail-box
+    not found") is an unknown address, the sender's is not;
+11. a one-letter top-level label in an address field (DSN, ARF, X-Failed-Recipients), and a size
+    limit named in the text outranking a Status 5.1.1;
+12. GroupWise's tab-indented list of failed addresses;
+13. a challenge-response service's request in DSN form ("Sender not pre-approved") is no feedback.
 """
 
 from __future__ import annotations
@@ -656,4 +664,378 @@ def test_new_rules_stay_linear(run: str) -> None:
     find_recipients(run, set())
     decode_bytes(run.encode("utf-8"), "iso-2022-jp")
     parse_feedback(dma_bounce("postmaster@gone-corp.example", run[:20_000]))
+    assert time.process_time() - start < 1.0
+
+
+# --- 9. "not accepting mail" with a qualifier: a refusal of this message or sender -------------------------
+
+# AOL's plain-text notification: the recipients refuse mail of this content (the list is tab-indented).
+AOL_LEAD = ("Sorry news@example.com. Your mail to the following recipients could not be delivered because they "
+            "are not accepting mail with attachments or embedded images:")
+AOL_CONTENT_REFUSAL = eml(f"""Return-Path: <>
+From: Mail Delivery Subsystem <MAILER-DAEMON@aol.com>
+To: bounces+q7a9@bounce.example.com
+Subject: Returned mail: Mail with attachments not accepted
+Date: Mon, 10 Mar 2025 10:00:04 -0500
+Message-ID: <202503101500.4a7c3e1f@aol.com>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+{AOL_LEAD}
+\treaderbee77
+
+""")
+
+
+def test_aol_content_refusal_suppresses_nobody() -> None:
+    report = parse_feedback(AOL_CONTENT_REFUSAL)
+    assert report.suppressions == (), report
+    assert kinds(report) == {"readerbee77@aol.com": POLICY}, report
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("550 they are not accepting mail with attachments or embedded images", POLICY),
+    ("550 we do not accept e-mail containing links", POLICY),
+    ("550 this mailbox does not accept mail that contains executable files", POLICY),
+    ("550 does not accept mail of this type", POLICY),
+    ("550 the recipient does not accept mail from your domain", POLICY),
+    ("550 this user is not accepting any mail from this sender", POLICY),
+    ("552 we do not accept mail larger than 10 MB", SOFT),
+    # Alone, the destination takes no mail at all.
+    ("550 5.1.10 example.org does not accept mail", HARD),
+    ("556 5.1.10 example.org does not accept mail (null MX)", HARD),
+    ("550 5.1.10 recipient domain accepts no mail", HARD),
+    ("550 this account is not accepting mail", HARD),
+])
+def test_not_accepting_mail_with_a_qualifier(text: str, kind: str) -> None:
+    assert classify_status("5.0.0", text)[0] == kind
+
+
+# --- 10. the address between the words: "Rcpt <a> does not exist" ----------------------------------------
+
+
+def postfix_dsn(rcpt: str, status: str, diagnostic: str) -> bytes:
+    """A Postfix DSN whose notification only quotes the remote server's reply."""
+    return eml(f"""Return-Path: <>
+From: MAILER-DAEMON@mx1.example.net (Mail Delivery System)
+To: bounces+q7a9@bounce.example.com
+Subject: Undelivered Mail Returned to Sender
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <20250310090004.5B8C42D0622@mx1.example.net>
+Auto-Submitted: auto-replied
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="5B8C42D0622.1741597204/mx1.example.net"
+
+--5B8C42D0622.1741597204/mx1.example.net
+Content-Description: Notification
+Content-Type: text/plain; charset=us-ascii
+
+This is the mail system at host mx1.example.net.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients.
+
+<{rcpt}>: host mx.example.org[192.0.2.25] said: {diagnostic} (in reply to
+    RCPT TO command)
+
+--5B8C42D0622.1741597204/mx1.example.net
+Content-Description: Delivery report
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx1.example.net
+Arrival-Date: Mon, 10 Mar 2025 10:00:03 +0100 (CET)
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: {status}
+Remote-MTA: dns; mx.example.org
+Diagnostic-Code: smtp; {diagnostic}
+
+--5B8C42D0622.1741597204/mx1.example.net
+Content-Type: text/rfc822-headers
+
+{RETURNED.format(to=rcpt)}
+--5B8C42D0622.1741597204/mx1.example.net--
+""")
+
+
+RCPT_DOES_NOT_EXIST = postfix_dsn("gone@example.org", "5.0.0", "554 Rcpt <gone@example.org> does not exist")
+USER_BRACKETED_DOES_NOT_EXIST = postfix_dsn("gone@example.org", "5.0.0",
+                                            "550 User [gone@example.org] does not exist")
+QMAIL_BADRCPTTO = postfix_dsn("gone@example.org", "5.0.0", "553 sorry, badrcptto(user mail-box not found) (#5.7.1)")
+SENDER_DOES_NOT_EXIST = postfix_dsn("reader@example.org", "5.0.0",
+                                    "550 Sender <bounces+q7a9@bounce.example.com> does not exist")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (RCPT_DOES_NOT_EXIST, {"gone@example.org": HARD}),
+    (USER_BRACKETED_DOES_NOT_EXIST, {"gone@example.org": HARD}),
+    (QMAIL_BADRCPTTO, {"gone@example.org": HARD}),
+    (SENDER_DOES_NOT_EXIST, {"reader@example.org": POLICY}),
+], ids=["rcpt-angled", "user-bracketed", "badrcptto-mail-box", "sender"])
+def test_the_address_between_the_words(raw: bytes, expected: dict[str, str]) -> None:
+    assert kinds(parse_feedback(raw)) == expected
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("554 Rcpt <gone@example.org> does not exist", HARD),
+    ("550 User [gone@example.org] does not exist", HARD),
+    ("550 mailbox 'gone@example.org' does not exist", HARD),
+    ("550 Recipient (gone@example.org) not found", HARD),
+    ("550 user mail-box not found", HARD),
+    ("550 mail-box unavailable", HARD),
+    ("552 mail-box is full", SOFT),
+    # The sender's address, however written, is no recipient's.
+    ("550 sender address does not exist", POLICY),
+    ("550 the sender mailbox does not exist", POLICY),
+    ("553 sender <bounces+q7a9@bounce.example.com> not found", POLICY),
+    ("553 MAIL FROM:<bounces+q7a9@bounce.example.com> does not exist", POLICY),
+    ("550 return address <bounces+q7a9@bounce.example.com> does not exist", POLICY),
+])
+def test_address_level_wording(text: str, kind: str) -> None:
+    assert classify_status("5.0.0", text)[0] == kind
+
+
+# --- 11. one-letter top-level labels in address fields; a size limit outranks 5.1.1 ------------------------
+
+QUOTA_ONE_LETTER_TLD = postfix_dsn("reader@corp.q", "4.0.0", "452 <reader@corp.q> Mailbox size limit")
+UNKNOWN_ONE_LETTER_TLD = postfix_dsn("gone@corp.q", "5.1.1", "550 5.1.1 <gone@corp.q>: User unknown")
+EXIM_ONE_LETTER_TLD = eml("""Return-Path: <>
+From: Mail Delivery System <Mailer-Daemon@mx1.example.net>
+To: bounces+q7a9@bounce.example.com
+Subject: Mail delivery failed: returning message to sender
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <E1trXYZ-0001Ab-7Q@mx1.example.net>
+X-Failed-Recipients: gone@corp.q
+Auto-Submitted: auto-replied
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  gone@corp.q
+    host mx.corp.q [192.0.2.25]
+    SMTP error from remote mail server after RCPT TO:<gone@corp.q>:
+    550 5.1.1 User unknown
+
+------ This is a copy of the message, including all the headers. ------
+
+Return-Path: <bounces+q7a9@bounce.example.com>
+From: Example News <news@example.com>
+To: gone@corp.q
+Subject: Spring newsletter
+""")
+ARF_ONE_LETTER_TLD = eml("""Return-Path: <fbl@isp.example.net>
+From: Feedback Loop <fbl@isp.example.net>
+To: fbl-reports@example.com
+Subject: Abuse report
+Date: Mon, 10 Mar 2025 10:00:04 +0000
+Message-ID: <arf-20250310-0001@isp.example.net>
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="arf-boundary-1"
+
+--arf-boundary-1
+Content-Type: text/plain; charset=us-ascii
+
+This is an abuse report for a message received from 198.51.100.7.
+
+--arf-boundary-1
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+User-Agent: ExampleFBL/1.0
+Version: 1
+Original-Mail-From: <bounces+q7a9@bounce.example.com>
+Original-Rcpt-To: <reader@corp.q>
+Source-IP: 198.51.100.7
+
+--arf-boundary-1
+Content-Type: text/rfc822-headers
+
+Return-Path: <bounces+q7a9@bounce.example.com>
+From: Example News <news@example.com>
+To: reader@corp.q
+Subject: Spring newsletter
+
+--arf-boundary-1--
+""")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (QUOTA_ONE_LETTER_TLD, {"reader@corp.q": SOFT}),
+    (UNKNOWN_ONE_LETTER_TLD, {"gone@corp.q": HARD}),
+    (EXIM_ONE_LETTER_TLD, {"gone@corp.q": HARD}),
+    (ARF_ONE_LETTER_TLD, {"reader@corp.q": "complaint"}),
+], ids=["dsn-soft", "dsn-hard", "x-failed-recipients", "arf"])
+def test_one_letter_tld_in_address_fields(raw: bytes, expected: dict[str, str]) -> None:
+    assert kinds(parse_feedback(raw)) == expected
+
+
+def test_one_letter_tld_only_in_address_fields() -> None:
+    from mailrelayd.feedback.addresses import address_from_field, find_addresses, is_plausible_recipient
+
+    assert address_from_field("rfc822; <reader@corp.q>") == "reader@corp.q"
+    assert is_plausible_recipient("reader@corp.q", from_field=True)
+    # Free text keeps the two-letter minimum.
+    assert find_addresses("write to reader@corp.q or see readme@host.x") == []
+    assert not is_plausible_recipient("reader@corp.q")
+
+
+SIZE_WITH_5_1_1 = postfix_dsn("reader@example.org", "5.1.1",
+                              "550 RCPT TO:<reader@example.org> max message size exceeded")
+
+
+def test_a_size_limit_outranks_status_5_1_1() -> None:
+    report = parse_feedback(SIZE_WITH_5_1_1)
+    assert kinds(report) == {"reader@example.org": SOFT}, report
+    assert report.recipients[0].reason == "exceedlimit"
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("550 max message size exceeded", "exceedlimit"),
+    ("552 maximum message size exceeded", "exceedlimit"),
+    ("552 size limit exceeded", "exceedlimit"),
+    ("552 message size exceeded", "exceedlimit"),
+    ("552 exceeded the maximum message size", "exceedlimit"),
+    ("552 message exceeds the allowed size", "exceedlimit"),
+    ("552 mail too large", "exceedlimit"),
+    ("552 e-mail is larger than the limit", "exceedlimit"),
+    ("552 mailbox size exceeded", "mailboxfull"),
+    ("User mailbox exceeds allowed size: reader@example.org", "mailboxfull"),
+])
+def test_size_wording(text: str, reason: str) -> None:
+    assert classify_status("5.1.1", text) == (SOFT, reason)
+
+
+# --- 12. GroupWise lists its failed addresses indented by a tab ---------------------------------------------
+
+GROUPWISE_TAB = eml("""Return-Path: <>
+From: Mail Delivery System <postmaster@gw.example.net>
+To: bounces+q7a9@bounce.example.com
+Subject: Message status - undeliverable
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-ID: <67CEB0A4.A1B2C3D4@gw.example.net>
+X-Mailer: Novell GroupWise Internet Agent 8.0.3
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="=__PartA1B2C3D4.0__="
+
+This is a MIME message. If you are reading this text, you may want to
+consider changing to a mail reader or gateway that understands how to
+properly handle MIME multipart messages.
+
+--=__PartA1B2C3D4.0__=
+Content-Type: text/plain; charset=UTF-8
+Content-Transfer-Encoding: quoted-printable
+Content-Disposition: inline
+
+The message that you sent was undeliverable to the following:
+
+\tgone@example.org (user not found)
+\tfull@example.org (mailbox full)
+
+
+--=__PartA1B2C3D4.0__=--
+""")
+
+
+def test_groupwise_tab_indented_list() -> None:
+    report = parse_feedback(GROUPWISE_TAB)
+    assert report.parser == "format:groupwise", report
+    assert kinds(report) == {"gone@example.org": HARD, "full@example.org": SOFT}, report
+
+
+# --- 13. challenge-response requests in DSN form ----------------------------------------------------------
+
+
+def challenge_dsn(group: str) -> bytes:
+    """A challenge-response service's notice as a multipart/report: a request to the sender to get
+    themselves approved, with a delivery-status part whose Diagnostic-Code is the service's notice."""
+    return eml(f"""Return-Path: <noreply@screen.example.net>
+From: noreply@screen.example.net
+Reply-To: reader@example.org
+To: bounces+q7a9@bounce.example.com
+Subject: Re: Spring newsletter (Action Required)
+Date: Mon, 10 Mar 2025 10:00:04 -0800
+Message-ID: <1741600000.77.screen@app3.screen.example.net>
+MIME-Version: 1.0
+Content-Type: multipart/report; boundary="----=_Part_77_1741600000"; report-type=delivery-status
+
+------=_Part_77_1741600000
+Content-Type: text/plain; charset=us-ascii
+
+Hello,
+
+Your message about "Spring newsletter" has been held.
+Please add yourself to my guest list so your messages reach my inbox:
+https://screen.example.net/approve?t=4711
+
+------=_Part_77_1741600000
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; screen.example.net
+Action: failed
+Arrival-Date: Mon, 10 Mar 2025 09:59:58 -0800
+
+{group}
+
+------=_Part_77_1741600000
+Content-Type: message/rfc822
+
+{RETURNED.format(to="reader@example.org")}
+Hello.
+
+------=_Part_77_1741600000--
+""")
+
+
+CHALLENGE_NOT_PRE_APPROVED = challenge_dsn(
+    "Final-Recipient: rfc822; reader@example.org\n"
+    "Diagnostic-Code: X-Screen-Notice; Sender not pre-approved.  Follow the instructions in the notice above\n"
+    "Status: 4.7.0")
+CHALLENGE_CONFIRMATION = challenge_dsn(
+    "Final-Recipient: rfc822; reader@example.org\nAction: failed\nStatus: 5.7.1\n"
+    "Diagnostic-Code: smtp; 550 5.7.1 Confirmation of the sender is requested (challenge-response)")
+# Challenge wording beside a missing address: still a bounce.
+CHALLENGE_BUT_UNKNOWN = challenge_dsn(
+    "Final-Recipient: rfc822; gone@example.org\nAction: failed\nStatus: 5.1.1\n"
+    "Diagnostic-Code: smtp; 550 5.1.1 <gone@example.org>: user unknown (challenge-response filter)")
+
+
+@pytest.mark.parametrize("raw", [CHALLENGE_NOT_PRE_APPROVED, CHALLENGE_CONFIRMATION],
+                         ids=["not-pre-approved", "confirmation-requested"])
+def test_challenge_response_dsn_is_not_feedback(raw: bytes) -> None:
+    report = parse_feedback(raw)
+    assert report.kind == "not_feedback", report
+    assert report.recipients == ()
+
+
+def test_challenge_wording_does_not_hide_a_bounce() -> None:
+    assert kinds(parse_feedback(CHALLENGE_BUT_UNKNOWN)) == {"gone@example.org": HARD}
+    # An ordinary refusal naming the sender, no challenge: recorded as before.
+    raw = challenge_dsn("Final-Recipient: rfc822; reader@example.org\nAction: failed\nStatus: 5.7.1\n"
+                        "Diagnostic-Code: smtp; 550 5.7.1 Sender not allowed")
+    assert kinds(parse_feedback(raw)) == {"reader@example.org": POLICY}
+
+
+def test_no_rule_of_9_to_13_suppresses_on_these_lookalikes() -> None:
+    for raw in (AOL_CONTENT_REFUSAL, SENDER_DOES_NOT_EXIST, QUOTA_ONE_LETTER_TLD, SIZE_WITH_5_1_1,
+                CHALLENGE_NOT_PRE_APPROVED, CHALLENGE_CONFIRMATION):
+        assert parse_feedback(raw).suppressions == ()
+
+
+@pytest.mark.parametrize("run", [
+    "not accepting mail " * 1_000, "user <a@b.example> " * 1_000, "size " * 4_000, "exceeded " * 2_000,
+    "sender not " * 2_000, "mail-box " * 2_000, "[<" * 8_000,
+])
+def test_rules_9_to_13_stay_linear(run: str) -> None:
+    import time
+
+    from mailrelayd.feedback.textbounce import is_challenge_notice
+
+    start = time.process_time()
+    classify_status("5.0.0", run)
+    is_challenge_notice(run)
+    parse_feedback(postfix_dsn("reader@example.org", "5.0.0", run[:4_000]))
     assert time.process_time() - start < 1.0

@@ -15,6 +15,12 @@ _U = "\u0080-\U0010ffff"
 _LOCAL_UTF8 = rf'(?:"[^"\n]{{1,64}}"|[A-Za-z0-9!#$%&\'*+/=?^_`{{|}}~.{_U}-]{{1,64}})'
 _DOMAIN_UTF8 = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]{{0,62}}[A-Za-z0-9{_U}])?\.){{1,10}}[A-Za-z0-9{_U}-]{{2,63}}"
 _FULL = re.compile(rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}")
+# In a field that is an address by definition (DSN Final-/Original-Recipient, ARF Original-Rcpt-To,
+# Exim's X-Failed-Recipients) a one-letter last label is taken too: reports anonymised by hand
+# ("a@b.c") and single-letter internal domains. Free text keeps the two-letter minimum, where a
+# shorter one reads "name@host.x" out of prose and paths.
+_DOMAIN_IN_FIELD = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]{{0,62}}[A-Za-z0-9{_U}])?\.){{1,10}}[A-Za-z0-9{_U}-]{{1,63}}"
+_FIELD_ADDRESS = re.compile(rf"{_LOCAL_UTF8}@{_DOMAIN_IN_FIELD}")
 # In free text a UTF-8 address is only taken in angle brackets (Postfix, Exim and Sendmail write
 # recipients so): letters of a surrounding non-Latin text would otherwise run into it.
 UTF8_ADDRESS = rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}"
@@ -74,9 +80,13 @@ def normalise_address(address: str, *, lowercase_local: bool = False) -> str:
     return f"{local}@{domain}"
 
 
-def is_plausible_recipient(address: str) -> bool:
-    """True for a syntactically usable ``local@domain.tld`` that is not a mail-system mailbox."""
-    if not address or not _FULL.fullmatch(address):
+def is_plausible_recipient(address: str, *, from_field: bool = False) -> bool:
+    """True for a syntactically usable ``local@domain.tld`` that is not a mail-system mailbox.
+
+    ``from_field``: ``address`` was read from an address field (see :func:`address_from_field`),
+    where a one-letter top-level label is accepted.
+    """
+    if not address or not (_FIELD_ADDRESS if from_field else _FULL).fullmatch(address):
         return False
     local = address.rpartition("@")[0].strip('"').lower()
     return local not in SYSTEM_LOCALS and not local.startswith("mailer-daemon")
@@ -109,7 +119,7 @@ def address_from_field(value: str) -> str:
     elif not candidate.startswith('"'):
         candidate = candidate.split()[0] if candidate.split() else ""
     candidate = candidate.strip().strip("<>")
-    if _FULL.fullmatch(candidate):
+    if _FULL.fullmatch(candidate) or _FIELD_ADDRESS.fullmatch(candidate):
         return candidate
     # Mangled values ("|/usr/bin/filter user@example.com /home"): take the one address inside.
     found = find_addresses(text)

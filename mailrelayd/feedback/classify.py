@@ -69,15 +69,26 @@ def _rx(*alternatives: str) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{alt})" for alt in alternatives))
 
 
+# An address the text names between its words, as it reads once ``_EMAIL`` replaced it: bare, or in
+# the brackets or quotes servers put around it ("Rcpt <<addr>> does not exist", "User [<addr>]").
+_ADDR_REF = r"[<\[(\"']?<addr>[>\])\"']?"
+# "does not accept mail", "is not accepting e-mail", "accepts no mail": alone, the destination takes
+# no mail at all (RFC 7505 null MX, RFC 3463 X.1.10); with a qualifier after it ("with attachments",
+# "from your domain", "larger than 10 MB") a refusal of this message or this sender only.
+_NOT_ACCEPT = r"(not accept(ing)?|accepts? no) (any )?(e-?)?mails?"
+
+
 # Tier 1: the failure names a cause other than the address. Checked before the hard rules
 # because such texts often also say "recipient rejected" or carry a 5.1.1 code.
 _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("mailboxfull", _rx(
-        r"mail ?box (is |was )?(full|over|exceeded)", r"over ?quota", r"quota (is )?(exceeded|full)",
+        r"mail[- ]?box (is |was )?(full|over|exceeded)",
+        r"mail[- ]?box (size )?(limit )?(was |is |has )?(exceeds|exceeded)", r"over ?quota",
+        r"quota (is )?(exceeded|full)",
         r"exceed\w* (the |his |her |their |its )?(\w+ )?(storage |disk )?quota",
         r"insufficient (disk |storage )?space",
-        r"disk quota", r"storage (space|limit|quota)", r"mail ?box size limit", r"mail ?folder is full",
-        r"too much mail", r"full mail ?box", r"(account|inbox|mail ?box|recipient|user) is full",
+        r"disk quota", r"storage (space|limit|quota)", r"mail[- ]?box size limit", r"mail ?folder is full",
+        r"too much mail", r"full mail[- ]?box", r"(account|inbox|mail[- ]?box|recipient|user) is full",
         r"is over (the |their |his |her )?(\w+ )?(quota|limit)", r"quota exceeded", r"out of storage",
         r"mailbox has exceeded", r"user.{0,20}over.{0,10}(quota|limit)",
         # Japanese: the mailbox is full / over its capacity (容量).
@@ -85,8 +96,13 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"容量(が|を)?(超過|オーバー|一杯|いっぱい)",
     )),
     ("exceedlimit", _rx(
-        r"message (size )?(is |was )?too (big|large)",
-        r"exceeds? (the )?(fixed |maximum |max )?(message )?size",
+        r"(message|mail|e-?mail) (size )?(is |was )?too (big|large)",
+        r"(message|mail|e-?mail) (is |was )?(larger|bigger) than",
+        # The size limit named before or after the verb: "max message size exceeded", "size limit
+        # exceeded", "exceeded the maximum message size", "exceeds the allowed size".
+        r"(max(imum)? )?(message |mail |e-?mail )?size (limit )?(was |has been |is )?exceeded",
+        r"exceed(s|ed|ing)? (the )?(fixed |maximum |max |allowed |permitted )?(message |mail |e-?mail )?size",
+        rf"{_NOT_ACCEPT} (larger|bigger|greater|over|above|exceeding|of more than)\b",
         r"message size exceeds", r"size limit", r"message length exceeds", r"too large for",
         r"(メッセージ|メール)(の)?サイズ[^。\n]{0,20}(超え|超過|大きすぎ)",
     )),
@@ -121,11 +137,16 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"authentication fail", r"turn on smtp auth",
     )),
     ("rejected", _rx(
-        r"sender('s)? (e-?mail )?(address |domain )?(is |was )?(rejected|denied|verify failed|unknown|is not|"
+        # Also with the address between the words ("sender <addr> not found"): the sender's address
+        # is no recipient's (the address-level rules below would read "... does not exist" as one).
+        rf"(sender('s)? (e-?mail )?(address |domain |mail[- ]?box |account )?|return (e-?mail )?address )"
+        rf"({_ADDR_REF} )?(is |was )?"
+        r"(does not exist|doesn't exist|did not exist|rejected|denied|verify failed|unknown|is not|"
         r"blocked|invalid|not found|could(n't| not) be (found|verified))",
         # Japanese: the sender (送信者, 差出人, 送信元) address or domain refused or unknown.
         r"(送信者|差出人|送信元)[^。\n]{0,20}(拒否|見つかりません|存在しません|不正|無効)",
         r"domain of sender", r"sender domain", r"mail from.{0,60}(rejected|refused|denied|not accepted)",
+        rf"mail from:? ?{_ADDR_REF},? (does not|doesn't|did not) exist", rf"{_NOT_ACCEPT} from\b",
         r"sender.{0,20}not (allowed|permitted|accepted)", r"invalid sender", r"bad sender", r"from address",
         r"purported responsible", r"return.?path", r"envelope.?from", r"reverse.?path", r"senders? (is )?not",
         r"you are not (allowed|permitted|authorized)", r"are not me", r"from: header", r"from header",
@@ -139,6 +160,9 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
     )),
     ("policyviolation", _rx(
         r"\bpolicy (violation|rejection|reasons?)\b",
+        # Mail of some content refused ("not accepting mail with attachments or embedded images").
+        rf"{_NOT_ACCEPT} (with|containing|including|having|(that|which) (has|have|contains?|includes?|"
+        r"carr(y|ies))|of (this |that )?type|attachments?|images?|links?)\b",
         r"(violat\w*|against|due to|by|per) "
         r"(our |local |the |site |security |content |organi[sz]ation(al)? )?polic(y|ies)",
         r"(local|security|content|site|anti-?spam|organi[sz]ation(al)?) polic(y|ies)",
@@ -165,10 +189,10 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"user not local", r"address has changed", r"changed (his|her|their) (e-?mail )?address",
     )),
     ("suspend", _rx(
-        r"(account|mail ?box|user|address|recipient|e-?mail)( account)? (has been |is |was )?"
+        r"(account|mail[- ]?box|user|address|recipient|e-?mail)( account)? (has been |is |was )?"
         r"(disabled|deactivated|suspended|inactive|locked|closed|terminated|discontinued|frozen|cancell?ed|deleted|removed|expired)",
-        r"compte du destinataire est bloque", r"inactive (e-?mail|account|user|mail ?box|address)",
-        r"(disabled|suspended|deactivated|closed|terminated|expired) (account|mail ?box|user|address)",
+        r"compte du destinataire est bloque", r"inactive (e-?mail|account|user|mail[- ]?box|address)",
+        r"(disabled|suspended|deactivated|closed|terminated|expired) (account|mail[- ]?box|user|address)",
         r"account (is )?(no longer|not) (active|available|in use)",
     )),
     ("notaccept", _rx(
@@ -193,21 +217,23 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"(ドメイン|ホスト)[^。\n]{0,30}(見つかりません|存在しません)", r"ドメイン(が)?不明",
     )),
     ("userunknown", _rx(
-        r"user ?unknown", r"unknown (user|recipient|address|mail ?box|local.?part|account|alias|e-?mail)",
-        r"no such (user|recipient|mail ?box|address|account|local user|person|alias|e-?mail)",
-        r"(user|recipient|mail ?box|address|account|addressee|e-?mail|local.?part|alias)"
-        r"( address| account| name)?"
+        r"user ?unknown", r"unknown (user|recipient|address|mail[- ]?box|local.?part|account|alias|e-?mail)",
+        r"no such (user|recipient|mail[- ]?box|address|account|local user|person|alias|e-?mail)",
+        # The address may stand between the words: "554 Rcpt <a@b> does not exist", "550 User [a@b]
+        # does not exist" (a sender's is a tier 1 cause).
+        r"(user|rcpt|recipient|mail[- ]?box|address|account|addressee|e-?mail|local.?part|alias)"
+        rf"( address| account| name)?( {_ADDR_REF})?"
         r"( that you tried to reach)? (does not|doesn't|did not|do not|not) exist",
-        r"(user|recipient|mail ?box|address|account|addressee|alias)( address| account| name)? (was |is )?"
-        r"(not found|unknown|invalid|not listed|not valid|not recognized)",
-        r"invalid (final )?(delivery )?(recipient|mail ?box|user|userid|address|destination|e-?mail|account)",
+        r"(user|rcpt|recipient|mail[- ]?box|address|account|addressee|alias)( address| account| name)?"
+        rf"( {_ADDR_REF})? (was |is )?(not found|unknown|invalid|not listed|not valid|not recognized)",
+        r"invalid (final )?(delivery )?(recipient|mail[- ]?box|user|userid|address|destination|e-?mail|account)",
         r"recipient address rejected: access denied",  # Microsoft 365 directory-based edge blocking
         r"check (if|that|whether) (the )?(e-?mail )?address is (correct|valid)",
-        r"not a valid (mail ?box|user|recipient|address)", r"no mail ?box", r"no such mail ?box",
-        r"mail ?box (not found|unavailable|does not exist|is unavailable|invalid|not available)",
+        r"not a valid (mail[- ]?box|user|recipient|address)", r"no mail[- ]?box", r"no such mail[- ]?box",
+        r"mail[- ]?box (not found|unavailable|does not exist|is unavailable|invalid|not available)",
         r"unrouteable address", r"unknown or illegal alias",
         r"(is|was) not (a )?(known|valid) (user|recipient)",
-        r"(don'?t|doesn'?t|does not) have an? .{0,40}account", r"no account", r"bad destination mail ?box",
+        r"(don'?t|doesn'?t|does not) have an? .{0,40}account", r"no account", r"bad destination mail[- ]?box",
         r"user not found", r"recipient ?not ?found", r"recip ?not ?found", r"addressee unknown",
         r"destination address.{0,20}(invalid|unknown)", r"adresse destinataire invalide", r"not a known user",
         r"user (account )?(is )?unavailable", r"no longer (valid|exists?|available|active|in use)",
@@ -216,14 +242,14 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"mailbox name not allowed", r"recipient (is )?unknown",
         r"not listed in (the )?\w+ (directory|address)",
         r"no one here by that name", r"no mailbox here by that name", r"unknown in (virtual|local|relay)",
-        r"non-?existent (user|recipient|mail ?box|address|account)",
+        r"non-?existent (user|recipient|mail[- ]?box|address|account)",
         r"(isn't|is not) a valid (user|recipient|address)",
         r"invalid mailbox", r"err\.nosuchuser", r"nosuchuser",
         # "the address couldn't be found" (Gmail / Google Workspace "Address not found", Microsoft
         # 365 "The email address you entered couldn't be found"); the sender's is a tier 1 cause.
-        r"(address|recipient|mail ?box|account)( you entered| you specified)? (couldn't|could not|can't|cannot|"
+        r"(address|recipient|mail[- ]?box|account)( you entered| you specified)? (couldn't|could not|can't|cannot|"
         r"can not) be found",
-        r"bad (destination )?(mail ?box )?address syntax",
+        r"bad (destination )?(mail[- ]?box )?address syntax",
         # Japanese: the user / address / mailbox is not found, does not exist, unknown (Domino
         # "ユーザー X は Domino ディレクトリには見つかりません", carriers' "宛先不明").
         r"(ユーザ|ユーザー|利用者|受信者|宛先|あて先|アドレス|アカウント|メールボックス|ディレクトリ)[^。\n]{0,60}"
@@ -235,7 +261,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
 
 # RFC 5321's stock 550 text ("Requested action not taken: mailbox unavailable") is also the
 # wording of many policy refusals; with a policy word beside it, the address is not the cause.
-_GENERIC_UNAVAILABLE = re.compile(r"(mail ?box|user)( is)? (unavailable|not available)")
+_GENERIC_UNAVAILABLE = re.compile(r"(mail[- ]?box|user)( is)? (unavailable|not available)")
 _POLICY_WORD = re.compile(r"\b(polic(y|ies)|blocked|banned|prohibited|not allowed|denied|refused)\b")
 
 # Weak causes that contradict an address-level Status the reporting MTA filled in.

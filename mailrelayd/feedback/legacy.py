@@ -20,7 +20,8 @@ family               recognised by                                    addresses
 ``qmail``            QSBMF (qmail-send bounce message format) intros  ``<addr>:`` starting a line of
                                                                       the recipient paragraphs
 ``groupwise``        multipart/mixed with ``X-Mailer`` Novell         ``<addr>``, or a line (or its
-                     GroupWise, NTMail or Internet Mail Service       first word) that is an address
+                     GroupWise, NTMail or Internet Mail Service       first word) that is an address;
+                                                                      indented ones if no other
 ``microsoft``        multipart/mixed whose first part says            lines that are an address
                      "transcript of session follows" (SMTPSVC)
 ``caiwireless``      multipart/mixed, "the following recipients did   ``<addr>`` on the next line
@@ -111,6 +112,9 @@ class LegacyResult:
     family: str
     permanent: tuple[str, ...]
     temporary: tuple[str, ...]
+    # The family read an address field (Exim's X-Failed-Recipients), not lines of text: see
+    # mailrelayd.feedback.addresses.is_plausible_recipient(from_field=...).
+    from_field: bool = False
 
 
 class _Mail:
@@ -336,7 +340,12 @@ _GROUPWISE_LINE = re.compile(_ANGLED)
 
 def _groupwise(mail: _Mail) -> Iterable[str]:
     """Novell GroupWise, NTMail, Internet Mail Service: in the first text/plain part, ``<addr>``,
-    or a line that is an address (or starts with one)."""
+    or a line that is an address (or starts with one).
+
+    Lines indented by blanks (spaces or tabs alike) are read only when no line names an address
+    otherwise: the GroupWise Internet Agent indents its list ("\\trecipient@example.net (user not
+    found)"), while under a list at the line start an indented line is a comment on it.
+    """
     msg = mail.msg
     if content_type(msg) != "multipart/mixed" \
             or header_str(msg, "x-mailer")[:3].lower() not in ("nov", "ntm", "int"):
@@ -344,14 +353,18 @@ def _groupwise(mail: _Mail) -> Iterable[str]:
     text_plain = next((p for p in _walk(msg) if content_type(p) == "text/plain"), None)
     if text_plain is None:
         return
+    found: list[str] = []
+    indented: list[str] = []
     for raw in _decoded_lines(text_plain):
         line = raw.rstrip(_WS)
         if m := _GROUPWISE_LINE.search(line):
-            yield m.group(1)
-        elif "@" in line and not line.startswith(" "):
-            candidate = line.split(" ", 1)[0]
+            found.append(m.group(1))
+        elif "@" in line:
+            stripped = line.lstrip(_WS)
+            candidate = stripped.split(None, 1)[0]
             if _BARE.fullmatch(candidate):
-                yield candidate
+                (indented if stripped != line else found).append(candidate)
+    yield from found or indented
 
 
 def _microsoft(mail: _Mail) -> Iterable[str]:
@@ -586,6 +599,10 @@ FAMILIES: tuple[tuple[str, Callable[[_Mail], Iterable[str]], bool], ...] = (
 )
 
 
+# Families that read an address field rather than lines of text.
+_FIELD_FAMILIES = frozenset({"exim"})
+
+
 def find_legacy(msg: Message) -> LegacyResult | None:
     """Run the families on ``msg`` (bounded by the caller); ``None`` when none found an address.
 
@@ -600,7 +617,8 @@ def find_legacy(msg: Message) -> LegacyResult | None:
             _log.debug("legacy format %s skipped: it failed on this message", name, exc_info=True)
             continue
         if addresses:
-            return LegacyResult(name, () if temporary else addresses, addresses if temporary else ())
+            return LegacyResult(name, () if temporary else addresses, addresses if temporary else (),
+                                name in _FIELD_FAMILIES)
     return None
 
 

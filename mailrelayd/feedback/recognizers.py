@@ -41,6 +41,7 @@ from mailrelayd.feedback.textbounce import (
     forwarded_by_person,
     from_mail_system,
     is_auto_reply,
+    is_challenge_notice,
     is_warning,
     later_snippets,
     looks_like_bounce,
@@ -253,6 +254,13 @@ def from_dsn_text(scan: Scan, text: str, *, parser: str) -> FeedbackReport | Non
     fields = parse_delivery_status(text)
     if not fields.recipients:
         return None
+    failures = [r for r in fields.recipients if not r.succeeded]
+    if failures and all(is_challenge_notice(r.diagnostic) for r in failures) and not any(
+            classify_failure(r.status, r.diagnostic).kind == HARD for r in failures):
+        # A challenge-response system (Boxbe...) in DSN form: the recipient exists and holds the
+        # message until the sender confirms; like TMDA's and BoxTrapper's requests, no feedback.
+        return report(tree, NOT_FEEDBACK, detail="challenge-response request", parser=parser,
+                      original_envelope_id=fields.envelope_id)
     recipients: list[FeedbackRecipient] = []
     addresses = [r.address for r in fields.recipients]
     for r in fields.recipients:
@@ -458,7 +466,7 @@ def recognize_legacy(scan: Scan) -> FeedbackReport | None:
     excluded = scan.excluded()
     usable = [
         a for a in (*result.permanent, *result.temporary)
-        if is_plausible_recipient(a) and normalise_address(a).lower() not in excluded
+        if is_plausible_recipient(a, from_field=result.from_field) and normalise_address(a).lower() not in excluded
     ]
     if not usable:
         return None

@@ -112,6 +112,17 @@ _AUTO_SUBJECT = _any(
     r"afwezig", r"resposta autom[áa]tica", r"fora do escrit[óo]rio",
 )
 
+# A challenge-response system (Boxbe, TMDA, BoxTrapper, Spamarrest...) holding a message until its
+# sender proves to be a person: the recipient exists and may still get the message. Only the explicit
+# wording of such a request: the sender is not (pre-)approved yet, approval or confirmation of the
+# sender is requested, a challenge was sent.
+_CHALLENGE = _any(
+    r"\bsender (address )?(is )?not (yet )?pre-?approved", r"\bnot (yet )?pre-?approved sender",
+    r"\b(approval|confirmation) of (the |your )?sender('s)?( address)? (is )?(required|requested|needed|pending)",
+    r"\bsender (approval|confirmation) (is )?(required|requested|needed|pending)",
+    r"\bchallenge[- /]response\b", r"\bchallenge (e-?mail|message|request) (has been |was )?sent\b",
+)
+
 _ADDR = ADDRESS_RE.pattern
 # Lines that name a failed recipient in common plain-text formats. The first group of
 # patterns is positional (the address is the subject of its line); the keyword pattern is
@@ -241,6 +252,12 @@ def from_mail_system(msg: Message) -> bool:
 def is_warning(msg: Message, text: str) -> bool:
     """A delay notice ("THIS IS A WARNING ONLY", "Delivery Status Notification (Delay)")."""
     return bool(_WARNING.search(header_str(msg, "subject")) or _WARNING.search(text[:6000]))
+
+
+def is_challenge_notice(text: str) -> bool:
+    """``text`` (a DSN's Diagnostic-Code) is a challenge-response system's request that the sender
+    confirm themselves, not a delivery failure ("X-Boxbe-Notice; Sender not pre-approved")."""
+    return bool(_CHALLENGE.search(text[:2000]))
 
 
 def is_auto_reply(msg: Message) -> bool:
