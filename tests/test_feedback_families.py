@@ -22,7 +22,14 @@ shape of the family (its generator's headers and wording), with invented address
 11. a one-letter top-level label in an address field (DSN, ARF, X-Failed-Recipients), and a size
     limit named in the text outranking a Status 5.1.1;
 12. GroupWise's tab-indented list of failed addresses;
-13. a challenge-response service's request in DSN form ("Sender not pre-approved") is no feedback.
+13. a challenge-response service's request in DSN form ("Sender not pre-approved") is no feedback;
+14. RFC 7505 null MX in the MTAs' own words (Exim's "an MX or SRV record indicated no SMTP service",
+    Postfix's "nullMX"); the sender's null MX is no recipient's;
+15. Exim's X-Failed-Recipients naming the address the bounce is returned to (mail sent to oneself), when
+    the notification also lists it as failed;
+16. a report quoted inline by another notification (its header section, then DSN fields or recipient
+    lines) is read, not taken for the returned message;
+17. Google Groups' "no permission to post" in Japanese.
 """
 
 from __future__ import annotations
@@ -1038,4 +1045,314 @@ def test_rules_9_to_13_stay_linear(run: str) -> None:
     classify_status("5.0.0", run)
     is_challenge_notice(run)
     parse_feedback(postfix_dsn("reader@example.org", "5.0.0", run[:4_000]))
+    assert time.process_time() - start < 1.0
+
+
+# --- 14. RFC 7505 null MX in the words of the MTA that found it ---------------------------------------------
+
+EXIM_NO_SMTP_SERVICE = eml("""Return-Path: <>
+From: Mail Delivery System <Mailer-Daemon@mx1.example.net>
+To: bounces+q7a9@bounce.example.com
+Subject: Mail delivery failed: returning message to sender
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <E1trNul-0004Zx-2c@mx1.example.net>
+X-Failed-Recipients: reader@nomail.example
+Auto-Submitted: auto-replied
+
+This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  reader@nomail.example
+    an MX or SRV record indicated no SMTP service
+
+------ This is a copy of the message, including all the headers. ------
+
+""" + RETURNED.format(to="reader@nomail.example") + "\nHello.\n")
+
+
+def test_exim_null_mx_wording() -> None:
+    report = parse_feedback(EXIM_NO_SMTP_SERVICE)
+    assert kinds(report) == {"reader@nomail.example": HARD}, report
+    assert report.recipients[0].reason == "notaccept"
+
+
+@pytest.mark.parametrize(("status", "text", "kind"), [
+    ("", "an MX or SRV record indicated no SMTP service", HARD),
+    ("5.0.0", "550 host mx.nomail.example: SRV record indicates no SMTP service", HARD),
+    ("", "Domain nomail.example rejected: nullMX", HARD),
+    ("5.0.0", "550 the domain nomail.example does not receive any mail", HARD),
+    # A transient failure, and no SMTP service without a null MX (a closed port): no suppression.
+    ("4.0.0", "451 an MX or SRV record indicated no SMTP service", SOFT),
+    ("5.0.0", "550 connection refused: mx.example.org has no SMTP service running", SOFT),
+    # RFC 7505 section 4.2: the *sender's* domain has the null MX.
+    ("5.7.27", "550 5.7.27 Sender address has null MX", POLICY),
+    ("5.0.0", "550 5.7.27 sender <bounces+q7a9@bounce.example.com> has a null MX", POLICY),
+])
+def test_null_mx_wordings(status: str, text: str, kind: str) -> None:
+    assert classify_status(status, text)[0] == kind
+
+
+# --- 15. Exim's X-Failed-Recipients naming the bounce's own addressee ----------------------------------------
+
+
+def exim_to_itself(failed: str, listed: str, to: str = "alerts@example.com") -> bytes:
+    """An Exim bounce of a message a mailbox sent to itself: its X-Failed-Recipients (``failed``) and the
+    address it is returned to may be the same address; ``listed`` is the notification's recipient list."""
+    return eml(f"""Return-Path: <>
+X-Original-To: {to}
+Delivered-To: {to}
+From: Mail Delivery System <Mailer-Daemon@relay.example.com>
+To: {to}
+Subject: Mail delivery failed: returning message to sender
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <E1trSlf-0007Kq-4d@relay.example.com>
+X-Failed-Recipients: {failed}
+Auto-Submitted: auto-replied
+
+This message was created automatically by the SMTP relay on relay.example.com.
+
+A message that you sent could not be delivered to all of its recipients.
+The following address(es) failed:
+
+{listed}
+
+------ This is a copy of the message, including all the headers. ------
+
+Return-path: <{to}>
+From: Monitoring <{to}>
+To: {to}
+Subject: nightly check
+""")
+
+
+EXIM_TO_ITSELF = exim_to_itself(
+    "alerts@example.com",
+    "  alerts@example.com\n    SMTP error from remote mail server after RCPT TO:<alerts@example.com>:\n"
+    "    host mx.example.com [192.0.2.30]: 550 5.1.1 <alerts@example.com>: Recipient address rejected: "
+    "User unknown in local recipient table")
+
+
+def test_x_failed_recipients_may_name_the_bounce_addressee() -> None:
+    report = parse_feedback(EXIM_TO_ITSELF)
+    assert report.parser == "format:exim", report
+    assert kinds(report) == {"alerts@example.com": HARD}, report
+
+
+def test_the_bounce_addressee_still_needs_the_field_and_the_list() -> None:
+    # The field names it but the text does not list it as failed: not taken.
+    vague = exim_to_itself("alerts@example.com", "  (the remote server refused the message)\n"
+                                                 "    550 5.1.1 User unknown")
+    assert "alerts@example.com" not in kinds(parse_feedback(vague))
+    # Two addresses in the field: the bounce's own addressee stays excluded, the other one is read.
+    two = exim_to_itself("alerts@example.com, gone@example.org",
+                         "  alerts@example.com\n    550 5.1.1 User unknown\n"
+                         "  gone@example.org\n    550 5.1.1 User unknown")
+    assert kinds(parse_feedback(two)) == {"gone@example.org": HARD}
+    # Without the field, free text never takes the bounce's own addressee.
+    no_field = EXIM_TO_ITSELF.replace(b"X-Failed-Recipients: alerts@example.com\r\n", b"")
+    assert "alerts@example.com" not in kinds(parse_feedback(no_field))
+
+
+# --- 16. a report quoted inline by another notification -----------------------------------------------------
+
+
+def wrapped_report(inner_headers: str, inner_body: str) -> bytes:
+    """A provider's notice (text/plain) quoting the MTA's report after an mbox ``From `` line: the
+    report's own header section and body, then the returned message."""
+    return eml(f"""Return-Path: <MAILER-DAEMON>
+From: MAILER-DAEMON@mail.isp.example
+To: bounces+q7a9@bounce.example.com
+Subject: Undelivered Mail Returned to Sender
+Date: Mon, 10 Mar 2025 10:00:06 +0900
+Message-Id: <20250310100006.5C1D2E3F4A5B@notice.isp.example>
+MIME-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+
+We regret to inform you that the message returned below could not be
+delivered to one or more destinations.
+
+For help, please contact <helpdesk@isp.example> and include this report.
+
+---------------------------------
+From MAILER-DAEMON  Mon Mar 10 10:00:05 2025
+{inner_headers}
+{inner_body}
+""")
+
+
+POSTFIX_INNER_HEADERS = """Return-Path: <>
+Received: by relay-7.isp.example (Postfix)
+\tid 8A7B6C5D4E3F; Mon, 10 Mar 2025 10:00:05 +0900 (JST)
+Date: Mon, 10 Mar 2025 10:00:05 +0900 (JST)
+From: MAILER-DAEMON@relay-7.isp.example (Mail Delivery System)
+Subject: Undelivered Mail Returned to Sender
+To: bounces+q7a9@bounce.example.com
+Auto-Submitted: auto-replied
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status;
+\tboundary="8A7B6C5D4E3F.1741568405/relay-7.isp.example"
+Message-Id: <20250310010005.8A7B6C5D4E3F@relay-7.isp.example>
+"""
+
+
+def postfix_inner_body(rcpt: str, status: str, reply: str) -> str:
+    return f"""This is a MIME-encapsulated message.
+
+--8A7B6C5D4E3F.1741568405/relay-7.isp.example
+Content-Description: Notification
+Content-Type: text/plain; charset=us-ascii
+
+This is the mail system at host relay-7.isp.example.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients.
+
+<{rcpt}>: host mx.example.org[192.0.2.25] said: {reply}
+
+--8A7B6C5D4E3F.1741568405/relay-7.isp.example
+Content-Description: Delivery report
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; relay-7.isp.example
+
+Final-Recipient: rfc822; {rcpt}
+Action: failed
+Status: {status}
+Diagnostic-Code: smtp; {reply}
+
+--8A7B6C5D4E3F.1741568405/relay-7.isp.example
+Content-Description: Undelivered Message
+Content-Type: message/rfc822
+
+{RETURNED.format(to=rcpt)}
+Hello.
+
+--8A7B6C5D4E3F.1741568405/relay-7.isp.example--"""
+
+
+WRAPPED_POSTFIX_DEFERRED = wrapped_report(POSTFIX_INNER_HEADERS, postfix_inner_body(
+    "reader@example.org", "4.0.0", "421 Service not available, closing transmission channel"))
+WRAPPED_POSTFIX_UNKNOWN = wrapped_report(POSTFIX_INNER_HEADERS, postfix_inner_body(
+    "gone@example.org", "5.1.1", "550 5.1.1 <gone@example.org>: Recipient address rejected: User unknown"))
+WRAPPED_EXIM = wrapped_report("""Return-path: <>
+From: Mail Delivery System <Mailer-Daemon@mx2.isp.example>
+To: bounces+q7a9@bounce.example.com
+Subject: Mail delivery failed: returning message to sender
+X-Failed-Recipients: gone@example.org
+""", """This message was created automatically by mail delivery software.
+
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+  gone@example.org
+    SMTP error from remote mail server after RCPT TO:<gone@example.org>:
+    550 5.1.1 <gone@example.org>: no such user
+
+------ This is a copy of the message, including all the headers. ------
+
+""" + RETURNED.format(to="gone@example.org") + "\nHello.")
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (WRAPPED_POSTFIX_DEFERRED, {"reader@example.org": SOFT}),
+    (WRAPPED_POSTFIX_UNKNOWN, {"gone@example.org": HARD}),
+    (WRAPPED_EXIM, {"gone@example.org": HARD}),
+], ids=["postfix-deferred", "postfix-unknown", "exim"])
+def test_a_report_quoted_inline_is_read(raw: bytes, expected: dict[str, str]) -> None:
+    report = parse_feedback(raw)
+    assert kinds(report) == expected, report
+
+
+def test_a_returned_message_still_ends_the_notification() -> None:
+    from mailrelayd.feedback.tree import build_tree
+
+    # The quoted report's header section is not notification text (its To is the bounce address).
+    text = build_tree(WRAPPED_POSTFIX_UNKNOWN).text()
+    assert "Final-Recipient: rfc822; gone@example.org" in text
+    assert "relay-7.isp.example (Mail Delivery System)" not in text
+    assert "Spring newsletter" not in text
+    # A returned message is no quoted report, whatever its body says: not mined for recipients.
+    newsletter = RETURNED.replace("Content-Type: text/plain", "X-Campaign: 7\nContent-Type: text/plain")
+    plain = eml(f"""Return-Path: <>
+From: Mail Delivery System <MAILER-DAEMON@mx1.example.net>
+To: bounces+q7a9@bounce.example.com
+Subject: Undelivered Mail Returned to Sender
+Date: Mon, 10 Mar 2025 10:00:04 +0100
+Message-Id: <20250310090004.9C8B7A6F5E4D@mx1.example.net>
+
+Your message could not be delivered to one or more recipients.
+
+{newsletter.format(to="reader@example.org")}
+Your parcel could not be delivered to:
+
+  other@example.net
+Final-Recipient: rfc822; other@example.net
+Action: failed
+Status: 5.1.1
+""")
+    assert "other@example.net" not in kinds(parse_feedback(plain))
+
+
+# --- 17. Google Groups in Japanese ------------------------------------------------------------------------
+
+GOOGLE_GROUPS_JA = eml("""Return-Path: <>
+From: Mail Delivery Subsystem <mailer-daemon@googlemail.example>
+To: bounces+q7a9@bounce.example.com
+Subject: Delivery Status Notification (Failure)
+Date: Mon, 10 Mar 2025 01:00:04 -0700
+Message-ID: <67cea8a4.05ab.4c3b.GMR@mx.googlemail.example>
+Auto-Submitted: auto-replied
+X-Failed-Recipients: readers@groups.example.com
+MIME-Version: 1.0
+Content-Type: text/plain; charset="UTF-8"
+Content-Transfer-Encoding: 8bit
+
+bounces+q7a9@bounce.example.com 様
+
+送信先のグループ「readers」が存在しないか、グループにメッセージを投稿する権限がない可能性があります。
+
+よろしくお願いいたします。
+
+Google Groups
+
+----- Original message -----
+
+""" + RETURNED.format(to="readers@groups.example.com") + "\nHello.\n")
+
+
+def test_google_groups_in_japanese() -> None:
+    report = parse_feedback(GOOGLE_GROUPS_JA)
+    assert kinds(report) == {"readers@groups.example.com": POLICY}, report
+    assert report.recipients[0].reason == "rejected"
+
+
+@pytest.mark.parametrize("text", [
+    "The group you tried to contact (readers) may not exist, or you may not have permission to post messages "
+    "to the group.",
+    "グループにメッセージを投稿する権限がない可能性があります。",
+    "このグループへの投稿権限がありません。",
+])
+def test_no_permission_to_post(text: str) -> None:
+    assert classify_status("", text) == (POLICY, "rejected")
+
+
+def test_no_rule_of_14_to_17_suppresses_on_these_lookalikes() -> None:
+    vague = exim_to_itself("alerts@example.com", "  (the remote server refused the message)")
+    for raw in (WRAPPED_POSTFIX_DEFERRED, GOOGLE_GROUPS_JA, vague):
+        assert parse_feedback(raw).suppressions == ()
+
+
+@pytest.mark.parametrize("run", [
+    "Return-Path: <>\nFrom: MAILER-DAEMON@x.example\n\n" * 2_000, "Received: from x\n" * 4_000,
+    "From MAILER-DAEMON  Mon\nReturn-Path: <a@b.example>\n" * 2_000, "mx or srv record " * 2_000,
+])
+def test_rules_14_to_17_stay_linear(run: str) -> None:
+    import time
+
+    start = time.process_time()
+    classify_status("5.0.0", run)
+    parse_feedback(wrapped_report(run[:60_000], ""))
+    parse_feedback(b"From: MAILER-DAEMON@mx.example.net\nSubject: failure notice\n\n" + run.encode() * 2)
     assert time.process_time() - start < 1.0

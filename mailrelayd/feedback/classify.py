@@ -147,11 +147,16 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"(送信者|差出人|送信元)[^。\n]{0,20}(拒否|見つかりません|存在しません|不正|無効)",
         r"domain of sender", r"sender domain", r"mail from.{0,60}(rejected|refused|denied|not accepted)",
         rf"mail from:? ?{_ADDR_REF},? (does not|doesn't|did not) exist", rf"{_NOT_ACCEPT} from\b",
+        # RFC 7505 section 4.2: the *sender's* domain has a null MX ("550 5.7.27 Sender address has null MX").
+        rf"sender('s)? (e-?mail )?(address |domain )?({_ADDR_REF} |[a-z0-9.-]{{1,253}} )?(has|with|uses) (a )?null ?mx",
         r"sender.{0,20}not (allowed|permitted|accepted)", r"invalid sender", r"bad sender", r"from address",
         r"purported responsible", r"return.?path", r"envelope.?from", r"reverse.?path", r"senders? (is )?not",
         r"you are not (allowed|permitted|authorized)", r"are not me", r"from: header", r"from header",
         r"not (a )?member", r"only (members|subscribers)", r"permission to post", r"moderator",
         r"not authorized to (send|post)", r"doesn't have permission", r"(after|in reply to) mail from",
+        # Japanese: no permission (権限) to post or send (Google Groups' "you may not have permission to
+        # post messages to the group").
+        r"(投稿|送信)(する)?(ための)?権限(が|は)?(ない|ありません|無い)",
     )),
     ("norelaying", _rx(
         r"relay(ing)? (access )?(denied|not permitted|not allowed|prohibited)",
@@ -196,9 +201,12 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"account (is )?(no longer|not) (active|available|in use)",
     )),
     ("notaccept", _rx(
-        r"does not accept (any )?(e-?)?mail", r"not accept(ing)? (any )?(e-?)?mail", r"null mx",
+        r"does not accept (any )?(e-?)?mail", r"not accept(ing)? (any )?(e-?)?mail", r"null ?mx",
         r"accepts no mail",
-        r"no mail (is )?accepted", r"does not receive (e-?)?mail",
+        r"no mail (is )?accepted", r"does not receive (any )?(e-?)?mail",
+        # RFC 7505 null MX in the words of the MTA that looked it up: Exim's "an MX or SRV record
+        # indicated no SMTP service" (Postfix's "(nullMX)" and "Domain ... has null MX" above).
+        r"(mx|srv)( or (mx|srv))? records? (indicated|indicates|says|shows) no smtp service",
         r"not accepting (any )?network messages",  # RFC 3463 X.3.2's wording
     )),
     ("hostunknown", _rx(

@@ -22,7 +22,7 @@ from mailrelayd.feedback.addresses import find_addresses, is_plausible_recipient
 from mailrelayd.feedback.arf import NOT_COMPLAINT_TYPES, looks_like_feedback_report, parse_feedback_report
 from mailrelayd.feedback.classify import HARD, POLICY, SOFT, Classification, bucket, classify_failure
 from mailrelayd.feedback.dsn import looks_like_delivery_status, normalise_status, parse_delivery_status
-from mailrelayd.feedback.legacy import find_legacy
+from mailrelayd.feedback.legacy import LegacyResult, find_legacy
 from mailrelayd.feedback.mime import header_str, parse_bytes, part_text
 from mailrelayd.feedback.report import (
     COMPLAINT,
@@ -45,6 +45,7 @@ from mailrelayd.feedback.textbounce import (
     is_warning,
     later_snippets,
     looks_like_bounce,
+    named_on_recipient_line,
     returned_recipient,
     snippet_for,
     transcript_reply,
@@ -463,7 +464,7 @@ def recognize_legacy(scan: Scan) -> FeedbackReport | None:
     result = find_legacy(msg)
     if result is None:
         return None
-    excluded = scan.excluded()
+    excluded = _legacy_excluded(scan, result)
     usable = [
         a for a in (*result.permanent, *result.temporary)
         if is_plausible_recipient(a, from_field=result.from_field) and normalise_address(a).lower() not in excluded
@@ -471,6 +472,28 @@ def recognize_legacy(scan: Scan) -> FeedbackReport | None:
     if not usable:
         return None
     return from_addresses(scan, usable, result.temporary, parser=f"format:{result.family}")
+
+
+def _legacy_excluded(scan: Scan, result: LegacyResult) -> set[str]:
+    """The addresses a legacy family's finding may not name (see :func:`excluded_addresses`).
+
+    The report's own To/From and the original's sender are excluded so that a format read from
+    lines of text does not take the bounce's addressee for the failed recipient. An address field
+    the bouncing server wrote for exactly the failed recipients (Exim's ``X-Failed-Recipients``) is
+    no such guess: when it names a single address and the notification lists that same address as
+    a failed recipient (alone on its line, ``<address>: reason``), the address failed even though
+    the bounce is addressed to it too (mail sent to oneself, a test address).
+    """
+    excluded = scan.excluded()
+    if not result.from_field:
+        return excluded
+    named = {normalise_address(a).lower() for a in (*result.permanent, *result.temporary)} - {""}
+    if len(named) != 1 or not named <= excluded:
+        return excluded
+    (address,) = named
+    if not named_on_recipient_line(scan.tree.text(), address):
+        return excluded
+    return excluded - named
 
 
 def recognize_text(scan: Scan) -> FeedbackReport | None:

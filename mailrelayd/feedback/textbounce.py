@@ -11,6 +11,8 @@ import html
 import re
 from collections.abc import Callable, Iterable
 from email.message import Message
+from email.parser import HeaderParser
+from email.policy import compat32
 
 from mailrelayd.feedback.addresses import (
     ADDRESS_RE,
@@ -19,6 +21,7 @@ from mailrelayd.feedback.addresses import (
     is_plausible_recipient,
     normalise_address,
 )
+from mailrelayd.feedback.dsn import looks_like_delivery_status
 from mailrelayd.feedback.mime import Leaf, header_all, header_str, part_text
 
 MAX_NOTIFICATION = 24 * 1024
@@ -124,10 +127,10 @@ _CHALLENGE = _any(
 )
 
 _ADDR = ADDRESS_RE.pattern
-# Lines that name a failed recipient in common plain-text formats. The first group of
-# patterns is positional (the address is the subject of its line); the keyword pattern is
-# looser and never accepts a mail-system mailbox.
-_RECIPIENT_LINES = (
+# Lines that name a failed recipient in common plain-text formats. These patterns are positional
+# (the address is the subject of its line or sentence); the keyword pattern is looser and never
+# accepts a mail-system mailbox. The first group: a line that lists a recipient.
+_LISTED_RECIPIENT_LINES = (
     # address alone on its line, maybe in <> and with a trailing colon (Gmail, Exim, Sendmail)
     re.compile(r"^[ \t*>-]{0,20}<?(" + _ADDR + r")>?[ \t]*:?[ \t]*$", re.MULTILINE),
     # "<user@example.com>: reason" (qmail, Postfix) and "user@example.com: reason" (OpenSMTPD)
@@ -138,6 +141,9 @@ _RECIPIENT_LINES = (
     re.compile(r"^[ \t]{0,20}(" + _ADDR + r")'?[ \t]+on[ \t]+\d", re.MULTILINE),
     # RFC 6531 recipients in angle brackets: "<josé@exämple.net>: host ... said: 550 5.1.1 ..."
     re.compile(r"^[ \t]{0,20}<(" + UTF8_ADDRESS + r")>[ \t]*:", re.MULTILINE),
+)
+_RECIPIENT_LINES = (
+    *_LISTED_RECIPIENT_LINES,
     # A lead sentence naming the one recipient it failed for: DragonFly Mail Agent's "There was an
     # error delivering your mail to <a@example.org>.", "An error occurred while delivering this
     # message to a@example.org", "Problem delivering mail to <a@example.org>".
@@ -192,9 +198,79 @@ def split_notification(leaves: Iterable[Leaf]) -> tuple[str, str]:
     text = "\n".join(plain) if any(p.strip() for p in plain) else "\n".join(htmls)
     text = text[: 2 * MAX_NOTIFICATION]
     marker = _RETURNED_MARKER.search(text)
-    if marker is not None and marker.start() > 0:
-        return text[: marker.start()][:MAX_NOTIFICATION], text[marker.start() :]
-    return text[:MAX_NOTIFICATION], ""
+    if marker is None or marker.start() == 0:
+        return text[:MAX_NOTIFICATION], ""
+    # A report quoted inline by another notification (a provider's wrapper that pastes the MTA's
+    # report under its own text): the quoted report's header section is no returned message while
+    # the report's own body (DSN fields, its recipient lines) follows it. It is left out, and the
+    # quoted report's body read as notification text, up to the next marker.
+    kept: list[str] = []
+    pos = 0
+    for _ in range(_MAX_QUOTED_REPORTS):
+        body_start = _quoted_report_body(text, marker)
+        if body_start < 0:
+            break
+        kept.append(text[pos : _mbox_from_start(text, marker.start())])
+        pos = body_start
+        marker = _RETURNED_MARKER.search(text, body_start)
+        if marker is None:
+            break
+    if marker is None:
+        return ("".join(kept) + text[pos:])[:MAX_NOTIFICATION], ""
+    return ("".join(kept) + text[pos : marker.start()])[:MAX_NOTIFICATION], text[marker.start() :]
+
+
+# Returned-message markers that are a header field: the first line of a message's header section.
+_HEADER_MARKER = re.compile(r"[ \t>|*]*(?:received: ?from \S|return-path: ?<)", re.IGNORECASE)
+_BLANK_LINE = re.compile(r"\n[ \t]*\r?\n")
+_MBOX_FROM = re.compile(r"From \S{1,320} [^\n]{0,200}\n\Z")
+_MAX_QUOTED_REPORTS = 4
+_MAX_QUOTED_HEADERS = 16 * 1024
+_MAX_QUOTED_BODY = 16 * 1024
+
+
+def _quoted_report_body(text: str, marker: re.Match[str]) -> int:
+    """Where the body of a report quoted inline starts, when ``marker`` is the first header of one;
+    -1 when ``marker`` starts a returned message (or anything else).
+
+    A quoted report: a header section written by a mail system (a mail-system From, an
+    ``X-Failed-Recipients`` field or a ``multipart/report`` type), then, before the next marker, a
+    body that carries the report itself: DSN fields (``Final-Recipient:`` with ``Action:`` or
+    ``Status:``), or a failure statement with a recipient listed on its own line. A returned
+    message (our own mail) has neither.
+    """
+    if not _HEADER_MARKER.match(marker.group(0)):
+        return -1
+    end = _BLANK_LINE.search(text, marker.start(), marker.start() + _MAX_QUOTED_HEADERS)
+    if end is None:
+        return -1
+    try:
+        headers = HeaderParser(policy=compat32).parsestr(text[marker.start() : end.start()].lstrip(" \t>|*"),
+                                                         headersonly=True)
+    except Exception:
+        return -1
+    from_system = headers.get("x-failed-recipients") is not None \
+        or bool(_BOUNCE_SENDER.search(header_str(headers, "from"))) \
+        or header_str(headers, "content-type").lower().lstrip().startswith("multipart/report")
+    if not from_system:
+        return -1
+    body_start = end.end()
+    following = _RETURNED_MARKER.search(text, body_start, body_start + _MAX_QUOTED_BODY)
+    body = text[body_start : following.start() if following else body_start + _MAX_QUOTED_BODY]
+    if looks_like_delivery_status(body):
+        return body_start
+    if _BOUNCE_STATEMENT.search(body) and any(p.search(body) for p in _LISTED_RECIPIENT_LINES):
+        return body_start
+    return -1
+
+
+def _mbox_from_start(text: str, start: int) -> int:
+    """``start``, or the start of the line before it when that is an mbox ``From `` separator line
+    (``From MAILER-DAEMON  Thu Apr 29 23:34:45 2015``), which belongs to the quoted message."""
+    line_start = text.rfind("\n", 0, max(0, start - 1)) + 1
+    if start > 0 and _MBOX_FROM.match(text, line_start, start):
+        return line_start
+    return start
 
 
 def notification_text(leaves: Iterable[Leaf]) -> str:
@@ -316,6 +392,17 @@ def find_recipients(text: str, excluded: set[str]) -> list[str]:
             out.append(address)
             keys.add(key)
     return out
+
+
+def named_on_recipient_line(text: str, address: str) -> bool:
+    """``text`` names ``address`` the way a bounce lists a failed recipient: alone on its line,
+    ``<address>: reason``, Sendmail's ``550 <address>... reason`` (the positional shapes of
+    :func:`find_recipients`; a mention in a sentence does not count)."""
+    key = normalise_address(address).lower()
+    if not key:
+        return False
+    return any(normalise_address(m.group(1).lstrip("'`")).lower() == key
+               for pattern in _LISTED_RECIPIENT_LINES for m in pattern.finditer(text))
 
 
 def returned_recipient(rest: str, excluded: set[str]) -> str:
