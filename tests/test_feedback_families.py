@@ -1356,3 +1356,47 @@ def test_rules_14_to_17_stay_linear(run: str) -> None:
     parse_feedback(wrapped_report(run[:60_000], ""))
     parse_feedback(b"From: MAILER-DAEMON@mx.example.net\nSubject: failure notice\n\n" + run.encode() * 2)
     assert time.process_time() - start < 1.0
+
+
+# --- 18. qmail's refusals of our own name -------------------------------------------------------
+# qmail-remote states which step failed before quoting the reply: "Connected to <ip> but my name
+# was rejected." is about our HELO, whatever the reply's words ("501 5.0.0 Invalid domain name"
+# reads like the recipient's domain); "... but greeting failed." is the server's banner refusal.
+
+def qmail_bounce(rcpt: str, statement: str) -> bytes:
+    return eml(f"""Return-Path: <>
+From: MAILER-DAEMON@mx1.example.net
+To: bounces+q7a9@bounce.example.com
+Subject: failure notice
+Date: Mon, 10 Mar 2025 10:00:04 +0000
+Message-ID: <20250310100004.4711.qmail@mx1.example.net>
+
+Hi. This is the qmail-send program at mx1.example.net.
+I'm afraid I wasn't able to deliver your message to the following addresses.
+This is a permanent error; I've given up. Sorry it didn't work out.
+
+<{rcpt}>:
+{statement}
+
+--- Below this line is a copy of the message.
+
+{RETURNED.format(to=rcpt)}
+hello
+""")
+
+
+@pytest.mark.parametrize("statement", [
+    "Connected to 192.0.2.25 but my name was rejected.\nRemote host said: 501 5.0.0 Invalid domain name",
+    "Connected to 192.0.2.25 but greeting failed.\nRemote host said: 554 5.7.1 mx.example.org go away",
+])
+def test_qmail_refusing_our_name_is_about_us(statement: str) -> None:
+    report = parse_feedback(qmail_bounce("reader@example.org", statement))
+    assert kinds(report) == {"reader@example.org": "reputation"}
+    assert report.suppressions == ()
+
+
+def test_qmail_unknown_recipient_is_still_hard() -> None:
+    report = parse_feedback(qmail_bounce(
+        "gone@example.org", "192.0.2.25 does not like recipient.\nRemote host said: 550 5.1.1 <gone@example.org>:"
+        " Recipient address rejected: User unknown\nGiving up on 192.0.2.25."))
+    assert kinds(report) == {"gone@example.org": HARD}

@@ -121,6 +121,9 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"reverse dns", r"\bptr\b", r"\brdns\b", r"reverse (dns|lookup|hostname)", r"dynamic ip", r"dial-?up",
         r"sender ip", r"not (be )?(permitted|allowed) to send", r"without a valid sender",
         r"envelope blocked", r"\bhelo\b", r"\behlo\b",
+        # qmail's "Connected to 192.0.2.1 but my name was rejected." (our HELO name, whatever the
+        # reply says: "501 5.0.0 Invalid domain name" is about us) and "... but greeting failed."
+        r"my name was rejected", r"but greeting failed",
         # Yahoo/AOL deferrals about the sender's traffic ("[TSS04] ... unexpected volume or user complaints").
         r"\[ts[0-9]{2}\]", r"unexpected volume", r"(user|recipient|subscriber) complaints",
         r"(from|of) (this|your|the sending) ip", r"traffic not accepted",
