@@ -135,6 +135,26 @@ async def test_unknown_user_fails_like_wrong_password(start_daemon, client_tls) 
     await c.quit()
 
 
+async def test_auth_plain_as_another_identity_is_refused(start_daemon, client_tls) -> None:
+    """RFC 4616 §2: PLAIN carries an authorization identity. bob's own password with "act as
+    alice" must not log bob in as alice, nor as bob: it fails like a wrong password."""
+    d = await start_daemon()
+    c = await _client(d.port("submissions"), client_tls, implicit=True)
+    await c.ehlo()
+    for authzid in (b"alice", b"alice@example.com"):
+        token = base64.b64encode(authzid + b"\0bob\0" + TEST_PASSWORD.encode())
+        code, text = await c.execute_command(b"AUTH", b"PLAIN", token)
+        assert (code, text[:5]) == (535, "5.7.8"), text
+    code, _ = await c.execute_command(b"MAIL", b"FROM:<alice@example.com>")
+    assert code == 530  # still not authenticated
+    # The same identity twice is no impersonation (some clients send it).
+    token = base64.b64encode(b"bob\0bob\0" + TEST_PASSWORD.encode())
+    assert (await c.execute_command(b"AUTH", b"PLAIN", token))[0] == 235
+    code, _ = await c.execute_command(b"MAIL", b"FROM:<alice@example.com>")
+    assert code == 550
+    await c.quit()
+
+
 async def test_sender_spoofing_refused(start_daemon, client_tls) -> None:
     d = await start_daemon()
     c = await _client(d.port("submissions"), client_tls, implicit=True)
