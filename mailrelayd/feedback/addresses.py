@@ -13,14 +13,14 @@ ADDRESS_RE = re.compile(rf"(?<![A-Za-z0-9!#$%&'*+/=?^_`{{|}}~.-]){_LOCAL}@{_DOMA
 # RFC 6531/6532: UTF-8 in the local part and U-labels in the domain.
 _U = "\u0080-\U0010ffff"
 _LOCAL_UTF8 = rf'(?:"[^"\n]{{1,64}}"|[A-Za-z0-9!#$%&\'*+/=?^_`{{|}}~.{_U}-]{{1,64}})'
-_DOMAIN_UTF8 = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]{{0,62}}[A-Za-z0-9{_U}])?\.){{1,10}}[A-Za-z0-9{_U}-]{{2,63}}"
+_LABELS_UTF8 = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]{{0,62}}[A-Za-z0-9{_U}])?\.){{1,10}}"
+_DOMAIN_UTF8 = rf"{_LABELS_UTF8}[A-Za-z0-9{_U}-]{{2,63}}"
 _FULL = re.compile(rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}")
 # In a field that is an address by definition (DSN Final-/Original-Recipient, ARF Original-Rcpt-To,
 # Exim's X-Failed-Recipients) a one-letter last label is taken too: reports anonymised by hand
 # ("a@b.c") and single-letter internal domains. Free text keeps the two-letter minimum, where a
-# shorter one reads "name@host.x" out of prose and paths.
-_DOMAIN_IN_FIELD = rf"(?:[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]{{0,62}}[A-Za-z0-9{_U}])?\.){{1,10}}[A-Za-z0-9{_U}-]{{1,63}}"
-_FIELD_ADDRESS = re.compile(rf"{_LOCAL_UTF8}@{_DOMAIN_IN_FIELD}")
+# shorter one reads "name@host.x" out of prose and paths. Every _FULL address is one of these.
+_FIELD_ADDRESS = re.compile(rf"{_LOCAL_UTF8}@{_LABELS_UTF8}[A-Za-z0-9{_U}-]{{1,63}}")
 # In free text a UTF-8 address is only taken in angle brackets (Postfix, Exim and Sendmail write
 # recipients so): letters of a surrounding non-Latin text would otherwise run into it.
 UTF8_ADDRESS = rf"{_LOCAL_UTF8}@{_DOMAIN_UTF8}"
@@ -119,7 +119,7 @@ def address_from_field(value: str) -> str:
     elif not candidate.startswith('"'):
         candidate = candidate.split()[0] if candidate.split() else ""
     candidate = candidate.strip().strip("<>")
-    if _FULL.fullmatch(candidate) or _FIELD_ADDRESS.fullmatch(candidate):
+    if _FIELD_ADDRESS.fullmatch(candidate):
         return candidate
     # Mangled values ("|/usr/bin/filter user@example.com /home"): take the one address inside.
     found = find_addresses(text)
