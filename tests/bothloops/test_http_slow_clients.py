@@ -4,9 +4,7 @@ responses are closed, over real sockets against an in-process daemon, while clie
 slow (keep-alive with pauses, an upload within ``limits.data_timeout``, a handler waiting for the
 spool) are served. Each test also shows the guard at work, so each fails without it.
 
-Each test runs under asyncio's loop and under uvloop. The loop is chosen with pytest-asyncio's
-``event_loop_policy`` fixture: deprecated in pytest-asyncio 1.x in favour of a hook that belongs in
-conftest.py, it is the public way left to a test module to choose the loop ``start_daemon`` runs in."""
+Each test runs under asyncio's loop and under uvloop (this folder's conftest.py)."""
 
 from __future__ import annotations
 
@@ -36,15 +34,7 @@ SLACK = 3.0  # scheduling slack on a loaded machine
 API = {"api": {"address": "127.0.0.1:0", "tls": False}}
 API_TLS = {"api": {"address": "127.0.0.1:0", "tls": True}, "limits": {"tls_handshake_timeout": "1s"}}
 
-pytestmark = [
-    pytest.mark.timeout(90),
-    pytest.mark.filterwarnings('ignore:Overriding the "event_loop_policy" fixture is deprecated'),
-]
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
-    return uvloop.EventLoopPolicy() if request.param == "uvloop" else asyncio.DefaultEventLoopPolicy()
+pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
@@ -66,12 +56,13 @@ async def with_api(start_daemon: Callable[..., Awaitable[RunningDaemon]], overri
 
 
 @pytest.fixture
-async def daemon(start_daemon: Callable[..., Awaitable[RunningDaemon]], short_timeouts: None) -> RunningDaemon:
+async def daemon(start_daemon: Callable[..., Awaitable[RunningDaemon]], short_timeouts: None,
+                 request: pytest.FixtureRequest) -> RunningDaemon:
     """A daemon with the API (plain HTTP) and the sidecar; its log also kept for :func:`aborts`."""
     d = await with_api(start_daemon, API)
     d.daemon.log_stream.stream = Tee(d.daemon.log_stream.stream)
-    assert isinstance(asyncio.get_running_loop(), uvloop.Loop) == \
-        isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy)
+    # The loop is the one the test's id names (conftest.py's factories).
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop) == ("[uvloop" in request.node.name)
     return d
 
 
