@@ -29,7 +29,11 @@ shape of the family (its generator's headers and wording), with invented address
     the notification also lists it as failed;
 16. a report quoted inline by another notification (its header section, then DSN fields or recipient
     lines) is read, not taken for the returned message;
-17. Google Groups' "no permission to post" in Japanese.
+17. Google Groups' "no permission to post" in Japanese;
+18. qmail's refusals of our own name (HELO) are about us;
+19. a refusal sent as an MDN (Sieve "reject", RFC 5429; Dovecot's LDA over quota): an automatic
+    "deleted" disposition is a soft bounce of its Final-Recipient, never a suppression; every other
+    MDN stays a read receipt.
 """
 
 from __future__ import annotations
@@ -1400,3 +1404,63 @@ def test_qmail_unknown_recipient_is_still_hard() -> None:
         "gone@example.org", "192.0.2.25 does not like recipient.\nRemote host said: 550 5.1.1 <gone@example.org>:"
         " Recipient address rejected: User unknown\nGiving up on 192.0.2.25."))
     assert kinds(report) == {"gone@example.org": HARD}
+
+
+# --- 19. a refusal sent as an MDN ---------------------------------------------------------------------------
+def mdn(rcpt: str, disposition: str, text: str) -> bytes:
+    return eml(f"""Return-Path: <>
+From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.org>
+To: <bounces+q7a9@bounce.example.com>
+Subject: Rejected: Spring newsletter
+Auto-Submitted: auto-replied (rejected)
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=disposition-notification; boundary="b19"
+
+--b19
+Content-Type: text/plain; charset=utf-8
+
+{text}
+--b19
+Content-Type: message/disposition-notification
+
+Reporting-UA: mx.example.org; Dovecot Mail Delivery Agent
+Final-Recipient: rfc822; {rcpt}
+Original-Message-ID: <n1@example.com>
+Disposition: {disposition}
+
+--b19
+Content-Type: message/rfc822
+
+{RETURNED.format(to=rcpt)}
+hello
+--b19--
+""")
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("Your message to <reader@example.org> was automatically rejected:\nQuota exceeded (mailbox for user is full)",
+     "mailboxfull"),
+    ("Your message to <reader@example.org> was automatically rejected:\nI am not taking mail from this list.", ""),
+    # A Sieve script's words are the user's: even "unknown user" is no status anyone vouches for.
+    ("Your message to <reader@example.org> was automatically rejected:\nUser unknown", ""),
+])
+@pytest.mark.parametrize("disposition", ["automatic-action/MDN-sent-automatically; deleted",
+                                         "Automatic-Action/MDN-Sent-Automatically;deleted/error"])
+def test_a_refusal_sent_as_an_mdn_is_a_soft_bounce(text: str, reason: str, disposition: str) -> None:
+    report = parse_feedback(mdn("Reader@Example.ORG", disposition, text))
+    assert report.kind in NOT_SUPPRESSING and report.suppressions == ()
+    assert [r.address for r in report.recipients] == ["Reader@example.org"]
+    assert report.recipients[0].kind in NOT_SUPPRESSING
+    if reason:
+        assert report.recipients[0].reason == reason
+
+
+@pytest.mark.parametrize("disposition", [
+    "manual-action/MDN-sent-manually; displayed",
+    "automatic-action/MDN-sent-automatically; displayed",
+    "manual-action/MDN-sent-manually; deleted",  # a person deleted it unread: a receipt, not a refusal
+    "automatic-action/MDN-sent-automatically; processed",
+])
+def test_other_mdns_stay_read_receipts(disposition: str) -> None:
+    report = parse_feedback(mdn("reader@example.org", disposition, "The message was displayed."))
+    assert report.kind == "not_feedback" and report.recipients == ()

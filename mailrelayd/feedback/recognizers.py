@@ -18,10 +18,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mailrelayd.feedback.addresses import find_addresses, is_plausible_recipient, normalise_address
+from mailrelayd.feedback.addresses import address_from_field, find_addresses, is_plausible_recipient, normalise_address
 from mailrelayd.feedback.arf import NOT_COMPLAINT_TYPES, looks_like_feedback_report, parse_feedback_report
 from mailrelayd.feedback.classify import HARD, POLICY, SOFT, Classification, bucket, classify_failure
 from mailrelayd.feedback.dsn import looks_like_delivery_status, normalise_status, parse_delivery_status
+from mailrelayd.feedback.fields import first, parse_groups
 from mailrelayd.feedback.legacy import LegacyResult, find_legacy
 from mailrelayd.feedback.mime import header_str, parse_bytes, part_text
 from mailrelayd.feedback.report import (
@@ -223,12 +224,40 @@ def recognize_jmrp(scan: Scan) -> FeedbackReport | None:
     return None
 
 
+# RFC 8098 section 3.2.6: a message "deleted" by an automatic action was never shown to anyone.
+# That is how Sieve's "reject" refuses a message (RFC 5429 section 2.1.1), and Dovecot's LDA a
+# message over quota: a refusal in the form of an MDN, with the reason in the text.
+_MDN_DELETED = re.compile(r"automatic-action\s*/[^;]*;\s*deleted\b", re.IGNORECASE)
+
+
 def recognize_mdn(scan: Scan) -> FeedbackReport | None:
-    """RFC 8098 read receipts: never feedback."""
+    """RFC 8098 read receipts: never feedback. A refusal sent as an MDN is a soft bounce."""
     tree = scan.tree
     if tree.report_type == "disposition-notification" or tree.report_part(*MDN_TYPES) is not None:
+        refused = _mdn_refusal(tree)
+        if refused is not None:
+            return report(tree, refused.kind, recipients=(refused,), parser="mdn",
+                          detail="refused by the recipient's system (MDN, RFC 5429)")
         return report(tree, NOT_FEEDBACK, detail="read receipt (MDN, RFC 8098)", parser="mdn")
     return None
+
+
+def _mdn_refusal(tree: MessageTree) -> FeedbackRecipient | None:
+    """The recipient of an MDN whose disposition is an automatic ``deleted`` (see :data:`_MDN_DELETED`).
+
+    Its reason is free text (the quota, or a user's Sieve script) with no status code: the text
+    names the reason, but never makes it a hard bounce, so no MDN suppresses anyone."""
+    fields = [f for group in parse_groups(tree.report_text(*MDN_TYPES), split_on_repeat=False) for f in group]
+    if not _MDN_DELETED.search(first(fields, "disposition")):
+        return None
+    address = address_from_field(first(fields, "final-recipient") or first(fields, "original-recipient"))
+    if not address or not is_plausible_recipient(address):
+        return None
+    address = normalise_address(address)
+    text = snippet_for(tree.text(), address, ()) or tree.text()
+    result = classify_failure("", text)
+    kind = SOFT_BOUNCE if result.kind == HARD else result.kind
+    return FeedbackRecipient(address, kind, reason=result.reason, diagnostic=" ".join(text.split())[:500])
 
 
 def recognize_forwarded(scan: Scan) -> FeedbackReport | None:
