@@ -33,7 +33,9 @@ shape of the family (its generator's headers and wording), with invented address
 18. qmail's refusals of our own name (HELO) are about us;
 19. a refusal sent as an MDN (Sieve "reject", RFC 5429; Dovecot's LDA over quota): an automatic
     "deleted" disposition is a soft bounce of its Final-Recipient, never a suppression; every other
-    MDN stays a read receipt.
+    MDN stays a read receipt;
+20. a bounce whose subject quotes the returned message's ("Undeliverable: Holiday offers") is no
+    auto-reply; an out-of-office subject that comes first still is.
 """
 
 from __future__ import annotations
@@ -1464,3 +1466,33 @@ def test_a_refusal_sent_as_an_mdn_is_a_soft_bounce(text: str, reason: str, dispo
 def test_other_mdns_stay_read_receipts(disposition: str) -> None:
     report = parse_feedback(mdn("reader@example.org", disposition, "The message was displayed."))
     assert report.kind == "not_feedback" and report.recipients == ()
+
+
+# --- 20. a bounce whose subject quotes an out-of-office word --------------------------------------------------
+def gateway_bounce(subject: str) -> bytes:
+    return eml(f"""Return-Path: <>
+From: Mail Gateway <gateway@mx.example.org>
+To: <bounces+q7a9@bounce.example.com>
+Subject: {subject}
+
+Your message could not be delivered to the following recipient:
+
+    reader@example.org: 550 5.1.1 User unknown
+
+--- Original message ---
+{RETURNED.format(to="reader@example.org")}
+hello
+""")
+
+
+@pytest.mark.parametrize("subject", ["Undeliverable: Holiday offers", "Undeliverable: Away days booked",
+                                     "Returned mail: Vacation rentals, 40% off"])
+def test_a_bounce_quoting_an_out_of_office_word_is_read(subject: str) -> None:
+    assert kinds(parse_feedback(gateway_bounce(subject))) == {"reader@example.org": HARD}
+
+
+@pytest.mark.parametrize("subject", ["Out of Office: Undeliverable invoices", "Holiday: returned mail will wait",
+                                     "Automatic reply: Delivery failure"])
+def test_an_auto_reply_subject_before_bounce_words_is_an_auto_reply(subject: str) -> None:
+    report = parse_feedback(gateway_bounce(subject))
+    assert report.kind == "not_feedback" and report.suppressions == ()

@@ -347,7 +347,13 @@ def is_auto_reply(msg: Message) -> bool:
             return True
     if header_str(msg, "precedence").lower() in ("auto_reply", "autoreply"):
         return True
-    return bool(_AUTO_SUBJECT.search(header_str(msg, "subject")))
+    subject = header_str(msg, "subject")
+    auto = _AUTO_SUBJECT.search(subject)
+    if auto is None:
+        return False
+    # "Undeliverable: Holiday offers" is a bounce quoting the returned message's subject.
+    bounce = _BOUNCE_SUBJECT.search(subject)
+    return bounce is None or auto.start() < bounce.start()
 
 
 def forwarded_by_person(msg: Message, text: Callable[[], str]) -> bool:
