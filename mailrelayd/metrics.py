@@ -174,7 +174,7 @@ SENT_RECIPIENTS = Counter(
 )
 DELIVERY_CONNECTIONS = Counter(
     "mailrelayd_delivery_connections_total",
-    "Outbound SMTP connections by result (ok, refused, timeout, tls_failed, error).",
+    "Outbound SMTP connections by result (ok, refused, refused_greeting, timeout, tls_failed, loop).",
     ["result"],
 )
 OUTBOUND_TLS = Counter(
@@ -382,7 +382,7 @@ declare_labels(DELIVERY_DURATION, result=("delivered", "deferred", "bounced", "m
 declare_labels(DELIVERY_LATENCY, result=("delivered", "bounced", "expired", "suppressed"))
 declare_labels(SENT_RECIPIENTS, sender_domain=SENDER_DOMAINS,
                result=("delivered", "bounced", "expired", "suppressed"))
-declare_labels(DELIVERY_CONNECTIONS, result=("ok", "refused", "refused_greeting", "timeout", "tls_failed"))
+declare_labels(DELIVERY_CONNECTIONS, result=("ok", "loop", "refused", "refused_greeting", "timeout", "tls_failed"))
 declare_labels(OUTBOUND_TLS, mode=("may",), result=("verified", "encrypted", "plaintext"))
 declare_labels(DNS_FAILURES, type=("MX", "A", "AAAA"), reason=("nxdomain", "servfail", "timeout", "nodata", "error"))
 declare_labels(DSN_SENT, action=("failed", "delayed"))

@@ -276,36 +276,73 @@ async def test_hop_count_stops_at_max_hops(start_daemon) -> None:
     await t.close()
 
 
-async def test_route_back_to_itself_ends(start_daemon) -> None:
-    """A route that points at the relay's own listener (a typo, or an MX that names this host) from
-    a trusted network: each pass adds a Received field, so the loop ends at limits.max_hops with a
-    554 5.4.6 bounce, and the bounce's own loop ends the same way. Nothing circulates forever."""
+async def _settled(*daemons) -> list:
+    """Every row of the daemons' history once all their queues are empty."""
     from mailrelayd.spool.store import HistoryQuery
-    from tests.support.pg import free_port
 
-    port = free_port()
-    d = await start_daemon({
-        "listeners": [{"name": "relay", "address": f"127.0.0.1:{port}", "mode": "relay", "tls": "none"}],
-        "limits": {"max_hops": 4}, "routes": [{"domain": "*", "host": f"127.0.0.1:{port}"}]})
+    async def wait() -> list:
+        while True:
+            rows = [r for d in daemons for r in await d.spool.history(HistoryQuery())]
+            queued = [(await d.spool.stats()).messages for d in daemons]
+            if rows and not any(queued):
+                return rows
+            await asyncio.sleep(0.1)
+    return await asyncio.wait_for(wait(), 30)
+
+
+def _relay_to(port: int, to_port: int, hostname: str | None = None, max_hops: int = 25) -> dict:
+    """A relay listener on ``port`` (loopback is trusted) whose every domain is routed to ``to_port``."""
+    cfg = {"listeners": [{"name": "relay", "address": f"127.0.0.1:{port}", "mode": "relay", "tls": "none"}],
+           "limits": {"max_hops": max_hops}, "routes": [{"domain": "*", "host": f"127.0.0.1:{to_port}"}]}
+    if hostname:
+        cfg["server"] = {"hostname": hostname}
+    return cfg
+
+
+async def _send_loop_message(port: int) -> None:
     t = await _ready(port, rcpt="someone@looped.example")
     assert (await t.cmd("DATA"))[0] == 354
     assert (await t.cmd(b"From: <app@example.com>\r\nSubject: loop\r\n\r\nbody\r\n."))[0] == 250
     await t.close()
 
-    async def settled() -> list:
-        while True:
-            rows = await d.spool.history(HistoryQuery())
-            if (await d.spool.stats()).messages == 0 and rows:
-                return rows
-            await asyncio.sleep(0.1)
-    rows = await asyncio.wait_for(settled(), 30)
+
+async def test_route_back_to_itself_is_a_loop(start_daemon) -> None:
+    """A route that points at the relay's own listener (a typo, or an MX that names this host): the
+    server greets with our own host name, so the first attempt bounces the recipient with 5.4.6
+    (as Postfix's "loops back to myself"), and the bounce, routed the same way, ends there too."""
+    from tests.support.pg import free_port
+
+    port = free_port()
+    d = await start_daemon(_relay_to(port, port))
+    await _send_loop_message(port)
+    rows = await _settled(d)
+    looped = [r for r in rows if r.recipient == "someone@looped.example"]
+    assert [r.state for r in looped] == ["bounced"], rows
+    assert "5.4.6" in looped[0].last_reply and "loops back to myself" in looped[0].last_reply
+    assert "with my own hostname relay.test.example" in looped[0].last_reply
+    bounces = [r for r in rows if r.recipient == "app@example.com"]
+    # The bounce (null sender) loops the same way; a bounce of a bounce is never made.
+    assert [r.state for r in bounces] == ["bounced"] and len(rows) == 2, rows
+
+
+async def test_two_relays_routed_at_each_other_end_at_max_hops(start_daemon) -> None:
+    """Two relays with their own names, each routed at the other (MX records that name each other):
+    no greeting names the sender, but each pass adds a Received field, so the loop ends at
+    limits.max_hops with a 554 5.4.6 bounce, and the bounce's own loop ends the same way."""
+    from tests.support.pg import free_port
+
+    pa, pb = free_port(), free_port()
+    a = await start_daemon(_relay_to(pa, pb, "a.relay.test", max_hops=4))
+    b = await start_daemon(_relay_to(pb, pa, "b.relay.test", max_hops=4))
+    await _send_loop_message(pa)
+    rows = await _settled(a, b)
     looped = [r for r in rows if r.recipient == "someone@looped.example"]
     # Accepted with 1, 2, 3 and 4 Received fields (ours included); the fifth pass was refused.
     assert len(looped) == 4, rows
     assert sorted(r.state for r in looped) == ["bounced", "delivered", "delivered", "delivered"], rows
-    assert any("5.4.6" in r.last_reply for r in looped if r.state == "bounced")
+    assert any("5.4.6 Too many hops" in r.last_reply for r in looped if r.state == "bounced")
     bounces = [r for r in rows if r.recipient == "app@example.com"]
-    # The bounce (null sender) looped too: the one we made, then a pass per hop; its own 554 ends it
+    # The bounce (null sender) loops too: the one made, then a pass per hop; its own 554 ends it
     # without another bounce.
     assert len(bounces) == 5 and len(rows) == 9, rows
     assert [r.state for r in bounces].count("bounced") == 1, rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -439,3 +440,67 @@ async def test_a_server_that_refuses_ehlo_and_helo_bounces(tmp_path: Path, tls_f
     seen = await _serve(handler, body)
     assert [r.split(b" ")[0] for r in seen.reads[:2]] == [b"EHLO", b"HELO"]
     assert seen.data == []
+
+
+@pytest.mark.parametrize(("reply", "ours"), [
+    ("relay.test.example ESMTP mailrelayd", True),
+    ("RELAY.Test.Example.", True),  # case and a root dot do not make another host
+    ("relay.test.example\nPIPELINING\nSIZE 100", True),  # an EHLO reply: its first line
+    ("mx.test ESMTP relay.test.example", False),  # named later: not the server's own name
+    ("relay.test.example.org ESMTP", False),
+    ("", False),
+])
+def test_names_us(reply: str, ours: bool) -> None:
+    assert transport_mod.names_us(reply, "relay.test.example") is ours
+
+
+async def test_a_server_that_answers_ehlo_with_our_name_is_a_loop(tmp_path: Path,
+                                                                  tls_files: tuple[Path, Path]) -> None:
+    """The host's EHLO reply names our own server.hostname: mail sent there comes back (Postfix:
+    "mail for ... loops back to myself"). The recipient bounces 5.4.6; no MAIL is sent."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Seen) -> None:
+        await _line(reader, seen)
+        writer.write(b"250-Relay.Test.Example\r\n250 PIPELINING\r\n")
+        await _line(reader, seen)
+
+    async def body(port: int, seen: Seen) -> None:
+        t = _transport(tmp_path, tls_files, port)
+        res = await t.deliver("dest.test", "a@example.com", ["b@dest.test"], MSG)
+        await t.close()
+        assert res[0].permanent and res[0].enhanced == "5.4.6", res[0]
+        assert "loops back to myself" in res[0].text and "replied to EHLO" in res[0].text, res[0]
+
+    seen = await _serve(handler, body)
+    assert [r.split(b" ")[0] for r in seen.reads] in ([b"EHLO"], [b"EHLO", b"QUIT\r\n"]), seen.reads
+
+
+async def test_a_looping_mx_host_is_skipped_for_the_next(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                        dns_srv: DnsServer) -> None:
+    """Only the host that greets with our name is refused: the next MX takes the mail."""
+    def serve(greeting: bytes, seen: Seen) -> Any:
+        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.sessions += 1
+            writer.write(greeting)
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                await _serial_transaction(reader, writer, seen, b"250 ok\r\n")
+            writer.close()
+        return on_client
+
+    looped, other = Seen(), Seen()
+    first = await asyncio.start_server(serve(b"220 relay.test.example ESMTP\r\n", looped), "127.0.0.2", 0)
+    port = first.sockets[0].getsockname()[1]
+    second = await asyncio.start_server(serve(b"220 mx2.dest.test ESMTP\r\n", other), "127.0.0.1", port)
+    dns_srv.add("dest.test.", "MX", "10 mx1.dest.test.")
+    dns_srv.add("dest.test.", "MX", "20 mx2.dest.test.")
+    dns_srv.add("mx1.dest.test.", "A", "127.0.0.2")
+    dns_srv.add("mx2.dest.test.", "A", "127.0.0.1")
+    try:
+        t = _transport(tmp_path, tls_files, port, dns_port=dns_srv.port)
+        res = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+        await t.close()
+    finally:
+        first.close()
+        second.close()
+    assert res[0].ok and res[0].remote_mta == "mx2.dest.test", res[0]
+    assert looped.sessions == 1 and not any(looped.reads), looped.reads  # not even an EHLO
+    assert other.sessions == 1 and len(other.data) == 1

@@ -87,6 +87,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def names_us(reply_text: str, hostname: str) -> bool:
+    """Whether a greeting or EHLO reply begins with our own host name: both begin with the server's
+    domain (RFC 5321 §4.2, §4.1.1.1), so such a server is this relay (or one configured as it), and
+    mail sent there comes back to us. Postfix's smtp client makes the same check."""
+    words = reply_text.split(None, 1)
+    return bool(words) and words[0].rstrip(".").casefold() == hostname.rstrip(".").casefold()
+
+
+class _Loop(Exception):
+    """The host greeted us with our own name (see :func:`names_us`)."""
+
+
 class _TempFail(Exception):
     """This host could not take the message now; try the next one (code, enhanced, text)."""
 
@@ -396,6 +408,8 @@ class Transport:
                 enh, _ = _enhanced(code, greeting.text)  # of the code reported: never 451 with "2.0.0"
                 raise cls(code, enh, f"host {where} refused to talk to me: {greeting.line()}", host.name,
                           greeting.line())
+            if names_us(greeting.text, self.cfg.server.hostname):
+                raise _Loop("greeted me")
 
             await self._ehlo(smtp, helo, where, host.name)
             tls = False
@@ -423,6 +437,13 @@ class Transport:
                     raise _TempFail(451, "4.7.0", f"AUTH at {where} failed: {_one_line(str(e))}") from None
                 if r.code != 235:
                     raise _TempFail(451, "4.7.0", f"AUTH at {where} failed: {r.line()}")
+        except _Loop as e:
+            smtp.close()
+            # A loop is final for this host (Postfix bounces it as 5.4.6 too); another MX may differ.
+            metrics.DELIVERY_CONNECTIONS.labels("loop").inc()
+            log.warning("delivery.loop", host=host.name, address=addr, hostname=self.cfg.server.hostname)
+            raise _PermFail(550, "5.4.6", f"mail loops back to myself: host {where} {e} with my own "
+                            f"hostname {self.cfg.server.hostname}") from None
         except BaseException:
             smtp.close()
             raise
@@ -479,6 +500,8 @@ class Transport:
             enh, _ = _enhanced(code, resp.text)
             reply = resp.line()
             raise cls(code, enh, f"{verb} rejected by {where}: {reply}", mta, reply, verb)
+        if names_us(resp.text, self.cfg.server.hostname):
+            raise _Loop(f"replied to {verb}")
 
     async def _quit(self, conn: _Conn, wait: float = 0.0) -> None:
         """QUIT; its 221 awaited ``wait`` seconds at most: none while delivering (see SmtpClient.quit)."""
