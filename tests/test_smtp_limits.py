@@ -110,6 +110,23 @@ async def test_smtp_smuggling_rejected(start_daemon, payload: bytes) -> None:
     await t.close()
 
 
+async def test_a_helo_name_with_spaces_is_taken(start_daemon) -> None:
+    """Devices send their machine name ("EHLO Front Desk PC"): accepted, as Postfix does, and kept in
+    Received: without its blanks; a missing name is still 501."""
+    d = await start_daemon()
+    t = await SmtpTalk.connect(d.port("relay"))
+    assert await t.cmd("EHLO") == (501, "5.5.4 Syntax: EHLO hostname")
+    assert (await t.ehlo("Front  Desk PC"))[0] == 250
+    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    assert (await t.cmd("RCPT TO:<x@other.example>"))[0] == 250
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(b"From: app@example.com\r\nSubject: hi\r\n\r\nbody\r\n.")
+    assert code == 250, text
+    body = await d.spool.body(text.rsplit(" ", 1)[1])
+    assert body is not None and body.startswith(b"Received: from FrontDeskPC ([127.0.0.1])"), body[:80]
+    await t.close()
+
+
 async def test_dot_stuffing_and_empty_body(start_daemon) -> None:
     d = await start_daemon()
     t = await _ready(d.port("relay"))

@@ -88,6 +88,8 @@ def test_greeting_ehlo_and_capabilities(cfg: Config) -> None:
     assert lines[-1] == "250 STARTTLS" and "250-ENHANCEDSTATUSCODES" in lines
     assert not any("AUTH" in x for x in lines)  # never before TLS
     assert h.cmd("HELO") == "501 5.5.4 Syntax: HELO hostname"
+    assert h.cmd("HELO  Front Desk\tPC ") == "250 relay.test.example"  # a device's machine name
+    assert h.p.facts.helo == "Front Desk PC"
 
 
 def test_sequence_errors_and_unknown_commands(cfg: Config) -> None:

@@ -402,10 +402,13 @@ class ServerProtocol:
 
     def _helo(self, cmd: str, arg: str, esmtp: bool) -> None:
         f = self.facts
-        if not arg or " " in arg:
+        if not arg:
             self._send(cmd, f"501 5.5.4 Syntax: {cmd} hostname")
             return
-        f.helo, f.esmtp = arg, esmtp
+        # RFC 5321 §4.1.1.1 wants one domain, but devices send their machine name ("EHLO Front Desk
+        # PC"): taken whole, as Postfix does. The name is only recorded (Received: keeps its
+        # printable characters), never trusted.
+        f.helo, f.esmtp = " ".join(arg.split()), esmtp
         self.tx = None
         s = self.settings
         if not esmtp:
