@@ -454,6 +454,12 @@ def test_names_us(reply: str, ours: bool) -> None:
     assert transport_mod.names_us(reply, "relay.test.example") is ours
 
 
+def test_a_name_without_a_dot_is_no_loop() -> None:
+    """"localhost" (the development config's server.hostname) is what local sinks greet with too."""
+    assert not transport_mod.names_us("localhost ESMTP smtp4dev", "localhost")
+    assert not transport_mod.names_us("mailhost", "mailhost.")
+
+
 async def test_a_server_that_answers_ehlo_with_our_name_is_a_loop(tmp_path: Path,
                                                                   tls_files: tuple[Path, Path]) -> None:
     """The host's EHLO reply names our own server.hostname: mail sent there comes back (Postfix:

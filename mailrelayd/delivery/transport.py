@@ -90,9 +90,12 @@ def _one_line(text: str) -> str:
 def names_us(reply_text: str, hostname: str) -> bool:
     """Whether a greeting or EHLO reply begins with our own host name: both begin with the server's
     domain (RFC 5321 §4.2, §4.1.1.1), so such a server is this relay (or one configured as it), and
-    mail sent there comes back to us. Postfix's smtp client makes the same check."""
+    mail sent there comes back to us. Postfix's smtp client makes the same check. A name without a
+    dot ("localhost", the development set-up's) names no one host: development sinks greet with it
+    too, so it is never taken for a loop."""
+    ours = hostname.rstrip(".").casefold()
     words = reply_text.split(None, 1)
-    return bool(words) and words[0].rstrip(".").casefold() == hostname.rstrip(".").casefold()
+    return "." in ours and bool(words) and words[0].rstrip(".").casefold() == ours
 
 
 class _Loop(Exception):
