@@ -35,7 +35,12 @@ shape of the family (its generator's headers and wording), with invented address
     "deleted" disposition is a soft bounce of its Final-Recipient, never a suppression; every other
     MDN stays a read receipt;
 20. a bounce whose subject quotes the returned message's ("Undeliverable: Holiday offers") is no
-    auto-reply; an out-of-office subject that comes first still is.
+    auto-reply; an out-of-office subject that comes first still is;
+21. an address the notification asks the reader to write to ("please send mail to help@...",
+    "Contact: ...") is no recipient;
+22. Momentum's ">>> <address> (Undelivered): reply" lines, and a daily limit's words outranking a
+    bare 551;
+23. an address alone on its line in double quotes.
 """
 
 from __future__ import annotations
@@ -1496,3 +1501,100 @@ def test_a_bounce_quoting_an_out_of_office_word_is_read(subject: str) -> None:
 def test_an_auto_reply_subject_before_bounce_words_is_an_auto_reply(subject: str) -> None:
     report = parse_feedback(gateway_bounce(subject))
     assert report.kind == "not_feedback" and report.suppressions == ()
+
+
+# --- 21. an address the reader is asked to write to is no recipient -----------------------------------------
+def postfix_template_bounce(help_line: str, rcpt_block: str) -> bytes:
+    return eml(f"""Return-Path: <>
+From: MAILER-DAEMON (Mail Delivery System)
+To: <bounces+q7a9@bounce.example.com>
+Subject: Undelivered Mail Returned to Sender
+
+This is the mail gateway at host gw.example.org.
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients. It's attached below.
+
+{help_line}
+
+{rcpt_block}
+
+--- Original message ---
+{RETURNED.format(to="reader@example.org")}
+hello
+""")
+
+
+@pytest.mark.parametrize("help_line", [
+    "For further assistance, please send mail to helpdesk@example.org.",
+    "If you have questions, contact:\n    helpdesk@example.org",
+    "Please contact your administrator at helpdesk@example.org with this report.",
+])
+def test_a_contact_address_is_no_recipient(help_line: str) -> None:
+    report = parse_feedback(postfix_template_bounce(
+        help_line, "<reader@example.org>: host mx.example.org[192.0.2.25] said: 550 #5.1.0 Address\n"
+                   "    rejected. (in reply to RCPT TO command)"))
+    assert kinds(report) == {"reader@example.org": HARD}
+
+
+def test_a_recipient_after_a_failed_contact_is_still_read() -> None:
+    """'Unable to contact ... for <a>' is no request to write to anyone."""
+    report = parse_feedback(postfix_template_bounce(
+        "", "Unable to contact the mail server for reader@example.org: 550 5.1.1 user unknown"))
+    assert kinds(report) == {"reader@example.org": HARD}
+
+
+# --- 22. Momentum (Ecelerity): ">>> <address> (state): reply" ---------------------------------------------
+def quoted(to: str) -> str:
+    """The returned message quoted with "> ", so that its To: names nobody by itself."""
+    return "\n".join("> " + line for line in (RETURNED.format(to=to) + "hello").splitlines())
+
+
+def momentum_bounce(line: str) -> bytes:
+    return eml(f"""Return-Path: <>
+From: Mail Delivery System <mailer-daemon@mta.example.org>
+To: <bounces+q7a9@bounce.example.com>
+Subject: Undeliverable: Spring newsletter
+
+This message was created automatically by the mail system.
+A message that you sent could not be delivered to one or more of its
+recipients. This is a permanent error. The following address(es) failed:
+
+{line}
+
+------ This is a copy of the original message, including all headers. ------
+{quoted("reader@example.org")}
+""")
+
+
+@pytest.mark.parametrize(("line", "kind"), [
+    (">>> reader@example.org (Undelivered): 550 5.1.1 <reader@example.org>: user unknown", HARD),
+    # A basic 551 ("user not local") with words that say what happened: a daily limit, not a move.
+    (">>> reader@example.org (Undelivered): 551 RATELIMITED: reader@example.org cannot receive any"
+     " more emails today.", "policy"),
+    (">>> reader@example.org (Retry timeout exceeded): 421 4.4.1 connection timed out", None),
+])
+def test_momentum_lines_name_their_recipient(line: str, kind: str | None) -> None:
+    report = parse_feedback(momentum_bounce(line))
+    got = kinds(report)
+    assert list(got) == ["reader@example.org"]
+    assert got["reader@example.org"] == kind if kind else got["reader@example.org"] in NOT_SUPPRESSING
+
+
+# --- 23. an address alone on its line, in double quotes ------------------------------------------------------
+def test_a_quoted_address_alone_on_its_line_is_the_recipient() -> None:
+    report = parse_feedback(eml(f"""Return-Path: <>
+From: Postmaster@example.org
+To: <bounces+q7a9@bounce.example.com>
+Subject: Mail Delivery Failure
+
+Delivery of email to this address
+"reader@example.org"
+has failed due to a full mailbox.  We have already made numerous
+attempts to deliver this message over the last few days.
+
+The first 50 lines of your original message follow:
+{quoted("reader@example.org")}
+"""))
+    assert kinds(report) == {"reader@example.org": SOFT}
+    assert report.recipients[0].reason == "mailboxfull"

@@ -108,7 +108,9 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
     )),
     ("speeding", _rx(
         r"too many (connections|recipients|messages|concurrent|mails|emails|sessions)",
-        r"rate limit", r"rate.{0,20}(exceeded|too high)", r"receiving mail at a rate",
+        r"rate ?limit", r"rate.{0,20}(exceeded|too high)", r"receiving mail at a rate",
+        r"(cannot|can't|can ?not) (receive|accept) any more (e-?mails?|messages?|mail)",
+        r"(daily|hourly) (sending |receiving |message |mail )?(limit|quota)",
         r"sending (too fast|at a rate)",
         r"throttl", r"has sent to too many", r"connection rate", r"too fast", r"frequency limit",
     )),

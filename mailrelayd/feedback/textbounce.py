@@ -131,8 +131,8 @@ _ADDR = ADDRESS_RE.pattern
 # (the address is the subject of its line or sentence); the keyword pattern is looser and never
 # accepts a mail-system mailbox. The first group: a line that lists a recipient.
 _LISTED_RECIPIENT_LINES = (
-    # address alone on its line, maybe in <> and with a trailing colon (Gmail, Exim, Sendmail)
-    re.compile(r"^[ \t*>-]{0,20}<?(" + _ADDR + r")>?[ \t]*:?[ \t]*$", re.MULTILINE),
+    # address alone on its line, maybe in <> or quotes and with a trailing colon (Gmail, Exim, Sendmail)
+    re.compile(r"^[ \t*>-]{0,20}[<\"]?(" + _ADDR + r")[>\"]?[ \t]*:?[ \t]*$", re.MULTILINE),
     # "<user@example.com>: reason" (qmail, Postfix) and "user@example.com: reason" (OpenSMTPD)
     re.compile(r"^[ \t]{0,20}<?(" + _ADDR + r")>?[ \t]*:[ \t]+\S", re.MULTILINE),
     # "<user@example.com> reason", Sendmail's "550 <user@example.com>... User unknown"
@@ -141,6 +141,9 @@ _LISTED_RECIPIENT_LINES = (
     re.compile(r"^[ \t]{0,20}(" + _ADDR + r")'?[ \t]+on[ \t]+\d", re.MULTILINE),
     # RFC 6531 recipients in angle brackets: "<josé@exämple.net>: host ... said: 550 5.1.1 ..."
     re.compile(r"^[ \t]{0,20}<(" + UTF8_ADDRESS + r")>[ \t]*:", re.MULTILINE),
+    # Momentum/Ecelerity's ">>> user@example.com (Undelivered): 550 ..." (a state in parentheses)
+    re.compile(r"^[ \t]{0,20}(?:>>>[ \t]{0,5})?<?(" + _ADDR + r")>?[ \t]{1,5}\([A-Za-z][A-Za-z ]{0,40}\)[ \t]*:",
+               re.MULTILINE),
 )
 _RECIPIENT_LINES = (
     *_LISTED_RECIPIENT_LINES,
@@ -158,6 +161,17 @@ _RECIPIENT_KEYWORD = re.compile(
     r"destinataire|to)"
     r"[ \t]{0,5}(?:address)?[ \t]{0,5}[:=]?[ \t]{0,5}(?:rfc822;)?[ \t]{0,5}[<\"'(\[]?(" + _ADDR + r")",
     re.IGNORECASE,
+)
+# Where a notification asks the reader to write to someone ("For further assistance, please send
+# mail to help@example.org", "Contact: postmaster@..."), the address is a contact, not a recipient.
+# Only imperative wording counts ("unable to contact x@..." is no request), within the address's
+# sentence, at most one line break back.
+_CONTACT_BEFORE = re.compile(
+    r"(?:\b(?:please|kindly|you (?:can|may|might|should|could)(?: also)?)[ \t]+"
+    r"(?:send|write|mail|e-?mail|forward|contact|reply|direct|report|notify|reach|ask)\b"
+    r"|(?:^|[!?:]|\.[ \t])[ \t]*contact\b|\bcontact[ \t]*:)"
+    r"(?:[^\n.!?;]|\.(?!\s)|\n(?![ \t]*\n)){0,80}\Z",
+    re.IGNORECASE | re.MULTILINE,
 )
 _SENDMAIL_TRANSCRIPT = re.compile(r"^[ \t]*[245]\d\d[ -].{0,300}\.\.\.[ \t]*\S")
 # An SMTP session transcript quoted by a bounce: the client's RCPT command for one recipient
@@ -390,7 +404,7 @@ def find_recipients(text: str, excluded: set[str]) -> list[str]:
     for _pos, raw_address, positional in sorted(found):
         address = raw_address.lstrip("'`")  # "'user@example.org' on 3/9/2025" (Exchange)
         key = normalise_address(address).lower()
-        if not key or key in excluded or key in keys:
+        if not key or key in excluded or key in keys or _is_contact(text, _pos):
             continue
         local = key.rpartition("@")[0]
         usable = is_plausible_recipient(address) or (positional and local in ("postmaster", "root", "nobody"))
@@ -398,6 +412,11 @@ def find_recipients(text: str, excluded: set[str]) -> list[str]:
             out.append(address)
             keys.add(key)
     return out
+
+
+def _is_contact(text: str, pos: int) -> bool:
+    """The address at ``pos`` is one the reader is asked to write to (see :data:`_CONTACT_BEFORE`)."""
+    return bool(_CONTACT_BEFORE.search(text, max(0, pos - 200), pos))
 
 
 def named_on_recipient_line(text: str, address: str) -> bool:
