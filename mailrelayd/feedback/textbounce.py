@@ -401,10 +401,10 @@ def find_recipients(text: str, excluded: set[str]) -> list[str]:
     found.extend((m.start(1), m.group(1), False) for m in _RECIPIENT_KEYWORD.finditer(text))
     out: list[str] = []
     keys: set[str] = set()
-    for _pos, raw_address, positional in sorted(found):
+    for pos, raw_address, positional in sorted(found):
         address = raw_address.lstrip("'`")  # "'user@example.org' on 3/9/2025" (Exchange)
         key = normalise_address(address).lower()
-        if not key or key in excluded or key in keys or _is_contact(text, _pos):
+        if not key or key in excluded or key in keys or _is_contact(text, pos):
             continue
         local = key.rpartition("@")[0]
         usable = is_plausible_recipient(address) or (positional and local in ("postmaster", "root", "nobody"))
