@@ -230,6 +230,23 @@ def test_client_that_never_reads_is_aborted_by_the_timeout(daemon: DaemonProcess
            what="the slot to be freed")
 
 
+def test_a_browser_post_of_smtp_commands_relays_nothing(daemon: DaemonProcess) -> None:
+    """Cross-protocol request forgery: a web page makes a browser on a trusted network POST a body of
+    SMTP commands to the relay port. The request line ends the session; the body is never read."""
+    s = socket.create_connection(("127.0.0.1", daemon.ports["relay"]), timeout=10)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\nContent-Length: 140\r\n\r\n"
+              b"EHLO x\r\nMAIL FROM:<forged@example.com>\r\nRCPT TO:<someone@example.net>\r\nDATA\r\n"
+              b"Subject: forged\r\n\r\nforged\r\n.\r\nQUIT\r\n")
+    got = b""
+    while chunk := s.recv(65536):  # the server closes: EOF ends the loop (the socket timeout bounds it)
+        got += chunk
+    s.close()
+    assert got.split(b"\r\n")[1] == b"554 5.5.1 Protocol error: HTTP request to an SMTP server", got
+    daemon.wait_event("smtp.session", end="non_smtp", timeout=5)
+    assert not [e for e in daemon.events if e.get("event") == "message.accepted"
+                and e.get("mail_from") == "forged@example.com"]
+
+
 def test_recipient_overshoot_goes_to_the_accepted_ones(daemon: DaemonProcess) -> None:
     rcpts = [f"r{i}@example.net" for i in range(115)]
     with smtplib.SMTP("127.0.0.1", daemon.ports["relay"], timeout=30) as c:

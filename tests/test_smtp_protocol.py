@@ -288,6 +288,29 @@ def test_pregreet_talking_before_the_greeting_is_refused(cfg: Config) -> None:
     assert h.send(b"\r") == ["554 5.5.1 Protocol error: talked before greeting"]
 
 
+CSRF_POST = (b"POST / HTTP/1.1\r\nHost: relay.example:2525\r\nContent-Type: text/plain\r\n"
+             b"Content-Length: 120\r\n\r\nEHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
+             b"DATA\r\nSubject: spam\r\n\r\nspam\r\n.\r\n")
+
+
+@pytest.mark.parametrize("request_line", [b"POST / HTTP/1.1", b"get /favicon.ico HTTP/1.0", b"CONNECT mx:25 HTTP/1.1"])
+def test_an_http_request_ends_the_session_before_its_body(cfg: Config, request_line: bytes) -> None:
+    """A browser made to POST SMTP commands to a relay port (cross-protocol request forgery) from a
+    trusted network: the request line closes the session, nothing after it is read."""
+    h = Harness(cfg)
+    got = h.send(CSRF_POST.replace(b"POST / HTTP/1.1", request_line))
+    assert got == ["554 5.5.1 Protocol error: HTTP request to an SMTP server"]
+    assert h.events == [Close("non_smtp")] and h.p.phase is Phase.CLOSED
+    assert h.p.facts.commands == 1
+
+
+def test_http_methods_after_a_session_began_also_end_it(cfg: Config) -> None:
+    h = Harness(cfg)
+    assert h.cmd("EHLO c.example").startswith("250 ")
+    assert h.send(b"GET / HTTP/1.1\r\nNOOP\r\n") == ["554 5.5.1 Protocol error: HTTP request to an SMTP server"]
+    assert h.events == [Close("non_smtp")]
+
+
 def test_pregreet_waiting_client_is_greeted_and_served(cfg: Config) -> None:
     h = Harness(cfg, greet=False)
     assert h.out() == []  # nothing is said before the edge's timer

@@ -39,6 +39,12 @@ TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 NO_MEMORY_AT_DATA = Reply(451, "4.3.2", "Too much mail in progress, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 PREGREET = Reply(554, "5.5.1", "Protocol error: talked before greeting")
+NOT_SMTP = Reply(554, "5.5.1", "Protocol error: HTTP request to an SMTP server")
+# A web page can make a browser POST to any port not on the browser's blocked list (2525, say)
+# with a body of SMTP commands, and so relay through a trusted network: cross-protocol request
+# forgery. No SMTP client sends an HTTP method, so the first one ends the session before the
+# request's body is read (Postfix: smtpd_forbidden_commands).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 # --- events -----------------------------------------------------------------------------
@@ -396,6 +402,10 @@ class ServerProtocol:
             return
         handler = _COMMANDS.get(cmd)
         if handler is None:
+            if cmd in HTTP_METHODS:
+                self._send(cmd, NOT_SMTP, counts=False)
+                self._close("non_smtp")
+                return
             self._send("UNKNOWN", "500 5.5.2 Error: command not recognized")
             return
         handler(self, text)
