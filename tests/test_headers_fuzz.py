@@ -163,6 +163,8 @@ def domain(rng: random.Random, *, literals: bool = True, own: float = 0.0) -> Pa
     if kind < 5:
         d = ".".join(label(rng) for _ in range(rng.randint(1, 3))) + rng.choice([".example", ".com", ".ORG", ""])
         d = random_case(rng, d)
+        if d.rpartition(".")[2].isdigit():  # RFC 1123 §2.1: no all-numeric top label
+            return Part(d, None)
         return Part(d, normalize_domain(d))
     if kind == 5:
         d = rng.choice(["Bücher.example", "exämple.COM", "пример.рф", "xn--bcher-kva.example"])
@@ -233,6 +235,7 @@ ENVELOPE_EXTRA = [  # (argument, mailbox or None for refused)
     ("<a@[IPv6:fe80::1%25eth0]>", None), ("<a@[IPv6:fe80::1%]>", None),
     ("<Postmaster>", Mailbox("postmaster", PM)), ("<POSTMASTER>", Mailbox("postmaster", PM)),
     ("<postmaster@>", None), ('<"postmaster">', None),
+    ("<a@192.0.2.1>", None), ("<a@example.123>", None), ("<a@123.example>", Mailbox("a", "123.example")),
 ]
 
 

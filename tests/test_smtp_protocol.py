@@ -288,6 +288,18 @@ def test_pregreet_talking_before_the_greeting_is_refused(cfg: Config) -> None:
     assert h.send(b"\r") == ["554 5.5.1 Protocol error: talked before greeting"]
 
 
+@pytest.mark.parametrize("rcpt", ["a@192.0.2.1", "a@example.123"])
+def test_an_all_numeric_top_level_domain_is_refused_at_rcpt(cfg: Config, rcpt: str) -> None:
+    """RFC 1123 §2.1: "a@192.0.2.1" is an address literal without its brackets. Refused at RCPT with
+    the reason, rather than accepted and bounced later for want of an MX."""
+    h = Harness(cfg)
+    h.cmd("EHLO c.example")
+    assert h.cmd("MAIL FROM:<a@example.com>").startswith("250")
+    assert h.cmd(f"RCPT TO:<{rcpt}>") == ("553 5.1.3 Bad recipient address syntax: all-numeric top-level domain"
+                                         " (an IP address is written in [brackets])")
+    assert h.cmd("RCPT TO:<a@123.example>").startswith("250")
+
+
 CSRF_POST = (b"POST / HTTP/1.1\r\nHost: relay.example:2525\r\nContent-Type: text/plain\r\n"
              b"Content-Length: 120\r\n\r\nEHLO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\n"
              b"DATA\r\nSubject: spam\r\n\r\nspam\r\n.\r\n")

@@ -167,7 +167,7 @@ def parse_command_path(arg: str, *, allow_null: bool, utf8: bool = False,
         # The path limit as parse_mailbox() applies it (the fast path must not accept what it refuses).
         if len(local) <= MAX_LOCAL and len(local) + 1 + len(domain) <= MAX_PATH - 2 and ".." not in domain:
             d = domain.lower().rstrip(".")  # = normalize_domain() for ASCII host names (hot path)
-            if all(_LABEL.match(lbl) for lbl in d.split(".")):
+            if all(_LABEL.match(lbl) for lbl in d.split(".")) and not d.rpartition(".")[2].isdigit():
                 return Mailbox(local, d), rest
     path, rest = split_path(arg)
     if path == "":
@@ -342,4 +342,8 @@ def _parse_domain(domain: str, *, utf8: bool) -> tuple[str, bool]:
         raise AddressError("invalid domain" if domain.isascii() else "invalid internationalized domain") from None
     if len(d) > MAX_DOMAIN:
         raise AddressError("domain too long")
+    if d.rpartition(".")[2].isdigit():
+        # RFC 1123 §2.1: a host name's top label is never all digits; "a@192.0.2.1" is an address
+        # literal without its brackets, and would only bounce later, for want of an MX.
+        raise AddressError("all-numeric top-level domain (an IP address is written in [brackets])")
     return d, False
