@@ -40,7 +40,8 @@ shape of the family (its generator's headers and wording), with invented address
     "Contact: ...") is no recipient;
 22. Momentum's ">>> <address> (Undelivered): reply" lines, and a daily limit's words outranking a
     bare 551;
-23. an address alone on its line in double quotes.
+23. an address alone on its line in double quotes;
+24. unknown, disabled and full mailboxes in Spanish, Portuguese, Italian, French, German and Dutch.
 """
 
 from __future__ import annotations
@@ -1598,3 +1599,32 @@ The first 50 lines of your original message follow:
 """))
     assert kinds(report) == {"reader@example.org": SOFT}
     assert report.recipients[0].reason == "mailboxfull"
+
+
+# --- 24. unknown, disabled and full mailboxes in Spanish, Portuguese, Italian, French, German, Dutch --------
+@pytest.mark.parametrize("text", [
+    "Esta casilla ha expirado por falta de uso.", "550 Usuario desconocido", "550 el usuario no existe",
+    "550 dirección de correo inexistente", "550 usuário desconhecido", "550 o endereço não existe",
+    "550 utente sconosciuto", "550 l'indirizzo non esiste", "550 Utilisateur inconnu", "550 L'adresse n'existe pas",
+    "550 Benutzer unbekannt", "550 Die Adresse existiert nicht", "550 Unbekannter Empfänger",
+    "550 onbekende gebruiker", "550 cuenta de correo desactivada", "550 Konto deaktiviert", "550 conta desativada",
+])
+def test_unknown_or_disabled_mailboxes_in_other_languages_are_hard(text: str) -> None:
+    assert classify_status("", text)[0] == HARD
+
+
+@pytest.mark.parametrize("text", [
+    "552 buzón lleno", "552 casilla de correo llena", "552 caixa postal cheia", "552 casella piena",
+    "552 boîte aux lettres pleine", "552 Postfach ist voll", "552 mailbox is vol", "552 cuota excedida",
+])
+def test_full_mailboxes_in_other_languages_are_soft(text: str) -> None:
+    assert classify_status("", text) == (SOFT, "mailboxfull")
+
+
+@pytest.mark.parametrize("text", [
+    "550 la dirección del remitente no existe",  # the sender's address: about us
+    "550 Die Adresse des Absenders existiert nicht",
+    "554 usuario bloqueado por spam",
+])
+def test_other_languages_about_the_sender_are_not_hard(text: str) -> None:
+    assert classify_status("", text)[0] != HARD

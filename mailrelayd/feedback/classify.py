@@ -94,6 +94,11 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         # Japanese: the mailbox is full / over its capacity (容量).
         r"(メールボックス|受信箱|受信フォルダ)[^。\n]{0,20}(容量|満杯|一杯|いっぱい)", r"満杯",
         r"容量(が|を)?(超過|オーバー|一杯|いっぱい)",
+        # Spanish, Portuguese, Italian, French, German, Dutch: the mailbox is full.
+        r"buz[oó]n (de correo )?(est[aá] )?lleno", r"casilla (de correo )?(est[aá] )?llena",
+        r"caixa (postal|de correio|de entrada) (est[aá] )?(cheia|lotada)", r"casella (di posta )?(è )?piena",
+        r"bo[iî]te (aux lettres |de r[eé]ception )?(est )?pleine", r"postfach (ist )?voll",
+        r"mailbox (is )?vol\b", r"cuota excedida", r"quota (excedid[ao]|superata|d[eé]pass[eé]e|[uü]berschritten)",
     )),
     ("exceedlimit", _rx(
         r"(message|mail|e-?mail) (size )?(is |was )?too (big|large)",
@@ -204,6 +209,12 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"compte du destinataire est bloque", r"inactive (e-?mail|account|user|mail[- ]?box|address)",
         r"(disabled|suspended|deactivated|closed|terminated|expired) (account|mail[- ]?box|user|address)",
         r"account (is )?(no longer|not) (active|available|in use)",
+        # Spanish, Portuguese, Italian, French, German: the account or mailbox is disabled or expired.
+        r"(cuenta|casilla|buz[oó]n|conta|caixa postal|casella|account|compte|konto|postfach)( de correo| di posta)?"
+        r" (ha sido |ha |est[aá] |foi |[eè] (stat[ao] )?|a [eé]t[eé] |est |ist |wurde )?"
+        r"(deshabilitad[ao]|desactivad[ao]|suspendid[ao]|expirad[ao]|inactiv[ao]|bloquead[ao]|cancelad[ao]|"
+        r"desativad[ao]|suspens[ao]|disabilitat[ao]|disattivat[ao]|sospes[ao]|scadut[ao]|d[eé]sactiv[eé]e?|"
+        r"suspendue?|expir[eé]e?|deaktiviert|gesperrt|abgelaufen)",
     )),
     ("notaccept", _rx(
         r"does not accept (any )?(e-?)?mail", r"not accept(ing)? (any )?(e-?)?mail", r"null ?mx",
@@ -256,6 +267,19 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"not listed in (the )?\w+ (directory|address)",
         r"no one here by that name", r"no mailbox here by that name", r"unknown in (virtual|local|relay)",
         r"non-?existent (user|recipient|mail[- ]?box|address|account)",
+        # Spanish, Portuguese, Italian, French, German, Dutch: unknown user, recipient or address.
+        r"(usuario|usu[aá]rio|destinatario|destinat[aá]rio|utente|utilisateur|destinataire|empf[aä]nger|"
+        r"benutzer|gebruiker|ontvanger) (desconocido|desconhecido|sconosciuto|inconnu|unbekannt|onbekend|"
+        r"inexistente|inesistente|inexistant)",
+        r"(unbekannter|onbekende) (empf[aä]nger|benutzer|gebruiker|ontvanger)",
+        r"(direcci[oó]n|endere[cç]o|indirizzo|adresse|buz[oó]n|casilla|casella|cuenta|conta|compte|postfach)"
+        r"( de correo| di posta| de e-?mail| electr[oó]nico)? (inexistente|inesistente|inexistante|"
+        r"desconocid[ao]|desconhecid[ao]|sconosciut[ao]|inconnue?|unbekannt)",
+        r"(el usuario|la cuenta|la direcci[oó]n|el buz[oó]n|la casilla|o usu[aá]rio|a conta|o endere[cç]o|"
+        r"l'utente|l'indirizzo|la casella|l'utilisateur|l'adresse|la bo[iî]te|der benutzer|die adresse|"
+        r"das postfach|der empf[aä]nger)( de correo| di posta| aux lettres)? (no existe|n[aã]o existe|non esiste|"
+        r"n'existe pas|existiert nicht)",
+
         r"(isn't|is not) a valid (user|recipient|address)",
         r"invalid mailbox", r"err\.nosuchuser", r"nosuchuser",
         # "the address couldn't be found" (Gmail / Google Workspace "Address not found", Microsoft
