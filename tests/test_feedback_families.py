@@ -1608,6 +1608,7 @@ The first 50 lines of your original message follow:
     "550 utente sconosciuto", "550 l'indirizzo non esiste", "550 Utilisateur inconnu", "550 L'adresse n'existe pas",
     "550 Benutzer unbekannt", "550 Die Adresse existiert nicht", "550 Unbekannter Empfänger",
     "550 onbekende gebruiker", "550 cuenta de correo desactivada", "550 Konto deaktiviert", "550 conta desativada",
+    "550 dominio inexistente", "550 el dominio no existe", "550 domaine inconnu", "550 Unbekannte Domain",
 ])
 def test_unknown_or_disabled_mailboxes_in_other_languages_are_hard(text: str) -> None:
     assert classify_status("", text)[0] == HARD

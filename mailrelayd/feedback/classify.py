@@ -239,6 +239,12 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"\bhost \[?[a-z0-9][a-z0-9.-]{0,252}\]? not found",
         # Japanese: the domain or host does not exist / is not found.
         r"(ドメイン|ホスト)[^。\n]{0,30}(見つかりません|存在しません)", r"ドメイン(が)?不明",
+        # Spanish, Portuguese, Italian, French, German: the domain does not exist.
+        r"(dominio|dom[ií]nio|domaine) (inexistente|inesistente|inexistant|desconocido|desconhecido|sconosciuto|"
+        r"inconnu)",
+        r"(el dominio|o dom[ií]nio|il dominio|le domaine|die domain) (no existe|n[aã]o existe|non esiste|"
+        r"n'existe pas|existiert nicht)",
+        r"unbekannte domain",
     )),
     ("userunknown", _rx(
         r"user ?unknown", r"unknown (user|recipient|address|mail[- ]?box|local.?part|account|alias|e-?mail)",
