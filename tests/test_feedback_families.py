@@ -41,7 +41,8 @@ shape of the family (its generator's headers and wording), with invented address
 22. Momentum's ">>> <address> (Undelivered): reply" lines, and a daily limit's words outranking a
     bare 551;
 23. an address alone on its line in double quotes;
-24. unknown, disabled and full mailboxes in Spanish, Portuguese, Italian, French, German and Dutch.
+24. unknown, disabled and full mailboxes in Spanish, Portuguese, Italian, French, German and Dutch;
+25. the same in Chinese (simplified and traditional) and Korean, the sender's account excepted.
 """
 
 from __future__ import annotations
@@ -1628,4 +1629,22 @@ def test_full_mailboxes_in_other_languages_are_soft(text: str) -> None:
     "554 usuario bloqueado por spam",
 ])
 def test_other_languages_about_the_sender_are_not_hard(text: str) -> None:
+    assert classify_status("", text)[0] != HARD
+
+
+# --- 25. Chinese and Korean wordings (Coremail, Tencent, Naver, Daum) ---------------------------------------
+@pytest.mark.parametrize(("text", "kind", "reason"), [
+    ("550 用户不存在", HARD, "userunknown"), ("550 该邮件地址不存在", HARD, "userunknown"),
+    ("550 Mailbox not found\uff1a收件人地址不存在", HARD, "userunknown"), ("550 用戶不存在", HARD, "userunknown"),
+    ("550 帐号已被冻结", HARD, "suspend"), ("550 존재하지 않는 사용자입니다", HARD, "userunknown"),
+    ("552 邮箱已满", SOFT, "mailboxfull"), ("552 收件人郵箱已滿", SOFT, "mailboxfull"),
+    ("552 사서함이 가득 찼습니다", SOFT, "mailboxfull"),
+])
+def test_chinese_and_korean_wordings(text: str, kind: str, reason: str) -> None:
+    assert classify_status("", text) == (kind, reason)
+
+
+@pytest.mark.parametrize("text", ["550 发件人不存在", "550 發件人帳號不存在", "554 邮件被拒绝\uff0c发件人地址无效",
+                                  "550 发信账号已被冻结"])
+def test_the_senders_account_in_chinese_is_not_the_recipients(text: str) -> None:
     assert classify_status("", text)[0] != HARD

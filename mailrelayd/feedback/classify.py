@@ -76,6 +76,10 @@ _ADDR_REF = r"[<\[(\"']?<addr>[>\])\"']?"
 # no mail at all (RFC 7505 null MX, RFC 3463 X.1.10); with a qualifier after it ("with attachments",
 # "from your domain", "larger than 10 MB") a refusal of this message or this sender only.
 _NOT_ACCEPT = r"(not accept(ing)?|accepts? no) (any )?(e-?)?mails?"
+# Chinese has no spaces: a clause (from a blank or punctuation on) whose words before the subject do
+# not name the sender (发件人/發件人/寄件者 "sender", 发信 "sending"): "發件人帳號不存在" is about us.
+# Full-width punctuation is ASCII by then (NFKC, see _classify).
+_CJK_NOT_SENDER = r"(?:^|[\s。,:;])(?:(?!发件|發件|寄件|发信|發信|寄信)[^\s。,:;]){0,8}?"
 
 
 # Tier 1: the failure names a cause other than the address. Checked before the hard rules
@@ -99,6 +103,9 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"caixa (postal|de correio|de entrada) (est[aá] )?(cheia|lotada)", r"casella (di posta )?(è )?piena",
         r"bo[iî]te (aux lettres |de r[eé]ception )?(est )?pleine", r"postfach (ist )?voll",
         r"mailbox (is )?vol\b", r"cuota excedida", r"quota (excedid[ao]|superata|d[eé]pass[eé]e|[uü]berschritten)",
+        # Chinese (simplified and traditional) and Korean: the mailbox is full or out of space.
+        r"(邮箱|郵箱|信箱|邮件箱|收件箱|收件匣)[^。\n,]{0,8}(已满|已滿|空间不足|空間不足|容量不足|超过容量|超出容量|超過容量)",
+        r"(사서함|메일함|편지함)[^.\n]{0,10}(가득|용량 초과|용량이 초과)",
     )),
     ("exceedlimit", _rx(
         r"(message|mail|e-?mail) (size )?(is |was )?too (big|large)",
@@ -215,6 +222,10 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"(deshabilitad[ao]|desactivad[ao]|suspendid[ao]|expirad[ao]|inactiv[ao]|bloquead[ao]|cancelad[ao]|"
         r"desativad[ao]|suspens[ao]|disabilitat[ao]|disattivat[ao]|sospes[ao]|scadut[ao]|d[eé]sactiv[eé]e?|"
         r"suspendue?|expir[eé]e?|deaktiviert|gesperrt|abgelaufen)",
+        # Chinese and Korean: the account or mailbox is frozen, disabled, closed or dormant.
+        _CJK_NOT_SENDER + r"(帐号|账号|帳號|帐户|账户|帳戶|邮箱|郵箱|信箱)[^。\n,]{0,6}"
+        r"(冻结|凍結|停用|禁用|注销|註銷|锁定|鎖定|暂停使用|暫停使用)",
+        r"(계정|메일함|사서함)[^.\n]{0,10}(정지|휴면|비활성)",
     )),
     ("notaccept", _rx(
         r"does not accept (any )?(e-?)?mail", r"not accept(ing)? (any )?(e-?)?mail", r"null ?mx",
@@ -285,6 +296,12 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"l'utente|l'indirizzo|la casella|l'utilisateur|l'adresse|la bo[iî]te|der benutzer|die adresse|"
         r"das postfach|der empf[aä]nger)( de correo| di posta| aux lettres)? (no existe|n[aã]o existe|non esiste|"
         r"n'existe pas|existiert nicht)",
+        # Chinese (simplified and traditional) and Korean: the user, mailbox or address does not exist
+        # (not the sender's: 发件人, 寄件者).
+        _CJK_NOT_SENDER + r"(用户|用戶|收件人|收信人|邮箱|郵箱|信箱|邮件地址|郵件地址|帐号|账号|帳號|帐户|账户|帳戶)"
+        r"(名)?[^。\n,]{0,8}(不存在|无效|無效|未找到|找不到)",
+        r"존재하지 않는 (사용자|계정|메일 ?주소|주소|수신자|아이디|메일 ?계정)",
+        r"(사용자|계정|수신자|아이디)(를|을)? 찾을 수 없",
 
         r"(isn't|is not) a valid (user|recipient|address)",
         r"invalid mailbox", r"err\.nosuchuser", r"nosuchuser",
