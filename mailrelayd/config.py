@@ -299,6 +299,9 @@ class RelayConfig:
 class LimitsConfig:
     max_message_size: Size = 25 * 1024**2
     max_recipients: int = 100
+    max_recipient_overshoot: int = 1000
+    """RCPT commands in one transaction that add nothing (over max_recipients, or a recipient already
+    given) before each further one counts as an error (Postfix's smtpd_recipient_overshoot_limit)."""
     max_line_length: int = 1000
     """RFC 5321 §4.5.3.1.6: 1000 octets including CRLF."""
     max_header_size: Size = 100 * 1024
@@ -317,6 +320,10 @@ class LimitsConfig:
     max_connections_per_ip: int = 50
     max_errors: int = 10
     """Error replies in one session before it is closed with 421."""
+    max_junk_commands: int = 100
+    """NOOP, RSET, VRFY, HELP and repeated HELO/EHLO a session may send between accepted messages
+    before each further one counts as an error (Postfix's smtpd_junk_command_limit): otherwise a
+    client that sends nothing else keeps its connection slot for ever, a NOOP at a time."""
     max_data_memory: Size = 256 * 1024**2
     """Message bytes held in memory across all connections (DATA being read or committed); past it, a
     new DATA is answered 451 4.3.2 until some is freed."""
@@ -844,6 +851,9 @@ def _validate(cfg: Config, ld: _Loader) -> None:
     for k in ("max_connections", "max_connections_per_ip", "max_errors", "max_hops"):
         if getattr(lim, k) < 1:
             raise ld.err(f"limits.{k}", "must be at least 1")
+    for k in ("max_junk_commands", "max_recipient_overshoot"):
+        if getattr(lim, k) < 0:
+            raise ld.err(f"limits.{k}", "must be at least 0")
     if lim.max_data_memory < lim.max_message_size:
         raise ld.err("limits.max_data_memory", "must be at least limits.max_message_size")
     for k in ("command_timeout", "data_timeout", "tls_handshake_timeout", "proxy_header_timeout"):

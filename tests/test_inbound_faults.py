@@ -47,7 +47,9 @@ def daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
            tls_files: tuple[Path, Path]) -> Iterator[DaemonProcess]:
     d = _start(tmp_path_factory.mktemp(f"faults-{request.param}"), tls_files, request.param, {
         "limits": {"max_connections_per_ip": 5, "command_timeout": "3s", "tls_handshake_timeout": "1s",
-                   "max_message_size": "64KB", "max_data_memory": "64KB"},
+                   "max_message_size": "64KB", "max_data_memory": "64KB",
+                   # the client that never reads fills the buffers with NOOP replies
+                   "max_junk_commands": 10**9},
     }, suppress=True)
     yield d
     assert d.stop() == 0
@@ -380,6 +382,37 @@ def test_proxy_listener_closes_silence_and_foreign_sources(proxied: DaemonProces
     assert fenced.closed(timeout=10)  # 127.0.0.1 is not in proxy_networks
     for c in (silent, fenced):
         c.close()
+
+
+def _flood(c: Raw, lines: bytes) -> list[tuple[int, str]]:
+    """Pipeline ``lines`` and read every reply until the server closes."""
+    c.s.sendall(lines)
+    assert c.closed(timeout=10)
+    return [(int(m[0]), m[1].decode()) for m in re.findall(rb"(?m)^(\d{3}) ([^\r\n]*)\r\n", c.buf)]
+
+
+def test_a_session_of_noops_is_closed_past_the_junk_limit(proxied: DaemonProcess) -> None:
+    """Each NOOP re-arms the idle timer, so without a limit a client keeps its slot for ever (Postfix:
+    smtpd_junk_command_limit). Default limits here: 100 junk commands, then 10 errors."""
+    c = Raw(proxied.ports["relay"], preamble=_v2("198.51.100.20"))
+    replies = _flood(c, b"EHLO client.test.example\r\n" + b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n" * 40)
+    c.close()
+    assert replies[-1] == (421, "4.7.0 Too many errors, closing connection")
+    assert len(replies) == 1 + 100 + 10 + 1, replies[-15:]  # EHLO, the free ones, the errors, the 421
+    ev = proxied.wait_event("smtp.session", peer="198.51.100.20", timeout=10)
+    assert ev["end"] == "too_many_errors"
+
+
+def test_recipients_past_the_overshoot_are_errors(proxied: DaemonProcess) -> None:
+    c = Raw(proxied.ports["relay"], preamble=_v2("198.51.100.21"))
+    assert c.cmd("EHLO client.test.example")[0] == 250
+    assert c.cmd("MAIL FROM:<app@example.com>")[0] == 250
+    replies = _flood(c, b"".join(b"RCPT TO:<r%d@bounces.test.example>\r\n" % i for i in range(1200)))
+    c.close()
+    codes = [r[0] for r in replies]
+    # 100 accepted, 1000 free 452s, ten more that count, then the 421
+    assert codes == [250] * 100 + [452] * 1010 + [421], (len(codes), replies[-3:])
+    proxied.wait_event("smtp.session", peer="198.51.100.21", end="too_many_errors", timeout=10)
 
 
 def test_sigterm_closes_idle_sessions_at_once(daemon: DaemonProcess) -> None:

@@ -42,7 +42,8 @@ class Harness:
 
     def __init__(self, cfg: Config, listener: int = 0, *, trusted: bool = True, suppressed: tuple[str, ...] = (),
                  budget: MemoryBudget | None = None, space_error: bool = False, locked: bool = False,
-                 max_errors: int = 10, greet: bool = True) -> None:
+                 max_errors: int = 10, max_junk: int = 100, overshoot: int = 1000,
+                 greet: bool = True) -> None:
         lcfg = cfg.listeners[listener]
         self.policy = Policy(cfg, lcfg, lambda a: a in suppressed)
         self.replies: list[str] = []
@@ -58,7 +59,8 @@ class Harness:
         settings = Settings(hostname="relay.test.example", tls_mode=lcfg.tls, submission=lcfg.mode == "submission",
                             auth_offered=self.policy.auth_offered, max_message_size=lim.max_message_size,
                             max_line_length=lim.max_line_length, max_errors=max_errors,
-                            command_timeout=lim.command_timeout, data_timeout=lim.data_timeout)
+                            command_timeout=lim.command_timeout, data_timeout=lim.data_timeout,
+                            max_junk_commands=max_junk, max_recipient_overshoot=overshoot)
         self.p = ServerProtocol(settings, hooks, SessionFacts(peer_ip="192.0.2.1", trusted=trusted))
         if greet:
             self.events = self.p.start()
@@ -145,6 +147,34 @@ def test_refused_recipients_are_not_session_errors(cfg: Config) -> None:
     assert h.cmd("DATA").startswith("354")
 
 
+def test_recipients_that_add_nothing_count_as_errors_past_the_overshoot(cfg: Config) -> None:
+    h = Harness(cfg, suppressed=("s@example.net",), max_errors=3, overshoot=5)
+    h.cmd("EHLO c.example")
+    h.cmd("MAIL FROM:<a@example.com>")
+    for _ in range(8):  # suppressed recipients are the list's, not the client's doing: never counted
+        assert h.cmd("RCPT TO:<s@example.net>").startswith("550 5.7.1")
+    for i in range(cfg.limits.max_recipients):
+        assert h.cmd(f"RCPT TO:<ok{i}@example.net>") == "250 2.1.5 Ok"
+    for i in range(3):
+        assert h.cmd(f"RCPT TO:<over{i}@example.net>").startswith("452 4.5.3")
+    for _ in range(2):
+        assert h.cmd("RCPT TO:<ok0@example.net>") == "250 2.1.5 Ok (duplicate recipient)"
+    assert h.p.facts.errors == 0
+    assert h.cmd("RCPT TO:<ok1@example.net>") == "250 2.1.5 Ok (duplicate recipient)"  # the sixth
+    assert h.cmd("RCPT TO:<over9@example.net>").startswith("452 4.5.3")
+    assert h.p.facts.errors == 2 and h.p.phase is Phase.COMMAND
+    assert h.send(b"RCPT TO:<ok2@example.net>\r\n")[-1] == "421 4.7.0 Too many errors, closing connection"
+    # A new transaction starts from nothing.
+    h2 = Harness(cfg, max_errors=1, overshoot=1)
+    h2.cmd("EHLO c.example")
+    for _ in range(3):
+        h2.cmd("MAIL FROM:<a@example.com>")
+        h2.cmd("RCPT TO:<b@example.net>")
+        assert h2.cmd("RCPT TO:<b@example.net>").endswith("(duplicate recipient)")
+        assert h2.cmd("RSET") == "250 2.0.0 Ok"
+    assert h2.p.facts.errors == 0
+
+
 def test_duplicate_recipient_once(cfg: Config) -> None:
     h = Harness(cfg)
     h.cmd("EHLO c.example")
@@ -161,6 +191,57 @@ def test_too_many_errors_closes_with_421(cfg: Config) -> None:
     assert h.replies[-1] == "421 4.7.0 Too many errors, closing connection"
     assert h.events == [Close("too_many_errors")] and h.p.phase is Phase.CLOSED
     assert h.send(b"NOOP\r\n") == []
+
+
+def test_junk_commands_count_as_errors_past_the_limit(cfg: Config) -> None:
+    # A client that only sends NOOPs (or RSET, VRFY, HELP, EHLO again) would otherwise keep its
+    # slot for ever, each command re-arming the idle timer.
+    h = Harness(cfg, max_errors=3, max_junk=4)
+    h.cmd("EHLO c.example")
+    for verb in ("NOOP", "RSET", "VRFY x", "HELP"):
+        assert h.cmd(verb)[:3] in ("250", "252", "214")
+    assert h.p.facts.errors == 0
+    assert h.cmd("EHLO c.example").startswith("250 ")  # the fifth: answered, and an error
+    assert h.cmd("NOOP") == "250 2.0.0 Ok"
+    assert h.p.facts.errors == 2 and h.p.phase is Phase.COMMAND
+    assert h.send(b"NOOP\r\n") == ["250 2.0.0 Ok", "421 4.7.0 Too many errors, closing connection"]
+    assert h.events == [Close("too_many_errors")]
+    assert any("too many commands that move no mail" in r for r in h.p.facts.rejections)
+
+
+def test_junk_count_starts_again_with_each_accepted_message(cfg: Config) -> None:
+    # Postfix's client sends RSET before each message on a reused connection: a long-lived
+    # session that moves mail is never closed for it.
+    h = Harness(cfg, max_errors=2, max_junk=2)
+    h.cmd("EHLO c.example")
+    for n in range(5):
+        for _ in range(2):
+            assert h.cmd("RSET") == "250 2.0.0 Ok"
+        h.cmd("MAIL FROM:<a@example.com>")
+        h.cmd("RCPT TO:<b@example.net>")
+        h.cmd("DATA")
+        h.send(b"x\r\n.\r\n")
+        h.events = h.p.message_result(Reply(250, "2.0.0", f"Ok: queued as Q{n}"))
+        assert h.out() == [f"250 2.0.0 Ok: queued as Q{n}"]
+    assert h.p.facts.errors == 0 and h.p.facts.messages == 5
+    # A refused message does not reset the count.
+    for _ in range(2):
+        h.cmd("NOOP")
+    h.cmd("MAIL FROM:<a@example.com>")
+    h.cmd("RCPT TO:<b@example.net>")
+    h.cmd("DATA")
+    h.send(b"x\r\n" + b"y" * 2000 + b"\r\n.\r\n")  # a line over max_line_length: 500 5.5.2 ...
+    assert h.p.facts.errors == 1
+    assert h.send(b"NOOP\r\n") == ["250 2.0.0 Ok", "421 4.7.0 Too many errors, closing connection"]
+
+
+def test_ehlo_after_starttls_is_not_junk(cfg: Config) -> None:
+    h = Harness(cfg, max_junk=0, max_errors=1)
+    h.cmd("EHLO c.example")
+    assert h.cmd("STARTTLS").startswith("220")
+    h.events = h.p.tls_started("TLSv1.3")
+    assert h.cmd("EHLO c.example").startswith("250 ") and h.p.facts.errors == 0
+    assert h.p.phase is Phase.COMMAND
 
 
 def test_mail_size_and_space(cfg: Config) -> None:

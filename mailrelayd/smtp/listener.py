@@ -91,7 +91,9 @@ class SmtpListener:
             settings = Settings(hostname=ctx.cfg.server.hostname, tls_mode=self.config.tls,
                                 submission=self.config.mode == "submission", auth_offered=policy.auth_offered,
                                 max_message_size=lim.max_message_size, max_line_length=lim.max_line_length,
-                                max_errors=lim.max_errors, command_timeout=lim.command_timeout,
+                                max_errors=lim.max_errors, max_junk_commands=lim.max_junk_commands,
+                                max_recipient_overshoot=lim.max_recipient_overshoot,
+                                command_timeout=lim.command_timeout,
                                 data_timeout=lim.data_timeout)
             hooks = Hooks(policy=policy, check_space=ctx.spool.check_space, auth_locked=ctx.throttle.is_locked,
                           draining=lambda: self.draining, budget=ctx.budget, on_reply=self.count_reply,

@@ -14,7 +14,11 @@ called through :class:`Hooks`, each a pure function or an in-memory check.
 Error accounting: protocol errors (syntax, sequence, unknown commands) count towards
 ``limits.max_errors``; a recipient refused by policy because of the recipient limit or suppression
 does not (RFC 5321 §4.5.3.1.10: the client sends the message to the recipients accepted, as Python's
-smtplib and most MTAs do), nor does a 421.
+smtplib and most MTAs do), nor does a 421. Commands that move nothing forward (NOOP, RSET, VRFY,
+HELP, a repeated HELO/EHLO) are free up to ``limits.max_junk_commands`` between accepted messages,
+then each counts as an error: a session cannot hold its slot for ever on NOOPs (Postfix's
+smtpd_junk_command_limit). Likewise RCPT commands that add nothing (over the recipient limit, or a
+recipient already given) past ``limits.max_recipient_overshoot`` (smtpd_recipient_overshoot_limit).
 """
 
 from __future__ import annotations
@@ -98,6 +102,8 @@ class Settings:
     max_errors: int
     command_timeout: float
     data_timeout: float
+    max_junk_commands: int = 100
+    max_recipient_overshoot: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +127,7 @@ class Transaction:
     rcpts: list[str] = field(default_factory=list)
     local: list[bool] = field(default_factory=list)
     refused_rcpts: int = 0
+    overshoot: int = 0  # RCPTs that added nothing: over the limit, or given before
 
 
 @dataclass(slots=True)
@@ -169,6 +176,7 @@ class ServerProtocol:
         self._auth_step: str | None = None  # "plain", "login-user", "login-pass"
         self._auth_user = b""
         self._declared = 0  # MAIL SIZE= of the current transaction
+        self._junk = 0  # commands that moved nothing forward since the last accepted message
         self._max_line = settings.max_line_length + 2  # as the line limit of a stream reader: slack for CRLF
 
     # --- inputs from the edge -------------------------------------------------------------
@@ -225,6 +233,7 @@ class ServerProtocol:
             self._reader = None
         if reply.code == 250:
             self.facts.messages += 1
+            self._junk = 0
         if self._lost:
             # The commit outlived its connection: nobody reads the reply, and what the client had
             # pipelined behind the message must not become another message (and hold memory).
@@ -371,14 +380,23 @@ class ServerProtocol:
         code = text[:3]
         self.hooks.on_reply(command, code[0])
         self._out += text.encode("utf-8", "replace") + CRLF
-        f = self.facts
         if counts and code[0] in "45" and code != "421":
-            f.errors += 1
-            if len(f.rejections) < 5:
-                f.rejections.append(f"{command}: {text}")
-            if f.errors >= self.settings.max_errors and self.phase is not Phase.CLOSED:
-                self._send(command, "421 4.7.0 Too many errors, closing connection")
-                self._close("too_many_errors")
+            self._error(command, text)
+
+    def _error(self, command: str, what: str) -> None:
+        f = self.facts
+        f.errors += 1
+        if len(f.rejections) < 5:
+            f.rejections.append(f"{command}: {what}")
+        if f.errors >= self.settings.max_errors and self.phase is not Phase.CLOSED:
+            self._send(command, "421 4.7.0 Too many errors, closing connection")
+            self._close("too_many_errors")
+
+    def _junk_command(self, command: str) -> None:
+        """Answered as usual; past the limit it also counts as an error."""
+        self._junk += 1
+        if self._junk > self.settings.max_junk_commands:
+            self._error(command, "too many commands that move no mail")
 
     def _close(self, end: str) -> None:
         if self.phase is Phase.CLOSED:
@@ -418,11 +436,14 @@ class ServerProtocol:
         # RFC 5321 §4.1.1.1 wants one domain, but devices send their machine name ("EHLO Front Desk
         # PC"): taken whole, as Postfix does. The name is only recorded (Received: keeps its
         # printable characters), never trusted.
+        repeated = f.helo is not None  # not after STARTTLS: TLS forgets the first (RFC 3207 §4.2)
         f.helo, f.esmtp = " ".join(arg.split()), esmtp
         self.tx = None
         s = self.settings
         if not esmtp:
             self._send(cmd, f"250 {s.hostname}")
+            if repeated:
+                self._junk_command(cmd)
             return
         lines = [s.hostname, "PIPELINING", f"SIZE {s.max_message_size}", "8BITMIME", "SMTPUTF8",
                  "ENHANCEDSTATUSCODES"]
@@ -431,6 +452,8 @@ class ServerProtocol:
         if s.auth_offered and f.tls:
             lines.append("AUTH PLAIN LOGIN")
         self._send(cmd, "\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
+        if repeated:
+            self._junk_command(cmd)
 
     def cmd_HELO(self, arg: str) -> None:
         self._helo("HELO", arg, esmtp=False)
@@ -632,6 +655,7 @@ class ServerProtocol:
         if address in tx.rcpts:
             # The same mailbox twice (a@x, a@X): one delivery, and the client is told it is fine.
             self._send("RCPT", "250 2.1.5 Ok (duplicate recipient)")
+            self._overshoot(tx)
             return
         refusal, local = self.hooks.policy.check_rcpt(self._facts(), f.trusted, rcpt, len(tx.rcpts))
         if refusal is not None:
@@ -639,10 +663,17 @@ class ServerProtocol:
             if refusal == SUPPRESSED:
                 self.hooks.on_suppressed()
             self._send("RCPT", refusal, counts=refusal not in _NOT_ERRORS)
+            if refusal == TOO_MANY_RCPTS:
+                self._overshoot(tx)
             return
         tx.rcpts.append(address)
         tx.local.append(local)
         self._send("RCPT", "250 2.1.5 Ok")
+
+    def _overshoot(self, tx: Transaction) -> None:
+        tx.overshoot += 1
+        if tx.overshoot > self.settings.max_recipient_overshoot:
+            self._error("RCPT", "too many recipients that add nothing")
 
     def cmd_DATA(self, arg: str) -> None:
         tx = self.tx
@@ -672,9 +703,11 @@ class ServerProtocol:
             return
         self.tx = None
         self._send("RSET", "250 2.0.0 Ok")
+        self._junk_command("RSET")
 
     def cmd_NOOP(self, arg: str) -> None:
         self._send("NOOP", "250 2.0.0 Ok")
+        self._junk_command("NOOP")
 
     def cmd_QUIT(self, arg: str) -> None:
         self._send("QUIT", "221 2.0.0 Bye")
@@ -683,6 +716,7 @@ class ServerProtocol:
     def cmd_VRFY(self, arg: str) -> None:
         # RFC 5321 §3.5.3: 252 when we will not say whether a mailbox exists.
         self._send("VRFY", "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+        self._junk_command("VRFY")
 
     def cmd_EXPN(self, arg: str) -> None:
         self._send("EXPN", "502 5.5.1 EXPN not supported")
@@ -690,6 +724,7 @@ class ServerProtocol:
     def cmd_HELP(self, arg: str) -> None:
         self._send("HELP", "214 2.0.0 See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT "
                            "STARTTLS AUTH VRFY")
+        self._junk_command("HELP")
 
     def _facts(self) -> Facts:
         f = self.facts
