@@ -365,6 +365,10 @@ class DeliveryConfig:
     domain_concurrency: int = 20
     """Outbound connections at once to one destination (domain or route)."""
     max_messages_per_connection: int = 100
+    max_recipients_per_transaction: int = 50
+    """Recipients in one outbound transaction; a message to more at one domain goes in several, on
+    the same connection (Postfix's default_destination_recipient_limit). Receivers cap it too (often
+    at 100): their 452 4.5.3 sends the rest in the next transaction at once, not at the next retry."""
     idle_timeout: Duration = 5.0
     """How long an idle outbound connection is kept for reuse."""
     retry_initial: Duration = 300.0
@@ -438,6 +442,7 @@ class ShapingConfig:
     max_connections: int | None = None
     """Transactions at once to the destination (default: delivery.domain_concurrency)."""
     max_messages_per_connection: int | None = None
+    max_recipients_per_transaction: int | None = None
     max_rate: str | None = None
     """Messages per time unit to the destination: "600/min", "20/s", "10000/h", "50000/d"."""
     throttle_backoff: Duration | None = None
@@ -875,7 +880,8 @@ def _validate(cfg: Config, ld: _Loader) -> None:
     dl = cfg.delivery
     if not 1 <= dl.port <= 65535:
         raise ld.err("delivery.port", "must be a port number from 1 to 65535")
-    for k in ("max_concurrency", "domain_concurrency", "max_messages_per_connection"):
+    for k in ("max_concurrency", "domain_concurrency", "max_messages_per_connection",
+              "max_recipients_per_transaction"):
         if getattr(dl, k) < 1:
             raise ld.err(f"delivery.{k}", "must be at least 1")
     if dl.retry_initial <= 0:
@@ -1130,7 +1136,7 @@ def _validate_delivery_control(cfg: Config, ld: _Loader) -> None:
         if m in seen:
             raise ld.err(f"{key}.match", f"duplicate [[shaping]] entry for {sh.match!r}")
         seen.add(m)
-        for k in ("max_connections", "max_messages_per_connection"):
+        for k in ("max_connections", "max_messages_per_connection", "max_recipients_per_transaction"):
             if getattr(sh, k) is not None and getattr(sh, k) < 1:
                 raise ld.err(f"{key}.{k}", "must be at least 1")
         if sh.max_rate is not None:

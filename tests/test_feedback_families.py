@@ -42,7 +42,10 @@ shape of the family (its generator's headers and wording), with invented address
     bare 551;
 23. an address alone on its line in double quotes;
 24. unknown, disabled and full mailboxes in Spanish, Portuguese, Italian, French, German and Dutch;
-25. the same in Chinese (simplified and traditional) and Korean, the sender's account excepted.
+25. the same in Chinese (simplified and traditional) and Korean, the sender's account excepted;
+26. sender verification (Exim's callout, "Verification failed for <our address>") is about us,
+    whatever Status the reporting MTA wrote; getaddrinfo's "Name or service not known" is an unknown
+    host; IMail's "reason: address" lines name their recipient.
 """
 
 from __future__ import annotations
@@ -1648,3 +1651,68 @@ def test_chinese_and_korean_wordings(text: str, kind: str, reason: str) -> None:
                                   "550 发信账号已被冻结"])
 def test_the_senders_account_in_chinese_is_not_the_recipients(text: str) -> None:
     assert classify_status("", text)[0] != HARD
+
+
+# --- 26. sender verification; "Name or service not known"; IMail's "reason: address" lines ------------------
+def test_sender_verification_failure_is_about_us_not_the_recipient() -> None:
+    # Sendmail relaying Exim's callout refusal: Status 5.1.1 for the recipient, but the remote could
+    # not verify our return path.
+    raw = sendmail_dsn("reader@example.org", "5.1.1", "550-Verification failed for <bounces+q7a9@bounce.example.com>",
+                       "550-Verification failed for <bounces+q7a9@bounce.example.com>")
+    report = parse_feedback(raw)
+    assert kinds(report) == {"reader@example.org": POLICY}
+
+
+@pytest.mark.parametrize("text", ["550 Sender verify failed", "550 5.7.1 Could not verify sender address",
+                                  "550-Callout verification failed for sender <b@example.com>"])
+def test_sender_verification_wordings_are_not_hard(text: str) -> None:
+    assert classify_status("5.1.1", text)[0] == POLICY
+
+
+def test_name_or_service_not_known_is_an_unknown_host() -> None:
+    assert classify_status("5.0.0", "X-Postfix; [mx.example.org]: Name or service not known") == (HARD, "hostunknown")
+    assert classify_status("4.4.3", "X-Postfix; [mx.example.org]: Temporary failure in name resolution")[0] != HARD
+
+
+@pytest.mark.parametrize(("line", "kind"), [("User mailbox exceeds allowed size: reader@example.org", SOFT),
+                                            ("Unknown user: reader@example.org", HARD)])
+def test_imail_reason_then_address_lines(line: str, kind: str) -> None:
+    report = parse_feedback(eml(f"""Return-Path: <>
+From: "Postmaster" <postmaster@mail.example.org>
+To: <bounces+q7a9@bounce.example.com>
+Subject: Undeliverable Mail
+Date: Mon, 10 Mar 2025 10:00:04 +0000
+Message-Id: <11003101000.AA45656@mail.example.org>
+Mime-Version: 1.0
+Content-Type: text/plain; charset=us-ascii
+X-Mailer: <SMTP32 v10.0>
+
+{line}
+
+
+Original message follows.
+
+[message truncated]
+"""))
+    assert kinds(report) == {"reader@example.org": kind}
+
+
+def test_a_line_ending_in_an_address_without_words_of_failure_names_no_one() -> None:
+    report = parse_feedback(eml(f"""Return-Path: <>
+From: "Postmaster" <postmaster@mail.example.org>
+To: <bounces+q7a9@bounce.example.com>
+Subject: Undeliverable Mail
+Date: Mon, 10 Mar 2025 10:00:04 +0000
+Message-Id: <11003101000.AA45657@mail.example.org>
+Content-Type: text/plain; charset=us-ascii
+
+Your message could not be delivered.
+Help desk: someone@example.org
+
+
+Original message follows.
+
+{RETURNED.format(to="reader@example.org")}
+Hello
+"""))
+    assert "someone@example.org" not in kinds(report)

@@ -65,7 +65,8 @@ class FakeTransport:
         self.max_active = 0
 
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
-                      max_messages: int | None = None, max_connections: int | None = None) -> list[Res]:
+                      max_messages: int | None = None, max_connections: int | None = None,
+                      max_recipients: int | None = None) -> list[Res]:
         self.calls.append((self.clock(), domain, list(recipients)))
         self.active += 1
         self.max_active = max(self.max_active, self.active)

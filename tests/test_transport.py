@@ -86,6 +86,52 @@ async def test_per_recipient_replies_are_honoured(tmp_path: Path, tls_files: tup
     assert sink.messages[0].data.replace(b"\r\n", b"\n") == MSG.replace(b"\r\n", b"\n")
 
 
+async def test_many_recipients_go_in_several_transactions_on_one_connection(
+        tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+    # delivery.max_recipients_per_transaction (Postfix's default_destination_recipient_limit).
+    t = _transport(tmp_path, tls_files, sink.port, max_recipients_per_transaction=4)
+    rcpts = [f"r{i}@dest.test" for i in range(10)]
+    res = await t.deliver("dest.test", "a@example.com", rcpts, MSG)
+    await t.close()
+    assert [r.address for r in res] == rcpts and all(r.ok for r in res)
+    assert [m.rcpts for m in sink.messages] == [rcpts[:4], rcpts[4:8], rcpts[8:]]
+    assert sink.connections == 1
+
+
+@pytest.mark.parametrize("too_many", ["452 4.5.3 Too many recipients", "452 Too many recipients",
+                                      "552 5.5.3 Too many recipients (RFC 821's code)",
+                                      "552 too many recipients"])
+async def test_a_receivers_recipient_limit_sends_the_rest_at_once(
+        tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink, too_many: str) -> None:
+    # RFC 5321 §4.5.3.1.10: the rest go in the next transaction, not at the next retry; a 552 for
+    # this reason is temporary.
+    sink.max_rcpts, sink.too_many_reply = 3, too_many
+    sink.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    t = _transport(tmp_path, tls_files, sink.port)
+    rcpts = [f"r{i}@dest.test" for i in range(4)] + ["gone@dest.test"] + [f"r{i}@dest.test" for i in range(4, 8)]
+    res = {r.address: r for r in await t.deliver("dest.test", "a@example.com", rcpts, MSG)}
+    await t.close()
+    assert res.pop("gone@dest.test").permanent
+    assert all(r.ok for r in res.values()), [r.text for r in res.values() if not r.ok]
+    assert [len(m.rcpts) for m in sink.messages] == [3, 3, 2]
+    assert sorted(a for m in sink.messages for a in m.rcpts) == sorted(res)
+    assert sink.connections == 1
+
+
+async def test_a_full_mailbox_552_stays_permanent_and_no_progress_defers(
+        tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
+    sink.rcpt_replies["full@dest.test"] = "552 5.2.2 Mailbox full"
+    sink.max_rcpts = 1
+    sink.data_reply = "451 4.3.0 Try later"  # nothing delivered: the rest are not sent again now
+    t = _transport(tmp_path, tls_files, sink.port)
+    res = {r.address: r for r in await t.deliver("dest.test", "a@example.com",
+                                                  ["full@dest.test", "a@dest.test", "b@dest.test"], MSG)}
+    await t.close()
+    assert res["full@dest.test"].code == 552 and res["full@dest.test"].enhanced == "5.2.2"
+    assert res["a@dest.test"].code == 451 and res["b@dest.test"].code == 452
+    assert res["b@dest.test"].enhanced == "4.5.3" and len(sink.messages) == 1
+
+
 async def test_opportunistic_starttls(tmp_path: Path, tls_files: tuple[Path, Path],
                                       server_tls: ssl.SSLContext, pipelining: bool) -> None:
     s = await Sink(tls=server_tls, pipelining=pipelining).start()

@@ -60,8 +60,8 @@ __all__ = ["RUNBOOK_SPOOL", "DsnBuilder", "FailedRecipient", "Hooks", "LocalDeli
 
 class TransportLike(Protocol):
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
-                      max_messages: int | None = None, max_connections: int | None = None
-                      ) -> Sequence[RcptOutcome]: ...
+                      max_messages: int | None = None, max_connections: int | None = None,
+                      max_recipients: int | None = None) -> Sequence[RcptOutcome]: ...
 
 
 LocalDelivery = Callable[[MessageRecord, bytes, Sequence[RecipientRecord]], Awaitable[Sequence[LocalResult]]]
@@ -639,7 +639,8 @@ class Scheduler:
         try:
             res = await self.transport.deliver(group[0].domain, mail_from, [r.address for r in group], body,
                                                max_messages=dest.limits.max_messages_per_connection,
-                                               max_connections=dest.limits.max_connections)
+                                               max_connections=dest.limits.max_connections,
+                                               max_recipients=dest.limits.max_recipients_per_transaction)
         finally:
             self._release(dest)
         dest.sent += 1

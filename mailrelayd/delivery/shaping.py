@@ -42,6 +42,7 @@ class Limits:
     rate_interval: float
     """Seconds between messages (period / count); 0 = no rate limit."""
     throttle_backoff: float
+    max_recipients_per_transaction: int = 50
 
 
 @dataclass(eq=False)
@@ -124,7 +125,8 @@ class Destinations:
     def reconfigure(self, cfg: Config) -> None:
         d = cfg.delivery
         backoff = d.throttle_backoff if d.throttle_backoff is not None else d.retry_initial
-        self.default = Limits(d.domain_concurrency, d.max_messages_per_connection, 0.0, backoff)
+        self.default = Limits(d.domain_concurrency, d.max_messages_per_connection, 0.0, backoff,
+                              d.max_recipients_per_transaction)
         self.by_domain: dict[str, Limits] = {}
         self.suffixes: list[tuple[str, Limits]] = []
         for sh in cfg.shaping:
@@ -151,7 +153,8 @@ class Destinations:
             interval = period / count
         return Limits(sh.max_connections or self.default.max_connections,
                       sh.max_messages_per_connection or self.default.max_messages_per_connection,
-                      interval, sh.throttle_backoff if sh.throttle_backoff is not None else backoff)
+                      interval, sh.throttle_backoff if sh.throttle_backoff is not None else backoff,
+                      sh.max_recipients_per_transaction or self.default.max_recipients_per_transaction)
 
     def limits_for(self, name: str) -> Limits:
         if name in self.by_domain:

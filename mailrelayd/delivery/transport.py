@@ -43,6 +43,7 @@ MAX_ADDRESSES_TRIED = 5
 """Like Postfix's smtp_mx_address_limit: a broken domain costs a bounded number of connects."""
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+_TOO_MANY_RCPTS = re.compile(r"too many (recipients|rcpts)", re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,11 @@ def names_us(reply_text: str, hostname: str) -> bool:
     ours = hostname.rstrip(".").casefold()
     words = reply_text.split(None, 1)
     return "." in ours and bool(words) and words[0].rstrip(".").casefold() == ours
+
+
+def _too_many_recipients(r: RcptResult) -> bool:
+    """A recipient refused at RCPT only because the transaction has enough of them (RFC 3463 X.5.3)."""
+    return r.code == 452 and r.stage == "RCPT TO" and r.enhanced == "4.5.3"
 
 
 class _Loop(Exception):
@@ -202,13 +208,17 @@ class Transport:
 
     # --- the public operation ------------------------------------------------------------
     async def deliver(self, domain: str, mail_from: str, recipients: Sequence[str], data: bytes, *,
-                      max_messages: int | None = None, max_connections: int | None = None) -> list[RcptResult]:
-        """One SMTP transaction for ``recipients`` (all at ``domain``); a result for every recipient.
-        ``max_messages`` / ``max_connections``: the destination's [[shaping]] limits (the scheduler
-        enforces connections per destination; this only keeps the per-domain cap from undercutting it)."""
+                      max_messages: int | None = None, max_connections: int | None = None,
+                      max_recipients: int | None = None) -> list[RcptResult]:
+        """``data`` for ``recipients`` (all at ``domain``): one SMTP transaction for up to
+        ``max_recipients`` of them, the next ones in further transactions, on the same connection
+        while it may be reused. A result for every recipient. ``max_messages`` / ``max_connections`` /
+        ``max_recipients``: the destination's [[shaping]] limits (the scheduler enforces connections
+        per destination; this only keeps the per-domain cap from undercutting it)."""
         t0 = time.perf_counter()
         try:
-            results = await self._deliver(domain, mail_from, list(recipients), data, max_messages, max_connections)
+            results = await self._deliver(domain, mail_from, list(recipients), data, max_messages, max_connections,
+                                          max_recipients or self.cfg.delivery.max_recipients_per_transaction)
         except Exception as e:  # a bug here must defer, not lose, the recipients
             log.exception("delivery.transport_error", domain=domain, error=str(e))
             results = [RcptResult(r, 451, "4.3.0", f"local error in delivery: {type(e).__name__}")
@@ -220,7 +230,8 @@ class Transport:
         return results
 
     async def _deliver(self, domain: str, mail_from: str, rcpts: list[str], data: bytes,
-                       max_messages: int | None = None, max_connections: int | None = None) -> list[RcptResult]:
+                       max_messages: int | None, max_connections: int | None, max_recipients: int
+                       ) -> list[RcptResult]:
         route = self.cfg.route_for(domain)
         port = route.host.port if route else self.cfg.delivery.port
         key = f"route:{route.domain}" if route else domain.lower()
@@ -238,25 +249,47 @@ class Transport:
         sem = self._domain_sems.get(key)
         if sem is None:
             sem = self._domain_sems[key] = asyncio.Semaphore(max_connections or self.cfg.delivery.domain_concurrency)
+        max_used = max_messages or self.cfg.delivery.max_messages_per_connection
+        results: dict[str, RcptResult] = {}
+        todo = rcpts
         async with self._global, sem:
             conn = await self._reuse(key)
             if conn is None and route is None:
                 conn = await self._reuse_shared(domain.lower(), hosts, sts)
-            while True:  # at most twice: only a reused connection can be stale, a new one never is
-                if conn is None:
+            reusable = first = True
+            while todo:
+                chunk, todo = todo[:max_recipients], todo[max_recipients:]
+                if not first and conn is not None:  # the next transaction: on this connection if it may
+                    if reusable and conn.used < max_used:
+                        conn = await self._usable(conn)  # RSET first if the last one was left open
+                    else:
+                        await self._quit(conn)
+                        conn = None
+                first = False
+                while True:  # at most twice: only a reused connection can be stale, a new one never is
+                    if conn is None:
+                        try:
+                            conn = await self._connect(key, hosts, route, domain.lower(), sts)
+                        except _TempFail as e:
+                            code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
+                            results.update((r, RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage))
+                                           for r in (*chunk, *todo))
+                            return [results[r] for r in rcpts]
                     try:
-                        conn = await self._connect(key, hosts, route, domain.lower(), sts)
-                    except _TempFail as e:
-                        code = e.code if isinstance(e, _PermFail) else (e.code if 400 <= e.code < 500 else 451)
-                        return [RcptResult(r, code, e.enhanced, e.text, e.mta, e.reply, e.stage) for r in rcpts]
-                try:
-                    results, reusable = await self._transaction(conn, mail_from, rcpts, data)
-                    break
-                except _Stale:
-                    conn.smtp.close()
-                    conn = None
-            if reusable and not self._closing and \
-                    conn.used < (max_messages or self.cfg.delivery.max_messages_per_connection):
+                        got, reusable = await self._transaction(conn, mail_from, chunk, data)
+                        break
+                    except _Stale:
+                        conn.smtp.close()
+                        conn = None
+                results.update((r.address, r) for r in got)
+                over = [r.address for r in got if _too_many_recipients(r)]
+                if over and any(r.ok for r in got):
+                    # RFC 5321 §4.5.3.1.10: the server took what it could; the rest go in the
+                    # next transaction, as long as each one delivers something.
+                    todo = over + todo
+            if conn is None:
+                return []
+            if reusable and not self._closing and conn.used < max_used:
                 conn.idle_since = time.monotonic()
                 self._idle.setdefault(key, []).append(conn)
                 if route is None:
@@ -264,7 +297,7 @@ class Transport:
                 self._ensure_reaper()
             else:
                 await self._quit(conn)  # the results are settled: the 221 is not awaited (SmtpClient.quit)
-        return results
+        return [results[r] for r in rcpts]
 
     # --- connections ---------------------------------------------------------------------
     async def _reuse(self, key: str) -> _Conn | None:
@@ -649,5 +682,9 @@ class Transport:
         that is not a refusal is out of place for its command and defers (451)."""
         code = resp.code if 400 <= resp.code < 600 or (final and 200 <= resp.code < 300) else 451
         enh, _ = _enhanced(code, resp.text)
+        if stage == "RCPT TO" and code in (452, 552) and (enh[2:] == "5.3" or _TOO_MANY_RCPTS.search(resp.text)):
+            # RFC 5321 §4.5.3.1.10: "too many recipients" is temporary, whatever the code (RFC 821
+            # gave it 552); only that is turned into a 452: a 552 for a full mailbox stays one.
+            code, enh = 452, "4.5.3"
         reply = resp.line()
         return RcptResult(rcpt, code, enh, f"host {mta} said: {reply} (in reply to {stage})", mta, reply, stage)

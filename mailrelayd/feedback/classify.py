@@ -163,6 +163,11 @@ _STRONG_SOFT: tuple[tuple[str, re.Pattern[str]], ...] = (
         # Japanese: the sender (送信者, 差出人, 送信元) address or domain refused or unknown.
         r"(送信者|差出人|送信元)[^。\n]{0,20}(拒否|見つかりません|存在しません|不正|無効)",
         r"domain of sender", r"sender domain", r"mail from.{0,60}(rejected|refused|denied|not accepted)",
+        # Sender verification (Exim's callout: "550-Verification failed for <our return path>" ...
+        # "550 Sender verify failed"): the receiver could not reach *our* address, whatever Status
+        # the reporting MTA wrote for the recipient.
+        r"sender verif(y|ication)", r"verification failed for",
+        r"(could not|couldn't|unable to|cannot|can't) verify (the )?sender",
         rf"mail from:? ?{_ADDR_REF},? (does not|doesn't|did not) exist", rf"{_NOT_ACCEPT} from\b",
         # RFC 7505 section 4.2: the *sender's* domain has a null MX ("550 5.7.27 Sender address has null MX").
         rf"sender('s)? (e-?mail )?(address |domain )?({_ADDR_REF} |[a-z0-9.-]{{1,253}} )?(has|with|uses) (a )?null ?mx",
@@ -245,6 +250,7 @@ _HARD: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"no (valid )?mx", r"mx (record )?not found",
         r"domain .{0,40}could(n't| not) be found", r"couldn't find.{0,20}domain",
         r"bad destination (system|host)", r"domain name service", r"unknown mail domain",
+        r"name or service not known",  # getaddrinfo's EAI_NONAME for the recipient's host (Postfix)
         r"(couldn't|could not|can't|cannot|unable to) find (a |any )?(mail exchanger|mx|host|domain)",
         # The host named between the words ("DNS lookup failure: host mx.example not found", DragonFly).
         r"\bhost \[?[a-z0-9][a-z0-9.-]{0,252}\]? not found",

@@ -147,6 +147,11 @@ _LISTED_RECIPIENT_LINES = (
 )
 _RECIPIENT_LINES = (
     *_LISTED_RECIPIENT_LINES,
+    # "reason: address" at the end of its line (Ipswitch IMail / SMTP32's "User mailbox exceeds
+    # allowed size: a@example.org", "Unknown user: ..."), only after words of failure.
+    re.compile(r"^[ \t]{0,20}[A-Za-z][^\n:@<>]{0,80}?\b(?:unknown|exceeds?|full|invalid|undeliverable|failed|"
+               r"not found|does not exist|disabled|rejected|refused)\b[^\n:@<>]{0,40}:[ \t]*<?(" + _ADDR +
+               r")>?[ \t]*\.?[ \t]*$", re.MULTILINE | re.IGNORECASE),
     # A lead sentence naming the one recipient it failed for: DragonFly Mail Agent's "There was an
     # error delivering your mail to <a@example.org>.", "An error occurred while delivering this
     # message to a@example.org", "Problem delivering mail to <a@example.org>".

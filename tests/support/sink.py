@@ -62,6 +62,8 @@ class _Handler:
         reply = self.sink.rcpt_replies.get(address.lower())
         if reply:
             return reply
+        if self.sink.max_rcpts and len(envelope.rcpt_tos) >= self.sink.max_rcpts:
+            return self.sink.too_many_reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -117,6 +119,8 @@ class Sink:
         self.mail_drop_after = 0  # drop the connection at MAIL number n+1 on a connection (0: never)
         self.mail_421_after = 0  # answer 421 to MAIL number n+1 on a connection (0: never)
         self.mails_by_session: dict[int, int] = {}
+        self.max_rcpts = 0  # recipients per transaction (0: no limit); more get too_many_reply
+        self.too_many_reply = "452 4.5.3 Too many recipients"
         self.received = asyncio.Event()
         self.hung = asyncio.Event()
         self._server: asyncio.base_events.Server | None = None
