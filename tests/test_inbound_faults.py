@@ -281,6 +281,19 @@ def test_duplicate_recipient_is_delivered_once(daemon: DaemonProcess) -> None:
     assert [r["address"] for r in show["recipients"]] == ["a@dup.example"]  # type: ignore[index]
 
 
+def test_a_non_ascii_digit_in_size_pipelined_behind_a_message(daemon: DaemonProcess) -> None:
+    """"²".isdigit() is true and int("²") raises: the message before it must still get its 250,
+    the bad parameter a 501, and the session must carry on (and end) normally."""
+    c = Raw(daemon.ports["relay"])
+    c.s.sendall(b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<postmaster@bounces.test.example>\r\nDATA\r\n"
+                b"Subject: leak\r\n\r\nx\r\n.\r\nMAIL FROM:<> SIZE=\xc2\xb2\r\nQUIT\r\n")
+    assert c.closed(timeout=10)
+    c.close()
+    text = c.buf.decode()
+    assert "250 2.0.0 Ok: queued as " in text, text
+    assert text.endswith("501 5.5.4 SIZE takes a number\r\n221 2.0.0 Bye\r\n"), text
+
+
 def test_huge_declared_size_is_552_not_a_disk_problem(daemon: DaemonProcess) -> None:
     c = Raw(daemon.ports["relay"])
     assert c.cmd("EHLO client.test.example")[0] == 250

@@ -31,7 +31,7 @@ import ipaddress
 import secrets
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from mailrelayd import metrics
@@ -138,13 +138,15 @@ class SmtpConnection(asyncio.Protocol):
         proto = self.proto
         if proto is None or self._closed:
             return
-        self._handle(proto.receive(data))
+        self._drive(proto.receive, data)
 
     def eof_received(self) -> bool | None:
         proto = self.proto
         if proto is None:
             return False  # refused, or still waiting for a PROXY header: just close
-        self._handle(proto.receive_eof())
+        self._drive(proto.receive_eof)
+        if self.proto is None:
+            return False
         # Keep the write side open for the reply a half-closed client is owed (TLS cannot half-close).
         return not proto.facts.tls and not self._closed_by_us()
 
@@ -201,7 +203,7 @@ class SmtpConnection(asyncio.Protocol):
             self._greet_timer = self.loop.call_later(self.lcfg.greet_delay, self._greet)
             return
         metrics.CONNECTIONS.labels(self.lcfg.name, "accepted").inc()
-        self._handle(self.proto.start())
+        self._drive(self.proto.start)
 
     def _greet(self) -> None:
         """``greet_delay`` has passed in silence: the 220 goes out (the protocol refuses earlier talk)."""
@@ -210,7 +212,7 @@ class SmtpConnection(asyncio.Protocol):
         if proto is None or self._closed or proto.phase is not Phase.NEW:
             return
         metrics.CONNECTIONS.labels(self.lcfg.name, "accepted").inc()
-        self._handle(proto.start())
+        self._drive(proto.start)
 
     def _count_ungreeted(self) -> None:
         """A connection closed while its greeting was held back: one result in connections_total."""
@@ -240,7 +242,7 @@ class SmtpConnection(asyncio.Protocol):
             self._timer = None
         self._begin(info.source_ip or self.peer_ip)
         if rest and self.proto is not None and not self._closed:
-            self._handle(self.proto.receive(rest))
+            self._drive(self.proto.receive, rest)
 
     def _refuse_proxy(self, why: str, error: str | None = None) -> None:
         metrics.CONNECTIONS.labels(self.lcfg.name, why).inc()
@@ -253,6 +255,30 @@ class SmtpConnection(asyncio.Protocol):
         self._refuse_proxy("proxy_timeout")
 
     # --- driving the protocol ------------------------------------------------------------
+    def _drive(self, step: Callable[..., list[Event]], *args: Any) -> None:
+        """Run one protocol step and act on its events. A bug in the protocol must not leave the
+        connection open with no timer and its slot taken: what the step had already answered (a
+        message's 250 among it) still goes out, then 421 and the connection is dropped."""
+        try:
+            events = step(*args)
+        except Exception:
+            self._internal_error()
+            return
+        self._handle(events)
+
+    def _internal_error(self) -> None:
+        self._log.exception("smtp.internal_error")
+        self.end = "internal_error"
+        proto, t = self.proto, self.transport
+        if t is None or t.is_closing():
+            return
+        try:
+            out = proto.data_to_send() if proto is not None else b""
+        except Exception:  # nothing more can be learnt from it
+            out = b""
+        t.write(out + b"421 4.3.0 Internal error, closing connection\r\n")
+        self._close_transport()
+
     def _handle(self, events: list[Event]) -> None:
         proto = self.proto
         assert proto is not None
@@ -309,7 +335,7 @@ class SmtpConnection(asyncio.Protocol):
             # The client is not reading: a 421 would never arrive, and close() would wait for it.
             t.abort()
             return
-        self._handle(self.proto.timeout())
+        self._drive(self.proto.timeout)
 
     def _close_transport(self) -> None:
         t = self.transport
@@ -340,7 +366,7 @@ class SmtpConnection(asyncio.Protocol):
         proto = self.proto
         if proto is None or self._closed:
             return
-        self._handle(proto.shutdown())
+        self._drive(proto.shutdown)
 
     # --- the work the protocol asks for --------------------------------------------------
     def _message(self, ev: MessageReceived) -> None:
@@ -371,7 +397,14 @@ class SmtpConnection(asyncio.Protocol):
         # Whatever happened to the connection meanwhile, the protocol learns the outcome (it frees
         # the memory the message held); the reply goes out only if there is still someone to read it.
         assert self.proto is not None
-        events = self.proto.message_result(reply)
+        try:
+            events = self.proto.message_result(reply)
+        except Exception:
+            if not self._closed:
+                self._internal_error()
+            else:
+                self._log.exception("smtp.internal_error")
+            return
         if not self._closed:
             self._handle(events)
 
@@ -397,7 +430,7 @@ class SmtpConnection(asyncio.Protocol):
             ctx.throttle.success(ip)
             metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "success").inc()
         if not self._closed:
-            self._handle(proto.auth_result(user))
+            self._drive(proto.auth_result, user)
 
     async def _starttls(self) -> None:
         proto = self.proto
@@ -429,7 +462,7 @@ class SmtpConnection(asyncio.Protocol):
             return
         self.transport = cast(asyncio.Transport, new)
         self._reading = True  # start_tls resumes reading on the TLS transport
-        self._handle(proto.tls_started(describe_tls(new)))
+        self._drive(proto.tls_started, describe_tls(new))
 
     # --- logging -----------------------------------------------------------------------
     def _log_session(self) -> None:

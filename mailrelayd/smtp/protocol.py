@@ -609,7 +609,8 @@ class ServerProtocol:
             return
         size: int | None = None
         if "SIZE" in opts:
-            if not opts["SIZE"].isdigit():
+            # RFC 1870 §3: size-value = 1*20DIGIT, ASCII ("²".isdigit() is true, int() refuses it).
+            if not (opts["SIZE"].isascii() and opts["SIZE"].isdigit() and len(opts["SIZE"]) <= 20):
                 self._send("MAIL", "501 5.5.4 SIZE takes a number")
                 return
             size = int(opts["SIZE"])
