@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY
 from mailrelayd.config import parse_config, parse_rate
 from mailrelayd.delivery.dsn import build_dsn
 from mailrelayd.delivery.mx import MxHost, _prefer_across, order_addresses
-from mailrelayd.delivery.queuemanager import QueueManager
+from mailrelayd.delivery.queuemanager import Hooks, QueueManager
 from mailrelayd.delivery.scheduler import Scheduler
 from mailrelayd.delivery.shaping import is_throttling
 from mailrelayd.spool.store import NewMessage, QueueFilter, Spool
@@ -138,7 +138,7 @@ class Rig:
 async def rig_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     made: list[Rig] = []
 
-    async def make(mx: dict[str, list[str]] | None = None, **cfg_extra: Any) -> Rig:
+    async def make(mx: dict[str, list[str]] | None = None, hooks: Any = None, **cfg_extra: Any) -> Rig:
         clock = FakeClock()
         cfg = make_cfg(tmp_path, **cfg_extra)
         spool = Spool(cfg.server.spool_dir)
@@ -147,7 +147,7 @@ async def rig_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
         async def mx_names(domain: str) -> list[str]:
             return (mx or {}).get(domain, [])
-        sched = Scheduler(cfg, spool, transport, dsn_builder=build_dsn, clock=clock, mx_names=mx_names)
+        sched = Scheduler(cfg, spool, transport, dsn_builder=build_dsn, clock=clock, mx_names=mx_names, hooks=hooks)
         await sched.start()
         rig = Rig(sched, transport, clock, spool)
         made.append(rig)
@@ -262,6 +262,38 @@ async def test_max_connections_queues_in_fifo(rig_factory: Callable[..., Any]) -
     gate.set()
     await rig.settle()
     assert rig.delivered_to("x.example") == 5 and rig.transport.max_active == 2
+
+
+class _Verp(Hooks):
+    def verp_enabled(self, msg: Any) -> bool:
+        return True
+
+
+async def test_a_messages_own_transactions_do_not_postpone_its_other_recipients(
+        rig_factory: Callable[..., Any]) -> None:
+    # With VERP each recipient is a transaction of its own: 25 recipients at a destination that
+    # takes 4 connections went out 4 at a time, then the rest waited WAIT_RECHECK (5 min) for the
+    # slots this message itself held. Now the rest follow in the slots as they free.
+    rig = await rig_factory(hooks=_Verp(), shaping=[{"match": "x.example", "max_connections": 4}])
+    rig.transport.block["x.example"] = gate = asyncio.Event()
+    qid = await rig.submit(*(f"r{i}@x.example" for i in range(25)))
+    for _ in range(200):
+        if rig.transport.active == 4:
+            break
+        await asyncio.sleep(0.005)
+    gate.set()
+    await rig.settle()  # the clock does not move: nothing may wait for a recheck
+    assert set((await rig.states(qid)).values()) == {"delivered"}
+    assert rig.delivered_to("x.example") == 25 and rig.transport.max_active == 4
+
+
+async def test_domains_sharing_a_destination_in_one_message_do_not_wait(rig_factory: Callable[..., Any]) -> None:
+    mx = {"a.example": ["aspmx.l.google.test"], "b.example": ["alt1.aspmx.l.google.test."]}
+    rig = await rig_factory(mx=mx, shaping=[{"match": ".google.test", "max_connections": 1}])
+    qid = await rig.submit("u@a.example", "u@b.example")
+    await rig.settle()
+    assert set((await rig.states(qid)).values()) == {"delivered"}
+    assert rig.transport.max_active == 1
 
 
 async def test_mx_suffix_groups_domains_into_one_destination(rig_factory: Callable[..., Any]) -> None:

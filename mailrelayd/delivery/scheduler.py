@@ -439,11 +439,20 @@ class Scheduler:
         domains = {r.domain for r in msg.active_recipients()}
         if len(domains) == 1:
             self._domain_of[qid] = self._intern(domains.pop())
+        # Groups for a destination whose connections this message already fills wait for its own
+        # transactions there to end (one recipient per transaction with VERP), instead of being
+        # postponed: the slot they would wait for is this message's own (see _run_chain).
+        mine: dict[str, int] = {}
+        queued: dict[str, list[list[RecipientRecord]]] = {}
         for group in self._groups(msg, plan.to_try):
             dest = await self._destination(group[0].domain, now)
+            if mine.get(dest.name) and dest.active >= dest.limits.max_connections and not dest.suspended(now):
+                queued.setdefault(dest.name, []).append(group)
+                continue
             why = self._admit(dest, qid, now)
             if why is None:
                 dest.active += 1
+                mine[dest.name] = mine.get(dest.name, 0) + 1
                 go.append((dest, group))
             else:
                 postponed.extend(Postponed(r, why[0], why[1], why[2]) for r in group)
@@ -462,9 +471,10 @@ class Scheduler:
             if plan.local and self.local is not None:
                 jobs.append(self._run_local(msg, body, plan.local, local_results))
             for dest, group in go:
-                jobs.append(self._run_group(msg, body, dest, group, results, postponed))
+                jobs.append(self._run_chain(msg, body, dest, group, queued.get(dest.name, []), results, postponed))
         if jobs:
-            trying = [r.state for r in plan.local] + [r.state for _, g in go for r in g]
+            trying = [r.state for r in plan.local] + [r.state for _, g in go for r in g] + \
+                [r.state for gs in queued.values() for g in gs for r in g]
             for st in trying:
                 self.inflight_by_state[st] = self.inflight_by_state.get(st, 0) + 1
             try:
@@ -631,6 +641,24 @@ class Scheduler:
         for r in rcpts:
             by_domain.setdefault(r.domain, []).append(r)
         return list(by_domain.values())
+
+    async def _run_chain(self, msg: MessageRecord, body: bytes, dest: Destination, group: list[RecipientRecord],
+                         queued: list[list[RecipientRecord]], results: list[tuple[RecipientRecord, RcptOutcome]],
+                         postponed: list[Postponed]) -> None:
+        """``group``, then groups of the same message queued for ``dest`` (shared by the message's
+        chains there), each in the slot the last one freed, while the destination admits them."""
+        while True:
+            await self._run_group(msg, body, dest, group, results, postponed)
+            if not queued:
+                return
+            now = self.clock()
+            why = self._admit(dest, msg.queue_id, now)  # suspended by a reply meanwhile, or its rate
+            if why is not None:
+                postponed.extend(Postponed(r, why[0], why[1], why[2]) for g in queued for r in g)
+                queued.clear()
+                return
+            dest.active += 1
+            group = queued.pop(0)
 
     async def _run_group(self, msg: MessageRecord, body: bytes, dest: Destination, group: list[RecipientRecord],
                          out: list[tuple[RecipientRecord, RcptOutcome]], postponed: list[Postponed]) -> None:
