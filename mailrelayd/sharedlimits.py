@@ -62,13 +62,6 @@ class SharedAuthThrottle(AuthThrottle):
                                                                          locked)))
         return locked
 
-    def success(self, ip: str) -> None:
-        had_failures = self.failures(ip) > 0
-        super().success(ip)
-        if had_failures:  # most successes follow no failure: no database write for those
-            self._client.submit(lambda: self._send(
-                lambda c: c.execute("DELETE FROM mailrelayd_auth_failures WHERE ip = $1", ip)))
-
     async def _send(self, fn: object) -> None:
         try:
             await self._client.acall(fn)  # type: ignore[arg-type]

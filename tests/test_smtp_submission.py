@@ -125,6 +125,42 @@ async def test_wrong_password_then_throttle(start_daemon, client_tls) -> None:
     assert metrics.AUTH_FAILURES.labels("submissions")._value.get() >= 3
 
 
+def _plain(user: str, password: str) -> bytes:
+    return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+
+
+async def test_guesses_sent_on_many_connections_at_once_are_not_all_checked(start_daemon, client_tls) -> None:
+    """Checks in progress count as failures until they end: ten guesses sent at once on ten
+    connections get at most auth.max_failures (3) answers of 535; the rest are refused unchecked."""
+    d = await start_daemon()
+    clients = [await _client(d.port("submissions"), client_tls, implicit=True) for _ in range(10)]
+    for c in clients:
+        await c.ehlo()
+    replies = await asyncio.gather(*(c.execute_command(b"AUTH", b"PLAIN", _plain("alice", f"guess{i}"))
+                                     for i, c in enumerate(clients)))
+    codes = sorted(code for code, _ in replies)
+    assert codes.count(535) == 3 and codes.count(421) == 7, replies
+    for c in clients:
+        c.close()
+
+
+async def test_a_success_does_not_clear_the_failures_of_the_ip(start_daemon, client_tls) -> None:
+    """Otherwise one account's password buys unlimited guesses at the others' from one IP."""
+    d = await start_daemon()
+
+    async def attempt(user: str, password: str) -> int:
+        c = await _client(d.port("submissions"), client_tls, implicit=True)
+        await c.ehlo()
+        code, _ = await c.execute_command(b"AUTH", b"PLAIN", _plain(user, password))
+        c.close()
+        return code
+
+    assert [await attempt("alice", "wrong") for _ in range(2)] == [535, 535]
+    assert await attempt("bob", TEST_PASSWORD) == 235
+    assert await attempt("alice", "wrong") == 535  # the third failure within the window
+    assert await attempt("alice", TEST_PASSWORD) == 421
+
+
 async def test_unknown_user_fails_like_wrong_password(start_daemon, client_tls) -> None:
     d = await start_daemon()
     c = await _client(d.port("submissions"), client_tls, implicit=True)

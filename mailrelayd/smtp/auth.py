@@ -40,11 +40,17 @@ def username_for_log(username: bytes, known: Container[str] = ()) -> str:
 
 class AuthThrottle:
     """Counts AUTH failures per client IP; after ``max_failures`` within ``window`` seconds the IP
-    is locked out for ``lockout`` seconds. Survives config reloads (owned by the daemon)."""
+    is locked out for ``lockout`` seconds. Survives config reloads (owned by the daemon).
+
+    Checks in progress count as failures until they end (:meth:`reserve`): otherwise a client
+    sends its guesses on many connections at once, and all of them are checked before the first
+    failure is recorded. A success clears nothing: one account's password would otherwise buy
+    unlimited guesses at the others' from the same IP (failures age out with the window)."""
 
     def __init__(self, max_failures: int, window: float, lockout: float, max_tracked: int = 100_000) -> None:
         self.configure(max_failures, window, lockout)
         self._failures: dict[str, list[float]] = {}
+        self._pending: dict[str, int] = {}
         self._locked_until: dict[str, float] = {}
         self._max_tracked = max_tracked
 
@@ -75,8 +81,23 @@ class AuthThrottle:
                 del self._failures[k]
         return False
 
-    def success(self, ip: str) -> None:
-        self._failures.pop(ip, None)
+    def reserve(self, ip: str, now: float | None = None) -> bool:
+        """Before a check: False if ``ip`` is locked out, or would be should every check of its in
+        progress fail; else the check is counted as in progress until :meth:`release`."""
+        if self.is_locked(ip, now):
+            return False
+        now = now if now is not None else time.monotonic()
+        recent = sum(1 for t in self._failures.get(ip, ()) if now - t < self.window)
+        pending = self._pending.get(ip, 0)
+        if recent + pending >= self.max_failures:
+            return False
+        self._pending[ip] = pending + 1
+        return True
+
+    def release(self, ip: str) -> None:
+        n = self._pending.pop(ip, 0) - 1
+        if n > 0:
+            self._pending[ip] = n
 
     def failures(self, ip: str) -> int:
         """Failures of ``ip`` counted here and not yet expired or cleared (the window is checked lazily)."""

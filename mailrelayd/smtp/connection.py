@@ -413,12 +413,20 @@ class SmtpConnection(asyncio.Protocol):
         assert proto is not None
         ctx = self.ctx
         user = None
+        ip = proto.facts.peer_ip
+        if not ctx.throttle.reserve(ip):  # locked out, or as many checks of this IP in progress
+            metrics.AUTH_THROTTLED.labels(self.lcfg.name).inc()
+            self._log.info("smtp.auth_throttled")
+            if not self._closed:
+                self._drive(proto.auth_throttled)
+            return
         try:
             if ctx.authenticator is not None:
                 user = await ctx.authenticator.verify(ev.username, ev.password)
         except Exception:
             self._log.exception("smtp.auth_error")
-        ip = proto.facts.peer_ip
+        finally:
+            ctx.throttle.release(ip)
         if user is None:
             metrics.AUTH_FAILURES.labels(self.lcfg.name).inc()
             metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "failure").inc()
@@ -427,7 +435,6 @@ class SmtpConnection(asyncio.Protocol):
             known = ctx.authenticator.users if ctx.authenticator is not None else {}
             self._log.info("smtp.auth_failed", user=username_for_log(ev.username, known))
         else:
-            ctx.throttle.success(ip)
             metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "success").inc()
         if not self._closed:
             self._drive(proto.auth_result, user)

@@ -95,7 +95,7 @@ class SmtpListener:
                                 max_recipient_overshoot=lim.max_recipient_overshoot,
                                 command_timeout=lim.command_timeout,
                                 data_timeout=lim.data_timeout)
-            hooks = Hooks(policy=policy, check_space=ctx.spool.check_space, auth_locked=ctx.throttle.is_locked,
+            hooks = Hooks(policy=policy, check_space=ctx.spool.check_space, auth_locked=self._auth_locked,
                           draining=lambda: self.draining, budget=ctx.budget, on_reply=self.count_reply,
                           on_suppressed=metrics.SUPPRESSED_REJECTIONS.labels("rcpt").inc)
             self._parts = (ctx, settings, hooks)
@@ -116,6 +116,12 @@ class SmtpListener:
     @property
     def serving(self) -> bool:
         return self._server is not None and self._server.is_serving()
+
+    def _auth_locked(self, ip: str) -> bool:
+        locked = self.context.throttle.is_locked(ip)
+        if locked:
+            metrics.AUTH_THROTTLED.labels(self.config.name).inc()
+        return locked
 
     def count_reply(self, command: str, cls: str) -> None:
         key = (command, cls)

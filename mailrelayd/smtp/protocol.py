@@ -40,6 +40,7 @@ CRLF = b"\r\n"
 # Refusals that are about the recipient, not about the client's conduct: not session errors.
 _NOT_ERRORS = (TOO_MANY_RCPTS, SUPPRESSED)
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+AUTH_THROTTLED = Reply(421, "4.7.0", "Too many authentication failures, try again later")
 NO_MEMORY_AT_DATA = Reply(451, "4.3.2", "Too much mail in progress, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 PREGREET = Reply(554, "5.5.1", "Protocol error: talked before greeting")
@@ -213,6 +214,15 @@ class ServerProtocol:
         else:
             self.facts.user = user
             self._send("AUTH", "235 2.7.0 Authentication successful")
+        return self._run()
+
+    def auth_throttled(self) -> list[Event]:
+        """The :class:`AuthRequest` was not checked: the IP is locked out, or has as many checks in
+        progress as failures left."""
+        assert self.phase is Phase.WAIT
+        self.phase = Phase.COMMAND
+        self._send("AUTH", AUTH_THROTTLED)
+        self._close("auth_throttled")
         return self._run()
 
     def tls_started(self, description: str) -> list[Event]:
@@ -494,7 +504,7 @@ class ServerProtocol:
             self._send("AUTH", "503 5.5.1 AUTH not permitted during a mail transaction")
             return
         if self.hooks.auth_locked(f.peer_ip):
-            self._send("AUTH", "421 4.7.0 Too many authentication failures, try again later")
+            self._send("AUTH", AUTH_THROTTLED)
             self._close("auth_throttled")
             return
         parts = arg.split()
