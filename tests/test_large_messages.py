@@ -89,11 +89,20 @@ def test_line_limit_across_the_scan_windows(offset: int) -> None:
     # or on its CRLF.
     pad = (1 << 20) - 2 - len(filler) - (max_line - 2) + offset
     filler += b"y" * max(pad, 0) + b"\r\n" if pad > 0 else b""
-    # The reader allows max_line - 1 octets before the CRLF on the wire (slack for a stuffed dot).
-    ok = filler + b"z" * (max_line - 1) + b"\r\n" + head
-    too_long = filler + b"z" * max_line + b"\r\n" + head
+    # max_line octets with the CRLF: max_line - 2 before it.
+    ok = filler + b"z" * (max_line - 2) + b"\r\n" + head
+    too_long = filler + b"z" * (max_line - 1) + b"\r\n" + head
     assert read(stuff(ok), max_line=max_line) == (ok, None)
     got, problem = read(stuff(too_long), max_line=max_line)
+    assert got is None and problem is not None and problem.code == 500
+
+
+@pytest.mark.parametrize("stuffed", [False, True])
+def test_line_limit_is_the_messages_own_lines_with_crlf(stuffed: bool) -> None:
+    # RFC 5321 §4.5.3.1.6: 1000 octets with the CRLF; a stuffed dot is the transport's, not the line's.
+    lead = b"." if stuffed else b"z"
+    assert read(stuff(b"a\r\n" + lead + b"z" * 997 + b"\r\n")) == (b"a\r\n" + lead + b"z" * 997 + b"\r\n", None)
+    got, problem = read(stuff(b"a\r\n" + lead + b"z" * 998 + b"\r\n"))
     assert got is None and problem is not None and problem.code == 500
 
 

@@ -175,6 +175,24 @@ def test_recipients_that_add_nothing_count_as_errors_past_the_overshoot(cfg: Con
     assert h2.p.facts.errors == 0
 
 
+@pytest.mark.parametrize("path", ["a@bücher.example", "jösé@example.com", "a@例え.テスト"])
+def test_a_non_ascii_sender_needs_smtputf8(cfg: Config, path: str) -> None:
+    # RFC 6531 §3.4: the domain too (its A-label form must not hide it).
+    h = Harness(cfg)
+    h.cmd("EHLO c.example")
+    assert h.cmd(f"MAIL FROM:<{path}>") == "553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter"
+    assert h.cmd(f"MAIL FROM:<{path}> SMTPUTF8") == "250 2.1.0 Ok"
+    assert h.p.tx is not None and h.p.tx.smtputf8
+
+
+def test_command_line_limit_counts_the_crlf(cfg: Config) -> None:
+    h = Harness(cfg)
+    n = cfg.limits.max_line_length
+    assert h.send(b"NOOP " + b"x" * (n - 7) + b"\r\n") == ["250 2.0.0 Ok"]  # n octets with the CRLF
+    assert h.send(b"NOOP " + b"x" * (n - 6) + b"\r\n") == ["500 5.5.2 Line too long"]
+    assert h.send(b"NOOP " + b"x" * (n - 6) + b"\n") == ["250 2.0.0 Ok"]  # a bare LF is one octet
+
+
 def test_duplicate_recipient_once(cfg: Config) -> None:
     h = Harness(cfg)
     h.cmd("EHLO c.example")

@@ -64,10 +64,6 @@ class Mailbox:
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}"
 
-    @property
-    def needs_smtputf8(self) -> bool:
-        return not self.local.isascii()
-
 
 def split_path(arg: str) -> tuple[str, str]:
     """Split ``"<path> params"`` into (path without brackets, params). Raises AddressError."""

@@ -156,14 +156,15 @@ class DotReader:
         if size > self.max_size:
             self.release()
             return None, TOO_BIG
-        if size > self.max_line - 2 and _longest_line(wire) > self.max_line - 1:  # -2 CRLF, +1 stuffed dot
-            self.release()
-            return None, Reply(500, "5.5.2", f"Line too long (RFC 5321 §4.5.3.1.6: "
-                                             f"{self.max_line} octets with CRLF)")
         # One copy of the payload, whatever its size: slices of a memoryview, not of the bytearray.
         del wire[-3:]  # ".\r\n": the CRLF before the dot ends the message's last line
         if wire.find(b"\r\n.") >= 0:  # dot-stuffed lines (rare): one more transient copy
             wire = wire.replace(b"\r\n.", CRLF)
+        # Lines as the message has them (a stuffed dot is not the message's), CRLF counted.
+        if size > self.max_line - 2 and _longest_line(wire) > self.max_line - 2:
+            self.release()
+            return None, Reply(500, "5.5.2", f"Line too long (RFC 5321 §4.5.3.1.6: "
+                                             f"{self.max_line} octets with CRLF)")
         with memoryview(wire) as view:
             body = bytes(view[2:])  # without the virtual CRLF
         return body, None

@@ -178,7 +178,7 @@ class ServerProtocol:
         self._auth_user = b""
         self._declared = 0  # MAIL SIZE= of the current transaction
         self._junk = 0  # commands that moved nothing forward since the last accepted message
-        self._max_line = settings.max_line_length + 2  # as the line limit of a stream reader: slack for CRLF
+        self._max_line = settings.max_line_length  # octets with the line's CRLF (or bare LF)
 
     # --- inputs from the edge -------------------------------------------------------------
     def start(self) -> list[Event]:
@@ -611,7 +611,10 @@ class ServerProtocol:
             self._send("MAIL", f"555 5.5.4 {e}")
             return
         smtputf8 = "SMTPUTF8" in opts
-        if sender is not None and sender.needs_smtputf8 and not smtputf8:
+        path_text = arg[5:arg.rfind(rest)] if rest else arg[5:]
+        if not smtputf8 and not path_text.isascii():
+            # RFC 6531 §3.4: a non-ASCII local part or domain needs SMTPUTF8. The mailbox's domain
+            # is in A-labels by now (bücher.de is xn--bcher-kva.de), so the command's text decides.
             self._send("MAIL", "553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter")
             return
         if opts.get("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
