@@ -5,6 +5,7 @@ Blocking sockets on purpose: each test sends exactly the bytes (and FINs and RST
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import smtplib
@@ -188,6 +189,10 @@ def test_after_the_dot_the_commit_is_always_scheduled_and_logged(daemon: DaemonP
     queued = {m["queue_id"] for m in _queue(daemon, "list", "--json")}  # type: ignore[union-attr]
     assert queued <= logged, f"committed but never logged: {queued - logged}"
     assert set(qids) <= logged
+    # The session line counts the message even when the client left before the commit ended.
+    per_session = collections.Counter(e["session"] for e in daemon.events if e.get("event") == "message.accepted")
+    ends = {e["session"]: e for e in daemon.events if e.get("event") == "smtp.session" and e["session"] in per_session}
+    assert ends and all(e["messages"] == per_session[sid] for sid, e in ends.items()), ends
     for q in queued | set(qids):
         daemon.wait_event("delivery.attempt", queue_id=q, timeout=15)
 

@@ -114,6 +114,8 @@ class SmtpConnection(asyncio.Protocol):
         self._proxy_buf: bytearray | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._greet_timer: asyncio.TimerHandle | None = None
+        self._committing = False  # a message handed to the intake, its outcome not yet back
+        self._log_when_committed = False
 
     # --- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -168,7 +170,10 @@ class SmtpConnection(asyncio.Protocol):
             self.listener.limiter.release(self._slot)
             self._slot = None
             self.listener.sessions.discard(self)
-            self._log_session()
+            if self._committing:  # the session line waits for the commit (its count of messages)
+                self._log_when_committed = True
+            else:
+                self._log_session()
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop reading its commands (the idle timer then runs out).
@@ -377,6 +382,7 @@ class SmtpConnection(asyncio.Protocol):
         origin = Origin(listener=self.lcfg.name, peer_ip=f.peer_ip, helo=f.helo,
                         protocol=hdr.protocol_name(f.esmtp, f.tls, f.user is not None), tls=f.tls_desc,
                         user=f.user, session=self.id)
+        self._committing = True
         try:
             self.ctx.intake.submit(origin, ev.mail_from, ev.recipients, ev.body, outbound=not all(ev.local),
                                    on_done=self._message_done)
@@ -384,6 +390,15 @@ class SmtpConnection(asyncio.Protocol):
             self._message_done(None, e)
 
     def _message_done(self, qid: str | None, error: BaseException | None) -> None:
+        self._committing = False
+        try:
+            self._message_outcome(qid, error)
+        finally:
+            if self._log_when_committed:
+                self._log_when_committed = False
+                self._log_session()
+
+    def _message_outcome(self, qid: str | None, error: BaseException | None) -> None:
         reply: Reply
         if qid is not None:
             reply = accepted_reply(qid)
