@@ -127,6 +127,23 @@ async def test_a_helo_name_with_spaces_is_taken(start_daemon) -> None:
     await t.close()
 
 
+@pytest.mark.parametrize(("helo", "received"), [("été.example", b"xn--t-9fab.example"),
+                                                ("bad\u00fchost..x", b"bad?host..x")])
+async def test_a_non_ascii_helo_name_in_received(start_daemon, helo: str, received: bytes) -> None:
+    """An internationalized name is written in its A-label form; another keeps its shape."""
+    d = await start_daemon()
+    t = await SmtpTalk.connect(d.port("relay"))
+    assert (await t.ehlo(helo))[0] == 250
+    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    assert (await t.cmd("RCPT TO:<x@other.example>"))[0] == 250
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(b"From: app@example.com\r\nSubject: hi\r\n\r\nbody\r\n.")
+    assert code == 250, text
+    body = await d.spool.body(text.rsplit(" ", 1)[1])
+    assert body is not None and body.startswith(b"Received: from " + received + b" ([127.0.0.1])"), body[:80]
+    await t.close()
+
+
 async def test_dot_stuffing_and_empty_body(start_daemon) -> None:
     d = await start_daemon()
     t = await _ready(d.port("relay"))

@@ -193,6 +193,19 @@ def test_command_line_limit_counts_the_crlf(cfg: Config) -> None:
     assert h.send(b"NOOP " + b"x" * (n - 6) + b"\n") == ["250 2.0.0 Ok"]  # a bare LF is one octet
 
 
+def test_rfc_details_of_commands_and_parameters(cfg: Config) -> None:
+    h = Harness(cfg)
+    assert h.cmd("EHLO\tc.example").startswith("250 ")  # a tab after the verb, as Postfix takes it
+    assert h.p.facts.helo == "c.example"
+    assert h.cmd("VRFY") == "501 5.5.4 Syntax: VRFY address"  # RFC 5321 §4.1.1.6
+    assert h.cmd("VRFY postmaster").startswith("252 ")
+    assert h.cmd("MAIL FROM:<a@example.com> SMTPUTF8=yes").startswith("555 5.5.4")  # RFC 6531 §3.4
+    assert h.cmd("MAIL FROM:<a@example.com>x").startswith("501 5.5.4")
+    assert h.cmd("MAIL FROM:a@example.com SIZE=100") == "250 2.1.0 Ok"  # a bare path, then parameters
+    assert h.cmd("RCPT TO:<b@example.net>x").startswith("501 5.5.4")
+    assert h.cmd("RCPT TO:<b@example.net>") == "250 2.1.5 Ok"
+
+
 def test_duplicate_recipient_once(cfg: Config) -> None:
     h = Harness(cfg)
     h.cmd("EHLO c.example")

@@ -70,10 +70,10 @@ def split_path(arg: str) -> tuple[str, str]:
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
         # RFC 5321 requires brackets; accept a bare mailbox (many old clients), params after a space.
-        path, _, rest = arg.partition(" ")
+        path, sep, rest = arg.partition(" ")
         if not path:
             raise AddressError("missing address")
-        return path, rest
+        return path, sep + rest
     if '"' not in arg:
         end = arg.find(">")
         if end < 0:

@@ -9,6 +9,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from mailrelayd.config import normalize_domain
 from mailrelayd.smtp.address import AddressError, Mailbox, parse_header_mailboxes
 
 
@@ -177,6 +178,13 @@ def received_header(*, helo: str, peer_ip: str, hostname: str, protocol: str, qu
                     tls: str | None, user: str | None, now: float | None = None) -> bytes:
     """A Received trace field (RFC 5321 §4.4), folded, CRLF-terminated. No reverse DNS lookup:
     the IP literal is what we know for sure."""
+    if not helo.isascii():
+        # An internationalized name in its A-label form (été.example is xn--t-9ba.example); anything
+        # else keeps its shape, a "?" for each character that cannot be written here.
+        try:
+            helo = normalize_domain(helo)
+        except ValueError:
+            helo = "".join(c if c.isascii() else "?" for c in helo)
     helo = "".join(c for c in helo if 32 < ord(c) < 127 and c not in "()")[:255] or "unknown"
     lines = [f"Received: from {helo} ([{peer_ip}])", f"\tby {hostname} (mailrelayd) with {protocol} id {queue_id}"]
     if tls:

@@ -421,7 +421,10 @@ class ServerProtocol:
     # --- commands -------------------------------------------------------------------------
     def _command(self, raw: bytes) -> None:
         self.facts.commands += 1
-        verb, _, arg = raw.rstrip(b"\r\n").partition(b" ")
+        line = raw.rstrip(b"\r\n")
+        # The verb ends at a space or, as Postfix takes it, a tab ("EHLO\tclient").
+        cut = min((i for i in (line.find(b" "), line.find(b"\t")) if i >= 0), default=len(line))
+        verb, arg = line[:cut], line[cut + 1:]
         try:
             cmd = verb.decode("ascii").upper()
             text = arg.decode("utf-8", "surrogateescape").strip()
@@ -608,7 +611,7 @@ class ServerProtocol:
             self._send("MAIL", address_refusal(e, sender=True))
             return
         except ValueError as e:
-            self._send("MAIL", f"555 5.5.4 {e}")
+            self._send("MAIL", f"{501 if isinstance(e, ParamSyntaxError) else 555} 5.5.4 {e}")
             return
         smtputf8 = "SMTPUTF8" in opts
         path_text = arg[5:arg.rfind(rest)] if rest else arg[5:]
@@ -662,7 +665,7 @@ class ServerProtocol:
             return
         except ValueError as e:
             tx.refused_rcpts += 1
-            self._send("RCPT", f"555 5.5.4 {e}")
+            self._send("RCPT", f"{501 if isinstance(e, ParamSyntaxError) else 555} 5.5.4 {e}")
             return
         assert rcpt is not None
         address = str(rcpt)  # the domain is normalised (lowercase, no trailing dot)
@@ -728,6 +731,9 @@ class ServerProtocol:
         self._close("quit")
 
     def cmd_VRFY(self, arg: str) -> None:
+        if not arg:  # RFC 5321 §4.1.1.6: the argument is required
+            self._send("VRFY", "501 5.5.4 Syntax: VRFY address")
+            return
         # RFC 5321 §3.5.3: 252 when we will not say whether a mailbox exists.
         self._send("VRFY", "252 2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
         self._junk_command("VRFY")
@@ -752,9 +758,15 @@ _COMMANDS: dict[str, Callable[[ServerProtocol, str], None]] = {
 _MAIL_PARAMS = ("SIZE", "BODY", "SMTPUTF8", "AUTH")
 
 
+class ParamSyntaxError(ValueError):
+    """The text after the path is no parameter list at all (501, not 555)."""
+
+
 def parse_params(rest: str, esmtp: bool, allowed: tuple[str, ...] = _MAIL_PARAMS) -> dict[str, str]:
     """ESMTP parameters (RFC 5321 §4.1.2 esmtp-param) as an upper-cased dict. Raises ValueError
     for anything we do not advertise (555 per §4.1.1.11)."""
+    if rest and rest[0] not in " \t":  # "<a@b>x": junk glued to the path, not a parameter
+        raise ParamSyntaxError("a parameter must follow the address after a space")
     rest = rest.strip()
     if not rest:
         return {}
@@ -768,5 +780,7 @@ def parse_params(rest: str, esmtp: bool, allowed: tuple[str, ...] = _MAIL_PARAMS
             raise ValueError(f"malformed parameter {p[:40]!r}")
         if key not in allowed:
             raise ValueError(f"unsupported parameter {key[:20]}")
+        if eq and key == "SMTPUTF8":  # RFC 6531 §3.4: a keyword without a value
+            raise ValueError("SMTPUTF8 takes no value")
         out[key] = value.upper() if key == "BODY" else value
     return out
