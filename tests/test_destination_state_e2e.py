@@ -52,9 +52,9 @@ async def test_suspension_survives_kill9(tmp_path: Path, tls_files: Any) -> None
     """A receiver answers ``421 4.7.0 rate limited``; the daemon is killed (-9) and started again
     while the destination is suspended: nobody connects to the receiver before the backoff ends,
     then everything is delivered and nothing bounces. (uvloop here; the next test restarts a daemon
-    on asyncio's loop and checks the same silence, without the 15 s wait twice over.)"""
+    on asyncio's loop and checks the same silence, without the 10 s wait twice over.)"""
     loop = LOOPS[0]
-    backoff = 15.0
+    backoff = 10.0
     sink = await Sink().start()
     sink.mail_reply = "421 4.7.0 rate limited"
     cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {
