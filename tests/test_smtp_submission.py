@@ -144,6 +144,20 @@ async def test_guesses_sent_on_many_connections_at_once_are_not_all_checked(star
         c.close()
 
 
+async def test_logins_on_many_connections_at_once_all_succeed(start_daemon, client_tls) -> None:
+    """An application opening ten connections at once from one IP: its checks wait their turn, and
+    none is refused (auth.max_failures is 3 here)."""
+    d = await start_daemon()
+    clients = [await _client(d.port("submissions"), client_tls, implicit=True) for _ in range(10)]
+    for c in clients:
+        await c.ehlo()
+    replies = await asyncio.gather(*(c.execute_command(b"AUTH", b"PLAIN", _plain("alice", TEST_PASSWORD))
+                                     for c in clients))
+    assert [code for code, _ in replies] == [235] * 10, replies
+    for c in clients:
+        c.close()
+
+
 async def test_a_success_does_not_clear_the_failures_of_the_ip(start_daemon, client_tls) -> None:
     """Otherwise one account's password buys unlimited guesses at the others' from one IP."""
     d = await start_daemon()

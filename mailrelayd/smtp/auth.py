@@ -9,12 +9,13 @@ the cache holds no password and no hash an attacker could use offline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Container
+from collections.abc import AsyncIterator, Container
 from concurrent.futures import Executor
 
 from mailrelayd.users import DUMMY_HASH, User, verify_password
@@ -38,19 +39,45 @@ def username_for_log(username: bytes, known: Container[str] = ()) -> str:
     return f"unknown:{digest}:len={len(username)}"
 
 
+class KeyedLock:
+    """One holder at a time per key (``async with lock.hold(key)``); a key nobody holds or waits for
+    is forgotten, so memory follows the connections, not the keys ever seen."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class AuthThrottle:
     """Counts AUTH failures per client IP; after ``max_failures`` within ``window`` seconds the IP
     is locked out for ``lockout`` seconds. Survives config reloads (owned by the daemon).
 
-    Checks in progress count as failures until they end (:meth:`reserve`): otherwise a client
-    sends its guesses on many connections at once, and all of them are checked before the first
-    failure is recorded. A success clears nothing: one account's password would otherwise buy
-    unlimited guesses at the others' from the same IP (failures age out with the window)."""
+    The checks of one IP run one at a time (:attr:`serial`), each after a look at the lockout:
+    otherwise a client sends its guesses on many connections at once, and all of them are checked
+    before the first failure is recorded. A success clears nothing: one account's password would
+    otherwise buy unlimited guesses at the others' from the same IP (failures age out with the
+    window)."""
 
     def __init__(self, max_failures: int, window: float, lockout: float, max_tracked: int = 100_000) -> None:
         self.configure(max_failures, window, lockout)
         self._failures: dict[str, list[float]] = {}
-        self._pending: dict[str, int] = {}
+        self.serial = KeyedLock()
         self._locked_until: dict[str, float] = {}
         self._max_tracked = max_tracked
 
@@ -80,24 +107,6 @@ class AuthThrottle:
             for k in list(self._failures)[: self._max_tracked // 10]:
                 del self._failures[k]
         return False
-
-    def reserve(self, ip: str, now: float | None = None) -> bool:
-        """Before a check: False if ``ip`` is locked out, or would be should every check of its in
-        progress fail; else the check is counted as in progress until :meth:`release`."""
-        if self.is_locked(ip, now):
-            return False
-        now = now if now is not None else time.monotonic()
-        recent = sum(1 for t in self._failures.get(ip, ()) if now - t < self.window)
-        pending = self._pending.get(ip, 0)
-        if recent + pending >= self.max_failures:
-            return False
-        self._pending[ip] = pending + 1
-        return True
-
-    def release(self, ip: str) -> None:
-        n = self._pending.pop(ip, 0) - 1
-        if n > 0:
-            self._pending[ip] = n
 
     def failures(self, ip: str) -> int:
         """Failures of ``ip`` counted here and not yet expired or cleared (the window is checked lazily)."""

@@ -429,28 +429,29 @@ class SmtpConnection(asyncio.Protocol):
         ctx = self.ctx
         user = None
         ip = proto.facts.peer_ip
-        if not ctx.throttle.reserve(ip):  # locked out, or as many checks of this IP in progress
-            metrics.AUTH_THROTTLED.labels(self.lcfg.name).inc()
-            self._log.info("smtp.auth_throttled")
-            if not self._closed:
-                self._drive(proto.auth_throttled)
-            return
-        try:
-            if ctx.authenticator is not None:
-                user = await ctx.authenticator.verify(ev.username, ev.password)
-        except Exception:
-            self._log.exception("smtp.auth_error")
-        finally:
-            ctx.throttle.release(ip)
-        if user is None:
-            metrics.AUTH_FAILURES.labels(self.lcfg.name).inc()
-            metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "failure").inc()
-            ctx.throttle.failure(ip)
-            # A mistyped password may sit in the username: never logged in clear (auth.username_for_log).
-            known = ctx.authenticator.users if ctx.authenticator is not None else {}
-            self._log.info("smtp.auth_failed", user=username_for_log(ev.username, known))
-        else:
-            metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "success").inc()
+        # One check per IP at a time, each after a look at the lockout: guesses sent on many
+        # connections at once would otherwise all be checked before the first failure counted.
+        async with ctx.throttle.serial.hold(ip):
+            if ctx.throttle.is_locked(ip):
+                metrics.AUTH_THROTTLED.labels(self.lcfg.name).inc()
+                self._log.info("smtp.auth_throttled")
+                if not self._closed:
+                    self._drive(proto.auth_throttled)
+                return
+            try:
+                if ctx.authenticator is not None:
+                    user = await ctx.authenticator.verify(ev.username, ev.password)
+            except Exception:
+                self._log.exception("smtp.auth_error")
+            if user is None:
+                metrics.AUTH_FAILURES.labels(self.lcfg.name).inc()
+                metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "failure").inc()
+                ctx.throttle.failure(ip)
+                # A mistyped password may sit in the username: never logged in clear (auth.username_for_log).
+                known = ctx.authenticator.users if ctx.authenticator is not None else {}
+                self._log.info("smtp.auth_failed", user=username_for_log(ev.username, known))
+            else:
+                metrics.AUTH_ATTEMPTS.labels(self.lcfg.name, "success").inc()
         if not self._closed:
             self._drive(proto.auth_result, user)
 

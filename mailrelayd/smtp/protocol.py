@@ -217,8 +217,7 @@ class ServerProtocol:
         return self._run()
 
     def auth_throttled(self) -> list[Event]:
-        """The :class:`AuthRequest` was not checked: the IP is locked out, or has as many checks in
-        progress as failures left."""
+        """The :class:`AuthRequest` was not checked: the IP was locked out while it waited its turn."""
         assert self.phase is Phase.WAIT
         self.phase = Phase.COMMAND
         self._send("AUTH", AUTH_THROTTLED)
