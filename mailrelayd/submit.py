@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mailrelayd.config import Config, LimitsConfig
-from mailrelayd.errors import MessageRefused, Reply
+from mailrelayd.errors import MessageRefused, Reply, address_refusal
 from mailrelayd.intake import Intake, Origin
 from mailrelayd.smtp.address import AddressError, Mailbox, parse_command_path
 from mailrelayd.smtp.policy import SENDER_NOT_OWNED, TOO_BIG, Facts, Policy
@@ -53,10 +53,12 @@ class LocalSubmitter:
         self.protocol = protocol
 
     async def submit(self, user: User, mail_from: str, recipients: Sequence[str], data: bytes, *,
-                     peer_ip: str = "127.0.0.1", tls: str | None = None) -> Submitted:
+                     peer_ip: str = "127.0.0.1", tls: str | None = None,
+                     refused: Sequence[Refused] = ()) -> Submitted:
         """Queue the message for the recipients that pass. ``mail_from`` "" is the null sender (MAIL
-        FROM:<>). Raises MessageRefused when the sender, the content or every recipient is refused (and
-        SpoolError / DkimSignError as Intake does)."""
+        FROM:<>). ``refused``: recipients the front end already refused (an address it could not read),
+        reported with the others. Raises MessageRefused when the sender, the content or every recipient
+        is refused (and SpoolError / DkimSignError as Intake does)."""
         facts = Facts(peer_ip=peer_ip, tls=tls is not None, user=user)
         refusal = content_refusal(data, self.cfg.limits)
         if refusal is not None:
@@ -70,24 +72,33 @@ class LocalSubmitter:
             raise MessageRefused(NULL_SENDER_NOT_OWNED if sender is None and refusal == SENDER_NOT_OWNED
                                  else refusal)
         accepted: list[str] = []
-        refused: list[Refused] = []
+        refusals = list(refused)
+        # As SMTP's RCPT does: a mailbox given twice (a@x, a@X) is one recipient, neither counted against
+        # limits.max_recipients nor reported again. Compared by the parsed address (domain lowercased).
+        seen = {r.recipient for r in refusals}
         for r in recipients:
             try:
                 rcpt = recipient_mailbox(r)
             except AddressError as e:
-                refused.append(Refused(r, Reply(553, "5.1.3", f"Bad recipient address syntax: {e}")))
+                if r not in seen:
+                    seen.add(r)
+                    refusals.append(Refused(r, address_refusal(e, sender=False)))
                 continue
+            address = str(rcpt)
+            if address in seen:
+                continue
+            seen.add(address)
             reply, _local = self.policy.check_rcpt(facts, False, rcpt, len(accepted))
             if reply is not None:
-                refused.append(Refused(r, reply))
+                refusals.append(Refused(r, reply))
             else:
-                accepted.append(str(rcpt))
+                accepted.append(address)
         if not accepted:
-            raise MessageRefused(refused[0].reply if len(refused) == 1 else NO_RECIPIENTS)
+            raise MessageRefused(refusals[0].reply if len(refusals) == 1 else NO_RECIPIENTS)
         origin = Origin(listener=self.listener, peer_ip=peer_ip, helo=None, protocol=self.protocol, tls=tls,
                         user=user)
         qid = await self.intake.accept(origin, str(sender) if sender else "", accepted, data, outbound=True)
-        return Submitted(qid, tuple(refused))
+        return Submitted(qid, tuple(refusals))
 
 
 def content_refusal(data: bytes, limits: LimitsConfig) -> Reply | None:
