@@ -25,20 +25,21 @@ import re
 import ssl
 from dataclasses import dataclass, field
 from email.errors import HeaderParseError
-from email.header import Header, decode_header
+from email.header import decode_header
 from email.message import EmailMessage
 from typing import Any
 
 from aiohttp import web
 
 from mailrelayd import metrics
+from mailrelayd.apifields import FieldTooLong, encoded_words, header_field, headers_refusal
 from mailrelayd.config import Config
-from mailrelayd.errors import DkimSignError, MessageRefused, Reply, SpoolError, reply_for
+from mailrelayd.errors import DkimSignError, MessageRefused, Reply, SpoolError, address_refusal, reply_for
 from mailrelayd.httpguard import HEADER_TIMEOUT, WRITE_TIMEOUT, HttpGuard
 from mailrelayd.log import get_logger
 from mailrelayd.sendmail import EX_NOUSER, PrepareError, prepare
-from mailrelayd.smtp.address import header_addresses
-from mailrelayd.submit import LocalSubmitter, to_crlf
+from mailrelayd.smtp.address import AddressError, header_addresses, parse_header_mailboxes
+from mailrelayd.submit import LocalSubmitter, Refused, to_crlf
 from mailrelayd.users import User, api_key_hash
 
 log = get_logger()
@@ -50,8 +51,6 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 NOT_IDENTITY = Reply(554, "5.6.1", "Content-Encoding is not supported: send the body uncompressed")
 BODY_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded reading the request body")
 FROM_REQUIRED = Reply(550, "5.6.0", "from is required (one address, \"Name <addr>\" allowed)")
-_RESERVED = {"from", "to", "cc", "bcc", "subject", "content-type", "content-transfer-encoding", "mime-version"}
-_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 §3.6.8
 # Also what str.splitlines() splits at: Python-based readers would see a new line there.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -80,6 +79,16 @@ class BadRequest(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A request read: the envelope, the CRLF message, and the recipients refused while reading it."""
+
+    mail_from: str
+    recipients: list[str]
+    data: bytes
+    refused: list[Refused] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -147,29 +156,57 @@ def _check_text(value: str, what: str) -> None:
 
 
 def _field(name: str, value: str) -> bytes:
-    """``Name: value``, folded, non-ASCII as RFC 2047 encoded words. Built with ``email.header``
-    rather than the ``email.policy`` folder, which takes seconds per kilobyte of non-ASCII text
-    (blocking the event loop) and decodes encoded words it is given before refolding them."""
-    folded = Header(value, "us-ascii" if value.isascii() else "utf-8", header_name=name).encode(linesep="\r\n")
-    return f"{name}: {folded}\r\n".encode("ascii")
+    try:
+        return header_field(name, value)
+    except FieldTooLong as e:
+        raise BadRequest(Reply(501, "5.5.4", str(e)[:200])) from None
 
 
 def _address_field(name: str, items: list[str]) -> bytes:
-    parts = []
-    for item in items:
-        if item.isascii():
-            parts.append(item)  # as given (the email package wrote it so too)
-            continue
-        try:  # display names as encoded words; the addresses themselves must be ASCII here
-            parts.extend(email.utils.formataddr(p) for p in header_addresses([item]))
-        except UnicodeEncodeError:
+    """To or Cc from valid entries. ASCII entries as given (the email package wrote them so too); others,
+    and all of them when a display name has a word too long for a line, rewritten with their display
+    names as RFC 2047 encoded words (§5 (3)). The addresses themselves must be ASCII here."""
+    parts = [item if item.isascii() else _mailboxes_text(name, item, False) for item in items]
+    try:
+        return header_field(name, ", ".join(parts))
+    except FieldTooLong:
+        return _field(name, ", ".join(_mailboxes_text(name, item, True) for item in items))
+
+
+def _mailboxes_text(name: str, item: str, encode_all: bool) -> str:
+    out = []
+    for display, addr in header_addresses([item]):
+        if not addr.isascii():
             raise BadRequest(Reply(553, "5.6.7", f"{name.lower()}: non-ASCII addresses need the message/rfc822 "
-                                                 "form")) from None
-    return _field(name, ", ".join(parts))
+                                                 "form"))
+        if display and (encode_all or not display.isascii()):
+            out.append(f"{' '.join(encoded_words(display))} <{addr}>")
+        else:
+            out.append(email.utils.formataddr((display, addr)))
+    return ", ".join(out)
 
 
-def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
-    """(envelope sender, recipients, CRLF message) from the JSON form."""
+def _recipients(items: list[str]) -> tuple[list[str], list[str], list[Refused]]:
+    """(entries that are valid, their envelope addresses, refusals of the others). Each entry is read
+    as the header From is (every mailbox valid, no group), so that what goes into To/Cc is what we
+    deliver to; one that is not is refused as RCPT would refuse it (553 5.1.3) and is left out of the
+    header, as the message/rfc822 form lists it in "rejected"."""
+    valid: list[str] = []
+    addresses: list[str] = []
+    refused: list[Refused] = []
+    for item in items:
+        try:
+            boxes = parse_header_mailboxes(item)
+        except AddressError as e:
+            refused.append(Refused(item, address_refusal(e, sender=False)))
+            continue
+        valid.append(item)
+        addresses.extend(str(b) for b in boxes)
+    return valid, addresses, refused
+
+
+def build_json_message(doc: Any) -> Submission:
+    """The envelope and CRLF message of the JSON form (recipients with unreadable addresses refused)."""
     if not isinstance(doc, dict):
         raise BadRequest(Reply(501, "5.5.4", "body must be a JSON object"))
     unknown = set(doc) - {"from", "to", "cc", "bcc", "subject", "text", "html", "headers"}
@@ -189,9 +226,12 @@ def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
     if not isinstance(headers, dict):
         raise BadRequest(Reply(501, "5.5.4", "headers must be an object of name: value"))
     for name, value in headers.items():
-        if not isinstance(value, str) or name.lower() in _RESERVED or not _FIELD_NAME.fullmatch(name):
-            raise BadRequest(Reply(501, "5.5.4", f"header {name[:80]!r} is not allowed or has a bad value"))
-        _check_text(value, f"header {name}")
+        if not isinstance(value, str):
+            raise BadRequest(Reply(501, "5.5.4", f"header {name[:80]!r} must have a string value"))
+        _check_text(value, f"header {name[:80]}")
+    refusal = headers_refusal(headers)
+    if refusal is not None:
+        raise BadRequest(refusal)
     header_text = sum(map(len, (*frm, *to, *cc, *bcc, subject, *headers, *headers.values())))
     if header_text > MAX_HEADER_TEXT:
         raise BadRequest(Reply(552, "5.3.4", f"header fields too large (over {MAX_HEADER_TEXT} characters)"))
@@ -199,6 +239,9 @@ def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
     if not any(isinstance(x, str) for x in (text, html)) or \
             any(x is not None and not isinstance(x, str) for x in (text, html)):
         raise BadRequest(Reply(501, "5.5.4", "text and/or html (strings) are required"))
+    to, to_rcpts, to_refused = _recipients(to)
+    cc, cc_rcpts, cc_refused = _recipients(cc)
+    _, bcc_rcpts, bcc_refused = _recipients(bcc)
     fields = [_address_field("From", frm)]
     if to:
         fields.append(_address_field("To", to))
@@ -217,7 +260,7 @@ def build_json_message(doc: Any) -> tuple[str, list[str], bytes]:
         data = b"".join(fields) + msg.as_bytes()
     except (ValueError, TypeError, IndexError) as e:  # the email package's verdict on a value
         raise BadRequest(Reply(501, "5.5.4", f"bad message field: {e}"[:200])) from None
-    return sender, [a for _, a in header_addresses([*to, *cc, *bcc]) if a], data
+    return Submission(sender, [*to_rcpts, *cc_rcpts, *bcc_rcpts], data, [*to_refused, *cc_refused, *bcc_refused])
 
 
 def _json_sender(value: str) -> str:
@@ -272,7 +315,7 @@ class ApiServer:
             # The same bound as an SMTP DATA phase: a client that trickles its body must not hold
             # the request (and its memory) for as long as it likes.
             async with asyncio.timeout(ctx.cfg.limits.data_timeout):
-                mail_from, rcpts, data = await self._read(request, ctx)
+                sub = await self._read(request, ctx)
         except TimeoutError:
             log.info("api.body_timeout", peer=request.remote, timeout=ctx.cfg.limits.data_timeout)
             resp = error_response(BODY_TIMEOUT, 408)
@@ -284,11 +327,12 @@ class ApiServer:
             return error_response(TOO_BIG, 413)
         tls = "HTTPS" if request.secure else None
         try:
-            res = await ctx.submitter.submit(user, mail_from, rcpts, data, peer_ip=request.remote or "unknown",
-                                             tls=tls)
+            res = await ctx.submitter.submit(user, sub.mail_from, sub.recipients, sub.data,
+                                             peer_ip=request.remote or "unknown", tls=tls, refused=sub.refused)
         except (MessageRefused, SpoolError, DkimSignError) as e:
             r = reply_for(e)
-            log.info("api.refused", user=user.name, reply=str(r), mail_from=mail_from, rcpts=len(rcpts))
+            log.info("api.refused", user=user.name, reply=str(r), mail_from=sub.mail_from,
+                     rcpts=len(sub.recipients) + len(sub.refused))
             return error_response(r)
         metrics.API_REQUESTS.labels("202").inc()
         return web.json_response(
@@ -297,7 +341,7 @@ class ApiServer:
                            "message": x.reply.text} for x in res.refused]},
             status=202)
 
-    async def _read(self, request: web.Request, ctx: ApiContext) -> tuple[str, list[str], bytes]:
+    async def _read(self, request: web.Request, ctx: ApiContext) -> Submission:
         if request.headers.get("Content-Encoding", "identity").lower() != "identity":
             raise BadRequest(NOT_IDENTITY)
         ctype = request.content_type
@@ -311,7 +355,7 @@ class ApiServer:
             except PrepareError as e:
                 no_rcpt = e.exit_code == EX_NOUSER
                 raise BadRequest(Reply(554, "5.5.1", str(e)) if no_rcpt else Reply(550, "5.6.0", str(e))) from None
-            return p.mail_from, list(p.recipients), p.data
+            return Submission(p.mail_from, list(p.recipients), p.data)
         if ctype == "application/json":
             try:
                 doc = await request.json(loads=_loads)

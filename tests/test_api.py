@@ -177,10 +177,11 @@ def test_json_addresses_read_alike_on_every_python() -> None:
     """The JSON form's from/to/cc/bcc through the lenient address reader: Python 3.13's strict default
     of email.utils.getaddresses/parseaddr dropped domain literals (a From of app@[192.0.2.1] was an
     empty sender, refused as bad syntax, and a literal recipient vanished), 3.11 kept them."""
-    sender, rcpts, data = build_json_message({
+    sub = build_json_message({
         "from": "App <app@[192.0.2.1]>", "to": ["user@[192.0.2.1]", "b@dest.test"],
         "cc": "Ré <c@[IPv6:2001:db8::1]>", "bcc": "D <d@[192.0.2.4]>, e@dest.test", "text": "x"})
-    assert sender == "app@[192.0.2.1]"
+    sender, rcpts, data = sub.mail_from, sub.recipients, sub.data
+    assert sender == "app@[192.0.2.1]" and not sub.refused
     assert rcpts == ["user@[192.0.2.1]", "b@dest.test", "c@[IPv6:2001:db8::1]", "d@[192.0.2.4]", "e@dest.test"]
     head = email.message_from_bytes(data, policy=email.policy.default)
     assert head["Cc"].addresses[0].addr_spec == "c@[IPv6:2001:db8::1]"  # the non-ASCII name encoded, the address kept

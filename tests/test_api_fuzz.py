@@ -232,7 +232,8 @@ WRONG = [0, 1.5, -1, True, False, None, [], [1], [None], [[]], [{}], {}, {"X-Ord
 
 
 # The values above that are fine where they are: an optional field left empty, free text.
-FAIR = {"cc": [None, [], "", " "], "bcc": [None, [], "", " ", "x" * 2000],  # a bad bcc: listed in "rejected"
+# A bad cc or bcc address is listed in "rejected" (and left out of the Cc field); the message goes to "to".
+FAIR = {"cc": [None, [], "", " ", "x" * 2000], "bcc": [None, [], "", " ", "x" * 2000],
         "headers": [None, {}, {"X-Order": "b"}],
         "subject": ["", " ", "x" * 2000], "text": ["", " ", "x" * 2000], "html": [None, "", " ", "x" * 2000]}
 
