@@ -35,7 +35,7 @@ from mailrelayd import metrics
 from mailrelayd.apifields import FieldTooLong, encoded_words, header_field, headers_refusal
 from mailrelayd.config import Config
 from mailrelayd.errors import DkimSignError, MessageRefused, Reply, SpoolError, address_refusal, reply_for
-from mailrelayd.httpguard import HEADER_TIMEOUT, WRITE_TIMEOUT, HttpGuard
+from mailrelayd.httpguard import HEADER_TIMEOUT, WRITE_TIMEOUT, Handler, HttpGuard
 from mailrelayd.log import get_logger
 from mailrelayd.sendmail import EX_NOUSER, PrepareError, prepare
 from mailrelayd.smtp.address import AddressError, header_addresses, parse_header_mailboxes
@@ -51,6 +51,9 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 NOT_IDENTITY = Reply(554, "5.6.1", "Content-Encoding is not supported: send the body uncompressed")
 BODY_TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded reading the request body")
 FROM_REQUIRED = Reply(550, "5.6.0", "from is required (one address, \"Name <addr>\" allowed)")
+# What aiohttp's router raises, as SMTP would answer an unknown or misused command (RFC 5321 §4.2.4).
+NOT_FOUND = Reply(500, "5.5.1", "No such resource: the API is POST /v1/messages")
+NOT_ALLOWED = Reply(502, "5.5.1", "Method not allowed: the API is POST /v1/messages")
 # Also what str.splitlines() splits at: Python-based readers would see a new line there.
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -123,6 +126,22 @@ def error_response(r: Reply, status: int | None = None) -> web.Response:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return web.json_response({"error": {"code": r.code, "enhanced": r.enhanced, "message": r.text}},
                              status=status, headers=headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """An HTTPException raised outside post_message (the router's 404 and 405) as the API's other errors:
+    JSON with an SMTP reply, counted in api_requests_total. aiohttp writes them as text otherwise."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        reply = {404: NOT_FOUND, 405: NOT_ALLOWED}.get(e.status) or Reply(554, "5.5.0", e.reason)
+        resp = error_response(reply, e.status)
+        if "Allow" in e.headers:  # RFC 9110 §15.5.6: a 405 names the methods that are allowed
+            resp.headers["Allow"] = e.headers["Allow"]
+        return resp
 
 
 def _addresses(value: Any, key: str) -> list[str]:
@@ -283,7 +302,7 @@ class ApiServer:
         self.guard = HttpGuard("api", header_timeout=header_timeout, write_timeout=write_timeout)
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None, max_body: int) -> None:
-        app = web.Application(client_max_size=max_body, middlewares=[self.guard.middleware])
+        app = web.Application(client_max_size=max_body, middlewares=[self.guard.middleware, json_errors])
         app.router.add_post("/v1/messages", self.post_message)
         # auto_decompress off: aiohttp drops the connection without a reply on a compressed body that
         # ends early; Content-Encoding is refused in _read instead.

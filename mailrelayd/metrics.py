@@ -399,7 +399,8 @@ declare_labels(SUPPRESSED_REJECTIONS, stage=("rcpt", "delivery"))
 for _m in (WEBHOOK_EVENTS_SENT, WEBHOOK_EVENTS_FAILED, WEBHOOK_BACKLOG):
     declare_labels(_m, webhook=WEBHOOKS)
 declare_labels(USER_RATE_LIMITED, user=USERS)
-declare_labels(API_REQUESTS, status=("202", "400", "401", "403", "413", "415", "422", "429", "503"))
+declare_labels(API_REQUESTS, status=("202", "400", "401", "403", "404", "405", "408", "413", "415", "422", "429",
+                                     "503"))
 declare_labels(MAILDROP_MESSAGES, result=("queued", "failed"))
 # --- delivery control -------------------------------------------------------------------
 destination_label = BoundedLabel(100)
