@@ -16,6 +16,7 @@ import time
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http import HttpProcessingError  # (listed in aiohttp.http.__all__)
 
 # Keys whose values are never logged, whatever the caller passes.
 _SECRET_KEYS = frozenset({
@@ -27,6 +28,33 @@ REDACTED = "[redacted]"
 # Libraries that would log protocol traffic or noisy tracebacks on their own.
 _QUIET_LOGGERS = {"mail.log": logging.WARNING, "asyncio": logging.WARNING,
                   "aiohttp.access": logging.WARNING}
+
+
+class ClientFaults(logging.Filter):
+    """For aiohttp's documented ``aiohttp.server`` logger: a request its parser refuses (a head over 8 KB,
+    two Content-Types, Content-Length with Transfer-Encoding, no Host, a bad chunk) or a client gone in the
+    middle of one is logged by aiohttp at ERROR with a traceback. Anyone who can connect to the API or the
+    sidecar could fill the error log and page someone with those. They become one INFO line (DEBUG for a
+    client gone) naming the exception type only: its text quotes the request's bytes, an Authorization
+    header among them. Any other exception (a fault of ours) stays an ERROR with its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            level = logging.INFO
+        elif isinstance(exc, ConnectionError):
+            level = logging.DEBUG
+        else:
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(level):
+            return False
+        record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}", ()
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+_CLIENT_FAULTS = ClientFaults()
 
 
 def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +209,7 @@ def configure_logging(fmt: str = "json", level: str = "info", stream: TextIO | L
     root.setLevel(lvl)
     for name, minimum in _QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(max(minimum, lvl))
+    logging.getLogger("aiohttp.server").addFilter(_CLIENT_FAULTS)  # (adding it again is a no-op)
 
 
 def get_logger(**context: Any) -> Any:
