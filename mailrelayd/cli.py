@@ -90,22 +90,35 @@ def _users_file(args: argparse.Namespace) -> Path:
     return cfg.auth.users_file
 
 
-def _read_users(path: Path) -> dict[str, Any]:
+def _read_users(path: Path, replacing_allowed_from: str | None = None) -> dict[str, Any]:
     from mailrelayd.users import load_users
 
-    return load_users(path) if path.exists() else {}
+    return load_users(path, replacing_allowed_from=replacing_allowed_from) if path.exists() else {}
 
 
 def _users_for_edit(args: argparse.Namespace) -> tuple[Path, dict[str, Any]] | None:
     """The users file and its users, for a `user` verb that edits them; None once the reason
-    it cannot be read has been printed."""
+    it cannot be read has been printed. A verb that replaces (or deletes) the allowed senders of
+    the user it names may do so even when that user's patterns are broken: that is the repair."""
     from mailrelayd.users import UsersFileError
 
     path = _users_file(args)
+    repairs = args.name if getattr(args, "allow_from", None) or args.func is cmd_user_del else None
     try:
-        return path, _read_users(path)
+        return path, _read_users(path, repairs)
     except UsersFileError as e:
         _err(str(e))
+        return None
+
+
+def _allow_from_arg(values: list[str]) -> tuple[str, ...] | None:
+    """--allow-from patterns in their normal form; None once the bad one has been named."""
+    from mailrelayd.users import sender_pattern
+
+    try:
+        return tuple(sender_pattern(v) for v in values)
+    except ValueError as e:
+        _err(f"--allow-from: {e}")
         return None
 
 
@@ -128,13 +141,13 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
     from mailrelayd.users import User, hash_password, save_users
 
+    patterns = _allow_from_arg(args.allow_from)
+    if patterns is None:
+        return 2
     opened = _users_for_edit(args)
     if opened is None:
         return 1
     path, users = opened
-    if not all(p.startswith("@") or "@" in p or p == "*" for p in args.allow_from):
-        _err("--allow-from takes \"@domain\", a whole address, or \"*\"")
-        return 2
     generated = False
     if sys.stdin.isatty():
         password = _secrets.token_urlsafe(18)
@@ -145,7 +158,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
             _err("empty password on standard input")
             return 2
     old = users.get(args.name)
-    allowed = tuple(args.allow_from) if args.allow_from else (old.allowed_from if old else ())
+    allowed = patterns if patterns else (old.allowed_from if old else ())
     rate = _rate_arg(args.rate) if args.rate is not None else (old.rate if old else None)
     users[args.name] = User(args.name, hash_password(password), allowed, rate, old.api_keys if old else ())
     save_users(path, users)
@@ -175,17 +188,21 @@ def cmd_user_set(args: argparse.Namespace) -> int:
 
     from mailrelayd.users import save_users
 
+    if args.rate is None and not args.allow_from:
+        _err("nothing to change: give --rate and/or --allow-from")
+        return 2
+    patterns = _allow_from_arg(args.allow_from)
+    if patterns is None:
+        return 2
+    rate = _rate_arg(args.rate) if args.rate is not None else None
     found = _user_to_edit(args, " (create it with `mailrelayd user add`)")
     if found is None:
         return 1
     path, users, u = found
-    if args.rate is None and not args.allow_from:
-        _err("nothing to change: give --rate and/or --allow-from")
-        return 2
     if args.rate is not None:
-        u = dataclasses.replace(u, rate=_rate_arg(args.rate))
-    if args.allow_from:
-        u = dataclasses.replace(u, allowed_from=tuple(args.allow_from))
+        u = dataclasses.replace(u, rate=rate)
+    if patterns:
+        u = dataclasses.replace(u, allowed_from=patterns)
     users[args.name] = u
     save_users(path, users)
     print(f"updated user {u.name}: rate {u.rate or 'default'}; allowed senders: {', '.join(u.allowed_from) or '-'}")
@@ -230,7 +247,14 @@ def cmd_user_del(args: argparse.Namespace) -> int:
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:
-    for u in sorted(_read_users(_users_file(args)).values(), key=lambda u: u.name):
+    from mailrelayd.users import UsersFileError
+
+    try:
+        users = _read_users(_users_file(args))
+    except UsersFileError as e:
+        _err(str(e))
+        return 1
+    for u in sorted(users.values(), key=lambda u: u.name):
         extra = f"\trate {u.rate}" if u.rate else ""
         extra += f"\t{len(u.api_keys)} API key(s)" if u.api_keys else ""
         print(f"{u.name}\t{', '.join(u.allowed_from)}{extra}")

@@ -28,6 +28,7 @@ from pathlib import Path
 import tomli_w
 
 from mailrelayd.ratelimit import parse_rate
+from mailrelayd.smtp.address import AddressError, parse_mailbox
 
 # scrypt cost: 2**15 * 8 * 128 = 32 MiB and ~50-100 ms per verification (OWASP minimum is 2**17
 # for interactive logins with r=8; SMTP clients re-authenticate on every connection, so verified
@@ -42,6 +43,34 @@ MAX_USERS_FILE = 16 * 1024**2
 
 class UsersFileError(Exception):
     """The users file is unreadable or malformed; the message names the file and key."""
+
+
+PATTERN_FORMS = "\"@domain\" (any address at that domain), a whole address, or \"*\" (anything)"
+
+
+def sender_pattern(value: str) -> str:
+    """The one normal form of an allowed-sender pattern (``--allow-from`` and the users file alike):
+    ``"*"``, ``"@domain"`` or a whole address, with domains and local parts as the SMTP session
+    normalises them (so ``@Bücher.Example`` matches what arrives as ``xn--bcher-kva.example``).
+    Raises ValueError saying what is wrong: a pattern that can match nothing (``""``, ``"@@"``,
+    ``"a b@c"``) is a typo that would silently refuse every message of the user."""
+    p = value.strip()
+    if p == "*":
+        return p
+    if not p:
+        raise ValueError(f"empty pattern: use {PATTERN_FORMS}")
+    if not p.isprintable():
+        raise ValueError(f"{value!r}: control characters are not allowed")
+    if "@" not in p:
+        raise ValueError(f"{value!r}: use {PATTERN_FORMS}")
+    try:
+        if p.startswith("@"):
+            # A domain pattern is parsed as an address at that domain: the same domain rules (IDNA,
+            # address literals) as the envelope addresses it is compared with.
+            return "@" + parse_mailbox("x" + p, utf8=True).domain
+        return str(parse_mailbox(p, utf8=True))
+    except AddressError as e:
+        raise ValueError(f"{value!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -169,8 +198,12 @@ def _read_regular_file(path: Path, limit: int) -> bytes:
     return data
 
 
-def load_users(path: Path) -> dict[str, User]:
-    """Read the users file. Raises :class:`UsersFileError` naming the file and the bad key."""
+def load_users(path: Path, *, replacing_allowed_from: str | None = None) -> dict[str, User]:
+    """Read the users file. Raises :class:`UsersFileError` naming the file and the bad key.
+
+    ``replacing_allowed_from``: the user whose patterns the caller replaces (``user set NAME
+    --allow-from``): a broken ``allowed_from`` of that user is read as empty instead of refused, so
+    that the CLI can repair it."""
     text = _read_users_file(path)
     try:
         data = tomllib.loads(text)
@@ -200,9 +233,13 @@ def load_users(path: Path) -> dict[str, User]:
         pw = entry.get("password")
         if not isinstance(pw, str) or _parse_hash(pw) is None:
             raise UsersFileError(f"{path}: {key}.password: must be a scrypt hash written by `mailrelayd user add`")
-        allowed = entry.get("allowed_from", [])
-        if not isinstance(allowed, list) or not all(isinstance(a, str) and a for a in allowed):
-            raise UsersFileError(f"{path}: {key}.allowed_from: must be an array of patterns like \"@example.com\"")
+        try:
+            allowed = _allowed_from(entry.get("allowed_from", []))
+        except ValueError as e:
+            if name != replacing_allowed_from:
+                raise UsersFileError(f"{path}: {key}.allowed_from{e}; repair it with `mailrelayd user set "
+                                     f"{name} --allow-from PATTERN`") from None
+            allowed = ()
         rate = entry.get("rate")
         if rate is not None:
             try:
@@ -220,8 +257,24 @@ def load_users(path: Path) -> dict[str, User]:
             if owner != name:
                 raise UsersFileError(f"{path}: {key}.api_keys: the same API key as users.{owner} "
                                      "(a key belongs to one user)")
-        users[name] = User(name, pw, tuple(allowed), rate, tuple(keys))
+        users[name] = User(name, pw, allowed, rate, tuple(keys))
     return users
+
+
+def _allowed_from(value: object) -> tuple[str, ...]:
+    """The patterns of an ``allowed_from`` value; ValueError whose text continues the key
+    (``[1]: '@@': invalid domain``)."""
+    if not isinstance(value, list):
+        raise ValueError(f": must be an array of patterns: {PATTERN_FORMS}")
+    out = []
+    for i, p in enumerate(value):
+        if not isinstance(p, str):
+            raise ValueError(f"[{i}]: must be a string: {PATTERN_FORMS}")
+        try:
+            out.append(sender_pattern(p))
+        except ValueError as e:
+            raise ValueError(f"[{i}]: {e}") from None
+    return tuple(out)
 
 
 def new_api_key() -> tuple[str, str]:

@@ -177,3 +177,32 @@ def test_init_creates_a_setup_the_daemon_runs(tmp_path: Path, cli_env: dict[str,
         assert asyncio.run(auth()) == 235
     finally:
         assert daemon.stop() == 0
+
+
+def test_allow_from_patterns_checked_alike_and_repairable(tmp_path: Path, tls_files, cli_env: dict[str, str]) -> None:
+    """One check of sender patterns for user add, user set and the users-file loader. `user set
+    --allow-from ''` wrote [""], after which check-config, reload and `user set` itself failed."""
+    cfg = write_config(tmp_path, base_config(tls_files), users={"dev": ("@example.com",)})
+    users_file = tmp_path / "users.toml"
+    before = users_file.read_bytes()
+    for verb, pattern, words in (("set", "", "empty pattern"), ("set", "@@", "'@@': invalid domain"),
+                                 ("add", "a b@c.example", "invalid character in local part"),
+                                 ("set", "example.com", "'example.com'")):
+        r = _cli("user", verb, "dev", "--allow-from", pattern, "-c", str(cfg), env=cli_env, stdin="pw\n")
+        assert (r.returncode, words in r.stderr) == (2, True), (verb, pattern, r.stderr)
+    assert users_file.read_bytes() == before
+    # Normalised once, where it enters: domains as SMTP sessions see them.
+    r = _cli("user", "set", "dev", "--allow-from", "@Bücher.Example.", "--allow-from", "Ops@Example.ORG",
+             "-c", str(cfg), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert load_users(users_file)["dev"].allowed_from == ("@xn--bcher-kva.example", "Ops@example.org")
+    # A file broken by hand: the loader says where and how; `user set` of that user repairs it.
+    users_file.write_text(users_file.read_text().replace('"@xn--bcher-kva.example"', '"@@"'))
+    r = _cli("check-config", "-c", str(cfg), env=cli_env)
+    assert r.returncode == 1 and "users.dev.allowed_from[0]: '@@': invalid domain" in r.stderr, r.stderr
+    r = _cli("user", "set", "dev", "--rate", "5/h", "-c", str(cfg), env=cli_env)
+    assert r.returncode == 1 and "user set dev --allow-from" in r.stderr, r.stderr
+    r = _cli("user", "set", "dev", "--allow-from", "@example.com", "-c", str(cfg), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    r = _cli("check-config", "-c", str(cfg), env=cli_env)
+    assert r.returncode == 0, r.stderr
