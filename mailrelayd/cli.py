@@ -456,7 +456,8 @@ def _queue_action(args: argparse.Namespace, op: str) -> int:
             return 1
         print(json.dumps(item))
         return 0
-    from mailrelayd.config import parse_duration
+    from mailrelayd.config import normalize_destination, parse_duration
+    from mailrelayd.reasons import reason_text
     from mailrelayd.spool.queueid import is_queue_id
 
     bad = [q for q in ids if not is_queue_id(q.upper())]
@@ -467,6 +468,17 @@ def _queue_action(args: argparse.Namespace, op: str) -> int:
     for key in ("domain", "sender", "user"):
         if getattr(args, key, None):
             filt[key] = getattr(args, key)
+    try:
+        if "domain" in filt and op != "release":  # release still lifts a bad rule an older version stored
+            filt["domain"] = normalize_destination(filt["domain"])
+    except ValueError:
+        _err(f"--domain: {args.domain!r} is not a domain name (like example.com) nor an MX suffix (like .google.com)")
+        return 2
+    try:
+        reason = reason_text(getattr(args, "reason", None) or "")
+    except ValueError as e:
+        _err(f"--reason: {e}")
+        return 2
     try:
         if getattr(args, "older_than", None):
             filt["older_than"] = parse_duration(args.older_than)
@@ -482,7 +494,7 @@ def _queue_action(args: argparse.Namespace, op: str) -> int:
         _err("queue release needs queue ids, a filter (--domain, --sender, --user, --older-than) or --all")
         return 2
     body: dict[str, Any] = {"filter": filt, "dry_run": bool(getattr(args, "dry_run", False)),
-                            "reason": getattr(args, "reason", None) or ""}
+                            "reason": reason}
     if empty and op == "release":
         body["all"] = True  # the admin API takes an empty filter for everything only when told so
     if hold_for:
@@ -588,9 +600,16 @@ def cmd_suppress_list(args: argparse.Namespace) -> int:
 
 
 def cmd_suppress_add(args: argparse.Namespace) -> int:
+    from mailrelayd.reasons import reason_text
+
+    try:
+        reason = reason_text(args.reason)
+    except ValueError as e:
+        _err(f"--reason: {e}")
+        return 2
     with contextlib.closing(_store(args)) as st:
         try:
-            new = st.add(args.address, args.reason)
+            new = st.add(args.address, reason)
         except ValueError as e:
             _err(str(e))
             return 2

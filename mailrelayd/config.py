@@ -200,6 +200,16 @@ def normalize_domain(value: str) -> str:
     return d
 
 
+def normalize_destination(value: str) -> str:
+    """A delivery destination as [[shaping]] ``match`` and ``queue --domain`` name it: a domain
+    (:func:`normalize_domain`), or an MX host suffix with its leading dot (``".google.com"``).
+    Raises ValueError if it is neither."""
+    d = value.strip()
+    if d.startswith("."):
+        return "." + normalize_domain(d[1:])
+    return normalize_domain(d)
+
+
 @dataclass(frozen=True)
 class LocalDomains:
     """The domains whose mail we process ourselves (``relay.local_domains`` plus

@@ -8,13 +8,16 @@ consistent; the daemon picks the changes up when it starts).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
+from mailrelayd.config import normalize_destination
 from mailrelayd.delivery.queuemanager import BulkResult, QueueManager
 from mailrelayd.delivery.scheduler import Scheduler
 from mailrelayd.errors import SpoolError
 from mailrelayd.history import finite_number, is_unicode
+from mailrelayd.reasons import reason_text
 from mailrelayd.spool.queueid import is_queue_id
 from mailrelayd.spool.store import MessageRecord, QueueFilter, Spool
 
@@ -29,7 +32,7 @@ MAX_LIST = 1_000_000
 """Largest ``limit`` of ``GET queue`` (SQLite reads a negative LIMIT as "no limit")."""
 
 
-def filter_from_json(data: Any) -> QueueFilter:
+def filter_from_json(data: Any, action: str = "") -> QueueFilter:
     """The ``filter`` of a bulk request. Raises ValueError naming the field. A field it does not
     know, or a criterion that normalises to nothing (a blank domain), is an error rather than
     ignored: ignored, it would widen a release or a flush to the whole queue."""
@@ -50,6 +53,12 @@ def filter_from_json(data: Any) -> QueueFilter:
     for k in ("domain", "user"):  # "  " or "." normalise to None: no criterion at all
         if k in data and not getattr(f, k):
             raise ValueError(f"filter.{k} is empty")
+    if f.domain:
+        try:  # the names recipients have: a rule for any other would hold nothing, silently
+            f = dataclasses.replace(f, domain=normalize_destination(f.domain))
+        except ValueError:
+            if action != "release":  # release still lifts such a rule an older version stored
+                raise ValueError(f"filter.domain: {data['domain']!r} is not a domain name") from None
     return f
 
 
@@ -77,7 +86,7 @@ def _reason(body: dict[str, Any]) -> str:
     reason = body.get("reason")
     if reason is not None and not (isinstance(reason, str) and is_unicode(reason)):
         raise ValueError("reason must be a string")
-    return reason or ""
+    return reason_text(reason or "")
 
 
 def message_json(m: MessageRecord, inflight: frozenset[str] = frozenset(), now: float | None = None,
@@ -223,7 +232,7 @@ class QueueOps:
                 unknown = set(body) - BULK_FIELDS
                 if unknown:  # "filtre": {...} ignored would release or flush everything
                     raise ValueError(f"unknown field {sorted(map(str, unknown))[0]!r}")
-                f = filter_from_json(body["filter"]) if "filter" in body else QueueFilter()
+                f = filter_from_json(body["filter"], parts[1]) if "filter" in body else QueueFilter()
                 dry_run = body.get("dry_run")
                 if dry_run is not None and not isinstance(dry_run, bool):
                     raise ValueError("dry_run must be true or false")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 
 from tests.conftest import TEST_PASSWORD, base_config, deep_merge, mailrelayd_cmd, write_config
 from tests.support.sink import Sink
@@ -234,3 +235,25 @@ async def test_admin_socket_answers_bodies_that_are_not_requests(start_daemon) -
                     assert "error" in await resp.json()
         async with http.get("http://localhost/queue") as resp:
             assert resp.status == 200
+
+
+async def test_cli_refuses_non_domains_and_multiline_reasons(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                             cli_env: dict[str, str]) -> None:
+    """`queue hold --domain 'not a domain!!'` stored a rule that could never match; a reason with a
+    newline broke the one-line-per-entry output of `suppress list` (and `queue destinations`)."""
+    from mailrelayd.queueops import filter_from_json
+
+    cfg = write_config(tmp_path, base_config(tls_files))
+    code, _, err = await _cli(cli_env, cfg, "queue", "hold", "--domain", "not a domain!!")
+    assert code == 2 and "--domain: 'not a domain!!' is not a domain name" in err, err
+    code, _, err = await _cli(cli_env, cfg, "queue", "hold", "--domain", "x.example", "--reason", "a\nb")
+    assert code == 2 and "--reason: the reason must be one line" in err, err
+    code, _, err = await _cli(cli_env, cfg, "suppress", "add", "a@x.example", "--reason", "a\nb")
+    assert code == 2 and "--reason: the reason must be one line" in err, err
+    code, out, _ = await _cli(cli_env, cfg, "suppress", "list", "--json")
+    assert json.loads(out) == []
+    # The admin socket's own check (the same normaliser): IDNA and case, as recipients are stored.
+    assert filter_from_json({"domain": "Bücher.Example."}, "hold").domain == "xn--bcher-kva.example"
+    with pytest.raises(ValueError, match="not a domain name"):
+        filter_from_json({"domain": "not a domain!!"}, "hold")
+    assert filter_from_json({"domain": "not a domain!!"}, "release").domain  # lifts a rule stored before

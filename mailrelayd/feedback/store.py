@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from mailrelayd.config import FeedbackConfig
 
 from mailrelayd.feedback.addresses import normalise_domain
+from mailrelayd.reasons import reason_text
 from mailrelayd.statefiles import prepare_sqlite
 
 KINDS = ("hard_bounce", "complaint", "soft_bounce", "manual")
@@ -539,9 +540,10 @@ def parse_import_csv(fileobj: IO[str], key: Callable[[str], str]) -> list[tuple[
             raise ValueError(f"line {reader.line_num}: unknown kind {kind!r}")
         try:
             k = key(address)
+            reason = reason_text(row.get("reason") or "")
         except ValueError as exc:
             raise ValueError(f"line {reader.line_num}: {exc}") from None
-        rows.append((k, (row.get("reason") or "").strip(), kind, source))
+        rows.append((k, reason, kind, source))
     return rows
 
 
