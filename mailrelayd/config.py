@@ -27,13 +27,14 @@ from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 
 class ConfigError(Exception):
-    """A configuration problem, located by file and key path."""
+    """A configuration problem, located by file (its path as the user gave it: ``-c``,
+    ``$MAILRELAYD_CONFIG`` or the default) and key path."""
 
     def __init__(self, file: Path | str, key: str, message: str) -> None:
         self.file = str(file)
         self.key = key
         self.message = message
-        where = f"{Path(self.file).name}: {key}: " if key else f"{Path(self.file).name}: "
+        where = f"{self.file}: {key}: " if key else f"{self.file}: "
         super().__init__(where + message)
 
 
@@ -600,6 +601,8 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     tls_rpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     source: Path = field(default=Path("mailrelayd.toml"), metadata={"internal": True})
+    source_name: str = field(default="mailrelayd.toml", metadata={"internal": True})
+    """The config file's path as given (``-c``, ``$MAILRELAYD_CONFIG`` or the default): what errors name."""
 
     @property
     def admin_socket(self) -> Path:
@@ -648,12 +651,13 @@ class Config:
 
 # --- the loader -------------------------------------------------------------------------
 class _Loader:
-    def __init__(self, file: Path) -> None:
+    def __init__(self, file: Path, shown: str | None = None) -> None:
         self.file = file
+        self.shown = shown or str(file)
         self.base = file.parent
 
     def err(self, key: str, message: str) -> ConfigError:
-        return ConfigError(self.file, key, message)
+        return ConfigError(self.shown, key, message)
 
     def build(self, cls: type, data: Any, key: str) -> Any:
         if not isinstance(data, dict):
@@ -701,8 +705,10 @@ class _Loader:
                     return self._network(value)
                 return self.convert(args[0] if len(args) == 1 else tp, value, key)
             if marker is _Path or tp is Path:
-                if not isinstance(value, str) or not value:
+                if not isinstance(value, str):
                     raise ValueError(f"must be a path string, not {_tname(value)}")
+                if not value.strip():
+                    raise ValueError("must be a path, not an empty string (leave the key out instead)")
                 if "\0" in value:  # no system call takes it; Path.is_file() would just say False
                     raise ValueError("must not contain a NUL character")
                 p = Path(os.path.expanduser(value))
@@ -775,33 +781,35 @@ def _tname(value: Any) -> str:
 
 def load_config(path: Path | str) -> Config:
     """Read, parse and validate a config file. Raises :class:`ConfigError`."""
+    shown = str(path)  # what the user gave: /etc/mailrelayd/mailrelayd.toml, not its base name
     file = Path(path).absolute()
     try:
         raw = file.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(file, "", "file not found") from None
+        raise ConfigError(shown, "", "file not found") from None
     except OSError as e:
-        raise ConfigError(file, "", f"cannot read: {e.strerror}") from None
+        raise ConfigError(shown, "", f"cannot read: {e.strerror}") from None
     except ValueError:  # a NUL in the path
-        raise ConfigError(file, "", "cannot read: bad file name") from None
+        raise ConfigError(shown, "", "cannot read: bad file name") from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError(file, "", "not UTF-8 text") from None
+        raise ConfigError(shown, "", "not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(file, "", f"TOML syntax error: {e}") from None
+        raise ConfigError(shown, "", f"TOML syntax error: {e}") from None
     except ValueError as e:  # tomllib lets int()'s 4300-digit limit through as a plain ValueError
-        raise ConfigError(file, "", f"TOML syntax error: {e}") from None
+        raise ConfigError(shown, "", f"TOML syntax error: {e}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
-        raise ConfigError(file, "", "TOML syntax error: arrays or tables nested too deeply") from None
-    return parse_config(data, file)
+        raise ConfigError(shown, "", "TOML syntax error: arrays or tables nested too deeply") from None
+    return parse_config(data, file, shown)
 
 
-def parse_config(data: dict[str, Any], file: Path) -> Config:
-    """Build a :class:`Config` from already-parsed TOML data; validate cross-key rules."""
-    loader = _Loader(file)
+def parse_config(data: dict[str, Any], file: Path, shown: str | None = None) -> Config:
+    """Build a :class:`Config` from already-parsed TOML data; validate cross-key rules. Errors name
+    the file as ``shown`` (default: ``file``)."""
+    loader = _Loader(file, shown)
     cfg: Config = loader.build(Config, data, "")
-    cfg = dataclasses.replace(cfg, source=file)
+    cfg = dataclasses.replace(cfg, source=file, source_name=loader.shown)
     _validate(cfg, loader)
     return cfg
 

@@ -63,7 +63,12 @@ log = get_logger()
 
 
 class SetupError(Exception):
-    """The config parsed but a file it names is unusable (cert, key, users file, DKIM key)."""
+    """The config parsed but something it names is unusable (cert, key, users file, DKIM key, spool,
+    an address to bind). Like a :class:`ConfigError`, its text names the config file as given, then
+    the key: ``/etc/mailrelayd/mailrelayd.toml: tls.key_file: ...``."""
+
+    def __init__(self, cfg: Config, message: str) -> None:
+        super().__init__(f"{cfg.source_name}: {message}")
 
 
 @dataclass(frozen=True)
@@ -92,20 +97,20 @@ def build_runtime(cfg: Config) -> Runtime:
             tls_context = server_context(cfg.tls.cert_file, cfg.tls.key_file)
             cert_info = read_cert_info(cfg.tls.cert_file)
     except TlsSetupError as e:
-        raise SetupError(str(e)) from None
+        raise SetupError(cfg, str(e)) from None
     users: dict[str, User] = {}
     if cfg.auth.users_file is not None:
         try:
             users = load_users(cfg.auth.users_file)
         except UsersFileError as e:
-            raise SetupError(f"auth.users_file: {e}") from None
+            raise SetupError(cfg, f"auth.users_file: {e}") from None
     specs = [DkimKeySpec(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim]
     try:
         keys = load_keys(specs)
     except DkimKeyError as e:
         idx = next((i for i, s in enumerate(specs) if str(s.key_file) in str(e)), None)
         where = f"dkim[{idx}].key_file" if idx is not None else "dkim"
-        raise SetupError(f"{where}: {e}") from None
+        raise SetupError(cfg, f"{where}: {e}") from None
     signer = None
     if keys:
         signer = DkimSigner(keys, headers=cfg.signing.headers, parent_domains=cfg.signing.parent_domains,
@@ -113,27 +118,27 @@ def build_runtime(cfg: Config) -> Runtime:
     try:
         verp = tuple(cfg.verp_secrets())
     except (OSError, UnicodeDecodeError) as e:
-        raise SetupError(f"feedback.verp_secret_file: {cfg.feedback.verp_secret_file}: cannot read: {e}") from None
+        raise SetupError(cfg, f"feedback.verp_secret_file: {cfg.feedback.verp_secret_file}: cannot read: {e}") from None
     for i, r in enumerate(cfg.routes):
         if r.password_file is not None:
             try:
                 r.password_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as e:
-                raise SetupError(f"routes[{i}].password_file: {r.password_file}: cannot read: {e}") from None
+                raise SetupError(cfg, f"routes[{i}].password_file: {r.password_file}: cannot read: {e}") from None
     if cfg.feedback.store_password_file is not None:
         try:
             cfg.feedback.store_password_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise SetupError(f"feedback.store_password_file: {cfg.feedback.store_password_file}: "
+            raise SetupError(cfg, f"feedback.store_password_file: {cfg.feedback.store_password_file}: "
                              f"cannot read: {e}") from None
     hook_secrets = []
     for i, w in enumerate(cfg.webhooks):
         try:
             hook_secrets.append(read_webhook_secret(w.secret_file))
         except (OSError, ValueError) as e:
-            raise SetupError(f"webhooks[{i}].secret_file: {w.secret_file}: cannot use: {e}") from None
+            raise SetupError(cfg, f"webhooks[{i}].secret_file: {w.secret_file}: cannot use: {e}") from None
     if cfg.sendmail.user is not None and cfg.sendmail.user not in users:
-        raise SetupError(f"sendmail.user: no user {cfg.sendmail.user!r} in {cfg.auth.users_file}")
+        raise SetupError(cfg, f"sendmail.user: no user {cfg.sendmail.user!r} in {cfg.auth.users_file}")
     return Runtime(cfg, tls_context, cert_info, users, keys, signer, verp, tuple(hook_secrets))
 
 
@@ -327,7 +332,7 @@ class Daemon:
         try:
             self._spool_lock.acquire()
         except SpoolLockedError as e:
-            raise SetupError(f"server.spool_dir: {e}") from None
+            raise SetupError(cfg, f"server.spool_dir: {e}") from None
         self.spool = Spool(cfg.server.spool_dir, min_free_space=cfg.server.min_free_space)
         try:
             # Both databases pass PRAGMA quick_check before anything is accepted or delivered:
@@ -337,18 +342,18 @@ class Daemon:
         except SpoolCorruptError as e:
             await self.spool.close()
             self._spool_lock.release()
-            raise SetupError(f"{e}: refusing to start; restore the last backup (mailrelayd restore) or "
-                             f"salvage it, see {RUNBOOK_SPOOL}") from None
+            raise SetupError(cfg, f"server.spool_dir: {e}: refusing to start; restore the last backup "
+                             f"(mailrelayd restore) or salvage it, see {RUNBOOK_SPOOL}") from None
         except SpoolError as e:
             await self.spool.close()
             self._spool_lock.release()
-            raise SetupError(f"server.spool_dir: {e}") from None
+            raise SetupError(cfg, f"server.spool_dir: {e}") from None
         try:
             self.suppressions = await asyncio.to_thread(open_store, cfg.feedback, cfg.server.state_dir, daemon=True)
         except (OSError, UnicodeDecodeError, RuntimeError) as e:
             await self.spool.close()
             self._spool_lock.release()
-            raise SetupError(f"feedback.store: {e}") from None
+            raise SetupError(cfg, f"feedback.store: {e}") from None
         self._share_limits(cfg)
         self.breaker = CircuitBreaker(breaker_settings(cfg.feedback), self._hold_sender_domain)
         self.feedback = FeedbackProcessor(self, on_outcome=self._feedback_outcome)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 
 class TlsSetupError(Exception):
@@ -55,10 +57,35 @@ def load_chain(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
     try:
         ctx.load_cert_chain(str(cert_file), str(key_file))
     except ssl.SSLError as e:
-        raise TlsSetupError(f"tls.cert_file/tls.key_file: {cert_file}, {key_file}: cannot load: {e.reason or e}") \
-            from None
+        why = chain_problem(cert_file, key_file)
+        raise TlsSetupError(why or f"tls.cert_file/tls.key_file: {cert_file}, {key_file}: cannot load: "
+                            f"{e.reason or e}") from None
     except OSError as e:
         raise TlsSetupError(f"tls.key_file: {key_file}: cannot read: {e.strerror}") from None
+
+
+def chain_problem(cert_file: Path, key_file: Path) -> str | None:
+    """What is wrong with a certificate and key OpenSSL refused, in words and naming the key
+    (OpenSSL says "[SSL] PEM lib" for most of it); None when no reason is found here."""
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_file.read_bytes())[0]
+    except OSError as e:
+        return f"tls.cert_file: {cert_file}: cannot read: {e.strerror}"
+    except ValueError:
+        return f"tls.cert_file: {cert_file}: not a PEM certificate (no valid -----BEGIN CERTIFICATE----- block)"
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    except OSError as e:
+        return f"tls.key_file: {key_file}: cannot read: {e.strerror}"
+    except TypeError:  # cryptography's word for "it needs a password"
+        return f"tls.key_file: {key_file}: the private key is encrypted; give it without a passphrase"
+    except (ValueError, UnsupportedAlgorithm):
+        return f"tls.key_file: {key_file}: not a PEM private key (no valid -----BEGIN ... PRIVATE KEY----- block)"
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        return (f"tls.key_file: {key_file}: the key does not match the certificate in tls.cert_file {cert_file} "
+                "(its first certificate must be the server's own, the chain after it)")
+    return None
 
 
 def days_left(info: CertInfo, now: float | None = None) -> float:

@@ -66,7 +66,7 @@ def test_check_config_errors_name_file_and_key(tmp_path: Path, tls_files, cli_en
     cfg = write_config(tmp_path, mutate(base_config(tls_files)))
     r = _cli("check-config", "-c", str(cfg), env=cli_env)
     assert r.returncode == 1, r.stdout
-    assert r.stderr.startswith(f"mailrelayd: mailrelayd.toml: {expected}"), r.stderr
+    assert r.stderr.startswith(f"mailrelayd: {cfg}: {expected}"), r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 

@@ -21,9 +21,11 @@ def _write(tmp_path: Path, tls_files: tuple[Path, Path], over: dict[str, Any] | 
 
 
 def _error(path: Path) -> str:
+    """The message, with the config file's path (which every message starts with) shortened."""
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    return str(e.value)
+    assert str(e.value).startswith(f"{path}: ")
+    return "mailrelayd.toml" + str(e.value).removeprefix(str(path))
 
 
 def test_valid_config_types_and_relative_paths(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
@@ -127,7 +129,7 @@ def test_missing_required_key(tmp_path: Path, tls_files: tuple[Path, Path]) -> N
 def test_toml_syntax_error(tmp_path: Path) -> None:
     p = tmp_path / "broken.toml"
     p.write_text("[server\nhostname = 1\n")
-    assert _error(p).startswith("broken.toml: TOML syntax error")
+    assert _error(p).startswith("mailrelayd.toml: TOML syntax error")  # _error shortens the path
 
 
 def test_route_auth_requires_tls(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
@@ -154,7 +156,7 @@ def test_check_config_cli(tmp_path: Path, tls_files: tuple[Path, Path], cli_env:
     r = subprocess.run([*mailrelayd_cmd(), "check-config", "-c", str(bad)], capture_output=True, text=True,
                        env=cli_env, timeout=60)
     assert r.returncode == 1
-    assert r.stderr.startswith("mailrelayd: mailrelayd.toml: limits.command_timeout: bad duration")
+    assert r.stderr.startswith(f"mailrelayd: {bad}: limits.command_timeout: bad duration")
     assert "Traceback" not in r.stderr
 
 
@@ -187,3 +189,32 @@ def test_example_production_config_is_schema_valid() -> None:
     path = Path(__file__).resolve().parents[1] / "config" / "mailrelayd.toml"
     loaded = _Loader(path).build(Config, tomllib.loads(path.read_text()), "")
     assert loaded.server.hostname and loaded.listeners
+
+
+def test_errors_name_the_config_path_as_given(tmp_path: Path, tls_files: tuple[Path, Path],
+                                              cli_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every config error starts with the config file's path as given, not its base name (`null:
+    server: ...` for -c /dev/null), including those about the files it names, which say in words
+    what is wrong instead of OpenSSL's "[SSL] PEM lib"."""
+    from mailrelayd.daemon import SetupError, check
+    from mailrelayd.devsetup import make_self_signed
+
+    if not Path("/etc/mailrelayd/mailrelayd.toml").exists():
+        r = subprocess.run([*mailrelayd_cmd(), "check-config"], capture_output=True, text=True, env=cli_env,
+                           timeout=60)
+        assert (r.returncode, r.stderr) == (1, "mailrelayd: /etc/mailrelayd/mailrelayd.toml: file not found\n")
+    with pytest.raises(ConfigError, match=r"^/dev/null: server: missing required key$"):
+        load_config("/dev/null")
+    monkeypatch.chdir(tmp_path)
+    make_self_signed(tmp_path / "other.pem", tmp_path / "other.key", "other.example")
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    for tls, expected in (
+            ({"key_file": str(tmp_path / "other.key")}, "tls.key_file: .*: the key does not match the certificate"),
+            ({"cert_file": "../junk.pem"}, "tls.cert_file: .*junk.pem: not a PEM certificate"),
+            ({"key_file": "../junk.pem"}, "tls.key_file: .*junk.pem: not a PEM private key")):
+        _write(tmp_path / "rel", tls_files, {"tls": tls})
+        with pytest.raises(SetupError, match=f"^rel/mailrelayd.toml: {expected}"):
+            check(Path("rel/mailrelayd.toml"))
+    _write(tmp_path / "rel", tls_files, {"tls": {"cert_file": ""}})
+    with pytest.raises(ConfigError, match=r"^rel/mailrelayd.toml: tls.cert_file: must be a path, not an empty"):
+        load_config("rel/mailrelayd.toml")

@@ -243,7 +243,7 @@ def _problem(path: Path, touched: list[tuple[Any, ...]], may_load: bool = True) 
     text = str(exc)
     if not exc.key:
         return f"ConfigError without a key: {text[:200]}"
-    if text != f"{NAME}: {exc.key}: {exc.message}":
+    if text != f"{path}: {exc.key}: {exc.message}":
         return f"ConfigError not 'file: key: message': {text[:200]}"
     section = touched[0][0] if len(touched) == 1 else None
     if section in SECTIONS:  # one mutation inside a known section: the error is about it
@@ -351,7 +351,7 @@ def test_known_bad_values(key: str, value: Any, expected: str, tmp_path: Path,
     p.write_text(tomli_w.dumps(data), encoding="utf-8")
     outcome, exc, _ = _load(p)
     assert outcome == "config-error", "loaded" if exc is None else f"{type(exc).__name__}: {str(exc)[:200]}"
-    assert str(exc).startswith(f"{NAME}: {expected}"), str(exc)[:300]
+    assert str(exc).startswith(f"{p}: {expected}"), str(exc)[:300]
 
 
 # --- raw texts tomli_w cannot produce -------------------------------------------------------------
@@ -388,7 +388,7 @@ def test_raw_toml_gets_a_config_error(desc: str, text: bytes, tmp_path: Path) ->
     outcome, exc, seconds = _load(path)
     assert seconds < SLOW, desc
     assert outcome == "config-error", f"{desc}: {type(exc).__name__}: {str(exc)[:200]}"
-    assert str(exc).startswith(f"{NAME}: ")
+    assert str(exc).startswith(f"{path}: ")
 
 
 def test_unreadable_paths_get_a_config_error(tmp_path: Path) -> None:
@@ -396,4 +396,4 @@ def test_unreadable_paths_get_a_config_error(tmp_path: Path) -> None:
               tmp_path / "a\x00b.toml"):
         outcome, exc, _ = _load(p)
         assert outcome == "config-error", f"{str(p)[:80]}: {type(exc).__name__}: {exc}"
-        assert str(exc).startswith(f"{p.name}: ")
+        assert str(exc).startswith(f"{p}: ")

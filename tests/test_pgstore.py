@@ -206,7 +206,7 @@ def test_store_url_never_carries_a_password(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=msg) as exc:
             parse_config({**base, "feedback": {"store": url}}, tmp_path / "m.toml")
         assert "hunter2" not in str(exc.value)
-        assert str(exc.value).startswith("m.toml: feedback.store: ")
+        assert str(exc.value).startswith(f"{tmp_path / 'm.toml'}: feedback.store: ")
     cfg = parse_config({**base, "feedback": {"store": "postgresql://u@db.example:5432/mail"}}, tmp_path / "m.toml")
     assert cfg.feedback.store == "postgresql://u@db.example:5432/mail"
 
