@@ -179,7 +179,20 @@ def parse_hostport(value: Any, default_port: int | None = None) -> HostPort:
         port = int(port_s)
     if not host:
         raise ValueError(f"bad address {value!r}: missing host")
+    if not value.startswith("["):
+        _check_host(value, host)
     return HostPort(host, port)
+
+
+def _check_host(value: str, host: str) -> None:
+    """An IPv4 address or a host name: "999.1.1.1" is neither (RFC 1123 §2.1: a host name's top
+    label is never all digits), and would fail only when bound or connected to. Other names are
+    left to the resolver (container names such as "mail_relay" are not RFC host names but resolve)."""
+    if host.rpartition(".")[2].isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"bad address {value!r}: {host!r} is not an IPv4 address") from None
 
 
 def normalize_domain(value: str) -> str:
@@ -824,7 +837,6 @@ def _validate(cfg: Config, ld: _Loader) -> None:
     if not cfg.listeners:
         raise ld.err("listeners", "at least one [[listeners]] entry is required")
     names: set[str] = set()
-    addrs: set[HostPort] = set()
     need_tls = False
     for i, lst in enumerate(cfg.listeners):
         key = f"listeners[{i}]"
@@ -833,9 +845,6 @@ def _validate(cfg: Config, ld: _Loader) -> None:
         if lst.name in names:
             raise ld.err(f"{key}.name", f"duplicate listener name {lst.name!r}")
         names.add(lst.name)
-        if lst.address in addrs and lst.address.port != 0:
-            raise ld.err(f"{key}.address", f"{lst.address} is used by another listener")
-        addrs.add(lst.address)
         if lst.tls != "none":
             need_tls = True
             if cfg.tls.cert_file is None or cfg.tls.key_file is None:
@@ -855,6 +864,7 @@ def _validate(cfg: Config, ld: _Loader) -> None:
             raise ld.err(f"{key}.greet_delay", f"must be between 0 and {GREET_DELAY_MAX:g}s")
         if lst.auth and cfg.auth.users_file is None:
             raise ld.err("auth.users_file", f"required by listener {lst.name!r} (auth = true)")
+    _check_bind_clashes(cfg, ld)
     if need_tls:
         for k in ("cert_file", "key_file"):
             _check_file(ld, f"tls.{k}", getattr(cfg.tls, k))
@@ -1069,6 +1079,41 @@ def _validate_app_features(cfg: Config, ld: _Loader) -> None:
         elif not _is_loopback(api.address.host):
             raise ld.err("api.tls", f"tls = false is only allowed on a loopback address, not {api.address.host}: "
                          "API keys would cross the network in plaintext")
+
+
+def _bound_addresses(cfg: Config) -> list[tuple[str, HostPort]]:
+    """(key, address) of everything the daemon binds: listeners, the sidecar, the API."""
+    out = [(f"listeners[{i}].address", lst.address) for i, lst in enumerate(cfg.listeners)]
+    if cfg.http.enabled:
+        out.append(("http.address", cfg.http.address))
+    if cfg.api.address is not None:
+        out.append(("api.address", cfg.api.address))
+    return out
+
+
+def _binds_clash(a: HostPort, b: HostPort) -> bool:
+    """Whether binding both would fail with "address already in use": the same port on the same
+    address, or on a wildcard (0.0.0.0, ::) and any address of its family (IPv6 sockets are bound
+    IPV6_V6ONLY, so :: and 0.0.0.0 do not clash). Port 0 is a new port each time."""
+    if a.port != b.port or a.port == 0:
+        return False
+    if a.host == b.host:
+        return True
+    try:
+        ia, ib = ipaddress.ip_address(a.host), ipaddress.ip_address(b.host)
+    except ValueError:  # a host name: its addresses are known only when it is bound
+        return False
+    return ia.version == ib.version and (ia == ib or ia.is_unspecified or ib.is_unspecified)
+
+
+def _check_bind_clashes(cfg: Config, ld: _Loader) -> None:
+    """check-config finds the port two keys would both bind, rather than `run` failing at the second."""
+    bound = _bound_addresses(cfg)
+    for j, (key, addr) in enumerate(bound):
+        for other_key, other in bound[:j]:
+            if _binds_clash(addr, other):
+                raise ld.err(key, f"{addr} clashes with {other_key} = {other}: the same port on the same "
+                             "address (a wildcard address takes the port on every address)")
 
 
 def _is_loopback(host: str) -> bool:

@@ -371,22 +371,29 @@ class Daemon:
         self.listeners = [SmtpListener(lc, None, self.limiter) for lc in cfg.listeners]  # type: ignore[arg-type]
         self._apply(rt)
         await self.scheduler.start()
-        try:
-            for lst in self.listeners:
+        for i, lst in enumerate(self.listeners):
+            try:
                 await lst.start()
-                log.info("listener.started", listener=lst.name, address=str(lst.config.address),
-                         bound=f"{lst.bound[0]}:{lst.bound[1]}" if lst.bound else None, mode=lst.config.mode,
-                         tls=lst.config.tls)
-        except OSError as e:
-            log.error("listener.bind_failed", error=str(e))
-            await self._shutdown(0)
-            return 1
+            except OSError as e:
+                raise await self._bind_failed(cfg, f"listeners[{i}].address", lst.config.address, e) from None
+            log.info("listener.started", listener=lst.name, address=str(lst.config.address),
+                     bound=f"{lst.bound[0]}:{lst.bound[1]}" if lst.bound else None, mode=lst.config.mode,
+                     tls=lst.config.tls)
         # The admin socket is served even without the HTTP sidecar: the queue CLI must never fall
         # back to editing the spool under a running daemon.
         self.sidecar = Sidecar(SidecarHooks(readiness=self.readiness, before_scrape=self._update_gauges,
                                             admin=self._admin), started=self.started)
+        # Two calls, so that a failure names the key it is about.
         http = cfg.http.address if cfg.http.enabled else None
-        await self.sidecar.start(http.host if http else None, http.port if http else None, cfg.admin_socket)
+        if http is not None:
+            try:
+                await self.sidecar.start(http.host, http.port, None)
+            except OSError as e:
+                raise await self._bind_failed(cfg, "http.address", http, e) from None
+        try:
+            await self.sidecar.start(None, None, cfg.admin_socket)
+        except OSError as e:
+            raise await self._bind_failed(cfg, "server.admin_socket", cfg.admin_socket, e) from None
         if cfg.api.address is not None:
             self.api = ApiServer(self.api_context)
             try:
@@ -394,9 +401,7 @@ class Daemon:
                                      rt.tls_context if cfg.api.tls else None,
                                      max_body=cfg.limits.max_message_size * 2 + 65536)
             except OSError as e:
-                log.error("api.bind_failed", address=str(cfg.api.address), error=str(e))
-                await self._shutdown(0)
-                return 1
+                raise await self._bind_failed(cfg, "api.address", cfg.api.address, e) from None
             log.info("api.started", address=str(cfg.api.address), tls=cfg.api.tls,
                      bound=f"{self.api.bound[0]}:{self.api.bound[1]}" if self.api.bound else None)
         loop = asyncio.get_running_loop()
@@ -422,6 +427,15 @@ class Daemon:
         await self._stop.wait()
         await self._shutdown(cfg.server.shutdown_timeout)
         return self._exit_code
+
+    async def _bind_failed(self, cfg: Config, key: str, address: object, e: OSError) -> SetupError:
+        """Stop what was started; the error to raise names the key whose address could not be bound."""
+        # asyncio puts its whole sentence ("error while attempting to bind on address ...") in strerror.
+        why = os.strerror(e.errno).lower() if e.errno else str(e)
+        event = {"listeners": "listener", "api": "api"}.get(key.partition("[")[0].partition(".")[0], "sidecar")
+        log.error(f"{event}.bind_failed", key=key, address=str(address), error=why)
+        await self._shutdown(0)
+        return SetupError(cfg, f"{key}: cannot bind {address}: {why}")
 
     async def _shutdown(self, timeout: float) -> None:
         self.notifier.stopping()

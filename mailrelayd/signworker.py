@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import struct
 import sys
@@ -281,6 +282,17 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # nothing but frames on the pipe
+    try:
+        return _serve(inp, out)
+    except BrokenPipeError:
+        # The daemon is gone (it exited, or replaced us): nobody reads the answer, and a traceback
+        # on its terminal or in its journal after its own last words would only mislead. The pipe
+        # is pointed at /dev/null so that the interpreter's final flush of stdout stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 0
+
+
+def _serve(inp: Any, out: Any) -> int:
     line = inp.readline()
     if not line:
         return 0

@@ -206,3 +206,29 @@ def test_allow_from_patterns_checked_alike_and_repairable(tmp_path: Path, tls_fi
     assert r.returncode == 0, r.stderr
     r = _cli("check-config", "-c", str(cfg), env=cli_env)
     assert r.returncode == 0, r.stderr
+
+
+def test_run_names_the_key_whose_port_is_taken(tmp_path: Path, tls_files, cli_env: dict[str, str]) -> None:
+    """A port taken by another process: `run` exits 1 naming the key, and the DKIM signing helper,
+    left without its daemon, exits without a BrokenPipeError traceback."""
+    import socket
+
+    from mailrelayd.dkim import generate_key, write_private_key
+
+    pem, _ = generate_key("ed25519-sha256")
+    write_private_key(tmp_path / "dkim.key", pem)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = deep_merge(base_config(tls_files), {"dkim": [{"domain": "example.com", "selector": "s1",
+                                                             "key_file": "dkim.key",
+                                                             "algorithm": "ed25519-sha256"}]})
+        data["listeners"][2]["address"] = f"127.0.0.1:{port}"
+        cfg = write_config(tmp_path, data)
+        r = _cli("run", "-c", str(cfg), "--log-format", "json", env=cli_env)
+    # stderr is read to its end: the helper, which inherited it, has exited too.
+    assert r.returncode == 1, r.stderr
+    assert f"mailrelayd: {cfg}: listeners[2].address: cannot bind 127.0.0.1:{port}: address already in use" \
+        in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr

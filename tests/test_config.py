@@ -218,3 +218,31 @@ def test_errors_name_the_config_path_as_given(tmp_path: Path, tls_files: tuple[P
     _write(tmp_path / "rel", tls_files, {"tls": {"cert_file": ""}})
     with pytest.raises(ConfigError, match=r"^rel/mailrelayd.toml: tls.cert_file: must be a path, not an empty"):
         load_config("rel/mailrelayd.toml")
+
+
+@pytest.mark.parametrize(("over", "expected"), [
+    ({"http": {"address": "127.0.0.1:42587"}, "listeners": 2},
+     "http.address: 127.0.0.1:42587 clashes with listeners[2].address = 127.0.0.1:42587"),
+    ({"api": {"address": "127.0.0.1:42587", "tls": False}, "listeners": 0},
+     "api.address: 127.0.0.1:42587 clashes with listeners[0].address = 0.0.0.0:42587"),
+    ({"listeners": 1, "second": 2}, "listeners[2].address: 127.0.0.1:42587 clashes with listeners[1].address"),
+    ({"http": {"address": "[::]:42587"}, "listeners": 2}, None),  # IPv6 sockets are V6ONLY: no clash
+    ({"bad_ip": 1}, "listeners[1].address: bad address '999.1.1.1:42587': '999.1.1.1' is not an IPv4 address"),
+], ids=["http-listener", "api-wildcard", "two-listeners", "v6-wildcard-and-v4", "bad-ip"])
+def test_bind_address_clashes_and_bad_ips(tmp_path: Path, tls_files: tuple[Path, Path], over: dict[str, Any],
+                                          expected: str | None) -> None:
+    """`run` failed at the second bind with "[Errno 98] ... address already in use" and no key; and
+    a listener on 999.1.1.1 passed check-config."""
+    data = deep_merge(base_config(tls_files), {k: v for k, v in over.items() if k in ("http", "api")})
+    if "listeners" in over:
+        i = over["listeners"]
+        data["listeners"][i]["address"] = "0.0.0.0:42587" if "api" in over else "127.0.0.1:42587"
+    if "second" in over:
+        data["listeners"][over["second"]]["address"] = "127.0.0.1:42587"
+    if "bad_ip" in over:
+        data["listeners"][1]["address"] = "999.1.1.1:42587"
+    p = write_config(tmp_path, data)
+    if expected is None:
+        load_config(p)
+    else:
+        assert _error(p).startswith(f"mailrelayd.toml: {expected}")

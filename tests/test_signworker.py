@@ -200,3 +200,21 @@ def test_unreadable_answer_replaces_the_helper(loop: str, specs) -> None:
         finally:
             worker.close()
     _run(loop, body)
+
+
+def test_helper_exits_quietly_when_the_daemon_is_gone(specs: list[DkimKeySpec]) -> None:
+    """A daemon that exits (a bind failure at start) leaves the helper writing its READY frame into a
+    pipe nobody reads: it printed a BrokenPipeError traceback after the daemon's last words."""
+    import dataclasses
+    import json
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the daemon's end of the helper's stdout: gone
+    try:
+        p = subprocess.run([sys.executable, "-m", "mailrelayd.signworker"], stdout=write_end, stderr=subprocess.PIPE,
+                           input=json.dumps(dataclasses.asdict(SignerSpec.of(specs, HEADERS, True, None))).encode()
+                           + b"\n", timeout=30)
+    finally:
+        os.close(write_end)
+    assert (p.returncode, p.stderr) == (0, b"")
