@@ -717,6 +717,7 @@ def cmd_sendmail(argv: Sequence[str]) -> int:
 
     from mailrelayd import sendmail as sm
     from mailrelayd.config import ConfigError, load_config
+    from mailrelayd.longlines import MAX_LINE, fit_long_lines
 
     def fail(code: int, msg: str) -> int:
         print(f"sendmail: {msg}", file=sys.stderr)
@@ -733,6 +734,9 @@ def cmd_sendmail(argv: Sequence[str]) -> int:
         cfg = load_config(path)
     except ConfigError as e:
         return fail(sm.EX_TEMPFAIL, f"cannot read the mailrelayd config, message not sent: {e}")
+    # Long lines (cron output) are folded or encoded here, as Postfix's sendmail accepts them: SMTP's
+    # own limit (limits.max_line_length) stays for everything else.
+    data = fit_long_lines(data, min(MAX_LINE, cfg.limits.max_line_length - 2))
     try:
         login = getpass.getuser()
     except (KeyError, OSError):

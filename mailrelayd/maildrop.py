@@ -30,8 +30,8 @@ from mailrelayd import metrics
 from mailrelayd.config import Config
 from mailrelayd.errors import DkimSignError, MessageRefused, SpoolError, reply_for
 from mailrelayd.log import get_logger
-from mailrelayd.sendmail import EX_DATAERR, EX_NOPERM, EX_TEMPFAIL, PrepareError, prepare
-from mailrelayd.submit import LocalSubmitter, to_crlf
+from mailrelayd.sendmail import EX_DATAERR, EX_NOPERM, EX_NOUSER, EX_TEMPFAIL, PrepareError, prepare
+from mailrelayd.submit import LocalSubmitter, NoRecipients, to_crlf
 from mailrelayd.users import User
 
 log = get_logger()
@@ -107,10 +107,21 @@ class SendmailService:
             res = await self.submitter.submit(self.user, p.mail_from, p.recipients, p.data)
         except (MessageRefused, SpoolError, DkimSignError) as e:
             r = reply_for(e)
-            code = EX_TEMPFAIL if r.code < 500 else EX_NOPERM if r.enhanced.startswith("5.7") else EX_DATAERR
+            code = EX_TEMPFAIL if r.code < 500 else exit_code_for_refusal(e)
             return (503 if r.code < 500 else 403), {"error": str(r), "reply": _reply_json(r), "exit": code}
         return 200, {"queue_id": res.queue_id,
                      "refused": [{"recipient": x.recipient, **_reply_json(x.reply)} for x in res.refused]}
+
+
+def exit_code_for_refusal(e: Exception) -> int:
+    """The sysexits code for a permanent refusal, the same with the daemon up or down (the CLI's own
+    checks while it is down use these codes too): no recipient left (bad address syntax, suppressed)
+    is EX_NOUSER, "addressee unknown", as sendmail exits for recipients it cannot use; a sender the
+    user may not use is EX_NOPERM; anything else wrong with the message or its sender is EX_DATAERR."""
+    if isinstance(e, NoRecipients):
+        return EX_NOUSER
+    r = reply_for(e)
+    return EX_NOPERM if r.enhanced.startswith("5.7") else EX_DATAERR
 
 
 def _check_types(req: dict[str, Any]) -> None:

@@ -32,6 +32,12 @@ EX_NOPERM = 77
 _WITH_VALUE = set("fFrBNRVXCLhOo")
 # Flags accepted and ignored, as Postfix does (delivery mode, error mode, verbosity...).
 _IGNORED_PREFIXES = ("-od", "-oe", "-oo", "-om", "-oQ", "-ob", "-oA", "-oL", "-oR", "-oT", "-U", "-n", "-v")
+# Postfix sendmail(1) "(ignored)" options without a value: -Ac/-Am (which configuration file: we have
+# one), -G (gateway submission: we complete headers either way), -m (me too: backwards compatibility).
+_IGNORED_FLAGS = frozenset({"-Ac", "-Am", "-G", "-m"})
+# -q with an interval: "(ignored)" in Postfix, which runs its queue by itself (queue_run_delay), as
+# our daemon does; what follows is the usual reading of a message from standard input.
+_QUEUE_INTERVAL_RE = re.compile(r"-q(?:\d+[smhdw]?)+")
 _HEADER_RE = re.compile(rb"^([!-9;-~]+):")
 # Not allowed in a -F full name: a CR or LF would end the From header it goes into (and start another).
 _CONTROL = frozenset(map(chr, [*range(0x20), 0x7F])) - {"\t"}
@@ -92,6 +98,10 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
             a.extract = a.extract or "t" in arg
             a.dot_ends = a.dot_ends and "i" not in arg
             continue
+        if arg in _IGNORED_FLAGS or _QUEUE_INTERVAL_RE.fullmatch(arg):
+            continue
+        if arg.startswith("-q"):
+            raise UsageError(f"{arg}: running the queue is `mailrelayd queue flush` (the daemon runs it by itself)")
         if arg.startswith(_IGNORED_PREFIXES) and arg[1] not in "fFr":
             continue
         opt = arg[1]
@@ -119,10 +129,14 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
 
 def read_message(raw: bytes, dot_ends: bool) -> bytes:
     """Standard input as a CRLF message. Without -i a line with a single "." ends it (and the
-    rest is ignored), as sendmail does."""
+    rest is ignored), as sendmail does. A first line "From sender date" (the mbox separator,
+    which programs that write mbox files leave on) is dropped, as Postfix's sendmail drops it:
+    it is no header field, and would push the whole header into the body."""
     lines = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
+    if lines and lines[0].startswith(b"From "):
+        lines.pop(0)
     if dot_ends:
         try:
             lines = lines[: lines.index(b".")]
@@ -157,7 +171,75 @@ def _name(f: bytes) -> bytes:
 
 
 def _value(f: bytes) -> str:
-    return f.split(b":", 1)[1].decode("utf-8", "replace").replace("\r\n", "").strip()
+    """The field's value unfolded, bytes that are not UTF-8 kept as lone surrogates (surrogateescape):
+    a Latin-1 display name written back by :func:`_qualified_from` is the same bytes again, and an
+    address with such bytes is refused (5.6.7) where it is checked, never read as another address."""
+    return f.split(b":", 1)[1].decode("utf-8", "surrogateescape").replace("\r\n", "").strip()
+
+
+def _split_address_list(value: str) -> list[str]:
+    """The entries of an address list (To, Cc, Bcc), as written: split at the commas outside quotes,
+    comments, angle and square brackets; a group's name ("team:") and its ";" are dropped."""
+    out: list[str] = []
+    cur: list[str] = []
+    quoted, escaped, depth = False, False, 0  # depth: inside (), <> or []
+    for c in value:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif not quoted and c in "(<[":
+            depth += 1
+        elif not quoted and c in ")>]" and depth:
+            depth -= 1
+        elif not quoted and not depth and c in ",;":
+            out.append("".join(cur))
+            cur = []
+            continue
+        elif not quoted and not depth and c == ":":
+            cur = []  # a group's display name
+            continue
+        cur.append(c)
+    out.append("".join(cur))
+    return [e.strip() for e in out if e.strip()]
+
+
+def header_recipients(values: Sequence[str], domain: str) -> list[str]:
+    """The addresses of ``-t``'s To, Cc and Bcc values, bare names qualified with ``domain``. An entry
+    in which no address can be read (``x@``, ``Foo <x@>``) is returned as written, so that it is
+    refused and reported like a bad address given as an argument, not dropped without a word."""
+    out: list[str] = []
+    for value in values:
+        for entry in _split_address_list(value):
+            found = [qualify(a, domain) for _, a in header_addresses([entry]) if a]
+            out.extend(found or [entry])
+    return out
+
+
+def _qualified_from(f: bytes, domain: str) -> bytes:
+    """A From field whose bare names (``root (Cron Daemon)``) are qualified with ``domain``, written as
+    ``Name <addr>``. A display name that is not UTF-8 (Latin-1 ``R\xe9my``, as old scripts write it) is
+    read as Latin-1 and written as an ISO-8859-1 encoded word (RFC 2047): the same bytes, where
+    re-encoding it as UTF-8 turned them into U+FFFD. (Raw 8-bit bytes would not pass the From
+    header check, which reads the field as the receivers do.)"""
+    entries = []
+    for name, addr in header_addresses([_value(f)]):
+        if not addr:
+            continue
+        addr = qualify(addr, domain)
+        try:
+            if not addr.isascii():  # formataddr writes ASCII addresses only
+                raise UnicodeEncodeError("ascii", addr, 0, 1, "not ASCII")
+            try:
+                entries.append(email.utils.formataddr((name, addr)))
+            except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8
+                latin1 = name.encode("utf-8", "surrogateescape").decode("latin-1")
+                entries.append(email.utils.formataddr((latin1, addr), charset="iso-8859-1"))
+        except UnicodeEncodeError:
+            raise PrepareError(f"bad address in the From header: {_value(f)[:100]!r}") from None
+    return f"From: {', '.join(entries)}\r\n".encode()
 
 
 def sender_value(value: str) -> str:
@@ -223,7 +305,7 @@ def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: st
     rcpts = [qualify(r, domain) for r in recipients]
     if extract:
         values = [_value(f) for f in fields if _name(f) in (b"to", b"cc", b"bcc")]
-        rcpts += [qualify(a, domain) for _, a in header_addresses(values) if a]
+        rcpts += header_recipients(values, domain)
     # Bcc is never transmitted (RFC 5322 §3.6.3).
     fields = [f for f in fields if _name(f) not in (b"bcc", b"resent-bcc")]
     froms = [f for f in fields if _name(f) == b"from"]
@@ -233,23 +315,16 @@ def prepare(data: bytes, *, recipients: Sequence[str], extract: bool, sender: st
         if _name(f) == b"from":
             pairs = header_addresses([_value(f)])
             if any(a and "@" not in a for _, a in pairs):  # "root (Cron Daemon)": qualify it
-                try:
-                    fixed = ", ".join(email.utils.formataddr((n, qualify(a, domain))) for n, a in pairs if a)
-                except UnicodeEncodeError:  # formataddr writes ASCII addresses only
-                    raise PrepareError(f"bad address in the From header: {_value(f)[:100]!r}") from None
-                f = f"From: {fixed}\r\n".encode()
+                f = _qualified_from(f, domain)
             header_from = next((qualify(a, domain) for _, a in header_addresses([_value(f)]) if a), "")
         new_fields.append(f)
     fields = new_fields
     mail_from = _envelope_sender(sender, default_sender, header_from, fallback_sender, domain)
     if not froms:
         fields.insert(0, _from_field(mail_from, full_name, domain))
-    seen: dict[str, None] = {}
-    for r in rcpts:
-        if r and "@" in r:
-            seen.setdefault(r, None)
-        elif r:
-            raise PrepareError(f"bad recipient address {r!r}", EX_NOUSER)
+    # Bad addresses stay in: they are refused one by one where every recipient is checked, and
+    # reported with the others' delivery going ahead (as SMTP's RCPT does).
+    seen = dict.fromkeys(r for r in rcpts if r)
     if not seen:
         raise PrepareError("no recipients (give addresses as arguments, or -t with To/Cc/Bcc headers)", EX_NOUSER)
     return Prepared(mail_from, tuple(seen), b"".join(fields) + b"\r\n" + body)

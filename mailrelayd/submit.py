@@ -25,6 +25,11 @@ NUL_IN_DATA = Reply(550, "5.6.0", "NUL characters are not allowed in message dat
 NULL_SENDER_NOT_OWNED = Reply(550, "5.7.1", "Null sender <> not allowed for this user (its allowed_from needs \"*\")")
 
 
+class NoRecipients(MessageRefused):
+    """Every recipient was refused (bad syntax, suppressed, over the limit): raised with the one
+    refusal, or with NO_RECIPIENTS when there were several."""
+
+
 @dataclass(frozen=True, slots=True)
 class Refused:
     recipient: str
@@ -94,7 +99,7 @@ class LocalSubmitter:
             else:
                 accepted.append(address)
         if not accepted:
-            raise MessageRefused(refusals[0].reply if len(refusals) == 1 else NO_RECIPIENTS)
+            raise NoRecipients(refusals[0].reply if len(refusals) == 1 else NO_RECIPIENTS)
         origin = Origin(listener=self.listener, peer_ip=peer_ip, helo=None, protocol=self.protocol, tls=tls,
                         user=user)
         qid = await self.intake.accept(origin, str(sender) if sender else "", accepted, data, outbound=True)
