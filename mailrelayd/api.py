@@ -205,6 +205,11 @@ def _mailboxes_text(name: str, item: str, encode_all: bool) -> str:
     return ", ".join(out)
 
 
+# Fields of the "headers" object that hold mailboxes (RFC 5322 §3.6.2; RFC 2369's and the
+# Mail-Followup-To draft's): written as To and Cc are.
+_ADDRESS_HEADERS = frozenset({"reply-to", "sender", "mail-reply-to", "mail-followup-to"})
+
+
 def _recipients(items: list[str]) -> tuple[list[str], list[str], list[Refused]]:
     """(entries that are valid, their envelope addresses, refusals of the others). Each entry is read
     as the header From is (every mailbox valid, no group), so that what goes into To/Cc is what we
@@ -267,7 +272,17 @@ def build_json_message(doc: Any) -> Submission:
     if cc:
         fields.append(_address_field("Cc", cc))
     fields.append(_field("Subject", subject))
-    fields.extend(_field(name, value) for name, value in headers.items())
+    for name, value in headers.items():
+        if name.lower() in _ADDRESS_HEADERS:
+            # Encoded words are for display names only (RFC 2047 §5): the whole value in one would
+            # hide the address from every reader.
+            try:
+                parse_header_mailboxes(value)
+            except AddressError as e:
+                raise BadRequest(Reply(501, "5.5.4", f"header {name[:80]}: {e}"[:200])) from None
+            fields.append(_address_field(name, [value]))
+        else:
+            fields.append(_field(name, value))
     msg = EmailMessage(policy=email.policy.SMTP)  # the body and its MIME fields only
     try:
         if isinstance(text, str):

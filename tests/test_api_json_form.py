@@ -147,3 +147,24 @@ async def test_long_values_are_folded_within_998_octets(start_daemon, tmp_path, 
     finally:
         await http.close()
         await d.stop()
+
+
+async def test_address_fields_in_headers_keep_their_addresses_readable(start_daemon, tmp_path, tls_files) -> None:
+    """A Reply-To with a non-ASCII display name: only the name is encoded (RFC 2047 §5), not the whole
+    value, which hid the address from every reader; one that is no mailbox list is refused."""
+    d, api, http = await _api(start_daemon, tmp_path, tls_files)
+    try:
+        status, body = await api.post({**OK, "headers": {"Reply-To": "Jösé Núñez <help@example.com>",
+                                                         "Sender": "app@example.com"}})
+        assert status == 202, body
+        data, msg = await api.message(body)
+        raw = email.message_from_bytes(data, policy=email.policy.compat32)
+        (name, addr), = header_addresses(raw.get_all("Reply-To"))
+        assert addr == "help@example.com" and str(make_header(decode_header(name))) == "Jösé Núñez"
+        assert msg["Sender"] == "app@example.com"
+        status, body = await api.post({**OK, "headers": {"Reply-To": "not an address"}})
+        assert (status, body["error"]["enhanced"]) == (400, "5.5.4"), body
+        assert "Reply-To" in body["error"]["message"]
+    finally:
+        await http.close()
+        await d.stop()
