@@ -45,7 +45,8 @@ shape of the family (its generator's headers and wording), with invented address
 25. the same in Chinese (simplified and traditional) and Korean, the sender's account excepted;
 26. sender verification (Exim's callout, "Verification failed for <our address>") is about us,
     whatever Status the reporting MTA wrote; getaddrinfo's "Name or service not known" is an unknown
-    host; IMail's "reason: address" lines name their recipient.
+    host; IMail's "reason: address" lines name their recipient;
+27. an ARF of a feedback type that does not say a person objected (or of none) is no complaint.
 """
 
 from __future__ import annotations
@@ -397,9 +398,11 @@ def test_an_unsubscribe_request_is_believed_only_from_its_senders_own_domain() -
     # Other complaints keep the whole list, and the decision is the one for every complaint.
     arf = FeedbackReport("complaint", (FeedbackRecipient("c@example.net", "complaint"),), parser="arf")
     assert policy_for(arf, listed) == listed
-    d = decide(report, verp=None, sent={"reader@icloud.example"}, reporter_trusted=False, require_verp=False)
+    d = decide(report, verp=None, sent={"reader@icloud.example": "reader@icloud.example"}, reporter_trusted=False,
+               require_verp=False)
     assert d.actions == () and d.untrusted == ("reader@icloud.example",)
-    d = decide(report, verp=None, sent={"reader@icloud.example"}, reporter_trusted=True, require_verp=False)
+    d = decide(report, verp=None, sent={"reader@icloud.example": "reader@icloud.example"}, reporter_trusted=True,
+               require_verp=False)
     assert [(a.address, a.kind) for a in d.actions] == [("reader@icloud.example", "complaint")]
 
 
@@ -1716,3 +1719,20 @@ Original message follows.
 Hello
 """))
     assert "someone@example.org" not in kinds(report)
+
+
+# --- 27. ARF feedback types: only those that say a person objected are complaints -----------------------
+@pytest.mark.parametrize(("line", "kind"), [("Feedback-Type: abuse", "complaint"),
+                                            ("Feedback-Type: opt-out", "complaint"),
+                                            ("Feedback-Type: miscategorized", "not_feedback"),
+                                            ("Feedback-Type: delivery", "not_feedback"),
+                                            ("", "not_feedback")])
+def test_unknown_or_missing_feedback_types_are_no_complaint(line: str, kind: str) -> None:
+    from pathlib import Path
+
+    raw = (Path(__file__).parent / "fixtures" / "feedback" / "arf-abuse.eml").read_bytes()
+    raw = raw.replace(b"Feedback-Type: abuse\n", (line + "\n").encode() if line else b"")
+    raw = raw.replace(b"Feedback-Type: abuse\r\n", (line + "\r\n").encode() if line else b"")
+    report = parse_feedback(raw)
+    assert report.kind == kind, report
+    assert not report.suppressions or kind == "complaint"

@@ -100,6 +100,10 @@ def test_soft_bounces_count_across_nodes(nodes) -> None:
     assert not b.record("old@example.org", "soft_bounce", "452", "dsn")
     assert a.prune() == 0 or True  # pruning old rows is allowed to find them already gone
     assert b.soft_bounce_count("old@example.org") == 1
+    # Copies of one message's soft bounce, on either node, count once.
+    for node in (a, b, a):
+        assert not node.record("copy@example.org", "soft_bounce", "452", "dsn", "Q1")
+    assert b.soft_bounce_count("copy@example.org") == 1
 
 
 def test_concurrent_writers_from_both_nodes_converge(nodes) -> None:

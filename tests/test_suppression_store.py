@@ -88,6 +88,15 @@ def test_soft_bounces_promote_only_within_the_window(store: SqliteSuppressionSto
     assert store.get(address).count == 4  # type: ignore[union-attr]
 
 
+def test_copies_of_one_messages_soft_bounce_count_once(store: SqliteSuppressionStore) -> None:
+    # A DSN sent again after a lost 250, or two NDRs for one message: one transient failure.
+    for t in range(5):
+        assert not store.record("full@example.org", "soft_bounce", "mailboxfull", "dsn", "Q1", now=t)
+    assert store.soft_bounce_count("full@example.org", now=5) == 1
+    assert not store.record("full@example.org", "soft_bounce", "mailboxfull", "dsn", "Q2", now=6)
+    assert store.record("full@example.org", "soft_bounce", "mailboxfull", "dsn", "Q3", now=7)
+
+
 def test_soft_bounces_are_per_address(store: SqliteSuppressionStore) -> None:
     for i, address in enumerate(["a@example.org", "b@example.org", "a@example.org", "c@example.org"]):
         assert not store.record(address, "soft_bounce", "expired", "dsn", now=i)

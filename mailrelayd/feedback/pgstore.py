@@ -374,6 +374,10 @@ class PostgresSuppressionStore:
                 cutoff = now - self.soft_window
                 await conn.execute("DELETE FROM mailrelayd_soft_bounces WHERE address = $1 AND seen <= $2",
                                    key, cutoff)
+                if queue_id and await conn.fetchval(
+                        "SELECT 1 FROM mailrelayd_soft_bounces WHERE address = $1 AND queue_id = $2 AND seen > $3",
+                        key, queue_id, cutoff):
+                    return False  # the same message's failure again: counted once (as the SQLite store)
                 await conn.execute("INSERT INTO mailrelayd_soft_bounces (address, reason, source, queue_id, seen)"
                                    " VALUES ($1, $2, $3, $4, $5)", key, reason, source, queue_id, now)
                 count, first = await conn.fetchrow("SELECT count(*), min(seen) FROM mailrelayd_soft_bounces"

@@ -123,7 +123,7 @@ class FeedbackProcessor:
                 found = await self.spool.lookup_recipient(tok.queue_id, tok.rcpt_index) if tok else None
                 if tok is not None and found is not None:
                     verp = VerpMatch(found[0], found[1], tok.queue_id)
-        sent: set[str] = set()
+        sent: dict[str, str] = {}
         trusted, why = False, ""
         if verp is None:
             named = [r.address for r in report.recipients if r.address]

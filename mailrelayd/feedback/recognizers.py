@@ -19,7 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailrelayd.feedback.addresses import address_from_field, find_addresses, is_plausible_recipient, normalise_address
-from mailrelayd.feedback.arf import NOT_COMPLAINT_TYPES, looks_like_feedback_report, parse_feedback_report
+from mailrelayd.feedback.arf import (
+    COMPLAINT_TYPES,
+    NOT_COMPLAINT_TYPES,
+    looks_like_feedback_report,
+    parse_feedback_report,
+)
 from mailrelayd.feedback.classify import HARD, POLICY, SOFT, Classification, bucket, classify_failure
 from mailrelayd.feedback.dsn import looks_like_delivery_status, normalise_status, parse_delivery_status
 from mailrelayd.feedback.fields import first, parse_groups
@@ -103,7 +108,8 @@ Recognizer = Callable[[Scan], FeedbackReport | None]
 
 
 def report(
-    tree: MessageTree, kind: str, *, recipients: tuple[FeedbackRecipient, ...] = (), **kw: str
+    tree: MessageTree, kind: str, *, recipients: tuple[FeedbackRecipient, ...] = (),
+    succeeded: tuple[str, ...] = (), **kw: str
 ) -> FeedbackReport:
     """A report with the tree's original-message fields; ``kind`` is the worst recipient's."""
     if recipients:
@@ -113,6 +119,7 @@ def report(
     return FeedbackReport(
         kind=kind,
         recipients=recipients,
+        succeeded=succeeded,
         original_message_id=kw.pop("original_message_id", tree.original_message_id),
         original_from=kw.pop("original_from", tree.original_from),
         original_return_path=kw.pop("original_return_path", tree.original_return_path),
@@ -174,8 +181,12 @@ def recognize_arf(scan: Scan) -> FeedbackReport | None:
     fields = parse_feedback_report(text)
     ftype = fields.feedback_type
     return_path = fields.original_mail_from or tree.original_return_path
-    if ftype in NOT_COMPLAINT_TYPES:
-        return report(tree, NOT_FEEDBACK, feedback_type=ftype, detail=f"feedback type {ftype} is not a complaint",
+    if ftype not in COMPLAINT_TYPES:
+        # RFC 5965 §7.3's registry: only the types that say a person objected to the mail are
+        # complaints; anything else (auth-failure, not-spam, other, a type we do not know, none at
+        # all) is no reason to stop mailing anyone.
+        return report(tree, NOT_FEEDBACK, feedback_type=ftype,
+                      detail=f"feedback type {ftype or '(none)'} is not a complaint",
                       parser="arf", original_return_path=return_path)
     addresses = list(fields.original_rcpt_to or fields.removal_recipients)
     if not addresses and tree.original is not None:
@@ -316,11 +327,12 @@ def from_dsn_text(scan: Scan, text: str, *, parser: str) -> FeedbackReport | Non
                     result = from_text
         recipients.append(FeedbackRecipient(address, result.kind, status, result.reason, r.diagnostic,
                                             r.remote_mta))
+    succeeded = tuple(a for a in (normalise_address(r.address) for r in fields.recipients if r.succeeded) if a)
     if not recipients:
         return report(tree, NOT_FEEDBACK, detail="delivery report without failures (delivered/relayed)",
-                      parser=parser, original_envelope_id=fields.envelope_id)
+                      parser=parser, original_envelope_id=fields.envelope_id, succeeded=succeeded)
     return report(tree, SOFT_BOUNCE, recipients=dedupe(recipients), parser=parser,
-                  original_envelope_id=fields.envelope_id)
+                  original_envelope_id=fields.envelope_id, succeeded=succeeded)
 
 
 # --- provider notifications -------------------------------------------------------------------

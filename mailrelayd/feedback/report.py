@@ -73,6 +73,9 @@ class FeedbackReport:
     detail: str = ""
     parser: str = ""
     unattributed: FeedbackRecipient | None = None
+    succeeded: tuple[str, ...] = ()
+    """Addresses the report says were delivered, relayed or expanded (RFC 3464 §2.3.3): never the
+    failed recipient of a VERP token that names one of them."""
 
     @property
     def suppressions(self) -> tuple[FeedbackRecipient, ...]:

@@ -370,8 +370,8 @@ class SqliteSuppressionStore:
 
         ``hard_bounce``, ``complaint`` and ``manual`` suppress immediately. A ``soft_bounce`` is
         stored on its own and suppresses (kind ``soft_bounce``) once ``soft_threshold`` of them
-        fall within ``soft_window`` seconds. Raises ``ValueError`` for an unknown kind or a
-        value that is not an address.
+        fall within ``soft_window`` seconds, one per message (``queue_id``) at most. Raises
+        ``ValueError`` for an unknown kind or a value that is not an address.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
@@ -391,6 +391,10 @@ class SqliteSuppressionStore:
                 return True
             cutoff = now - self.soft_window
             self._db.execute("DELETE FROM soft_bounces WHERE address = ? AND seen <= ?", (key, cutoff))
+            if queue_id and self._db.execute(
+                    "SELECT 1 FROM soft_bounces WHERE address = ? AND queue_id = ? AND seen > ?",
+                    (key, queue_id, cutoff)).fetchone():
+                return False  # the same message's failure again (a copy, a retransmission): counted once
             self._db.execute(
                 "INSERT INTO soft_bounces (address, reason, source, queue_id, seen) VALUES (?, ?, ?, ?, ?)",
                 (key, reason, source, queue_id, now),

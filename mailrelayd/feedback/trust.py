@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
+from mailrelayd.feedback.addresses import find_addresses
 from mailrelayd.feedback.classify import NOT_ABOUT_RECIPIENT, SOFT
 from mailrelayd.feedback.report import (
     COMPLAINT,
@@ -86,13 +87,14 @@ def decide(
     report: FeedbackReport,
     *,
     verp: VerpMatch | None,
-    sent: Collection[str],
+    sent: Mapping[str, str],
     reporter_trusted: bool,
     require_verp: bool,
 ) -> Decision:
     """Apply the trust model (module docstring) to one parsed report. Pure.
 
-    ``sent`` holds the report's addresses (lowercased) that we sent to within the window;
+    ``sent`` maps the report's addresses (lowercased) that we sent to within the window to the
+    address as we sent to it, which is the one acted on (a report may change its case);
     ``reporter_trusted`` whether the report comes from a listed reporting source.
     """
     source = "arf" if report.kind == COMPLAINT else "dsn"
@@ -101,22 +103,28 @@ def decide(
     actions: list[Action] = []
     events: list[FeedbackRecipient] = []
     untrusted: list[str] = []
+    acted: set[str] = set()
     for r in report.recipients:
         if not r.address or r.kind == DELAYED:
             continue
-        known = r.address.lower() in sent
+        ours = sent.get(r.address.lower())
+        known = ours is not None
         if r.kind == COMPLAINT:
             ok = known and reporter_trusted
         elif r.kind in NOT_ABOUT_RECIPIENT:
             ok = known
         else:
             ok = known and not require_verp
-        if not ok:
+        if not ok or ours is None:
             untrusted.append(r.address)
+        elif ours in acted:
+            continue  # the same mailbox named twice (in two cases): one verdict
         elif r.kind in NOT_ABOUT_RECIPIENT:
-            events.append(r)
+            acted.add(ours)
+            events.append(replace(r, address=ours))
         elif r.kind in RECIPIENT_KINDS:
-            actions.append(Action(r.address, r.kind, r.reason, r.status, source))
+            acted.add(ours)
+            actions.append(Action(ours, r.kind, r.reason, r.status, source))
     return Decision(tuple(actions), tuple(events), tuple(untrusted), "sent" if actions or events else "none")
 
 
@@ -143,6 +151,10 @@ def _verdict_for(report: FeedbackReport, target: str) -> FeedbackRecipient | Non
     """The report's verdict about the VERP recipient: the matching entry; else, the report being
     about one message of ours, its only entry, or with several the mildest (another address's
     "user unknown" must not suppress ours); else what the unattributed text says."""
+    if any(a.lower() == target.lower() for a in report.succeeded):
+        # The report says our recipient was delivered, relayed or expanded (a list that reports one
+        # dead member): whatever else failed is not about the address the token names.
+        return None
     if report.recipients:
         match = next((r for r in report.recipients if r.address.lower() == target.lower()), None)
         if match is not None:
@@ -225,7 +237,12 @@ def peer_ip_of(raw: bytes, hostname: str) -> str:
 
 
 def dkim_candidates(raw: bytes, policy: ReporterPolicy) -> list[tuple[str, str]]:
-    """(domain, selector) of DKIM-Signature headers whose ``d=`` is a listed reporter domain."""
+    """(domain, selector) of DKIM-Signature headers whose ``d=`` is a listed reporter domain and
+    aligned with the report's From (the same domain, or one a subdomain of the other, as DMARC's
+    relaxed alignment without the public suffix list). A provider signs all the mail it sends with
+    its own domain too (Amazon SES signs every customer's mail d=amazonses.com), so a signature
+    alone vouches for nothing but that the provider carried the message: only a report the
+    provider wrote in its own name is its word."""
     from email.parser import BytesHeaderParser
     from email.policy import compat32
 
@@ -233,13 +250,18 @@ def dkim_candidates(raw: bytes, policy: ReporterPolicy) -> list[tuple[str, str]]
         headers = BytesHeaderParser(policy=compat32).parsebytes(raw[:65536])
     except Exception:
         return []
+    senders = find_addresses(str(headers.get("from", "")))
+    author = senders[0].rpartition("@")[2].rstrip(".").lower() if len(senders) == 1 else ""
+    if not author:
+        return []
     out: list[tuple[str, str]] = []
     for value in headers.get_all("dkim-signature") or []:
         tags = {m.group(1).lower(): b"".join(m.group(2).split()) for m in
                 _DKIM_TAG.finditer(str(value).encode("ascii", "replace"))}
         domain = tags.get(b"d", b"").decode("ascii", "replace").lower()
         selector = tags.get(b"s", b"").decode("ascii", "replace")
-        if domain and selector and policy.domain_listed(domain):
+        aligned = author == domain or author.endswith("." + domain) or domain.endswith("." + author)
+        if domain and selector and aligned and policy.domain_listed(domain):
             out.append((domain, selector))
     return out
 

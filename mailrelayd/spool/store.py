@@ -732,28 +732,29 @@ class Spool:
             return {str(d): int(n) for d, n in rows if d}
         return await self._read(fn)
 
-    async def sent_to_since(self, addresses: Sequence[str], since: float) -> set[str]:
+    async def sent_to_since(self, addresses: Sequence[str], since: float) -> dict[str, str]:
         """Which of ``addresses`` (compared case-insensitively) we attempted delivery to at or
         after ``since``: finished recipients in the history, and queued ones with an attempt.
-        Returns the matching addresses of the argument, lowercased. For feedback that carries no
-        VERP token (a DSN to the plain bounce address, an ARF report)."""
+        Returns {matching address of the argument, lowercased: the address as we sent to it}: what a
+        report names may differ in case from what we sent, and only the latter is ours to suppress.
+        For feedback that carries no VERP token (a DSN to the plain bounce address, an ARF report)."""
         wanted = sorted({a.lower() for a in addresses if a})[:100]
 
-        def fn(c: sqlite3.Connection) -> set[str]:
-            found: set[str] = set()
+        def fn(c: sqlite3.Connection) -> dict[str, str]:
+            found: dict[str, str] = {}
             for address in wanted:
-                row = c.execute("SELECT 1 FROM history WHERE address = ? COLLATE NOCASE AND done_at >= ? "
-                                "AND state IN ('delivered', 'bounced', 'expired') LIMIT 1",
+                row = c.execute("SELECT address FROM history WHERE address = ? COLLATE NOCASE AND done_at >= ? "
+                                "AND state IN ('delivered', 'bounced', 'expired') ORDER BY done_at DESC LIMIT 1",
                                 (address, since)).fetchone()
                 if row is None:
-                    row = c.execute("SELECT 1 FROM recipients r JOIN messages m ON m.qid = r.qid "
+                    row = c.execute("SELECT r.address FROM recipients r JOIN messages m ON m.qid = r.qid "
                                     "WHERE r.address = ? COLLATE NOCASE AND m.queue = 'outbound' "
                                     "AND r.attempts > 0 AND r.updated_at >= ? LIMIT 1",
                                     (address, since)).fetchone()
                 if row is not None:
-                    found.add(address)
+                    found[address] = str(row[0])
             return found
-        return await self._read(fn) if wanted else set()
+        return await self._read(fn) if wanted else {}
 
     async def recipient_outcomes(self, qid: str) -> dict[str, tuple[str, str]]:
         """{address: (state, last reply)} for message ``qid``, queued or finished (history)."""
