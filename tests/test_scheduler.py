@@ -60,6 +60,7 @@ class FakeTransport:
         self.clock = clock
         self.calls: list[tuple[float, str, list[str]]] = []
         self.replies: dict[str, tuple[int, str, str]] = {}
+        self.ours: set[str] = set()  # domains whose replies are the transport's own (no remote_reply)
         self.block: dict[str, asyncio.Event] = {}
         self.active = 0
         self.max_active = 0
@@ -74,7 +75,8 @@ class FakeTransport:
             if domain in self.block:
                 await self.block[domain].wait()
             code, enh, text = self.replies.get(domain, (250, "2.0.0", "ok"))
-            return [Res(r, code, enh, text, remote_reply=f"{code} {enh} {text}", stage="RCPT TO") for r in recipients]
+            remote = "" if domain in self.ours else f"{code} {enh} {text}"  # ours: a verdict of our own
+            return [Res(r, code, enh, text, remote_reply=remote, stage="RCPT TO") for r in recipients]
         finally:
             self.active -= 1
 
@@ -492,6 +494,21 @@ async def test_admin_action_before_the_first_attempt_wins_over_the_fresh_record(
     assert [c[2] for c in rig.transport.calls] == [["a0@x.example"]]
     assert await rig.spool.get(msgs[0].queue_id) is None
     assert await rig.states(msgs[1].queue_id) == {"a1@x.example": "pending", "b1@y.example": "pending"}
+
+
+async def test_our_own_verdicts_never_suspend_a_destination(rig_factory: Callable[..., Any]) -> None:
+    # "451 4.7.5 TLS ... failed" is ours, not the receiver's word about its load: with a shaping
+    # group (".google.com"), it would have suspended every domain there.
+    rig = await rig_factory(shaping=[{"match": "x.example", "throttle_backoff": "10m"}])
+    rig.transport.replies["x.example"] = (451, "4.7.5", "TLS with mx.x.example failed: WRONG_VERSION_NUMBER")
+    rig.transport.ours.add("x.example")
+    await rig.submit("a@x.example")
+    await rig.settle()
+    assert REGISTRY.get_sample_value("mailrelayd_destination_suspended", {"destination": "x.example"}) in (None, 0)
+    rig.transport.replies.pop("x.example")
+    await rig.submit("b@x.example")
+    await rig.settle()
+    assert rig.delivered_to("x.example") == 2  # the next message went at once
 
 
 async def test_mail_coming_due_for_a_suspended_destination_is_not_read(rig_factory: Callable[..., Any],

@@ -132,6 +132,33 @@ async def test_a_full_mailbox_552_stays_permanent_and_no_progress_defers(
     assert res["b@dest.test"].enhanced == "4.5.3" and len(sink.messages) == 1
 
 
+async def test_a_reply_out_of_step_ends_the_connection(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                      sink: Sink) -> None:
+    # A 354 to the final dot: the server may still be in DATA. The next message must not be sent on
+    # that connection (its commands would become this one's data).
+    sink.data_reply = "354 again?"
+    t = _transport(tmp_path, tls_files, sink.port)
+    (res,) = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+    assert res.temporary and "354 again?" in res.text
+    sink.data_reply = "250 2.0.0 Ok"
+    (res,) = await t.deliver("dest.test", "a@example.com", ["y@dest.test"], MSG)
+    await t.close()
+    assert res.ok and sink.connections == 2
+
+
+async def test_a_greeting_that_never_comes_is_no_connect_timeout(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, says nothing
+    port = server.sockets[0].getsockname()[1]
+    try:
+        t = _transport(tmp_path, tls_files, port, greeting_timeout="1s")
+        (res,) = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
+        await t.close()
+    finally:
+        server.close()
+    assert res.temporary and res.enhanced == "4.4.2", res
+    assert "timed out while receiving the initial server greeting" in res.text
+
+
 async def test_opportunistic_starttls(tmp_path: Path, tls_files: tuple[Path, Path],
                                       server_tls: ssl.SSLContext, pipelining: bool) -> None:
     s = await Sink(tls=server_tls, pipelining=pipelining).start()

@@ -682,8 +682,10 @@ class Scheduler:
             mine.append((r, outcome))
         suspended = False
         for r, o in mine:
-            if not o.ok and not o.permanent and o.code and \
-                    is_throttling(o.code, o.enhanced, o.remote_reply or o.text):
+            # Only the receiver's own reply: our verdicts (TLS failed, a policy refused the host) say
+            # nothing about its load, and would suspend every domain the destination groups.
+            if not o.ok and not o.permanent and o.code and o.remote_reply and \
+                    is_throttling(o.code, o.enhanced, o.remote_reply):
                 suspended = self._suspend(dest, _reply_text(o), now) or suspended
                 if dest.suspended(now):
                     until = dest.suspended_until + random.uniform(0, min(30.0, 0.1 * dest.limits.throttle_backoff))

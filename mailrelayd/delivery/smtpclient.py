@@ -43,6 +43,10 @@ class Timeout(ClientError):
     """A reply (or the room to write) did not come in time."""
 
 
+class GreetingTimeout(Timeout):
+    """Connected, but the server said nothing within the greeting timeout (not a network problem)."""
+
+
 class Disconnected(ClientError):
     """The server closed or reset the connection."""
 
@@ -241,6 +245,9 @@ class SmtpClient:
         client = cls(transport, edge)
         try:
             greeting = await client.reply(greeting_timeout)
+        except Timeout:
+            client.close()
+            raise GreetingTimeout(f"{host}:{port} sent no greeting") from None
         except BaseException:
             client.close()
             raise

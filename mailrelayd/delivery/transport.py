@@ -22,7 +22,7 @@ from mailrelayd.delivery.dane import Tlsa
 from mailrelayd.delivery.mta_sts import StsPolicy
 from mailrelayd.delivery.mx import DnsError, DnsPermanentError, MxHost, MxResolver
 from mailrelayd.delivery.outbound_tls import OutboundTls
-from mailrelayd.delivery.smtpclient import ClientError, Reply, SmtpClient, Timeout
+from mailrelayd.delivery.smtpclient import ClientError, GreetingTimeout, Reply, SmtpClient, Timeout
 from mailrelayd.delivery.tlspolicy import (
     STARTTLS_NOT_SUPPORTED,
     TLSA_INVALID,
@@ -97,6 +97,13 @@ def names_us(reply_text: str, hostname: str) -> bool:
     ours = hostname.rstrip(".").casefold()
     words = reply_text.split(None, 1)
     return "." in ours and bool(words) and words[0].rstrip(".").casefold() == ours
+
+
+def _in_step(code: int) -> bool:
+    """A completion reply (2xx, 4xx, 5xx): the server is where a command's answer leaves it. A 1xx
+    or 3xx where none belongs (a 354 to the final dot) leaves its state unknown: the connection is
+    not used again, lest the next message's commands become part of this one's data."""
+    return code // 100 in (2, 4, 5)
 
 
 def _too_many_recipients(r: RcptResult) -> bool:
@@ -430,6 +437,10 @@ class Transport:
             smtp, greeting = await SmtpClient.connect(
                 addr, host.port, source=source if isinstance(source, str) else None,
                 connect_timeout=d.connect_timeout, greeting_timeout=d.greeting_timeout)
+        except GreetingTimeout:
+            metrics.DELIVERY_CONNECTIONS.labels("timeout").inc()
+            raise _TempFail(451, "4.4.2", f"conversation with {where} timed out while receiving the initial "
+                                          "server greeting") from None
         except Timeout:
             metrics.DELIVERY_CONNECTIONS.labels("timeout").inc()
             raise _TempFail(451, "4.4.1", f"connect to {where}: timed out") from None
@@ -621,6 +632,9 @@ class Transport:
                 raise _Stale()
             if resp.code // 100 != 2:  # RFC 5321 §4.2: the first digit decides (a 251 accepts too)
                 refused = finish_reply(resp, "MAIL FROM")
+                if not _in_step(resp.code):
+                    smtp.close()
+                    return refused, False
                 if pipelined and resp.code != 421:
                     # Decided: this reply came whole, and no RCPT counts without a MAIL (RFC 5321
                     # §3.3), so a broken reply or a drop in the rest of the group (RFC 2920 §3.1)
@@ -638,6 +652,9 @@ class Transport:
                     accepted.append(r)
                 elif resp.code == 421:
                     return finish_reply(resp, "RCPT TO"), False
+                elif not _in_step(resp.code):
+                    smtp.close()
+                    return finish_reply(resp, "RCPT TO"), False
                 else:
                     done[r] = self._reply(r, resp, mta, "RCPT TO")
             if pipelined:
@@ -649,10 +666,10 @@ class Transport:
             if not pipelined:
                 resp = await smtp.command(b"DATA", d.data_init_timeout)
             if resp.code != 354:  # the transaction stays open (RSET before reuse): RFC 5321 §4.1.1.4
-                return finish_reply(resp, "DATA"), resp.code != 421
+                return finish_reply(resp, "DATA"), resp.code != 421 and resp.code // 100 in (4, 5)
             resp = await smtp.message(data, block_timeout=d.data_block_timeout, done_timeout=d.data_done_timeout)
             conn.clean = True  # the final reply ends the transaction, whatever it says
-            return finish_reply(resp, "end of DATA", final=True), resp.code != 421
+            return finish_reply(resp, "end of DATA", final=True), resp.code != 421 and _in_step(resp.code)
         except Timeout:
             smtp.close()
             return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
