@@ -506,7 +506,8 @@ def expect(plan: Plan) -> list[Want]:
     try:
         g = sess.read(plan.greeting)
     except _Fails:
-        return [Want(451, "4.4.1", "")] * n
+        # Silence is a greeting timeout (4.4.2); a drop or garbage, a failed connection (4.4.1).
+        return [Want(451, "4.4.2" if plan.greeting.kind == "hang" else "4.4.1", "")] * n
     if g.code != 220:
         return [_decided(g)] * n
     try:
