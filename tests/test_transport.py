@@ -147,13 +147,20 @@ async def test_a_reply_out_of_step_ends_the_connection(tmp_path: Path, tls_files
 
 
 async def test_a_greeting_that_never_comes_is_no_connect_timeout(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, says nothing
+    held: list[asyncio.StreamWriter] = []  # referenced: Python 3.13 closes a collected writer's connection
+
+    async def silent(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        held.append(w)  # accepts, says nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         t = _transport(tmp_path, tls_files, port, greeting_timeout="1s")
         (res,) = await t.deliver("dest.test", "a@example.com", ["x@dest.test"], MSG)
         await t.close()
     finally:
+        for w in held:
+            w.close()
         server.close()
     assert res.temporary and res.enhanced == "4.4.2", res
     assert "timed out while receiving the initial server greeting" in res.text
