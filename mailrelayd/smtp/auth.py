@@ -60,9 +60,6 @@ class KeyedLock:
             else:
                 self._locks[key] = (lock, users - 1)
 
-    def __len__(self) -> int:
-        return len(self._locks)
-
 
 class AuthThrottle:
     """Counts AUTH failures per client IP; after ``max_failures`` within ``window`` seconds the IP

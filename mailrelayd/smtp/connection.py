@@ -432,6 +432,8 @@ class SmtpConnection(asyncio.Protocol):
         # One check per IP at a time, each after a look at the lockout: guesses sent on many
         # connections at once would otherwise all be checked before the first failure counted.
         async with ctx.throttle.serial.hold(ip):
+            if self._closed:  # left while waiting its turn: no password check for nobody
+                return
             if ctx.throttle.is_locked(ip):
                 metrics.AUTH_THROTTLED.labels(self.lcfg.name).inc()
                 self._log.info("smtp.auth_throttled")
