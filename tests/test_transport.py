@@ -118,6 +118,25 @@ async def test_a_receivers_recipient_limit_sends_the_rest_at_once(
     assert sink.connections == 1
 
 
+@pytest.mark.parametrize("limit", [len(MSG) - 1, len(MSG) + 16])  # aiosmtpd counts dot-stuffed bytes
+async def test_a_message_over_the_servers_announced_size_is_not_sent(
+        tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink, limit: int) -> None:
+    # RFC 1870 §6.1: over the announced limit, refused at once (5.3.4, Postfix's wording) without a
+    # MAIL; under it, sent with its SIZE. The connection stays usable for the next message.
+    sink.size_limit = limit
+    t = _transport(tmp_path, tls_files, sink.port)
+    res = await t.deliver("dest.test", "a@example.com", ["r@dest.test"], MSG)
+    small = await t.deliver("dest.test", "a@example.com", ["s@dest.test"], b"Subject: s\r\n\r\nx\r\n")
+    await t.close()
+    assert small[0].ok and sink.connections == 1
+    if limit < len(MSG):
+        assert (res[0].code, res[0].enhanced) == (552, "5.3.4") and res[0].permanent
+        assert f"message size {len(MSG)} exceeds size limit {limit} of server" in res[0].text
+        assert [m.rcpts for m in sink.messages] == [["s@dest.test"]] and len(sink.mail_seen) == 1
+    else:
+        assert res[0].ok and sink.messages[0].mail_options == [f"SIZE={len(MSG)}"]
+
+
 async def test_a_full_mailbox_552_stays_permanent_and_no_progress_defers(
         tmp_path: Path, tls_files: tuple[Path, Path], sink: Sink) -> None:
     sink.rcpt_replies["full@dest.test"] = "552 5.2.2 Mailbox full"

@@ -121,6 +121,7 @@ class Sink:
         self.mails_by_session: dict[int, int] = {}
         self.max_rcpts = 0  # recipients per transaction (0: no limit); more get too_many_reply
         self.too_many_reply = "452 4.5.3 Too many recipients"
+        self.size_limit = 33554432  # announced as "SIZE n" (RFC 1870); aiosmtpd refuses larger with 552
         self.received = asyncio.Event()
         self.hung = asyncio.Event()
         self._server: asyncio.base_events.Server | None = None
@@ -129,7 +130,7 @@ class Sink:
     def _factory(self) -> SMTP:
         self.connections += 1
         kw: dict[str, Any] = {"hostname": "sink.test.example", "ident": "sink", "enable_SMTPUTF8": True,
-                              "decode_data": False}
+                              "decode_data": False, "data_size_limit": self.size_limit}
         if self.tls is not None:
             kw["tls_context"] = self.tls
         proto = SMTP(_Handler(self), **kw)
