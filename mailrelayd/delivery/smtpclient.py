@@ -375,6 +375,12 @@ class SmtpClient:
 
     async def message(self, data: bytes, *, block_timeout: float, done_timeout: float) -> Reply:
         """After a 354: the message and its terminator, then the final reply (RFC 5321 §4.1.1.4)."""
+        await self.send_message(data, block_timeout)
+        return await self.reply(done_timeout)
+
+    async def send_message(self, data: bytes, block_timeout: float) -> None:
+        """After a 354: the message and its terminator, written until the transport has taken them
+        (the first half of :meth:`message`; the final reply is :meth:`reply`'s)."""
         if not self.is_connected:
             raise self.edge.error or Disconnected("the session is closed")
         body, end = message_bytes(data)
@@ -387,7 +393,6 @@ class SmtpClient:
             self.transport.write(body)
             self.transport.write(end)
         await self.drain(block_timeout)
-        return await self.reply(done_timeout)
 
     async def quit(self, wait: float = 0.0) -> None:
         """QUIT and close; the 221 is awaited for at most ``wait`` seconds. RFC 5321 §4.1.1.10: the

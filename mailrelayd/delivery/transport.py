@@ -629,6 +629,9 @@ class Transport:
             mail.append(b"SMTPUTF8")
         rcpt_lines = [b"RCPT TO:<" + r.encode() + b">" for r in rcpts]
         pipelined = smtp.supports("pipelining")
+        # Where a timeout or a lost connection found us, in Postfix's words: once the final dot is
+        # out, the receiver may have taken the message, and the retry may deliver it again.
+        doing = "sending MAIL FROM"
         try:
             try:
                 smtp.send(b" ".join(mail), *([*rcpt_lines, b"DATA"] if pipelined else ()))
@@ -656,6 +659,7 @@ class Transport:
                     await self._abandon(smtp, len(rcpts))
                 return refused, resp.code != 421
             conn.clean = False  # until the final reply to DATA (or an RSET)
+            doing = "sending RCPT TO"
             accepted: list[str] = []
             for r, line in zip(rcpts, rcpt_lines, strict=True):
                 if not pipelined:
@@ -670,6 +674,7 @@ class Transport:
                     return finish_reply(resp, "RCPT TO"), False
                 else:
                     done[r] = self._reply(r, resp, mta, "RCPT TO")
+            doing = "sending DATA command"
             if pipelined:
                 resp = await smtp.reply(d.data_init_timeout)
                 if not accepted and resp.code == 354:
@@ -680,15 +685,19 @@ class Transport:
                 resp = await smtp.command(b"DATA", d.data_init_timeout)
             if resp.code != 354:  # the transaction stays open (RSET before reuse): RFC 5321 §4.1.1.4
                 return finish_reply(resp, "DATA"), resp.code != 421 and resp.code // 100 in (4, 5)
-            resp = await smtp.message(data, block_timeout=d.data_block_timeout, done_timeout=d.data_done_timeout)
+            doing = "sending message body"
+            await smtp.send_message(data, d.data_block_timeout)
+            doing = "sending end of data -- message may be sent more than once"
+            resp = await smtp.reply(d.data_done_timeout)
             conn.clean = True  # the final reply ends the transaction, whatever it says
             return finish_reply(resp, "end of DATA", final=True), resp.code != 421 and _in_step(resp.code)
         except Timeout:
             smtp.close()
-            return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out"), False
+            return finish(451, "4.4.2", f"conversation with {mta}[{conn.address}] timed out while {doing}"), False
         except (ClientError, OSError) as e:
             smtp.close()
-            return finish(451, "4.4.2", f"lost connection with {mta}[{conn.address}]: {_one_line(str(e))}"), False
+            return finish(451, "4.4.2", f"lost connection with {mta}[{conn.address}] while {doing}: "
+                                        f"{_one_line(str(e))}"), False
 
     async def _abandon(self, smtp: SmtpClient, n_rcpts: int) -> None:
         """MAIL was refused in a pipelined group: read the RCPT and DATA replies that follow, and end
