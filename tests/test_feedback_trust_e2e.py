@@ -272,3 +272,34 @@ async def test_an_unsubscribe_mail_counts_only_with_its_senders_own_signature(st
             assert await _suppressed(d, "own@icloud.example")
     finally:
         await sink.stop()
+
+
+async def test_copies_of_a_soft_bounce_without_a_token_count_once(start_daemon, client_tls) -> None:
+    """A DSN to the plain bounce address, sent twice (or an NDR from every hop), is one soft bounce of
+    the message it quotes (by Message-ID), as copies of one at a VERP address are; a report about
+    another message we sent to the same recipient still counts."""
+    sink = await Sink().start()
+    try:
+        d = await start_daemon(_config(sink, soft_bounce_threshold=3))
+        for mid in ("order-77@example.com", "order-78@example.com"):
+            c = aiosmtplib.SMTP(hostname="127.0.0.1", port=d.port("submission"), start_tls=True,
+                                tls_context=client_tls, timeout=10)
+            await c.connect()
+            await c.login("alice", TEST_PASSWORD)
+            data = f"From: app@example.com\r\nTo: full-box@example.org\r\nMessage-ID: <{mid}>\r\n\r\nhi\r\n"
+            await c.sendmail("app@example.com", ["full-box@example.org"], data.encode())
+            await c.quit()
+        for _ in range(500):
+            if len(sink.messages) == 2 and not await d.spool.list_messages():
+                break
+            await asyncio.sleep(0.02)
+        dsn = _fixture("dsn-soft.eml")
+        count = _store(d).soft_bounce_count
+        for _ in range(3):
+            await _send(d, dsn, rcpt="fbl@" + BOUNCE_DOMAIN)
+        assert await asyncio.to_thread(count, "full-box@example.org") == 1
+        await _send(d, dsn.replace(b"order-77@", b"order-78@"), rcpt="fbl@" + BOUNCE_DOMAIN)
+        assert await asyncio.to_thread(count, "full-box@example.org") == 2
+        assert not await _suppressed(d, "full-box@example.org")
+    finally:
+        await sink.stop()

@@ -133,8 +133,13 @@ class FeedbackProcessor:
                 trusted, why = await self._reporter_trusted(body, report)
         decision = decide(report, verp=verp, sent=sent, reporter_trusted=trusted, require_verp=fb.require_verp)
         sender_domain = verp.sender_domain if verp else _domain(report.original_from)
-        # The message that bounced (named by the VERP token) is what an operator looks for; else the report's.
+        # The message that bounced is what an operator looks for, and what copies of one report
+        # count once against (soft bounces): named by the VERP token, else by the Message-ID the
+        # report quotes when we sent that message to one of its recipients; else the report itself.
         origin_qid = verp.queue_id if verp else msg.queue_id
+        if verp is None and sent and report.original_message_id:
+            origin_qid = await self.spool.sent_message(report.original_message_id, list(sent.values()),
+                                                       msg.received_at - fb.sent_window) or origin_qid
         suppressed = await self._apply(decision, origin_qid)
         events = _events(decision, origin_qid, suppressed) if verp is not None else []
         for event in decision.sender_events:

@@ -756,6 +756,32 @@ class Spool:
             return found
         return await self._read(fn) if wanted else {}
 
+    async def sent_message(self, message_id: str, addresses: Sequence[str], since: float) -> str | None:
+        """The queue id of the message with Message-ID ``message_id`` (with or without its angle
+        brackets) that we attempted to one of ``addresses`` (case-insensitively) at or after ``since``,
+        or None. What a report without a VERP token quotes of the message it is about: its copies
+        (a DSN sent twice, an NDR per hop) then count once, as those with a token do."""
+        mid = message_id.strip().strip("<>")
+        wanted = sorted({a.lower() for a in addresses if a})[:100]
+        if not mid or not wanted:
+            return None
+        ids = (f"<{mid}>", mid)
+
+        def fn(c: sqlite3.Connection) -> str | None:
+            for address in wanted:
+                row = c.execute("SELECT qid FROM history WHERE message_id IN (?, ?) AND message_id != '' "
+                                "AND address = ? COLLATE NOCASE AND done_at >= ? ORDER BY done_at DESC LIMIT 1",
+                                (*ids, address, since)).fetchone()
+                if row is None:
+                    row = c.execute("SELECT m.qid FROM messages m JOIN recipients r ON r.qid = m.qid "
+                                    "WHERE m.message_id IN (?, ?) AND r.address = ? COLLATE NOCASE "
+                                    "AND m.queue = 'outbound' AND r.attempts > 0 AND r.updated_at >= ? LIMIT 1",
+                                    (*ids, address, since)).fetchone()
+                if row is not None:
+                    return str(row[0])
+            return None
+        return await self._read(fn)
+
     async def recipient_outcomes(self, qid: str) -> dict[str, tuple[str, str]]:
         """{address: (state, last reply)} for message ``qid``, queued or finished (history)."""
         def fn(c: sqlite3.Connection) -> dict[str, tuple[str, str]]:
