@@ -8,9 +8,13 @@ the mode of the database file, so creating the database file ourselves first mak
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import stat
 from pathlib import Path
+
+from mailrelayd.errors import SpoolCorruptError
 
 PRIVATE_FILE = 0o600
 PRIVATE_DIR = 0o750
@@ -57,3 +61,51 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+CREATED_SUFFIX = ".created"
+"""``spool.db.created`` (``suppressions.db.created``) beside a database: written once its schema is
+committed. SQLite takes a missing or zero-length file for a new, empty database, and a spool whose
+tables were only in a lost ``-wal`` opens as one too: without this marker, a spool.db truncated,
+deleted or left without its WAL would start as an empty queue, every message in it silently gone."""
+
+
+def created_marker(path: Path) -> Path:
+    return path.with_name(path.name + CREATED_SUFFIX)
+
+
+def mark_created(path: Path) -> None:
+    """Write ``path``'s marker (fsynced, with its directory) if it is not there yet. Best effort: a
+    full disk or a read-only directory must not keep the daemon from starting (the next start tries
+    again); the marker is a safety net, not part of the data."""
+    marker = created_marker(path)
+    if marker.exists():
+        return
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"This database was created here; see mailrelayd.statefiles.CREATED_SUFFIX.\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dfd = os.open(marker.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            marker.unlink()  # an empty or unsynced marker is no proof of anything
+
+
+def check_not_vanished(conn: sqlite3.Connection, path: Path, table: str) -> None:
+    """Raise :class:`SpoolCorruptError` if ``path`` once held our schema (its marker exists) but
+    ``table`` is gone: the file was truncated, deleted or replaced, or its WAL was lost."""
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    except sqlite3.Error as e:
+        raise SpoolCorruptError(str(path), str(e)) from None
+    if found is None and created_marker(path).exists():
+        raise SpoolCorruptError(str(path), f"it is empty or missing, but {created_marker(path).name} shows it "
+                                "held data: it was truncated, deleted or lost its -wal file. If starting "
+                                f"empty is intended, delete {created_marker(path)}")

@@ -20,7 +20,9 @@ import pytest
 from mailrelayd.errors import SpoolCorruptError, SpoolWriteError
 from mailrelayd.spool.store import NewMessage, Spool, _map_error, check_database
 from tests.conftest import base_config, deep_merge, mailrelayd_cmd, write_config
+from tests.support.proc import DaemonProcess
 from tests.support.sink import Sink
+from tests.support.smtptalk import SmtpTalk
 from tests.test_delivery_e2e import _route, _submit
 
 
@@ -271,3 +273,56 @@ async def test_a_failing_write_fails_alone_in_its_group_commit(tmp_path: Path) -
             assert await spool.get(m.queue_id) is not None
     finally:
         await spool.close()
+
+
+@pytest.mark.parametrize("loss", ["truncated", "deleted", "wal_lost"])
+async def test_vanished_spool_refuses_to_start_instead_of_emptying_the_queue(tmp_path: Path, tls_files,
+                                                                           loss: str) -> None:
+    """SQLite opens a zero-length or missing file, or a spool whose tables were only in a lost -wal,
+    as a new empty database: the daemon must refuse to start, naming the file, rather than start
+    with an empty queue and every accepted message silently gone."""
+    cfg = write_config(tmp_path, base_config(tls_files))
+    db = tmp_path / "spool" / "spool.db"
+    # Accept mail through SMTP; kill -9 so the messages are in the WAL only.
+    d = DaemonProcess(cfg).wait_ready()
+    for i in range(3):
+        t = await SmtpTalk.connect(d.ports["relay"])
+        await t.ehlo()
+        await t.cmd("MAIL FROM:<a@example.com>")
+        await t.cmd(f"RCPT TO:<r{i}@dest.example>")
+        await t.cmd("DATA")
+        code, _ = await t.cmd(b"From: a@example.com\r\nSubject: s\r\n\r\nbody\r\n.")
+        assert code == 250
+        await t.close()
+    d.kill9()
+    if loss == "truncated":
+        d = DaemonProcess(cfg).wait_ready()  # a clean restart: everything checkpointed into spool.db
+        assert d.stop() == 0
+        assert db.stat().st_size > 4096
+        os.truncate(db, 0)
+    elif loss == "deleted":
+        db.unlink()
+    else:
+        wal = db.with_name("spool.db-wal")
+        assert wal.stat().st_size > 0
+        wal.unlink()
+    res = await asyncio.to_thread(_run, cfg, "run", "--log-format", "json")
+    assert res.returncode == 1, res
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr and len(err.splitlines()) == 1, err
+    assert str(db) in err and "spool.db.created" in err and "runbooks/MailrelaydSpoolDamaged.md" in err, err
+    assert "daemon.ready" not in res.stdout
+    q = await asyncio.to_thread(_run, cfg, "queue", "list")
+    assert q.returncode == 1 and len(q.stderr.strip().splitlines()) == 1 and str(db) in q.stderr, q
+    # The operator who really wants an empty spool removes the marker, as the error says.
+    (tmp_path / "spool" / "spool.db.created").unlink()
+    d = DaemonProcess(cfg).wait_ready()
+    assert d.stop() == 0
+
+
+async def test_fresh_spool_starts_and_is_marked(tmp_path: Path, tls_files) -> None:
+    cfg = write_config(tmp_path, base_config(tls_files))
+    for _ in range(2):  # first start creates the spool and its marker; the second finds both
+        d = DaemonProcess(cfg).wait_ready()
+        assert d.stop() == 0
+    assert (tmp_path / "spool" / "spool.db.created").exists()

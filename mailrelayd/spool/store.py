@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from mailrelayd import metrics
 from mailrelayd.errors import EnvelopeEncodingError, SpoolCorruptError, SpoolError, SpoolFullError, SpoolWriteError
 from mailrelayd.spool.queueid import QueueIdGenerator
-from mailrelayd.statefiles import prepare_sqlite, private_dir
+from mailrelayd.statefiles import check_not_vanished, mark_created, prepare_sqlite, private_dir
 
 T = TypeVar("T")
 
@@ -1297,6 +1297,7 @@ class _Writer(threading.Thread):
             prepare_sqlite(self._path)  # spool.db and its -wal/-shm: 0600 whatever the umask
             self._conn = _connect(self._path)
             quick_check(self._conn, self._path)
+            check_not_vanished(self._conn, self._path, "messages")
             self._conn.executescript(_SCHEMA)
             cols = {r[1] for r in self._conn.execute("PRAGMA table_info(history)")}
             if "last_reply" not in cols:  # spools from 0.1 pre-releases
@@ -1310,6 +1311,7 @@ class _Writer(threading.Thread):
                     self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
             self._conn.executescript(_SCHEMA_EVENTS)
             self._conn.executescript(_SCHEMA_SUSPENSIONS)
+            mark_created(self._path)
         except BaseException as e:  # surfaced by wait_open() and to every waiter
             self._open_error = e
             self._conn = None
