@@ -337,19 +337,20 @@ class Daemon:
         try:
             # Both databases pass PRAGMA quick_check before anything is accepted or delivered:
             # a damaged spool would otherwise re-deliver everything it cannot mark delivered.
+            key = "server.spool_dir"
             await self.spool.open()
+            key = "server.state_dir"  # the error names the file; the key says which setting holds it
             await asyncio.to_thread(check_database, cfg.server.state_dir / "suppressions.db")
+            self.suppressions = await asyncio.to_thread(open_store, cfg.feedback, cfg.server.state_dir, daemon=True)
         except SpoolCorruptError as e:
             await self.spool.close()
             self._spool_lock.release()
-            raise SetupError(cfg, f"server.spool_dir: {e}: refusing to start; restore the last backup "
+            raise SetupError(cfg, f"{key}: {e}: refusing to start; restore the last backup "
                              f"(mailrelayd restore) or salvage it, see {RUNBOOK_SPOOL}") from None
         except SpoolError as e:
             await self.spool.close()
             self._spool_lock.release()
-            raise SetupError(cfg, f"server.spool_dir: {e}") from None
-        try:
-            self.suppressions = await asyncio.to_thread(open_store, cfg.feedback, cfg.server.state_dir, daemon=True)
+            raise SetupError(cfg, f"{key}: {e}") from None
         except (OSError, UnicodeDecodeError, RuntimeError) as e:
             await self.spool.close()
             self._spool_lock.release()

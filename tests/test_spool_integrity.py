@@ -326,3 +326,27 @@ async def test_fresh_spool_starts_and_is_marked(tmp_path: Path, tls_files) -> No
         d = DaemonProcess(cfg).wait_ready()
         assert d.stop() == 0
     assert (tmp_path / "spool" / "spool.db.created").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbled"])
+async def test_damaged_or_emptied_suppression_list_refuses_to_start(tmp_path: Path, tls_files, damage: str) -> None:
+    """An emptied suppressions.db would start with no suppressions (every suppressed address mailed
+    again); a damaged one was reported under server.spool_dir. Both refuse, naming the file and
+    server.state_dir."""
+    cfg = write_config(tmp_path, base_config(tls_files))
+    add = await asyncio.to_thread(_run, cfg, "suppress", "add", "gone@example.net", "--reason", "asked")
+    assert add.returncode == 0, add
+    db = tmp_path / "state" / "suppressions.db"
+    assert db.stat().st_size > 0
+    if damage == "truncated":
+        os.truncate(db, 0)
+    else:
+        _damage(db, range(0, 1))
+    res = await asyncio.to_thread(_run, cfg, "run", "--log-format", "json")
+    assert res.returncode == 1, res
+    err = res.stderr.strip()
+    assert "Traceback" not in res.stderr and len(err.splitlines()) == 1, err
+    assert f"server.state_dir: {db}: database is damaged" in err, err
+    assert "daemon.ready" not in res.stdout
+    listed = await asyncio.to_thread(_run, cfg, "suppress", "list")
+    assert listed.returncode == 1 and str(db) in listed.stderr and "Traceback" not in listed.stderr, listed

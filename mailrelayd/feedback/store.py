@@ -33,15 +33,18 @@ from typing import IO, TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from mailrelayd.config import FeedbackConfig
 
+from mailrelayd.errors import SpoolCorruptError
 from mailrelayd.feedback.addresses import normalise_domain
 from mailrelayd.reasons import reason_text
-from mailrelayd.statefiles import prepare_sqlite
+from mailrelayd.statefiles import check_not_vanished, mark_created, prepare_sqlite
 
 KINDS = ("hard_bounce", "complaint", "soft_bounce", "manual")
 SOURCES = ("dsn", "arf", "smtp", "manual")
 # When an address is suppressed again for another reason, the stored kind only moves up.
 _RANK = {"soft_bounce": 1, "hard_bounce": 2, "complaint": 3, "manual": 4}
 _SCHEMA_VERSION = 1
+_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS suppressions (
     address    TEXT PRIMARY KEY,
@@ -215,14 +218,28 @@ class SqliteSuppressionStore:
         self._db = sqlite3.connect(
             str(self.path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
+        try:
+            self._open(busy_timeout)
+        except BaseException as e:
+            self._db.close()
+            code = getattr(e, "sqlite_errorcode", None)
+            if isinstance(e, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _CORRUPT_CODES:
+                # One line naming the file (the CLI used to say only "database disk image is malformed").
+                raise SpoolCorruptError(str(self.path), str(e)) from None
+            raise
+
+    def _open(self, busy_timeout: float) -> None:
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self._lock:
+            # A suppressions.db truncated, deleted or without its -wal would open empty: every
+            # suppressed address mailed again. Refused (SpoolCorruptError) if it once held the list.
+            check_not_vanished(self._db, self.path, "suppressions")
             self._write_script(_SCHEMA)
+            mark_created(self.path)
             version = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
             if version > _SCHEMA_VERSION:
-                self._db.close()
                 raise RuntimeError(f"{self.path}: schema version {version} is newer than this mailrelayd")
             self._suppressed: set[str] = set()
             self._generation = -1
