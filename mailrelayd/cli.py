@@ -1135,6 +1135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sqlite3.Error as e:
         _err(f"database error: {e}")
         return 1
+    except BrokenPipeError:
+        # `mailrelayd queue list | head`: the reader has what it wanted. Quiet, as cat or ls are;
+        # stdout goes to /dev/null so that the interpreter's last flush does not complain either.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         _err(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
         return 1
@@ -1147,6 +1153,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return 0
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 import stat
 import subprocess
@@ -68,6 +69,21 @@ def test_check_config_errors_name_file_and_key(tmp_path: Path, tls_files, cli_en
     assert r.returncode == 1, r.stdout
     assert r.stderr.startswith(f"mailrelayd: {cfg}: {expected}"), r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize("verb", [("check-config",), ("user", "list")])
+def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path, tls_files, cli_env: dict[str, str],
+                                            verb: tuple[str, ...]) -> None:
+    # `mailrelayd user list | head -1`: the reader went away; no "[Errno 32] Broken pipe", no traceback.
+    cfg = write_config(tmp_path, base_config(tls_files))
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)
+    try:
+        r = subprocess.run([*mailrelayd_cmd(), *verb, "-c", str(cfg)], stdout=w_fd, stderr=subprocess.PIPE,
+                           text=True, env=cli_env, timeout=60)
+    finally:
+        os.close(w_fd)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
 
 
 def test_config_path_from_environment(tmp_path: Path, tls_files, cli_env: dict[str, str]) -> None:
