@@ -102,6 +102,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _text(error: BaseException) -> str:
+    """``Type: message`` of an exception, for logs and /ready."""
+    return f"{type(error).__name__}: {error}".rstrip(": ") if str(error) else type(error).__name__
+
+
 class PgUnavailable(Exception):
     """The shared database cannot be used right now (down, unreachable, refusing us)."""
 
@@ -179,6 +184,7 @@ class PgClient:
         self._wake: asyncio.Event | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        self._crowded_logged = False  # pg.pool_full: once per connection
 
     # --- set-up ------------------------------------------------------------------------------
     def on_connect(self, hook: Hook) -> None:
@@ -243,18 +249,47 @@ class PgClient:
         pool = self._pool
         if not self.up or pool is None:
             raise PgUnavailable(self.last_error)
+        crowded: list[BaseException] = []
         try:
             async with asyncio.timeout(timeout or self.settings.timeout * 2):
-                async with pool.acquire(timeout=self.settings.timeout) as conn:
+                conn = await self._acquire(pool, crowded)
+                try:
                     return await fn(conn)
+                finally:
+                    await pool.release(conn)
         except CONNECTION_ERRORS as e:
+            if crowded and isinstance(e, TimeoutError):  # the server is up, just full: not an outage
+                raise PgUnavailable(f"no free connection ({_text(crowded[-1])})") from None
             self._down(e)
             raise PgUnavailable(self.last_error) from None
 
+    async def _acquire(self, pool: Any, crowded: list[BaseException]) -> Conn:
+        """A pooled connection. When the pool may not grow because the server has no slot left
+        (``max_connections`` or a role/database ``CONNECTION LIMIT``) while we still hold working
+        connections, wait for one of those (the caller's timeout bounds the wait) rather than
+        declaring the database down: that would drop the live connections, the LISTEN and the
+        in-memory list's freshness, and every node short of a slot would flap."""
+        delay = 0.02
+        while True:
+            try:
+                conn = await pool.acquire(timeout=self.settings.timeout)
+            except asyncpg.TooManyConnectionsError as e:
+                if pool.get_size() == 0 or self._listen_conn is None or self._listen_conn.is_closed():
+                    raise
+                if not crowded and not self._crowded_logged:
+                    self._crowded_logged = True
+                    log.warning("pg.pool_full", store=self.settings.where, connections=pool.get_size(),
+                                wanted=self.pool_size, error=_text(e))
+                crowded.append(e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            else:
+                crowded.clear()  # from here on a timeout is the database's, not the crowd's
+                return conn
+
     # --- supervision ---------------------------------------------------------------------------
     def _down(self, error: BaseException | str) -> None:
-        text = error if isinstance(error, str) else (f"{type(error).__name__}: {error}".rstrip(": ")
-                                                      if str(error) else type(error).__name__)
+        text = error if isinstance(error, str) else _text(error)
         if self.up:
             log.warning("pg.down", store=self.settings.where, error=text)
         self.up = False
@@ -281,6 +316,7 @@ class PgClient:
             await listen_conn.add_listener(channel, lambda _c, _pid, _ch, payload, fn=fn: fn(payload))
         listen_conn.add_termination_listener(lambda _c: self._down("LISTEN connection closed"))
         self._pool, self._listen_conn = pool, listen_conn
+        self._crowded_logged = False
         self.up = True
         try:
             for hook in self._on_connect:

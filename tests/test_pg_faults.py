@@ -1,0 +1,80 @@
+"""A relay daemon (subprocess) against a real PostgreSQL (tests/support/pg.py) that misbehaves
+without being down: no connection slot left for the pool to grow. The node must not flap."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import base_config, deep_merge, write_config
+from tests.support.proc import DaemonProcess
+from tests.support.smtptalk import SmtpTalk
+
+
+def _config(tmp_path: Path, tls_files: Any, pg_url: str, password: Path) -> Path:
+    return write_config(tmp_path / "node", deep_merge(base_config(tls_files), {
+        "feedback": {"store": pg_url, "store_password_file": str(password), "store_poll_interval": "500ms",
+                     "store_connect_timeout": "2s"},
+    }))
+
+
+def _ready(node: DaemonProcess) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/ready", timeout=10) as r:
+            return dict(json.loads(r.read()))
+    except urllib.error.HTTPError as e:
+        return dict(json.loads(e.read()))
+
+
+def _events(node: DaemonProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in list(node.events) if e.get("event") == name]
+
+
+async def _auth_failure(port: int, source: str) -> int:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    t = await SmtpTalk.connect(port, source=source)
+    await t.ehlo()
+    await t.starttls(ctx)
+    await t.ehlo()
+    code, _ = await t.cmd("AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong password").decode())
+    await t.close()
+    return code
+
+
+@pytest.fixture
+def password(pg_server: Any, tmp_path: Path) -> Path:
+    return pg_server.password_file(tmp_path / "secrets")
+
+
+async def test_no_slot_to_grow_the_pool_is_no_outage(tmp_path, tls_files, pg_server, pg_url, password) -> None:
+    db = pg_url.rsplit("/", 1)[1]
+    node = await asyncio.to_thread(lambda: DaemonProcess(_config(tmp_path, tls_files, pg_url, password)).wait_ready())
+    await asyncio.sleep(1.0)  # start-up loads done: the pool is back to what it keeps open
+    held = int(pg_server.psql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}'"))
+    assert held >= 2  # the pool's first connection and the LISTEN connection
+    # The server refuses any further connection to this database (as with max_connections reached).
+    pg_server.psql(f"ALTER DATABASE {db} CONNECTION LIMIT {held}")
+    # Concurrent AUTH failures from 20 addresses: each is written to the database; the pool would grow.
+    codes = await asyncio.gather(*(_auth_failure(node.ports["submission"], f"127.0.0.{10 + i}") for i in range(20)))
+    assert set(codes) == {535}
+    deadline = time.monotonic() + 15
+    while (rows := int(pg_server.psql("SELECT count(*) FROM mailrelayd_auth_failures", db))) < 20:
+        assert time.monotonic() < deadline, f"only {rows} of 20 failures written; log:\n" + "\n".join(node.lines[-20:])
+        await asyncio.sleep(0.1)
+    # Done with the connections it has: never declared down, still not degraded, said why once.
+    assert _events(node, "pg.down") == [], _events(node, "pg.down")
+    assert not _ready(node).get("degraded"), _ready(node)
+    full = _events(node, "pg.pool_full")
+    assert len(full) == 1 and "TooManyConnectionsError" in full[0]["error"], full
+    assert node.stop() == 0
