@@ -185,6 +185,7 @@ class PgClient:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._crowded_logged = False  # pg.pool_full: once per connection
+        self._refusal = ""  # the last pg.connect_refused logged (once per distinct error)
 
     # --- set-up ------------------------------------------------------------------------------
     def on_connect(self, hook: Hook) -> None:
@@ -317,6 +318,7 @@ class PgClient:
         listen_conn.add_termination_listener(lambda _c: self._down("LISTEN connection closed"))
         self._pool, self._listen_conn = pool, listen_conn
         self._crowded_logged = False
+        self._refusal = ""
         self.up = True
         try:
             for hook in self._on_connect:
@@ -353,6 +355,15 @@ class PgClient:
                     self._down(str(e))
                 except CONNECTION_ERRORS as e:
                     self._down(e)
+                except asyncpg.PostgresError as e:
+                    # The server answers but refuses us: a database that does not exist, a role without
+                    # the rights to migrate, a read-only standby. A configuration matter, not a bug: one
+                    # line per distinct refusal (no traceback every few seconds), retried like an outage.
+                    self._down(e)
+                    if self._refusal != self.last_error:
+                        self._refusal = self.last_error
+                        with contextlib.suppress(Exception):
+                            log.error("pg.connect_refused", store=self.settings.where, error=self.last_error)
                 except Exception as e:  # a hook's bug must not kill the supervisor
                     self._down(e)
                     with contextlib.suppress(Exception):  # nor a log stream that fails (closed stdout)

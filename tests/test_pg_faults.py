@@ -1,5 +1,6 @@
 """A relay daemon (subprocess) against a real PostgreSQL (tests/support/pg.py) that misbehaves
-without being down: no connection slot left for the pool to grow. The node must not flap."""
+without being down: no connection slot left for the pool to grow, a database that does not exist
+(yet). The node must neither flap nor flood its log, and must recover without a restart."""
 
 from __future__ import annotations
 
@@ -7,15 +8,17 @@ import asyncio
 import base64
 import json
 import ssl
+import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import base_config, deep_merge, write_config
+from tests.conftest import base_config, deep_merge, mailrelayd_cmd, write_config
 from tests.support.proc import DaemonProcess
 from tests.support.smtptalk import SmtpTalk
 
@@ -77,4 +80,32 @@ async def test_no_slot_to_grow_the_pool_is_no_outage(tmp_path, tls_files, pg_ser
     assert not _ready(node).get("degraded"), _ready(node)
     full = _events(node, "pg.pool_full")
     assert len(full) == 1 and "TooManyConnectionsError" in full[0]["error"], full
+    assert node.stop() == 0
+
+
+async def test_a_missing_database_is_one_clear_line_then_picked_up_when_created(tmp_path, tls_files, pg_server,
+                                                                               password, cli_env) -> None:
+    db = "t" + uuid.uuid4().hex[:16]
+    url = f"postgresql://mailrelayd@127.0.0.1:{pg_server.port}/{db}"
+    config = _config(tmp_path, tls_files, url, password)
+    node = await asyncio.to_thread(lambda: DaemonProcess(config).wait_ready())
+    assert f'database "{db}" does not exist' in _ready(node)["checks"]["suppression_store"]
+    # The CLI says what is wrong in one line, no traceback.
+    r = await asyncio.to_thread(subprocess.run, [*mailrelayd_cmd(), "suppress", "list", "-c", str(config)],
+                                capture_output=True, text=True, env=cli_env, timeout=60)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("mailrelayd: feedback.store:"), r.stderr
+    assert f'"{db}" does not exist' in r.stderr.strip().splitlines()[-1], r.stderr
+    await asyncio.sleep(4)  # several reconnection attempts
+    assert "Traceback" not in node.output, node.output[-2000:]
+    refused = _events(node, "pg.connect_refused")
+    assert len(refused) == 1 and "InvalidCatalogNameError" in refused[0]["error"], refused
+    # Created later: the node connects without a restart.
+    pg_server.psql(f"CREATE DATABASE {db} OWNER mailrelayd")
+    await asyncio.to_thread(node.wait_event, "pg.connected", 20)
+    deadline = time.monotonic() + 10
+    while _ready(node).get("degraded"):
+        assert time.monotonic() < deadline, _ready(node)
+        await asyncio.sleep(0.1)
     assert node.stop() == 0
