@@ -191,6 +191,7 @@ class Daemon:
         self.api: ApiServer | None = None
         self.breaker: CircuitBreaker | None = None
         self.sign_worker: SignWorker | None = None
+        self._counts: asyncio.Future[dict[str, int]] | None = None  # suppression counts being read
 
     # --- building -----------------------------------------------------------------------
     def _apply(self, rt: Runtime) -> None:
@@ -577,15 +578,20 @@ class Daemon:
         metrics.QUEUE_RECIPIENTS.labels("held").set(sum(st.held.values()))  # never attempted while held
         metrics.QUEUE_MESSAGES.set(st.messages)
         metrics.QUEUE_OLDEST_AGE.set(max(0.0, time.time() - st.oldest_received_at) if st.oldest_received_at else 0)
-        try:
-            counts = await asyncio.to_thread(self.suppressions.counts_by_kind)
-        except StoreUnavailableError:
-            counts = {}  # a shared store that is down: the gauges keep their last values
-        for kind, n in counts.items():
-            metrics.SUPPRESSIONS.labels(kind).set(n)
+        await self._suppression_counts()
         self.readiness()
         self.spool.free_bytes(force=True)
         await self.webhooks.update_gauges()
+
+    async def _suppression_counts(self) -> None:
+        """Refresh the ``suppressions{kind}`` gauges for a scrape. A shared store that stalls (no
+        answer until the call times out, twice ``store_connect_timeout``) must not stall /metrics
+        past a scraper's timeout, just when its ``suppression_store_up`` matters: one read at a time,
+        waited for up to :data:`SCRAPE_STORE_WAIT`; the gauges take its result whenever it comes."""
+        if self._counts is None or self._counts.done():
+            self._counts = asyncio.ensure_future(asyncio.to_thread(self.suppressions.counts_by_kind))
+            self._counts.add_done_callback(_set_suppression_gauges)
+        await asyncio.wait({self._counts}, timeout=SCRAPE_STORE_WAIT)
 
     async def _housekeeping(self) -> None:
         last_prune = 0.0
@@ -658,6 +664,22 @@ class Daemon:
 # statements), so a longer interval costs little latency. Interleaved runs of bench/latency.py
 # (20 sessions): 20 µs 368-431 msg/s, p99 24-25 ms; 250 µs 502-579 msg/s, p99 22-26 ms;
 # 500 µs about the same; 1 ms and 5 ms p99 31-34 ms. bench/README.md, fifth session.
+SCRAPE_STORE_WAIT = 1.0  # seconds a /metrics scrape waits for the suppression counts
+
+
+def _set_suppression_gauges(fut: asyncio.Future[dict[str, int]]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if isinstance(exc, StoreUnavailableError):
+        return  # a shared store that is down: the gauges keep their last values
+    if exc is not None:
+        log.error("metrics.suppression_counts_failed", error=f"{type(exc).__name__}: {exc}")
+        return
+    for kind, n in fut.result().items():
+        metrics.SUPPRESSIONS.labels(kind).set(n)
+
+
 GIL_SWITCH_INTERVAL = 0.00025
 
 

@@ -1,6 +1,7 @@
 """A relay daemon (subprocess) against a real PostgreSQL (tests/support/pg.py) that misbehaves
 without being down: no connection slot left for the pool to grow, a database that does not exist
-(yet). The node must neither flap nor flood its log, and must recover without a restart."""
+(yet), a server that stops answering. The node must neither flap nor flood its log nor stall its
+HTTP side, and must recover without a restart."""
 
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from tests.support.proc import DaemonProcess
 from tests.support.smtptalk import SmtpTalk
 
 
-def _config(tmp_path: Path, tls_files: Any, pg_url: str, password: Path) -> Path:
+def _config(tmp_path: Path, tls_files: Any, pg_url: str, password: Path, connect_timeout: str = "2s") -> Path:
     return write_config(tmp_path / "node", deep_merge(base_config(tls_files), {
         "feedback": {"store": pg_url, "store_password_file": str(password), "store_poll_interval": "500ms",
-                     "store_connect_timeout": "2s"},
+                     "store_connect_timeout": connect_timeout},
     }))
 
 
@@ -36,6 +37,14 @@ def _ready(node: DaemonProcess) -> dict[str, Any]:
             return dict(json.loads(r.read()))
     except urllib.error.HTTPError as e:
         return dict(json.loads(e.read()))
+
+
+def _scrape(node: DaemonProcess) -> tuple[float, str]:
+    """Seconds one /metrics request took, and its body."""
+    start = time.monotonic()
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=30) as r:
+        body = r.read().decode()
+    return time.monotonic() - start, body
 
 
 def _events(node: DaemonProcess, name: str) -> list[dict[str, Any]]:
@@ -108,4 +117,32 @@ async def test_a_missing_database_is_one_clear_line_then_picked_up_when_created(
     while _ready(node).get("degraded"):
         assert time.monotonic() < deadline, _ready(node)
         await asyncio.sleep(0.1)
+    assert node.stop() == 0
+
+
+async def test_metrics_answer_within_a_scrape_timeout_when_postgresql_stops_answering(tmp_path, tls_files, pg_server,
+                                                                                     pg_url, password) -> None:
+    # store_connect_timeout 5s (the default): a call to a silent server gives up after 10 s.
+    node = await asyncio.to_thread(
+        lambda: DaemonProcess(_config(tmp_path, tls_files, pg_url, password, "5s")).wait_ready())
+    seconds, body = await asyncio.to_thread(_scrape, node)
+    assert "mailrelayd_suppression_store_up 1.0" in body
+    pg_server.pause()
+    try:
+        seconds, body = await asyncio.to_thread(_scrape, node)  # the first scrape of the stall
+        assert seconds < 3, f"/metrics took {seconds:.1f}s while PostgreSQL did not answer"
+        assert "mailrelayd_suppressions{" in body
+        deadline = time.monotonic() + 30
+        while "mailrelayd_suppression_store_up 0.0" not in body:  # noticed once the first call times out
+            assert time.monotonic() < deadline, "suppression_store_up never went to 0"
+            seconds, body = await asyncio.to_thread(_scrape, node)
+            assert seconds < 3, f"/metrics took {seconds:.1f}s while PostgreSQL did not answer"
+            await asyncio.sleep(0.5)
+    finally:
+        pg_server.resume()
+    deadline = time.monotonic() + 30
+    while "mailrelayd_suppression_store_up 1.0" not in body:
+        assert time.monotonic() < deadline, "suppression_store_up never came back to 1"
+        await asyncio.sleep(0.5)
+        _, body = await asyncio.to_thread(_scrape, node)
     assert node.stop() == 0

@@ -15,6 +15,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -125,6 +126,25 @@ class PgServer:
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop", check=False)
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...)."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True,
+                                  check=True).stdout.split()
+        return [postmaster, *(int(c) for c in children)]
+
+    def pause(self) -> None:
+        """SIGSTOP every server process: connections are accepted by the kernel, nothing answers
+        (a hung server, or a network partition that drops packets)."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def psql(self, sql: str, db: str = "postgres") -> str:
         """Run SQL as the superuser over the UNIX socket; returns unaligned output."""
