@@ -105,6 +105,7 @@ class FeedbackProcessor:
         report: FeedbackReport = await loop.run_in_executor(self._parse_pool, parse_feedback, body)
         fb = self.cfg.feedback
         verp: VerpMatch | None = None
+        elsewhere = ""  # a valid token whose queue entry is not in this spool (another node's, or expired)
         if fb.bounce_domain:
             secrets = self.owner.verp_secrets
             for r in rcpts:
@@ -115,6 +116,7 @@ class FeedbackProcessor:
                 if found is not None:
                     verp = VerpMatch(found[0], found[1], tok.queue_id)
                     break
+                elsewhere = elsewhere or tok.queue_id
             if verp is None and report.original_return_path:
                 # A report sent to the plain address (an ARF feedback loop) that quotes our VERP
                 # return path (Original-Mail-From, the original's Return-Path): the token names
@@ -123,6 +125,8 @@ class FeedbackProcessor:
                 found = await self.spool.lookup_recipient(tok.queue_id, tok.rcpt_index) if tok else None
                 if tok is not None and found is not None:
                     verp = VerpMatch(found[0], found[1], tok.queue_id)
+                elif tok is not None:
+                    elsewhere = elsewhere or tok.queue_id
         sent: dict[str, str] = {}
         trusted, why = False, ""
         if verp is None:
@@ -131,13 +135,19 @@ class FeedbackProcessor:
                 sent = await self.spool.sent_to_since(named, msg.received_at - fb.sent_window)
             if report.kind == "complaint":
                 trusted, why = await self._reporter_trusted(body, report)
+                if trusted and elsewhere:
+                    # A listed reporter's complaint quoting a valid token of ours whose message is in
+                    # another node's spool (a fleet behind one MX): the fleet sent it, and the named
+                    # recipient is acted on as this node would had it sent the message itself.
+                    sent = {**{a.lower(): a for a in named}, **sent}
         decision = decide(report, verp=verp, sent=sent, reporter_trusted=trusted, require_verp=fb.require_verp)
         sender_domain = verp.sender_domain if verp else _domain(report.original_from)
         # The message that bounced is what an operator looks for, and what copies of one report
-        # count once against (soft bounces): named by the VERP token, else by the Message-ID the
-        # report quotes when we sent that message to one of its recipients; else the report itself.
-        origin_qid = verp.queue_id if verp else msg.queue_id
-        if verp is None and sent and report.original_message_id:
+        # count once against (soft bounces): named by the VERP token (resolved here or, for another
+        # node's message, as the token says), else by the Message-ID the report quotes when we sent
+        # that message to one of its recipients; else the report itself.
+        origin_qid = verp.queue_id if verp else (elsewhere or msg.queue_id)
+        if verp is None and not elsewhere and sent and report.original_message_id:
             origin_qid = await self.spool.sent_message(report.original_message_id, list(sent.values()),
                                                        msg.received_at - fb.sent_window) or origin_qid
         suppressed = await self._apply(decision, origin_qid)
@@ -166,7 +176,8 @@ class FeedbackProcessor:
                              for a in decision.actions],
                  sender_events=[{"address": e.address, "kind": e.kind, "status": e.status, "reason": e.reason}
                                 for e in decision.sender_events],
-                 untrusted=list(decision.untrusted) or None, suppressed=suppressed, detail=report.detail or None)
+                 untrusted=list(decision.untrusted) or None, suppressed=suppressed, detail=report.detail or None,
+                 verp_not_here=elsewhere if verp is None and elsewhere else None)
         detail = f"processed: {kind}" + (f", suppressed {len(suppressed)}" if suppressed else "")
         return [LocalResult(True, detail, events=tuple(events) if i == 0 else ()) for i in range(len(rcpts))]
 
