@@ -101,6 +101,18 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
 )
 
+# Errors of a server that answers but will not do what we ask for operational reasons (SQLSTATE
+# 25006 read-only: a fenced or demoted primary; 42501 a privilege revoked; class 53 disk full / out
+# of memory; 57 a cancelled statement (statement_timeout); 58 an I/O error): the database cannot be
+# used right now, exactly as when it is down. Any other PostgresError is a bug and propagates.
+REFUSAL_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InsufficientPrivilegeError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.PostgresSystemError,
+)
+
 
 def _text(error: BaseException) -> str:
     """``Type: message`` of an exception, for logs and /ready."""
@@ -263,6 +275,9 @@ class PgClient:
                 raise PgUnavailable(f"no free connection ({_text(crowded[-1])})") from None
             self._down(e)
             raise PgUnavailable(self.last_error) from None
+        except REFUSAL_ERRORS as e:  # degraded like an outage; reconnecting shows when it is over
+            self._down(e)
+            raise PgUnavailable(self.last_error) from None
 
     async def _acquire(self, pool: Any, crowded: list[BaseException]) -> Conn:
         """A pooled connection. When the pool may not grow because the server has no slot left
@@ -318,7 +333,6 @@ class PgClient:
         listen_conn.add_termination_listener(lambda _c: self._down("LISTEN connection closed"))
         self._pool, self._listen_conn = pool, listen_conn
         self._crowded_logged = False
-        self._refusal = ""
         self.up = True
         try:
             for hook in self._on_connect:
@@ -348,6 +362,7 @@ class PgClient:
                 await self._teardown()
                 try:
                     await self._connect()
+                    self._refusal = ""  # connected, hooks and all: a later refusal is news again
                     log.info("pg.connected", store=self.settings.where, schema_version=SCHEMA_VERSION)
                     backoff = 0.2
                 except SchemaTooNew as e:

@@ -1,7 +1,8 @@
 """A relay daemon (subprocess) against a real PostgreSQL (tests/support/pg.py) that misbehaves
 without being down: no connection slot left for the pool to grow, a database that does not exist
-(yet), a server that stops answering. The node must neither flap nor flood its log nor stall its
-HTTP side, and must recover without a restart."""
+(yet), a server that stops answering, a server that refuses a write (a privilege revoked, a
+read-only primary). The node must neither flap nor flood its log nor stall its HTTP side nor lose
+feedback, and must recover without a restart."""
 
 from __future__ import annotations
 
@@ -21,13 +22,17 @@ import pytest
 
 from tests.conftest import base_config, deep_merge, mailrelayd_cmd, write_config
 from tests.support.proc import DaemonProcess
+from tests.support.sink import Sink
 from tests.support.smtptalk import SmtpTalk
 
 
-def _config(tmp_path: Path, tls_files: Any, pg_url: str, password: Path, connect_timeout: str = "2s") -> Path:
+def _config(tmp_path: Path, tls_files: Any, pg_url: str, password: Path, connect_timeout: str = "2s",
+            sink_port: int = 9) -> Path:
     return write_config(tmp_path / "node", deep_merge(base_config(tls_files), {
         "feedback": {"store": pg_url, "store_password_file": str(password), "store_poll_interval": "500ms",
-                     "store_connect_timeout": connect_timeout},
+                     "store_connect_timeout": connect_timeout, "bounce_domain": "bounces.test.example",
+                     "verp_secret": "pg-faults-verp-secret-0123456789"},
+        "routes": [{"domain": "*", "host": f"127.0.0.1:{sink_port}"}],
     }))
 
 
@@ -146,3 +151,76 @@ async def test_metrics_answer_within_a_scrape_timeout_when_postgresql_stops_answ
         await asyncio.sleep(0.5)
         _, body = await asyncio.to_thread(_scrape, node)
     assert node.stop() == 0
+
+
+async def _send(port: int, source: str, mail_from: str, rcpt: str, body: bytes) -> None:
+    t = await SmtpTalk.connect(port, source=source)
+    await t.ehlo()
+    assert (await t.cmd(f"MAIL FROM:<{mail_from}>"))[0] == 250
+    code, text = await t.cmd(f"RCPT TO:<{rcpt}>")
+    assert code == 250, text
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(body + b".")
+    await t.close()
+    assert code == 250, text
+
+
+async def _rcpt_code(port: int, rcpt: str) -> int:
+    t = await SmtpTalk.connect(port)
+    await t.ehlo()
+    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250
+    code, _ = await t.cmd(f"RCPT TO:<{rcpt}>")
+    await t.close()
+    return code
+
+
+async def test_a_write_the_server_refuses_is_kept_enforced_and_written_once_allowed(tmp_path, tls_files, pg_server,
+                                                                                   pg_url, password,
+                                                                                   cli_env) -> None:
+    db = pg_url.rsplit("/", 1)[1]
+    sink = await Sink().start()
+    try:
+        config = _config(tmp_path, tls_files, pg_url, password, sink_port=sink.port)
+        node = await asyncio.to_thread(lambda: DaemonProcess(config).wait_ready())
+        relay = node.ports["relay"]
+        await _send(relay, "127.0.0.1", "app@example.com", "gone@dest.test",
+                    b"From: app@example.com\r\nTo: gone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n")
+        verp = (await sink.wait_for(1, timeout=30))[0].mail_from
+        # The server stops accepting our writes (as a revoked grant, or a primary fenced read-only).
+        pg_server.psql("REVOKE INSERT, UPDATE ON mailrelayd_suppressions FROM mailrelayd", db)
+        dsn = ("From: MAILER-DAEMON@mx.dest.test\r\nTo: bounce\r\nSubject: Undelivered\r\nMIME-Version: 1.0\r\n"
+               "Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n"
+               "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.dest.test\r\n\r\n"
+               "Final-Recipient: rfc822; gone@dest.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n--b--\r\n")
+        await _send(relay, "127.0.0.2", "", verp, dsn.encode())
+        # Kept in the outbox and enforced here at once, as during an outage; the node says why.
+        deadline = time.monotonic() + 15
+        while await _rcpt_code(relay, "gone@dest.test") != 550:
+            assert time.monotonic() < deadline, "the bounce is not enforced:\n" + "\n".join(node.lines[-10:])
+            await asyncio.sleep(0.1)
+        state = _ready(node)["checks"]["suppression_store"]
+        assert state.startswith("degraded:") and "permission denied for table mailrelayd_suppressions" in state
+        _, body = await asyncio.to_thread(_scrape, node)
+        assert "mailrelayd_suppression_outbox_records 1.0" in body
+        # The CLI fails cleanly (exit 2, one line), as with a database that is down.
+        r = await asyncio.to_thread(subprocess.run, [*mailrelayd_cmd(), "suppress", "add", "x@dest.test",
+                                                     "--reason", "test", "-c", str(config)],
+                                    capture_output=True, text=True, env=cli_env, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "permission denied" in r.stderr.strip().splitlines()[-1], r.stderr
+        await asyncio.sleep(3)  # several reconnection attempts
+        assert "Traceback" not in node.output, node.output[-3000:]
+        assert len(_events(node, "pg.connect_refused")) == 1, _events(node, "pg.connect_refused")
+        # Allowed again: the record reaches the database, the node is healthy again, no restart.
+        pg_server.psql("GRANT INSERT, UPDATE ON mailrelayd_suppressions TO mailrelayd", db)
+        deadline = time.monotonic() + 20
+        while pg_server.psql("SELECT kind FROM mailrelayd_suppressions WHERE address = 'gone@dest.test'", db) \
+                != "hard_bounce":
+            assert time.monotonic() < deadline, "the kept record never reached PostgreSQL"
+            await asyncio.sleep(0.2)
+        while _ready(node).get("degraded"):
+            assert time.monotonic() < deadline, _ready(node)
+            await asyncio.sleep(0.2)
+        assert node.stop() == 0
+    finally:
+        await sink.stop()
