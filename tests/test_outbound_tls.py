@@ -101,7 +101,8 @@ async def _deliver(t: Transport, domain: str = "dest.test") -> RcptResult:
     return r
 
 
-def _publish_sts(dns_srv: DnsServer, srv: PolicyServer, domain: str, text: str, pid: str = "1") -> None:
+def _publish_sts(dns_srv: DnsServer, srv: PolicyServer, domain: str, text: str | list[bytes],
+                 pid: str = "1") -> None:
     dns_srv.add(f"_mta-sts.{domain}.", "TXT", f'"v=STSv1; id={pid};"')
     srv.policies[domain] = text
 
@@ -194,6 +195,31 @@ async def test_policy_host_with_untrusted_certificate_is_no_policy(
         assert any(r["domain"] == "dest.test" and r["type"] == "sts" and r["failures"][0][0] == "sts-webpki-invalid"
                    for r in rows)
         await t.close()
+
+
+async def test_enforce_policy_sent_in_pieces_is_read_whole(
+        tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued], dns_srv: DnsServer,
+        policy_server: PolicyServer) -> None:
+    """A policy that arrives in several TLS records or chunks (any policy over 16 KiB, or a slow
+    server) is read to its end: the first piece alone was parsed, found invalid and counted as no
+    policy, so an enforce domain got mail over an unverified connection. Past 64 KiB it is refused
+    as too large, not as a cut-off line."""
+    text = _policy().encode()
+    _publish_sts(dns_srv, policy_server, "dest.test", [text[i:i + 7] for i in range(0, len(text), 7)])
+    async with _sink(certs["self-signed"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert (r.code, r.enhanced) == (451, "4.7.5"), r
+        assert f"MTA-STS policy for dest.test requires a valid certificate for {MX}" in r.text
+        assert sink.messages == [] and sink.rcpt_seen == []
+        await t.close()
+    dns_srv.add("mta-sts.testing.test.", "A", "127.0.0.1")
+    _publish_sts(dns_srv, policy_server, "testing.test", [text] + [b"# padding\n" * 4000] * 3)
+    t = Transport(cfg, MxResolver(cfg.dns))
+    assert (await t.tls.sts.lookup("testing.test")).policy is None
+    assert "larger than 65536 bytes" in str(t.tls.sts.fetch_errors["testing.test"])
+    await t.close()
 
 
 # --- MTA-STS testing, TLS-RPT ------------------------------------------------------------------

@@ -216,6 +216,19 @@ class DnsPythonResolver(AbstractResolver):
         return None
 
 
+async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, or the first MAX_POLICY_BYTES + 1 bytes of a larger one. ``read(n)`` returns
+    what has arrived so far (one TLS record, one chunk), so a single call would cut a policy sent in
+    pieces short: reading goes on until the end of the body or the limit."""
+    body = bytearray()
+    while len(body) <= MAX_POLICY_BYTES:
+        chunk = await resp.content.read(MAX_POLICY_BYTES + 1 - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 async def fetch_policy(domain: str, resolver: dns.asyncresolver.Resolver, ctx: ssl.SSLContext,
                        timeout: float = FETCH_TIMEOUT) -> StsPolicy:
     """GET the policy over HTTPS (§3.3): valid certificate for mta-sts.<domain>, 200, text/plain,
@@ -229,7 +242,7 @@ async def fetch_policy(domain: str, resolver: dns.asyncresolver.Resolver, ctx: s
                 raise FetchError(f"policy fetch from {policy_url(domain)}: HTTP {resp.status}")
             if resp.content_type != "text/plain":
                 raise FetchError(f"policy served as {resp.content_type}, not text/plain", "sts-policy-invalid")
-            body = await resp.content.read(MAX_POLICY_BYTES + 1)
+            body = await _read_body(resp)
     except aiohttp.ClientConnectorCertificateError as e:
         raise FetchError(f"policy host mta-sts.{domain}: invalid certificate: {e.certificate_error}",
                          "sts-webpki-invalid") from None

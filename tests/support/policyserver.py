@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 from aiohttp import web
@@ -24,11 +25,12 @@ def cannot_bind_443() -> str | None:
 
 
 class PolicyServer:
-    """``policies[domain]`` (text, or bytes as they are: not UTF-8, oversized) for mta-sts.<domain>."""
+    """``policies[domain]`` (text, or bytes as they are: not UTF-8, oversized) for mta-sts.<domain>;
+    a list of bytes is sent in those pieces, a moment apart (as a slow or chunking server would)."""
 
     def __init__(self, issued: Issued) -> None:
         self.ctx = issued.server_context()
-        self.policies: dict[str, str | bytes] = {}
+        self.policies: dict[str, str | bytes | list[bytes]] = {}
         self.requests: list[str] = []
         self.posts: list[tuple[str, bytes]] = []
         self._runner: web.AppRunner | None = None
@@ -39,6 +41,14 @@ class PolicyServer:
         body = self.policies.get(host.removeprefix("mta-sts."))
         if body is None:
             return web.Response(status=404)
+        if isinstance(body, list):
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            for piece in body:
+                await resp.write(piece)
+                await asyncio.sleep(0.05)
+            await resp.write_eof()
+            return resp
         return web.Response(body=body.encode() if isinstance(body, str) else body, content_type="text/plain")
 
     async def _post(self, request: web.Request) -> web.Response:
