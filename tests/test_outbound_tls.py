@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -17,11 +18,13 @@ from typing import Any
 
 import pytest
 import tomli_w
+from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client import REGISTRY
 
 from mailrelayd.config import Config, parse_config
 from mailrelayd.delivery.mx import MxResolver
+from mailrelayd.delivery.tlspolicy import ReportPolicy
 from mailrelayd.delivery.tlsrpt import day_of
 from mailrelayd.delivery.transport import RcptResult, Transport
 from tests.conftest import REPO, base_config, deep_merge, write_config
@@ -297,6 +300,37 @@ async def test_a_hostile_rua_is_dropped_and_the_rest_is_reported(tmp_path: Path,
         day_file = tmp_path / "state" / "tlsrpt" / f"{day_of(time.time())}.json"
         assert not day_file.exists() and (day_file.parent / "sent" / day_file.name).exists()
         await t.close()
+
+
+async def test_tlsrpt_post_does_not_follow_a_redirect(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                      dns_srv: DnsServer, policy_server: PolicyServer) -> None:
+    """An https rua that answers 307 to an http: URL (or an internal host) does not get the report
+    sent there in clear: http: rua values are refused, and a redirect must not get round that."""
+    plain: list[bytes] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        plain.append(await request.read())
+        return web.Response(status=200)
+    app = web.Application()
+    app.router.add_post("/collect", collect)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    policy_server.redirect_to = f"http://127.0.0.1:{port}/collect"
+    dns_srv.add("_smtp._tls.dest.test.", "TXT", '"v=TLSRPTv1; rua=https://rpt.dest.test/moved"')
+    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)
+    t = Transport(cfg, MxResolver(cfg.dns))
+    t.tls.rpt.record(ReportPolicy("no-policy-found", "dest.test"), None)
+    await t.tls.save()
+    try:
+        assert await t.tls.send_due_reports(None, now=time.time() + 86400) == 0
+        assert plain == []
+    finally:
+        await t.close()
+        await runner.cleanup()
 
 
 # --- DANE ------------------------------------------------------------------------------------

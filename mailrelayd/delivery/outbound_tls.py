@@ -231,11 +231,14 @@ class OutboundTls:
         return n
 
     async def _post(self, uri: str, report: dict[str, Any], domain: str) -> int:
+        """POST the report to one https rua. Redirects are not followed: the rua is the remote
+        domain's, and a 307/308 would carry the report on to any URL, http: and internal hosts
+        included, past the https-only choice in parse_rua."""
         conn = aiohttp.TCPConnector(resolver=DnsPythonResolver(self.resolver), ssl=self.ctx_fetch)
         try:
             async with aiohttp.ClientSession(connector=conn, trust_env=False,
                                              timeout=aiohttp.ClientTimeout(total=60)) as http, \
-                    http.post(uri, data=tlsrpt.gzip_report(report),
+                    http.post(uri, data=tlsrpt.gzip_report(report), allow_redirects=False,
                               headers={"Content-Type": "application/tlsrpt+gzip"}) as resp:
                 if 200 <= resp.status < 300:
                     return 1

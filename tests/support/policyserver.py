@@ -33,6 +33,8 @@ class PolicyServer:
         self.policies: dict[str, str | bytes | list[bytes]] = {}
         self.requests: list[str] = []
         self.posts: list[tuple[str, bytes]] = []
+        self.redirect_to = ""
+        """Where POST /moved sends the client (307, which keeps the method and body)."""
         self._runner: web.AppRunner | None = None
 
     async def _get(self, request: web.Request) -> web.Response:
@@ -51,6 +53,9 @@ class PolicyServer:
             return resp
         return web.Response(body=body.encode() if isinstance(body, str) else body, content_type="text/plain")
 
+    async def _moved(self, request: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": self.redirect_to})
+
     async def _post(self, request: web.Request) -> web.Response:
         self.posts.append((request.headers.get("Content-Type", ""), await request.read()))
         return web.Response(status=201)
@@ -59,6 +64,7 @@ class PolicyServer:
         app = web.Application()
         app.router.add_get("/.well-known/mta-sts.txt", self._get)
         app.router.add_post("/tlsrpt", self._post)
+        app.router.add_post("/moved", self._moved)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", 443, ssl_context=self.ctx, reuse_address=True).start()
