@@ -368,6 +368,25 @@ async def test_dane(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, ce
         await t.close()
 
 
+async def test_unusable_tlsa_does_not_set_aside_an_enforce_policy(
+        tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued], dns_srv: DnsServer,
+        policy_server: PolicyServer) -> None:
+    """Only usable TLSA records take precedence over MTA-STS. Secure but unusable ones (PKIX-EE, a
+    usage SMTP does not use, RFC 7672 §3.1.3) make TLS mandatory, and the domain's enforce policy
+    still asks for a valid certificate: any certificate was accepted instead."""
+    _publish_sts(dns_srv, policy_server, "dest.test", _policy())
+    async with _sink(certs["self-signed"]) as sink:
+        dns_srv.add(f"_{sink.port}._tcp.{MX}.", "TLSA", "1" + _tlsa_311(certs["self-signed"])[1:])
+        dns_srv.set_ad(True)
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, tls="dane")
+        t = Transport(cfg, MxResolver(cfg.dns))
+        r = await _deliver(t)
+        assert (r.code, r.enhanced) == (451, "4.7.5"), r
+        assert f"MTA-STS policy for dest.test requires a valid certificate for {MX}" in r.text
+        assert sink.messages == [] and sink.rcpt_seen == []
+        await t.close()
+
+
 async def test_dane_bogus_tlsa_defers(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
                                       certs: dict[str, Issued], dns_srv: DnsServer) -> None:
     import dns.rcode

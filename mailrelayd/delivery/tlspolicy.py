@@ -101,10 +101,13 @@ def plan_host(level: str, domain: str, mx: str, sts: StsPolicy | None, dane: Dan
                             refuse_result=DNSSEC_INVALID)
         if dane.state == "usable":
             return HostPlan(level, True, "dane", tlsa_report, dane.usable_records, why=f"DANE TLSA for {mx}")
-        if dane.state == "unusable":
+        enforced = sts is not None and sts.mode == "enforce"
+        if dane.state == "unusable" and not enforced:
             # §2.2: unusable TLSA records still mean TLS is mandatory, just not authenticated.
             return HostPlan(level, True, "none", tlsa_report, why=f"DANE TLSA for {mx}")
-        if level == "dane-only":
+        # Unusable records under an enforce policy: only usable TLSA records take precedence over
+        # MTA-STS (RFC 8461 §2), so the policy below applies (mandatory TLS too, and authenticated).
+        if level == "dane-only" and dane.state != "unusable":
             return HostPlan(level, True, "dane", none_found,
                             refuse=f"dane-only: no usable DNSSEC-validated TLSA record for {mx} ({dane.detail})",
                             refuse_result=DANE_REQUIRED)
