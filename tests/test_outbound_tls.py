@@ -4,6 +4,7 @@ good, expired, wrong-name and self-signed certificates."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import hashlib
@@ -223,6 +224,20 @@ async def test_enforce_policy_sent_in_pieces_is_read_whole(
     assert (await t.tls.sts.lookup("testing.test")).policy is None
     assert "larger than 65536 bytes" in str(t.tls.sts.fetch_errors["testing.test"])
     await t.close()
+
+
+async def test_close_does_not_leave_a_first_contact_lookup_waiting(tmp_path: Path, tls_files: tuple[Path, Path],
+                                                                   ca: TestCA, dns_srv: DnsServer) -> None:
+    """A delivery waiting for a domain's first MTA-STS discovery when the transport is closed gets
+    an error at once (not "no policy", and not a wait for ever)."""
+    dns_srv.set_timeout("_mta-sts.dest.test.")
+    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)
+    t = Transport(cfg, MxResolver(cfg.dns))
+    waiter = asyncio.ensure_future(t.tls.sts.lookup("dest.test"))
+    await asyncio.sleep(0.2)
+    await t.close()
+    done, _ = await asyncio.wait([waiter], timeout=2)
+    assert waiter in done and waiter.cancelled()
 
 
 # --- MTA-STS testing, TLS-RPT ------------------------------------------------------------------

@@ -326,6 +326,8 @@ class MtaSts:
             fut.set_result(CacheEntry(domain, None, "", 0.0, time.time()))
         finally:
             self._inflight.pop(domain, None)
+            if not fut.done():  # cancelled (close()): waiters must not wait for ever, nor get "no policy"
+                fut.cancel()
 
     async def _discover_entry(self, domain: str) -> CacheEntry:
         now = time.time()
