@@ -240,6 +240,20 @@ async def test_close_does_not_leave_a_first_contact_lookup_waiting(tmp_path: Pat
     assert waiter in done and waiter.cancelled()
 
 
+async def test_fetch_errors_are_forgotten_with_their_domain(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
+                                                            dns_srv: DnsServer, policy_server: PolicyServer) -> None:
+    """The last fetch failure of each domain is kept for TLS-RPT while the domain is cached, not for
+    ever: every domain that announced a policy it could not serve stayed in memory until restart."""
+    dns_srv.add("_mta-sts.dest.test.", "TXT", '"v=STSv1; id=1;"')  # and no policy served: 404
+    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)
+    t = Transport(cfg, MxResolver(cfg.dns))
+    assert (await t.tls.sts.lookup("dest.test")).policy is None
+    assert "HTTP 404" in str(t.tls.sts.fetch_errors["dest.test"])
+    t.tls.sts.prune(now=time.time() + 3 * 3600)
+    assert t.tls.sts.fetch_errors == {} and t.tls.sts.current("dest.test") is None
+    await t.close()
+
+
 # --- MTA-STS testing, TLS-RPT ------------------------------------------------------------------
 async def test_testing_delivers_and_reports(tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA,
                                             certs: dict[str, Issued], dns_srv: DnsServer,

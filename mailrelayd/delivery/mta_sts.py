@@ -386,6 +386,8 @@ class MtaSts:
                  or (e.policy is not None and now >= e.expires)]
         for d in stale:
             del self._cache[d]
+        for d in [d for d in self.fetch_errors if d not in self._cache]:
+            del self.fetch_errors[d]  # else one entry per failing domain, for ever
         return len(stale)
 
     # --- persistence (called from threads by the owner) ---------------------------------
