@@ -362,6 +362,23 @@ async def test_tlsrpt_post_does_not_follow_a_redirect(tmp_path: Path, tls_files:
         await runner.cleanup()
 
 
+async def test_a_domain_changing_its_policy_text_does_not_grow_the_report_without_end(
+        tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued], dns_srv: DnsServer,
+        policy_server: PolicyServer) -> None:
+    """With max_age 0 a policy is fetched again for each message, and its text is the domain's:
+    a new unknown line each time made a new TLS-RPT policy entry (up to 64 KiB each) per message."""
+    async with _sink(certs["good"]) as sink:
+        cfg = _config(tmp_path, tls_files, ca, dns_srv.port, sink.port, max_messages_per_connection=1)
+        t = Transport(cfg, MxResolver(cfg.dns))
+        for i in range(60):
+            _publish_sts(dns_srv, policy_server, "dest.test",
+                         _policy().replace("86400", "0") + f"x-pad: {i} {'#' * 1000}\n")
+            assert (await _deliver(t)).ok
+        rows = [r for r in t.tls.rpt.snapshot()[day_of(time.time())] if r["domain"] == "dest.test"]
+        assert len(policy_server.requests) >= 60 and len(rows) == 50
+        await t.close()
+
+
 # --- DANE ------------------------------------------------------------------------------------
 def _tlsa_311(issued: Issued) -> str:
     spki = issued.cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)

@@ -25,6 +25,9 @@ from mailrelayd.delivery.tlspolicy import ReportPolicy
 
 MAX_DOMAINS_PER_DAY = 100_000
 """Bound on memory: past it, further domains of that day are not recorded."""
+MAX_POLICIES_PER_DOMAIN = 50
+"""Per domain and day: distinct policies kept. A policy domain chooses its policy text (up to 64 KiB)
+and, with max_age 0, gets it fetched again for every message: each new text was a new entry."""
 MAX_FAILURE_ROWS = 1000
 """Per policy: distinct failure-details rows kept (RFC 8460 §4.4 allows aggregation)."""
 
@@ -56,6 +59,8 @@ class TlsRptLog:
             policies = domains[policy.domain] = {}
         counts = policies.get(policy)
         if counts is None:
+            if len(policies) >= MAX_POLICIES_PER_DOMAIN:
+                return
             counts = policies[policy] = _PolicyCounts()
         if result_type is None:
             counts.success += 1
