@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import dns.asyncresolver
 import dns.message
@@ -183,3 +184,26 @@ async def test_servfail_stays_failed(dns_srv: RawDns) -> None:
     plan = plan_host("dane", "dane.test", MX, None, got)
     assert plan.require_tls and plan.refuse
 
+
+
+def test_a_large_rrset_parses_each_presented_certificate_once(monkeypatch: pytest.MonkeyPatch, ca: TestCA,
+                                                              leaf: Issued, stranger: Issued) -> None:
+    """A hostile RRset of many records that match nothing, against a chain: each certificate is read
+    (and each of its digests made) once, not once per record, since this runs on the event loop."""
+    parsed: list[bytes] = []
+    load = dane.x509.load_der_x509_certificate
+
+    def counting(der: bytes) -> Any:
+        parsed.append(der)
+        return load(der)
+
+    monkeypatch.setattr(dane.x509, "load_der_x509_certificate", counting)
+    junk = [dane.Tlsa(usage, sel, mt, hashlib.sha256(b"%d" % i).digest() if mt == 1 else
+                      hashlib.sha512(b"%d" % i).digest() if mt == 2 else b"x%d" % i)
+            for i in range(300) for usage in (2, 3) for sel in (0, 1) for mt in (0, 1, 2)]
+    chain = [stranger.der, ca.cert.public_bytes(Encoding.DER), leaf.der]
+    assert not dane.verify_chain(junk, chain, [MX])[0]
+    assert len(parsed) <= len(chain), len(parsed)
+    # The match itself is unchanged: a DANE-EE record for the leaf among them still wins.
+    good = dane.Tlsa(3, 1, 1, _spki_sha256(stranger))
+    assert dane.verify_chain([*junk, good], chain, [MX])[0]

@@ -160,12 +160,37 @@ def _digest(data: bytes, mtype: int) -> bytes:
 
 
 def record_matches(rec: Tlsa, der: bytes) -> bool:
-    try:
-        cert = x509.load_der_x509_certificate(der)
-        selected = _selected(cert, der, rec.selector)
-    except _UNREADABLE:
-        return False
-    return _digest(selected, rec.mtype) == rec.data
+    return _Digests(der).matches(rec)
+
+
+class _Digests:
+    """One presented certificate, parsed once, with each (selector, matching type) digest made once
+    (RFC 6698 §2.1: at most 2 x 3 of them): a hostile TLSA RRset of a thousand records against a long
+    chain would otherwise parse and hash every certificate once per record, on the event loop."""
+
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+        self._cert: x509.Certificate | None = None
+        self._unreadable = False
+        self._memo: dict[tuple[int, int], bytes | None] = {}
+
+    def matches(self, rec: Tlsa) -> bool:
+        key = (rec.selector, rec.mtype)
+        if key not in self._memo:
+            self._memo[key] = self._make(rec.selector, rec.mtype)
+        got = self._memo[key]
+        return got is not None and got == rec.data
+
+    def _make(self, selector: int, mtype: int) -> bytes | None:
+        if self._unreadable:
+            return None
+        try:
+            if self._cert is None:
+                self._cert = x509.load_der_x509_certificate(self.der)
+            return _digest(_selected(self._cert, self.der, selector), mtype)
+        except _UNREADABLE:
+            self._unreadable = self._cert is None  # a certificate that cannot be read at all stays so
+            return None
 
 
 def _name_ok(cert: x509.Certificate, names: Iterable[str]) -> bool:
@@ -197,13 +222,15 @@ def verify_chain(records: Sequence[Tlsa], chain: Sequence[bytes], names: Iterabl
     usable = [r for r in records if r.usable]
     if not chain:
         return False, "the server presented no certificate"
+    leaf = _Digests(chain[0])
     for r in usable:
-        if r.usage == DANE_EE and record_matches(r, chain[0]):
+        if r.usage == DANE_EE and leaf.matches(r):
             return True, f"DANE-EE {r.usage} {r.selector} {r.mtype} matches"
     ta = [r for r in usable if r.usage == DANE_TA]
     if ta and len(chain) > 1:
         for i, der in enumerate(chain[1:], start=1):
-            if not any(record_matches(r, der) for r in ta):
+            presented = _Digests(der)
+            if not any(presented.matches(r) for r in ta):
                 continue
             try:
                 certs = [x509.load_der_x509_certificate(c) for c in chain[:i + 1]]
