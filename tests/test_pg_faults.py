@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import base_config, deep_merge, mailrelayd_cmd, write_config
 from tests.support.proc import DaemonProcess
 from tests.support.sink import Sink
-from tests.support.smtptalk import SmtpTalk
+from tests.support.smtptalk import SmtpTalk, deliver, rcpt_code
 
 
 def _config(tmp_path: Path, tls_files: Any, pg_url: str, password: Path, connect_timeout: str = "2s",
@@ -153,27 +153,6 @@ async def test_metrics_answer_within_a_scrape_timeout_when_postgresql_stops_answ
     assert node.stop() == 0
 
 
-async def _send(port: int, source: str, mail_from: str, rcpt: str, body: bytes) -> None:
-    t = await SmtpTalk.connect(port, source=source)
-    await t.ehlo()
-    assert (await t.cmd(f"MAIL FROM:<{mail_from}>"))[0] == 250
-    code, text = await t.cmd(f"RCPT TO:<{rcpt}>")
-    assert code == 250, text
-    assert (await t.cmd("DATA"))[0] == 354
-    code, text = await t.cmd(body + b".")
-    await t.close()
-    assert code == 250, text
-
-
-async def _rcpt_code(port: int, rcpt: str) -> int:
-    t = await SmtpTalk.connect(port)
-    await t.ehlo()
-    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250
-    code, _ = await t.cmd(f"RCPT TO:<{rcpt}>")
-    await t.close()
-    return code
-
-
 async def test_a_write_the_server_refuses_is_kept_enforced_and_written_once_allowed(tmp_path, tls_files, pg_server,
                                                                                    pg_url, password,
                                                                                    cli_env) -> None:
@@ -183,8 +162,8 @@ async def test_a_write_the_server_refuses_is_kept_enforced_and_written_once_allo
         config = _config(tmp_path, tls_files, pg_url, password, sink_port=sink.port)
         node = await asyncio.to_thread(lambda: DaemonProcess(config).wait_ready())
         relay = node.ports["relay"]
-        await _send(relay, "127.0.0.1", "app@example.com", "gone@dest.test",
-                    b"From: app@example.com\r\nTo: gone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n")
+        await deliver(relay, "127.0.0.1", "app@example.com", "gone@dest.test",
+                      b"From: app@example.com\r\nTo: gone@dest.test\r\nSubject: hi\r\n\r\nhello\r\n")
         verp = (await sink.wait_for(1, timeout=30))[0].mail_from
         # The server stops accepting our writes (as a revoked grant, or a primary fenced read-only).
         pg_server.psql("REVOKE INSERT, UPDATE ON mailrelayd_suppressions FROM mailrelayd", db)
@@ -192,10 +171,10 @@ async def test_a_write_the_server_refuses_is_kept_enforced_and_written_once_allo
                "Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n"
                "--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.dest.test\r\n\r\n"
                "Final-Recipient: rfc822; gone@dest.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n--b--\r\n")
-        await _send(relay, "127.0.0.2", "", verp, dsn.encode())
+        await deliver(relay, "127.0.0.2", "", verp, dsn.encode())
         # Kept in the outbox and enforced here at once, as during an outage; the node says why.
         deadline = time.monotonic() + 15
-        while await _rcpt_code(relay, "gone@dest.test") != 550:
+        while await rcpt_code(relay, "gone@dest.test") != 550:
             assert time.monotonic() < deadline, "the bounce is not enforced:\n" + "\n".join(node.lines[-10:])
             await asyncio.sleep(0.1)
         state = _ready(node)["checks"]["suppression_store"]

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import base_config, deep_merge, write_config
 from tests.support.proc import DaemonProcess
 from tests.support.sink import Sink
-from tests.support.smtptalk import SmtpTalk
+from tests.support.smtptalk import deliver, rcpt_code
 
 VERP_SECRET = "scale-out-verp-secret-0123456789"
 BOUNCE_DOMAIN = "bounces.test.example"  # a local domain of the base test config
@@ -56,32 +56,12 @@ def _dsn(rcpt: str) -> bytes:
     ).encode()
 
 
-async def _send(port: int, source: str, mail_from: str, rcpt: str, body: bytes) -> None:
-    t = await SmtpTalk.connect(port, source=source)
-    await t.ehlo("mx.example.net")
-    assert (await t.cmd(f"MAIL FROM:<{mail_from}>"))[0] == 250
-    code, text = await t.cmd(f"RCPT TO:<{rcpt}>")
-    assert code == 250, text
-    assert (await t.cmd("DATA"))[0] == 354
-    code, text = await t.cmd(body + b".")
-    await t.close()
-    assert code == 250, text
-
-
-async def _rcpt_code(port: int, rcpt: str) -> int:
-    t = await SmtpTalk.connect(port)
-    await t.ehlo()
-    assert (await t.cmd("MAIL FROM:<app@example.com>"))[0] == 250
-    code, _ = await t.cmd(f"RCPT TO:<{rcpt}>")
-    await t.close()
-    return code
-
-
 async def _sent_by(sink: Sink, node: DaemonProcess, rcpt: str) -> str:
     """Send to ``rcpt`` through ``node``; the VERP return path the message left with."""
     before = len(sink.messages)
-    await _send(node.ports["relay"], "127.0.0.1", "app@example.com", rcpt,
-                f"From: app@example.com\r\nTo: {rcpt}\r\nSubject: hi\r\n\r\nhello\r\n".encode())
+    await deliver(node.ports["relay"], "127.0.0.1", "app@example.com", rcpt,
+                  f"From: app@example.com\r\nTo: {rcpt}\r\nSubject: hi\r\n\r\nhello\r\n".encode(),
+                  helo="mx.example.net")
     msgs = await sink.wait_for(before + 1, timeout=30)
     return next(m for m in msgs[before:] if rcpt in m.rcpts).mail_from
 
@@ -114,13 +94,13 @@ async def fleet(tmp_path: Path, tls_files: Any, pg_server: Any, pg_url: str) -> 
 async def test_a_listed_reporters_complaint_at_another_node_is_suppressed_fleet_wide(fleet) -> None:
     sink, a, b = fleet
     verp = await _sent_by(sink, a, "reader@dest.test")
-    await _send(b.ports["relay"], REPORTER, "fbl@isp.example.net", f"postmaster@{BOUNCE_DOMAIN}",
-                _arf("reader@dest.test", verp))
+    await deliver(b.ports["relay"], REPORTER, "fbl@isp.example.net", f"postmaster@{BOUNCE_DOMAIN}",
+                  _arf("reader@dest.test", verp), helo="mx.example.net")
     ev = await _feedback_event(b, "reader@dest.test")
     assert ev["kind"] == "complaint" and ev["suppressed"] == ["reader@dest.test"], ev
     assert ev["verp_not_here"] == verp.split("+", 1)[1].split("-", 1)[0].upper(), ev
     deadline = time.monotonic() + 2
-    while await _rcpt_code(a.ports["relay"], "reader@dest.test") != 550:
+    while await rcpt_code(a.ports["relay"], "reader@dest.test") != 550:
         assert time.monotonic() < deadline, "the complaint received by node B is not enforced by node A"
         await asyncio.sleep(0.02)
 
@@ -128,13 +108,13 @@ async def test_a_listed_reporters_complaint_at_another_node_is_suppressed_fleet_
 async def test_an_unlisted_complaint_or_a_bounce_at_another_node_is_not_acted_on_and_says_why(fleet) -> None:
     sink, a, b = fleet
     verp = await _sent_by(sink, a, "reader@dest.test")
-    await _send(b.ports["relay"], STRANGER, "fbl@isp.example.net", f"postmaster@{BOUNCE_DOMAIN}",
-                _arf("reader@dest.test", verp))
+    await deliver(b.ports["relay"], STRANGER, "fbl@isp.example.net", f"postmaster@{BOUNCE_DOMAIN}",
+                  _arf("reader@dest.test", verp), helo="mx.example.net")
     ev = await _feedback_event(b, "reader@dest.test")
     assert ev["kind"] == "untrusted" and not ev["suppressed"] and ev["verp_not_here"], ev
     verp = await _sent_by(sink, a, "gone@dest.test")
-    await _send(b.ports["relay"], STRANGER, "", verp, _dsn("gone@dest.test"))
+    await deliver(b.ports["relay"], STRANGER, "", verp, _dsn("gone@dest.test"), helo="mx.example.net")
     ev = await _feedback_event(b, "gone@dest.test")
     assert ev["kind"] == "untrusted" and not ev["suppressed"] and ev["verp_not_here"], ev
-    assert await _rcpt_code(a.ports["relay"], "reader@dest.test") == 250
-    assert await _rcpt_code(b.ports["relay"], "gone@dest.test") == 250
+    assert await rcpt_code(a.ports["relay"], "reader@dest.test") == 250
+    assert await rcpt_code(b.ports["relay"], "gone@dest.test") == 250

@@ -147,7 +147,7 @@ class FeedbackProcessor:
         # node's message, as the token says), else by the Message-ID the report quotes when we sent
         # that message to one of its recipients; else the report itself.
         origin_qid = verp.queue_id if verp else (elsewhere or msg.queue_id)
-        if verp is None and not elsewhere and sent and report.original_message_id:
+        if verp is None and not elsewhere and decision.actions and report.original_message_id:
             origin_qid = await self.spool.sent_message(report.original_message_id, list(sent.values()),
                                                        msg.received_at - fb.sent_window) or origin_qid
         suppressed = await self._apply(decision, origin_qid)

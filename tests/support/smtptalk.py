@@ -63,3 +63,27 @@ class SmtpTalk:
             await self.w.wait_closed()
         except (ConnectionError, ssl.SSLError):
             pass
+
+
+async def deliver(port: int, source: str, mail_from: str, rcpt: str, body: bytes, *,
+                  helo: str = "client.test.example") -> None:
+    """One message from ``source``, as a remote MTA would send it; asserts every reply (250 at the end)."""
+    t = await SmtpTalk.connect(port, source=source)
+    await t.ehlo(helo)
+    assert (await t.cmd(f"MAIL FROM:<{mail_from}>"))[0] == 250
+    code, text = await t.cmd(f"RCPT TO:<{rcpt}>")
+    assert code == 250, text
+    assert (await t.cmd("DATA"))[0] == 354
+    code, text = await t.cmd(body + b".")
+    await t.close()
+    assert code == 250, text
+
+
+async def rcpt_code(port: int, rcpt: str, mail_from: str = "app@example.com") -> int:
+    """The reply code the listener gives ``RCPT TO:<rcpt>`` (a suppressed recipient gets 550)."""
+    t = await SmtpTalk.connect(port)
+    await t.ehlo()
+    assert (await t.cmd(f"MAIL FROM:<{mail_from}>"))[0] == 250
+    code, _ = await t.cmd(f"RCPT TO:<{rcpt}>")
+    await t.close()
+    return code
