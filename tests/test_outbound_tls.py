@@ -362,6 +362,78 @@ async def test_tlsrpt_post_does_not_follow_a_redirect(tmp_path: Path, tls_files:
         await runner.cleanup()
 
 
+async def test_a_tlsrpt_endpoint_that_never_answers_holds_up_only_its_own_report(
+        tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, dns_srv: DnsServer,
+        policy_server: PolicyServer) -> None:
+    """Reports were sent one domain after another, each https rua with a minute to answer: a few
+    silent endpoints held every other domain's report (and, in the same loop, the cache saves)."""
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never answers (not even the TLS handshake)
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    for i in range(5):  # reported first (in name order)
+        dns_srv.add(f"_smtp._tls.a-silent{i}.test.", "TXT", f'"v=TLSRPTv1; rua=https://rpt.dest.test:{port}/r"')
+    dns_srv.add("_smtp._tls.dest.test.", "TXT", '"v=TLSRPTv1; rua=https://rpt.dest.test/tlsrpt"')
+    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)
+    t = Transport(cfg, MxResolver(cfg.dns))
+    for i in range(5):
+        t.tls.rpt.record(ReportPolicy("no-policy-found", f"a-silent{i}.test"), None)
+    t.tls.rpt.record(ReportPolicy("no-policy-found", "dest.test"), None)
+    await t.tls.save()
+    sending = asyncio.get_running_loop().create_task(t.tls.send_due_reports(None, now=time.time() + 86400))
+    try:
+        async with asyncio.timeout(10):
+            while not policy_server.posts:
+                await asyncio.sleep(0.05)
+        assert json.loads(gzip.decompress(policy_server.posts[0][1]))["policies"][0]["policy"]["policy-domain"] \
+            == "dest.test"
+        assert not sending.done()  # the silent ones are still waiting for their answer
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        server.close()
+        await t.close()
+
+
+async def test_caches_are_saved_while_a_report_waits_for_its_endpoint(
+        tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, dns_srv: DnsServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving and sending shared one loop: while a day's reports waited for a silent endpoint, the
+    MTA-STS cache and today's TLS-RPT counts were not saved (a crash then lost them)."""
+    from mailrelayd.delivery import outbound_tls
+    connected = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await reader.read()
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dns_srv.add("_smtp._tls.dest.test.", "TXT", f'"v=TLSRPTv1; rua=https://rpt.dest.test:{port}/r"')
+    monkeypatch.setattr(outbound_tls, "SAVE_INTERVAL", 0.05)
+    cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)
+    t = Transport(cfg, MxResolver(cfg.dns))
+    t.tls.rpt.record(ReportPolicy("no-policy-found", "dest.test"), None)
+    await t.tls.save()
+    directory = tmp_path / "state" / "tlsrpt"
+    today = directory / f"{day_of(time.time())}.json"
+    today.rename(directory / f"{day_of(time.time() - 86400)}.json")  # yesterday's: due now
+    running = asyncio.get_running_loop().create_task(t.tls.run(None))
+    try:
+        async with asyncio.timeout(10):
+            await connected.wait()  # the report is being sent, and will wait a minute
+            t.tls.rpt.record(ReportPolicy("no-policy-found", "other.test"), None)
+            while not today.exists():
+                await asyncio.sleep(0.05)
+        assert "other.test" in today.read_text()
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        server.close()
+        await t.close()
+
+
 async def test_a_domain_changing_its_policy_text_does_not_grow_the_report_without_end(
         tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, certs: dict[str, Issued], dns_srv: DnsServer,
         policy_server: PolicyServer) -> None:

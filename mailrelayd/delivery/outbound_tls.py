@@ -9,6 +9,7 @@ daily TLS-RPT reports run in :meth:`run` (a background task the daemon starts).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
 import time
@@ -34,6 +35,7 @@ from mailrelayd.smtp.address import AddressError, parse_mailbox
 log = get_logger()
 
 SAVE_INTERVAL = 30.0
+REPORT_CONCURRENCY = 8  # TLS-RPT policy domains reported at once
 Enqueue = Callable[[tuple[str, ...], bytes, str], Awaitable[None]]
 """Queue a report mail through our own spool: (recipients, message, sender domain); null sender."""
 
@@ -171,15 +173,32 @@ class OutboundTls:
             await asyncio.to_thread(self.rpt.save, rows)
 
     async def run(self, enqueue: Enqueue | None) -> None:
-        """Save every SAVE_INTERVAL; after each UTC midnight, send the finished days' reports."""
-        while True:
-            await asyncio.sleep(SAVE_INTERVAL)
-            try:
-                await self.save()
-                if self.cfg.tls_rpt.enabled:
-                    await self.send_due_reports(enqueue)
-            except Exception as e:  # keep the loop alive; the next round retries
-                log.exception("tlsrpt.background_error", error=str(e))
+        """Save every SAVE_INTERVAL; after each UTC midnight, send the finished days' reports.
+
+        Sending runs in a task of its own: a day's reports can take minutes (each https rua has a
+        minute to answer), and the caches must still be saved meanwhile."""
+        sending: asyncio.Task[int] | None = None
+        try:
+            while True:
+                await asyncio.sleep(SAVE_INTERVAL)
+                try:
+                    await self.save()
+                except Exception as e:  # keep the loop alive; the next round retries
+                    log.exception("tlsrpt.background_error", error=str(e))
+                if self.cfg.tls_rpt.enabled and (sending is None or sending.done()):
+                    sending = asyncio.get_running_loop().create_task(self._send_logged(enqueue))
+        finally:
+            if sending is not None and not sending.done():
+                sending.cancel()  # the day's file stays; the next start sends it
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sending
+
+    async def _send_logged(self, enqueue: Enqueue | None) -> int:
+        try:
+            return await self.send_due_reports(enqueue)
+        except Exception as e:  # the day's file stays; the next round retries
+            log.exception("tlsrpt.background_error", error=str(e))
+            return 0
 
     async def close(self) -> None:
         await self.sts.close()
@@ -202,13 +221,27 @@ class OutboundTls:
                 continue
             rows = await asyncio.to_thread(tlsrpt.load_day, path)
             org, contact, submitter = tlsrpt.report_identity(self.cfg)
-            for domain, report in tlsrpt.build_reports(rows or [], day, organization=org, contact=contact,
-                                                       submitter=submitter).items():
-                sent += await self._send_one(domain, day, report, submitter, enqueue)
+            reports = tlsrpt.build_reports(rows or [], day, organization=org, contact=contact, submitter=submitter)
+            sent += await self._send_day(day, reports, submitter, enqueue)
             (directory / "sent").mkdir(exist_ok=True, mode=0o700)
             await asyncio.to_thread(path.replace, directory / "sent" / path.name)
             self.rpt.forget(day)
         return sent
+
+    async def _send_day(self, day: str, reports: dict[str, dict[str, Any]], submitter: str,
+                        enqueue: Enqueue | None) -> int:
+        # Domains in parallel, a few at a time: one whose rua never answers holds up only its own
+        # report, not the thousands after it.
+        gate = asyncio.Semaphore(REPORT_CONCURRENCY)
+
+        async def send(domain: str, report: dict[str, Any]) -> int:
+            async with gate:
+                return await self._send_one(domain, day, report, submitter, enqueue)
+        results = await asyncio.gather(*(send(d, r) for d, r in reports.items()), return_exceptions=True)
+        for res in results:  # a failure (the spool refused a report mail) leaves the day to retry
+            if isinstance(res, BaseException):
+                raise res
+        return sum(r for r in results if isinstance(r, int))
 
     async def _send_one(self, domain: str, day: str, report: dict[str, Any], submitter: str,
                         enqueue: Enqueue | None) -> int:
@@ -225,8 +258,8 @@ class OutboundTls:
                                       from_addr=f"postmaster@{submitter}", filename=filename)
             await enqueue(tuple(mailto), data, submitter)
             n += 1
-        for uri in [u for u in ruas if u.lower().startswith("https:")][:tlsrpt.MAX_RUA]:
-            n += await self._post(uri, report, domain)
+        https = [u for u in ruas if u.lower().startswith("https:")][:tlsrpt.MAX_RUA]
+        n += sum(await asyncio.gather(*(self._post(uri, report, domain) for uri in https)))
         log.info("tlsrpt.sent", domain=domain, day=day, rua=ruas)
         return n
 
