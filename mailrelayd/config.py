@@ -549,7 +549,7 @@ class WebhookConfig:
     """File holding the HMAC-SHA256 secret (surrounding whitespace stripped)."""
     events: list[EventKind] = field(default_factory=lambda: list(EVENT_KINDS))
     name: str | None = None
-    """Label in metrics and logs, and the key of its delivery position; default: the URL's host."""
+    """Label in metrics and logs, and the key of its delivery position; default: the URL's host[:port]."""
     batch_size: int = 100
     """Events per POST at most; 1 sends single event objects instead of {"events": [...]}."""
     timeout: Duration = 10.0
@@ -631,7 +631,8 @@ class Config:
             return w.name
         from urllib.parse import urlsplit
 
-        return urlsplit(w.url).netloc or f"webhook{i}"
+        # host[:port]: never the user info, a credential (it becomes a metrics label and is logged).
+        return urlsplit(w.url).netloc.rpartition("@")[2] or f"webhook{i}"
 
     def verp_secrets(self) -> list[bytes]:
         """Current VERP secret first, then previous ones (rotation)."""

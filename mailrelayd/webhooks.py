@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import yarl
 
 from mailrelayd import __version__, metrics
 from mailrelayd.config import Config
@@ -103,6 +104,19 @@ def read_secret(path: Any) -> bytes:
     return data
 
 
+def url_redactions(url: str) -> list[tuple[str, str]]:
+    """(text, replacement) pairs that keep a webhook URL's credentials out of error messages.
+
+    The user info and the query (``?token=...``) are often the receiver's credentials, and some
+    aiohttp errors quote the request URL (a malformed answer: ``url='...'``); every way aiohttp
+    writes it (user info stripped, fragment dropped) becomes the URL's origin.
+    """
+    u = yarl.URL(url)
+    bare = u.with_user(None)
+    forms = {url, str(u), str(bare), str(bare.with_fragment(None))}
+    return [(form, str(u.origin())) for form in sorted(forms, key=len, reverse=True)]
+
+
 class WebhookSender:
     """Sends one webhook's events, in order, until cancelled."""
 
@@ -113,6 +127,7 @@ class WebhookSender:
         self.cfg = cfg
         self._sent = metrics.WEBHOOK_EVENTS_SENT.labels(target.name)
         self._failed = metrics.WEBHOOK_EVENTS_FAILED.labels(target.name)
+        self._redactions = url_redactions(target.url)
         self.failures = 0
 
     async def run(self) -> None:
@@ -168,7 +183,13 @@ class WebhookSender:
                     return resp.status, None
                 return resp.status, f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            return None, f"{type(e).__name__}: {e}"[:300]
+            why = str(e) or f"no answer within {self.t.timeout:g} s"  # aiohttp's total timeout says nothing
+            return None, self._redact(f"{type(e).__name__}: {why}")[:300]
+
+    def _redact(self, text: str) -> str:
+        for form, replacement in self._redactions:
+            text = text.replace(form, replacement)
+        return text
 
 
 class Webhooks:
