@@ -19,6 +19,8 @@ import contextlib
 import hashlib
 import hmac
 import json
+import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any
 
 import aiohttp
 import yarl
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from mailrelayd import __version__, metrics
 from mailrelayd.config import Config
@@ -115,6 +118,78 @@ def url_redactions(url: str) -> list[tuple[str, str]]:
     bare = u.with_user(None)
     forms = {url, str(u), str(bare), str(bare.with_fragment(None))}
     return [(form, str(u.origin())) for form in sorted(forms, key=len, reverse=True)]
+
+
+class DaemonThreadResolver(AbstractResolver):
+    """getaddrinfo(3), as aiohttp's default resolver (so /etc/hosts and nsswitch apply), but in a
+    daemon thread rather than the loop's executor, whose threads process exit waits for: a lookup
+    that hangs (an unreachable nameserver: glibc tries for up to 30 s) held SIGTERM past
+    ``server.shutdown_timeout``. A cancelled lookup is left to finish on its own; one runs per
+    (host, port, family) at a time, so a receiver that never resolves does not pile up threads."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[tuple[str, int, int], asyncio.Future[list[ResolveResult]]] = {}
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        key = (host, port, int(family))
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = self._inflight[key] = self._start(host, port, family)
+            fut.add_done_callback(lambda f: self._finished(key, f))
+        return await asyncio.shield(fut)
+
+    def _finished(self, key: tuple[str, int, int], fut: asyncio.Future[list[ResolveResult]]) -> None:
+        if self._inflight.get(key) is fut:
+            del self._inflight[key]
+        if not fut.cancelled():
+            fut.exception()  # retrieved: nobody may be waiting any more
+
+    @staticmethod
+    def _start(host: str, port: int, family: socket.AddressFamily) -> asyncio.Future[list[ResolveResult]]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[ResolveResult]] = loop.create_future()
+
+        def settle(result: list[ResolveResult] | None, error: OSError | None) -> None:
+            if fut.done():
+                return
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result or [])
+
+        def lookup() -> None:
+            try:
+                result, error = _getaddrinfo(host, port, family), None
+            except OSError as e:
+                result, error = None, e
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is exiting
+                loop.call_soon_threadsafe(settle, result, error)
+
+        threading.Thread(target=lookup, name="webhook-lookup", daemon=True).start()
+        return fut
+
+    async def close(self) -> None:
+        return None
+
+
+def _getaddrinfo(host: str, port: int, family: socket.AddressFamily) -> list[ResolveResult]:
+    """Blocking: what aiohttp's ThreadedResolver does with the answer (numeric hosts, IPv6 scope)."""
+    out: list[ResolveResult] = []
+    for fam, _, proto, _, address in socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
+                                                        flags=socket.AI_ADDRCONFIG):
+        if fam == socket.AF_INET6 and len(address) >= 4 and address[3]:  # link-local: keep the scope
+            addr, service = socket.getnameinfo(address, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
+            resolved = (addr, int(service))
+        elif fam in (socket.AF_INET, socket.AF_INET6):
+            resolved = (str(address[0]), int(address[1]))
+        else:
+            continue
+        out.append(ResolveResult(hostname=host, host=resolved[0], port=resolved[1], family=fam, proto=proto,
+                                 flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+    if not out:
+        raise OSError(f"{host} has no address")
+    return out
 
 
 class WebhookSender:
@@ -209,7 +284,7 @@ class Webhooks:
         self.spool.record_events(frozenset(k for t in want.values() for k in t.kinds))
         await self.spool.sync_event_cursors(list(want))
         if want and self._session is None:
-            self._session = aiohttp.ClientSession()
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=DaemonThreadResolver()))
         for name in list(self._senders):
             old, task = self._senders[name]
             if want.get(name) != old:

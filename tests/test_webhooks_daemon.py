@@ -1,15 +1,21 @@
 """Webhooks whose receiver is hostile or broken, against the daemon in a subprocess: what reaches
-the log and /metrics."""
+the log and /metrics, and how long SIGTERM takes while a webhook is stuck."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import base_config, deep_merge, write_config
-from tests.support.proc import DaemonProcess
+from tests.support.proc import LOOPS, DaemonProcess
 from tests.support.sink import Sink
 from tests.support.smtptalk import SmtpTalk
 
@@ -79,4 +85,46 @@ async def test_credentials_in_the_url_reach_neither_log_nor_metrics(tmp_path, tl
         assert heads and b"authorization: basic " in heads[0].lower()
     finally:
         server.close()
+        await sink.stop()
+
+
+# A name lookup that hangs, as getaddrinfo(3) does with an unreachable nameserver (glibc retries
+# for up to 30 s): patched into the daemon's interpreter through sitecustomize.
+_HANGING_LOOKUP = '''
+import socket, time
+_real = socket.getaddrinfo
+def _getaddrinfo(host, *args, **kwargs):
+    if isinstance(host, str) and host.endswith(".hang.test"):
+        time.sleep(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    return _real(host, *args, **kwargs)
+socket.getaddrinfo = _getaddrinfo
+'''
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+async def test_sigterm_is_not_held_by_a_hanging_name_lookup(loop: str, tmp_path, tls_files) -> None:
+    """A webhook whose host name never resolves: SIGTERM still exits within shutdown_timeout (the
+    lookup was left in a thread that process exit waited for: 30 s here)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_HANGING_LOOKUP)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)}
+    sink = await Sink().start()
+    try:
+        cfg = _config(tmp_path, tls_files, sink, {"url": "http://hook.hang.test/hook"})
+        d = DaemonProcess(cfg, env=env, loop=loop)
+        await asyncio.to_thread(d.wait_ready)
+        await _relay_one(d.ports["relay"])
+        failed = await asyncio.to_thread(d.wait_event, "webhook.post_failed", 15)
+        assert failed["error"].startswith("TimeoutError")  # the lookup is stuck, the POST timed out
+        started = time.monotonic()
+        d.signal(signal.SIGTERM)
+        try:
+            rc = await asyncio.to_thread(d.proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("SIGTERM held up by the hanging lookup") from None
+        assert rc == 0
+        assert time.monotonic() - started < 6  # shutdown_timeout is 1 s
+    finally:
         await sink.stop()
