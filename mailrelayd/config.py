@@ -1040,9 +1040,13 @@ def _validate_app_features(cfg: Config, ld: _Loader) -> None:
             u = urlsplit(w.url)
             u.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
         except ValueError as e:  # e.g. "http://[::1" (unclosed IPv6 bracket)
-            raise ld.err(f"{key}.url", f"bad URL {w.url!r}: {e}") from None
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ld.err(f"{key}.url", f"must be an http:// or https:// URL, not {w.url!r}")
+            raise ld.err(f"{key}.url", f"bad URL: {e}") from None
+        # The URL is not quoted: its user info or query may be the receiver's credentials.
+        if u.scheme not in ("http", "https"):
+            given = f"not {u.scheme}:" if u.scheme else "no scheme given"
+            raise ld.err(f"{key}.url", f"must be an http:// or https:// URL, {given}")
+        if not u.hostname:
+            raise ld.err(f"{key}.url", "has no host name")
         _check_file(ld, f"{key}.secret_file", w.secret_file)
         if not w.events:
             raise ld.err(f"{key}.events", "must name at least one event")

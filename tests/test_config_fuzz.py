@@ -354,6 +354,27 @@ def test_known_bad_values(key: str, value: Any, expected: str, tmp_path: Path,
     assert str(exc).startswith(f"{p}: {expected}"), str(exc)[:300]
 
 
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("ftp://hookuser:pw-secret@h.example/x?token=tok-secret", "must be an http:// or https:// URL, not ftp:"),
+    ("hookuser:pw-secret@h.example/x", "must be an http:// or https:// URL, not hookuser:"),
+    ("//hookuser:pw-secret@h.example/x", "must be an http:// or https:// URL, no scheme given"),
+    ("https://hookuser:pw-secret@/x?token=tok-secret", "has no host name"),
+    ("http://hookuser:pw-secret@[::1/x?token=tok-secret", "bad URL: Invalid IPv6 URL"),
+    ("http://hookuser:pw-secret@h.example:99999/x?token=tok-secret", "bad URL: Port out of range"),
+])
+def test_a_bad_webhook_url_is_named_without_its_credentials(url: str, expected: str, tmp_path: Path,
+                                                            configs: dict[str, dict[str, Any]]) -> None:
+    """The error goes to the terminal and, on a reload, to the journal (config.reload_failed)."""
+    data = copy.deepcopy(configs["rich"])
+    data["webhooks"][0]["url"] = url
+    p = tmp_path / NAME
+    p.write_text(tomli_w.dumps(data), encoding="utf-8")
+    outcome, exc, _ = _load(p)
+    assert outcome == "config-error"
+    assert str(exc).startswith(f"{p}: webhooks[0].url: {expected}"), str(exc)
+    assert "secret" not in str(exc)
+
 # --- raw texts tomli_w cannot produce -------------------------------------------------------------
 RAW: list[tuple[str, bytes]] = [
     ("syntax error", b"[server\nhostname = 1\n"),
