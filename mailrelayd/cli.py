@@ -685,6 +685,56 @@ def cmd_suppress_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- store ------------------------------------------------------------------------------
+def _store_settings(args: argparse.Namespace) -> Any:
+    """PgSettings of ``--url`` (password from ``--password-file`` or PGPASSFILE / ~/.pgpass: the
+    owner's, not the nodes'), or else of the config's ``[feedback] store``. Exits 2 when neither."""
+    from mailrelayd.config import parse_store_url
+    from mailrelayd.pg import PgSettings
+
+    password_file = Path(args.password_file) if args.password_file else None
+    if args.url:
+        try:
+            return PgSettings(parse_store_url(args.url), password_file)
+        except ValueError as e:
+            _err(f"--url: {e}")
+            raise SystemExit(2) from None
+    fb = _load(args).feedback
+    if fb.store == "sqlite":
+        _err("[feedback] store is the local SQLite file: there is no shared schema to migrate (see --url)")
+        raise SystemExit(2)
+    return PgSettings(fb.store, password_file or fb.store_password_file, timeout=fb.store_connect_timeout)
+
+
+def cmd_store_migrate(args: argparse.Namespace) -> int:
+    """Create or migrate the shared PostgreSQL schema, as a role that may (the database owner)."""
+    import asyncpg
+
+    from mailrelayd.pg import CONNECTION_ERRORS, SCHEMA_VERSION, MigrationRefused, SchemaTooNew, migrate_store
+
+    settings = _store_settings(args)
+    _quiet_logs()
+    try:
+        before = migrate_store(settings)
+    except (SchemaTooNew, MigrationRefused) as e:
+        _err(f"{settings.where}: {e}")
+        return 2
+    except CONNECTION_ERRORS as e:
+        _err(f"PostgreSQL at {settings.where} is unreachable: {type(e).__name__}: {e}")
+        return 2
+    except asyncpg.PostgresError as e:
+        _err(f"PostgreSQL at {settings.where} refused: {type(e).__name__}: {e}")
+        return 2
+    except (OSError, UnicodeDecodeError) as e:  # the password file
+        _err(f"password file: {e}")
+        return 2
+    if before == SCHEMA_VERSION:
+        print(f"{settings.where}: schema already at version {SCHEMA_VERSION}")
+    else:
+        print(f"{settings.where}: schema migrated from version {before} to {SCHEMA_VERSION}")
+    return 0
+
+
 # --- sendmail ---------------------------------------------------------------------------
 def _admin_post(sock_path: str, path: str, body: dict[str, Any], timeout: float) -> tuple[int, Any]:
     """POST to the admin socket. Raises OSError when it cannot be reached (or times out)."""
@@ -1063,6 +1113,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--password-file", help="file whose first line is the password (default: "
                    "[feedback] store_password_file, then PGPASSFILE / ~/.pgpass)")
     s.set_defaults(func=cmd_suppress_migrate)
+
+    st = sub.add_parser("store", help="the shared PostgreSQL database").add_subparsers(dest="sub", required=True)
+    s = st.add_parser("migrate", parents=[common],
+                      help="create or migrate its schema (run as the owner; nodes then need no CREATE right)")
+    s.add_argument("--url", metavar="URL", help="postgresql://owner@host:port/dbname (no password; default: "
+                   "[feedback] store)")
+    s.add_argument("--password-file", help="file whose first line is the password (default: with --url, "
+                   "PGPASSFILE / ~/.pgpass; else [feedback] store_password_file)")
+    s.set_defaults(func=cmd_store_migrate)
 
     s = sub.add_parser("sendmail", help="sendmail(1)-compatible submission (also as a symlink named sendmail): "
                        "-t -i -oi -f ADDR -F NAME [--] RECIPIENT...", add_help=False)

@@ -11,9 +11,13 @@ database goes away every call fails fast with :class:`PgUnavailable` (no waiting
 supervisor retries with backoff, and the ``on_connect`` hooks run again after each reconnection
 (the suppression store reloads its set and flushes its outbox there).
 
-Schema: the daemon creates and migrates it at connect, under an advisory lock so two nodes starting
-at once do not race; ``mailrelayd_schema`` holds the version. A database newer than this mailrelayd
-is refused (:class:`SchemaTooNew`), never modified.
+Schema: ``mailrelayd_schema`` holds the version. At connect a node only reads it (a plain SELECT):
+when it is current, the node needs no right beyond reading and writing the data, so nodes may run
+as a role without CREATE (docs/scale-out.md lists the GRANTs). Only when the schema is missing or
+older does the node create or migrate it, under an advisory lock so two nodes starting at once do
+not race; a role that may not is refused with :class:`MigrationRefused` (one line naming
+``mailrelayd store migrate``, which the owner runs). A database newer than this mailrelayd is
+refused (:class:`SchemaTooNew`), never modified.
 """
 
 from __future__ import annotations
@@ -127,6 +131,11 @@ class SchemaTooNew(Exception):
     """The database was migrated by a newer mailrelayd."""
 
 
+class MigrationRefused(Exception):
+    """The schema needs creating or migrating and this role may not (no CREATE right): the owner
+    must run ``mailrelayd store migrate``. A configuration matter: retried like an outage."""
+
+
 @dataclass(frozen=True)
 class PgSettings:
     url: str
@@ -150,18 +159,68 @@ def read_password(path: Path | None) -> str | None:
     return lines[0].strip() if lines else ""
 
 
+async def schema_version(conn: Conn) -> int | None:
+    """The schema version recorded in the database, None when it has no mailrelayd schema yet.
+    A plain SELECT, outside any transaction (a missing table would abort one)."""
+    try:
+        return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM mailrelayd_schema"))
+    except asyncpg.UndefinedTableError:
+        return None
+
+
+def _check_not_newer(found: int | None) -> None:
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaTooNew(f"schema version {found} is newer than this mailrelayd ({SCHEMA_VERSION})")
+
+
 async def migrate(conn: Conn) -> int:
-    """Create or migrate the schema to :data:`SCHEMA_VERSION`; returns the version found before."""
+    """Create or migrate the schema to :data:`SCHEMA_VERSION`; returns the version found before (0:
+    none). A current schema is only read: no DDL, no lock, so a role without CREATE connects.
+    Raises :class:`SchemaTooNew`, or :class:`MigrationRefused` when this role may not migrate."""
+    found = await schema_version(conn)
+    _check_not_newer(found)
+    if found == SCHEMA_VERSION:
+        return SCHEMA_VERSION
+    try:
+        return await _migrate_locked(conn)
+    except asyncpg.InsufficientPrivilegeError as e:
+        have = "no mailrelayd schema" if found is None else f"schema version {found}"
+        raise MigrationRefused(f"the database has {have}, this mailrelayd needs version {SCHEMA_VERSION}, and this"
+                               f" role may not change the schema ({e}): run 'mailrelayd store migrate' as the"
+                               " database owner (docs/scale-out.md)") from None
+
+
+async def _migrate_locked(conn: Conn) -> int:
+    """The DDL part of :func:`migrate`, under the advisory lock; the version is read again under it
+    (another node may have migrated meanwhile)."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
         await conn.execute("CREATE TABLE IF NOT EXISTS mailrelayd_schema (version integer NOT NULL)")
-        found = await conn.fetchval("SELECT coalesce(max(version), 0) FROM mailrelayd_schema")
-        if found > SCHEMA_VERSION:
-            raise SchemaTooNew(f"schema version {found} is newer than this mailrelayd ({SCHEMA_VERSION})")
+        found = int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM mailrelayd_schema"))
+        _check_not_newer(found)
         for version in range(found, SCHEMA_VERSION):
             await conn.execute(MIGRATIONS[version])
             await conn.execute("INSERT INTO mailrelayd_schema (version) VALUES ($1)", version + 1)
-        return int(found)
+        return found
+
+
+def migrate_store(settings: PgSettings) -> int:
+    """``mailrelayd store migrate``: bring the schema to :data:`SCHEMA_VERSION` over one connection
+    (as the owner, so that nodes may run as a role without CREATE); returns the version found before.
+    Raises what :func:`migrate` raises, :data:`CONNECTION_ERRORS`, ``asyncpg.PostgresError``."""
+    return asyncio.run(_migrate_store(settings))
+
+
+async def _migrate_store(settings: PgSettings) -> int:
+    kwargs: dict[str, Any] = {"timeout": settings.timeout}
+    password = read_password(settings.password_file)
+    if password is not None:
+        kwargs["password"] = password
+    conn = await asyncpg.connect(settings.url, **kwargs)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
 
 
 Hook = Callable[[Conn], Awaitable[None]]
@@ -354,6 +413,16 @@ class PgClient:
                 await asyncio.wait_for(pool.close(), 2)
             pool.terminate()
 
+    def _refused(self, error: BaseException | str) -> None:
+        """The server answers but refuses us: a database that does not exist, a role without the
+        rights to migrate, a read-only standby. A configuration matter, not a bug: one line per
+        distinct refusal (no traceback every few seconds), retried like an outage."""
+        self._down(error)
+        if self._refusal != self.last_error:
+            self._refusal = self.last_error
+            with contextlib.suppress(Exception):
+                log.error("pg.connect_refused", store=self.settings.where, error=self.last_error)
+
     async def _supervise(self) -> None:
         assert self._wake is not None
         backoff = 0.2
@@ -370,15 +439,10 @@ class PgClient:
                     self._down(str(e))
                 except CONNECTION_ERRORS as e:
                     self._down(e)
+                except MigrationRefused as e:
+                    self._refused(str(e))
                 except asyncpg.PostgresError as e:
-                    # The server answers but refuses us: a database that does not exist, a role without
-                    # the rights to migrate, a read-only standby. A configuration matter, not a bug: one
-                    # line per distinct refusal (no traceback every few seconds), retried like an outage.
-                    self._down(e)
-                    if self._refusal != self.last_error:
-                        self._refusal = self.last_error
-                        with contextlib.suppress(Exception):
-                            log.error("pg.connect_refused", store=self.settings.where, error=self.last_error)
+                    self._refused(e)
                 except Exception as e:  # a hook's bug must not kill the supervisor
                     self._down(e)
                     with contextlib.suppress(Exception):  # nor a log stream that fails (closed stdout)

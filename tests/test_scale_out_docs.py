@@ -87,6 +87,6 @@ def test_node_config_in_the_doc_is_valid(tmp_path: Path) -> None:
     snippet["feedback"]["store_password_file"] = str(tmp_path / "pg.password")
     cfg = parse_config({"server": {"hostname": "relay1.example.com"}, "tls": {"cert_file": str(cert),
                         "key_file": str(key)}, "auth": {"users_file": str(users)}, **snippet}, tmp_path / "m.toml")
-    assert cfg.feedback.store == "postgresql://mailrelayd@db.example.com:5432/mailrelayd"
+    assert cfg.feedback.store == "postgresql://mailrelayd_node@db.example.com:5432/mailrelayd"
     assert [lst.name for lst in cfg.listeners] == ["relay", "submission", "submissions"]
     assert cfg.listeners[2].tls == "implicit" and cfg.listeners[2].proxy_protocol
