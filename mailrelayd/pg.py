@@ -223,6 +223,15 @@ async def _migrate_store(settings: PgSettings) -> int:
         await conn.close()
 
 
+def _discard_connection(attempt: asyncio.Future[Any]) -> None:
+    """Done-callback of a connection attempt nobody waits for any more: its error is read (so asyncio
+    does not report it as never retrieved), its connection closed."""
+    if attempt.cancelled():
+        return
+    if attempt.exception() is None:
+        attempt.result().terminate()
+
+
 Hook = Callable[[Conn], Awaitable[None]]
 Listener = Callable[[str], None]
 
@@ -257,6 +266,7 @@ class PgClient:
         self._closing = False
         self._crowded_logged = False  # pg.pool_full: once per connection
         self._refusal = ""  # the last pg.connect_refused logged (once per distinct error)
+        self._attempts: set[asyncio.Task[Any]] = set()  # connection attempts under way (see _open)
 
     # --- set-up ------------------------------------------------------------------------------
     def on_connect(self, hook: Hook) -> None:
@@ -377,13 +387,13 @@ class PgClient:
         kwargs: dict[str, Any] = {"timeout": s.timeout, "command_timeout": s.timeout * 2}
         if self._password is not None:
             kwargs["password"] = self._password
-        pool = await asyncpg.create_pool(s.url, min_size=1, max_size=self.pool_size, **kwargs)
+        pool = await asyncpg.create_pool(s.url, min_size=1, max_size=self.pool_size, connect=self._open, **kwargs)
         try:
             async with pool.acquire() as conn:
                 before = await migrate(conn)
             if before != SCHEMA_VERSION:
                 log.info("pg.schema_migrated", store=s.where, from_version=before, to_version=SCHEMA_VERSION)
-            listen_conn = await asyncpg.connect(s.url, **kwargs)
+            listen_conn = await self._open(s.url, **kwargs)
         except BaseException:
             await pool.close()
             raise
@@ -399,6 +409,24 @@ class PgClient:
                     await hook(conn)
         except BaseException:
             self.up = False
+            raise
+
+    async def _open(self, *args: Any, **kwargs: Any) -> Any:
+        """``asyncpg.connect`` (for the pool and the LISTEN connection) that is never cancelled half-way.
+
+        Cancelled inside its SSLRequest exchange (``sslmode=prefer``, asyncpg's default, or any TLS
+        mode), asyncpg drops a future that the closing socket then fails: asyncio logs "Future
+        exception was never retrieved". After a restart our teardown cancels the pool's reconnection
+        of its floor connection (``Pool.close``), and a call's timeout cancels one the pool opens for
+        it. So the attempt runs in a task of its own, bounded by the connect timeout; a caller that
+        gives up stops waiting, and what the attempt opens afterwards is closed."""
+        attempt = asyncio.ensure_future(asyncpg.connect(*args, **kwargs))
+        self._attempts.add(attempt)
+        attempt.add_done_callback(self._attempts.discard)
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            attempt.add_done_callback(_discard_connection)
             raise
 
     async def _teardown(self) -> None:
@@ -470,6 +498,15 @@ class PgClient:
                     with contextlib.suppress(Exception):
                         log.exception("pg.poll_failed", store=self.settings.where, error=str(e))
 
+    async def _settle_attempts(self) -> None:
+        """Let abandoned connection attempts end before the loop does (a task still pending then is
+        destroyed with a warning); each is bounded by the connect timeout."""
+        if not self._attempts:
+            return
+        _, pending = await asyncio.wait(set(self._attempts), timeout=self.settings.timeout + 1)
+        for attempt in pending:  # a connect timeout that did not fire: nothing better left to do
+            attempt.cancel()
+
     def close(self) -> None:
         """Stop the supervisor, close the connections and the loop thread."""
         if not self._thread.is_alive():
@@ -483,6 +520,7 @@ class PgClient:
                     await self._supervisor
             self.up = False
             await self._teardown()
+            await self._settle_attempts()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(_stop(), self._loop).result(10)
