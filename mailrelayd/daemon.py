@@ -187,6 +187,7 @@ class Daemon:
         self._bg: list[asyncio.Task[Any]] = []
         self._auth_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
         self._reloading = False
+        self._reload_again = False  # a SIGHUP came during a reload (see reload())
         self._commits: set[asyncio.Task[str]] = set()  # spool commits in flight (see Intake)
         self.api: ApiServer | None = None
         self.breaker: CircuitBreaker | None = None
@@ -210,7 +211,7 @@ class Daemon:
         signer = self._make_signer(rt.dkim_signer) if rt.dkim_signer is not None else None
         for lst in self.listeners:
             lcfg = next((x for x in cfg.listeners if x.name == lst.name), lst.config)
-            lst.config = replace(lcfg, address=lst.config.address)  # the bound address needs a restart
+            lst.config = _keep_socket_settings(lst.config, lcfg)
             policy = Policy(cfg, lst.config, self.suppressions.is_suppressed, limiter=self.rate_limiter)
             lst.context = SmtpContext(cfg=cfg, policy=policy,
                                       tls_context=rt.tls_context, authenticator=authenticator,
@@ -468,14 +469,32 @@ class Daemon:
         log.info("daemon.stopped", aborted_sessions=aborted)
 
     async def reload(self) -> bool:
-        """SIGHUP: all or nothing."""
+        """SIGHUP: all or nothing. A SIGHUP during a reload is not dropped: the files may have changed
+        after that reload read them, so they are read once more when it ends. Ignored once stopping."""
+        if self._stop.is_set():
+            log.info("config.reload_ignored", reason="shutting down")
+            return False
         if self._reloading:
+            self._reload_again = True
             return False
         self._reloading = True
+        try:
+            ok = await self._reload_once()
+            while self._reload_again and not self._stop.is_set():
+                self._reload_again = False
+                ok = await self._reload_once()
+            return ok
+        finally:
+            self._reloading = self._reload_again = False
+
+    async def _reload_once(self) -> bool:
         self.notifier.reloading()
         try:
             cfg = await asyncio.to_thread(load_config, self.config_path)
             rt = await asyncio.to_thread(build_runtime, cfg)
+            if self._stop.is_set():  # SIGTERM while the files were read: the shutdown has begun
+                log.info("config.reload_ignored", reason="shutting down")
+                return False
             restart_needed = self._restart_only_changes(cfg)
             if rt.tls_context is not None and self.rt.tls_context is not None and cfg.tls.cert_file \
                     and cfg.tls.key_file:
@@ -502,8 +521,8 @@ class Daemon:
             log.error("config.reload_failed", error=str(e))
             return False
         finally:
-            self._reloading = False
-            self.notifier.ready(status="accepting mail")
+            if not self._stop.is_set():  # after STOPPING=1, READY=1 would tell systemd we serve again
+                self.notifier.ready(status="accepting mail")
 
     def _restart_only_changes(self, new: Config) -> list[str]:
         """Keys that a reload cannot apply (they are reported, and keep their old values)."""
@@ -521,6 +540,10 @@ class Daemon:
                 out.append(f"feedback.{key}")
         if old.api != new.api:
             out.append("api")
+        for lst in self.listeners:  # against what the sockets were set up for (see _keep_socket_settings)
+            lcfg = next((x for x in new.listeners if x.name == lst.name), None)
+            if lcfg is not None and _keep_socket_settings(lst.config, lcfg) != lcfg:
+                out.append(f"listeners ({lst.name}: proxy_protocol or implicit tls)")
         return out
 
     def stop(self) -> None:
@@ -657,6 +680,14 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+
+def _keep_socket_settings(bound: ListenerConfig, new: ListenerConfig) -> ListenerConfig:
+    """``new`` with what a listening socket was set up for kept until a restart: its address, whether
+    it reads a PROXY header, and whether TLS starts at the first byte (a plain socket whose sessions
+    were told they are in TLS would take AUTH in the clear)."""
+    tls = new.tls if (new.tls == "implicit") == (bound.tls == "implicit") else bound.tls
+    return replace(new, address=bound.address, proxy_protocol=bound.proxy_protocol, tls=tls)
 
 
 # Seconds (CPython's default: 0.005). Each hand-over of the GIL is a pair of context switches that

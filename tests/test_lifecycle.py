@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import socket
@@ -198,3 +199,105 @@ def test_secrets_never_logged(tmp_path: Path, tls_files, client_tls) -> None:
                    "PRIVATE KEY"):
         assert secret not in out, secret
     assert "smtp.auth_failed" in out  # the failures themselves are logged, without the secret
+
+
+def _rcpt_limit(port: int) -> int:
+    """How many RCPTs the relay listener takes in one transaction now (up to 6)."""
+    async def talk() -> int:
+        t = await SmtpTalk.connect(port)
+        await t.ehlo()
+        await t.cmd("MAIL FROM:<a@example.com>")
+        codes = [(await t.cmd(f"RCPT TO:<r{i}@other.example>"))[0] for i in range(6)]
+        await t.close()
+        return codes.count(250)
+    return asyncio.run(talk())
+
+
+def test_sighup_during_a_reload_is_not_lost(tmp_path: Path, tls_files, notify_socket) -> None:
+    """A SIGHUP while a reload ran was dropped without a word: an edit made after that reload had read
+    the config was never applied, though `config.reloaded` had been logged."""
+    path, sock = notify_socket
+    users = tmp_path / "users.toml"
+
+    def config(max_recipients: int) -> None:
+        write_config(tmp_path, deep_merge(base_config(tls_files), {"limits": {"max_recipients": max_recipients}}))
+        # Thousands of users: reading them keeps each reload busy for about a second.
+        one = users.read_text().partition("[users.alice]")[2].partition("[users.")[0]
+        users.write_text(users.read_text() + "".join(f"[users.u{i}]" + one for i in range(8000)))
+
+    config(6)
+    d = DaemonProcess(tmp_path / "mailrelayd.toml", env={"NOTIFY_SOCKET": str(path)}).wait_ready()
+    try:
+        _datagrams(sock, "READY=1")
+        config(5)
+        d.signal(signal.SIGHUP)
+        _datagrams(sock, "RELOADING=1")
+        time.sleep(0.2)  # the reload has read the config with 5 and is reading the users
+        config(2)
+        d.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while sum(e.get("event") == "config.reloaded" for e in d.events) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _rcpt_limit(d.ports["relay"]) == 2  # the config on disk, not the one the first reload read
+    finally:
+        assert d.stop() == 0
+
+
+def test_sighup_after_sigterm_is_ignored(tmp_path: Path, tls_files, notify_socket) -> None:
+    """A SIGHUP during the drain reloaded the config: READY=1 ("accepting mail") went to systemd
+    after STOPPING=1, and a new DKIM helper was started after the old one had been shut down."""
+    path, sock = notify_socket
+    cfg = write_config(tmp_path, deep_merge(base_config(tls_files), {"server": {"shutdown_timeout": "20s"}}))
+    d = DaemonProcess(cfg, env={"NOTIFY_SOCKET": str(path)}).wait_ready()
+    _datagrams(sock, "READY=1")
+
+    async def scenario() -> None:
+        t = await SmtpTalk.connect(d.ports["relay"])  # an open session keeps the drain going
+        await t.ehlo()
+        d.signal(signal.SIGTERM)
+        _datagrams(sock, "STOPPING=1")
+        d.signal(signal.SIGHUP)
+        d.wait_event("config.reload_ignored", reason="shutting down")
+        await t.cmd("QUIT")
+        await t.close()
+
+    asyncio.run(scenario())
+    assert d.proc.wait(20) == 0
+    later: list[str] = []
+    with contextlib.suppress(AssertionError):
+        later = _datagrams(sock, "READY=1", timeout=1)
+    assert not any("READY=1" in g or "RELOADING=1" in g for g in later), later
+    assert not any(e.get("event") == "config.reloaded" for e in d.events)
+
+
+def test_reload_keeps_what_a_listening_socket_was_set_up_for(tmp_path: Path, tls_files) -> None:
+    """A reload that turned a STARTTLS submission listener into `tls = "implicit"` marked its plaintext
+    sessions as TLS: AUTH was offered and taken in the clear. That and `proxy_protocol` need a restart,
+    and the reload reports them."""
+    def config(tls: str, proxy: bool) -> None:
+        write_config(tmp_path, deep_merge(base_config(tls_files), {"listeners": [
+            {"name": "submission", "address": "127.0.0.1:0", "mode": "submission", "tls": tls,
+             "proxy_protocol": proxy}]}))
+
+    config("starttls", False)
+    d = DaemonProcess(tmp_path / "mailrelayd.toml").wait_ready()
+    try:
+        config("implicit", True)
+        d.signal(signal.SIGHUP)
+        ev = d.wait_event("config.reloaded")
+        assert ev["restart_needed_for"] == ["listeners (submission: proxy_protocol or implicit tls)"]
+
+        async def plaintext() -> None:
+            t = await SmtpTalk.connect(d.ports["submission"])  # no PROXY header: none is expected yet
+            t.w.write(b"EHLO client.test.example\r\n")
+            lines = []
+            while not lines or lines[-1][3:4] == b"-":
+                lines.append(await asyncio.wait_for(t.r.readuntil(b"\r\n"), 10))
+            assert b"250 STARTTLS\r\n" in lines and not any(b"AUTH" in x for x in lines), lines
+            plain = base64.b64encode(f"\0alice\0{TEST_PASSWORD}".encode()).decode()
+            assert (await t.cmd(f"AUTH PLAIN {plain}"))[0] == 530
+            await t.close()
+
+        asyncio.run(plaintext())
+    finally:
+        assert d.stop() == 0
