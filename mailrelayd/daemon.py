@@ -244,7 +244,8 @@ class Daemon:
         sign_async = signer.sign_async
         if cfg.signing.helper:
             spec = SignerSpec.of([DkimKeySpec(d.domain, d.selector, d.key_file, d.algorithm) for d in cfg.dkim],
-                                 cfg.signing.headers, cfg.signing.parent_domains, cfg.signing.expire or None)
+                                 cfg.signing.headers, cfg.signing.parent_domains, cfg.signing.expire or None,
+                                 public_keys=[k.public_key_b64 for k in self.rt.dkim_keys])
             self.sign_worker = SignWorker(signer, spec)
             self.sign_worker.start()
             sign_async = self.sign_worker.sign

@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import structlog
 
-from mailrelayd.dkim import INLINE_SIGN_MAX_BYTES, DkimKeySpec, DkimSigner, SignResult, load_keys
+from mailrelayd.dkim import INLINE_SIGN_MAX_BYTES, DkimKeyError, DkimKeySpec, DkimSigner, SignResult, load_keys
 
 __all__ = ["SignWorker", "SignerSpec", "main"]
 
@@ -62,15 +62,22 @@ class SignerSpec:
     headers: tuple[str, ...]
     parent_domains: bool
     expire: float | None
+    public_keys: tuple[str, ...] = ()
+    """The ``p=`` values of the keys the daemon loaded, in order (empty: not checked). A helper
+    started again after its key files changed without a successful reload must not sign with them."""
 
     @classmethod
     def of(cls, specs: Sequence[DkimKeySpec], headers: Sequence[str], parent_domains: bool,
-           expire: float | None) -> SignerSpec:
+           expire: float | None, public_keys: Sequence[str] = ()) -> SignerSpec:
         return cls(tuple((s.domain, s.selector, str(s.key_file), s.algorithm) for s in specs), tuple(headers),
-                   parent_domains, expire)
+                   parent_domains, expire, tuple(public_keys))
 
     def build(self) -> DkimSigner:
+        """Raises DkimKeyError for a key file that cannot be used, or holds another key than the daemon's."""
         keys = load_keys([DkimKeySpec(d, s, Path(f), a) for d, s, f, a in self.keys])
+        if self.public_keys and tuple(k.public_key_b64 for k in keys) != self.public_keys:
+            raise DkimKeyError("a key file changed since the daemon loaded it; the daemon signs with the "
+                               "keys it loaded until a reload succeeds")
         return DkimSigner(keys, headers=self.headers, parent_domains=self.parent_domains, expire=self.expire)
 
 
@@ -284,6 +291,10 @@ def main() -> int:
     sys.stdout = sys.stderr  # nothing but frames on the pipe
     try:
         return _serve(inp, out)
+    except DkimKeyError as e:
+        # One line for the journal, not a traceback at every restart: the daemon signs meanwhile.
+        print(f"mailrelayd signworker: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The daemon is gone (it exited, or replaced us): nobody reads the answer, and a traceback
         # on its terminal or in its journal after its own last words would only mislead. The pipe
@@ -298,7 +309,7 @@ def _serve(inp: Any, out: Any) -> int:
         return 0
     raw = json.loads(line)
     spec = SignerSpec(tuple(tuple(k) for k in raw["keys"]), tuple(raw["headers"]), raw["parent_domains"],
-                      raw["expire"])
+                      raw["expire"], tuple(raw.get("public_keys", ())))
     signer = spec.build()
     out.write(_RESPONSE.pack(_READY, 0, 0))
     out.flush()

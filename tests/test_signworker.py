@@ -218,3 +218,31 @@ def test_helper_exits_quietly_when_the_daemon_is_gone(specs: list[DkimKeySpec]) 
     finally:
         os.close(write_end)
     assert (p.returncode, p.stderr) == (0, b"")
+
+
+def test_helper_refuses_key_files_the_daemon_did_not_load(tmp_path: Path) -> None:
+    """After a reload failed on a key file replaced by a broken one, every restart of the helper printed
+    a traceback; one replaced by another valid key, the helper signed with a key the daemon never
+    loaded (and DNS may not have). The helper now exits with one line: the daemon signs meanwhile."""
+    import dataclasses
+    import json
+    import subprocess
+
+    pem, _ = generate_key("ed25519-sha256")
+    key = tmp_path / "k.key"
+    write_private_key(key, pem)
+    loaded = load_keys([DkimKeySpec("example.com", "s1", key, "ed25519-sha256")])
+
+    def helper() -> subprocess.CompletedProcess[bytes]:
+        spec = SignerSpec.of([loaded[0].spec], HEADERS, True, None, public_keys=[loaded[0].public_key_b64])
+        return subprocess.run([sys.executable, "-m", "mailrelayd.signworker"], capture_output=True, timeout=30,
+                              input=json.dumps(dataclasses.asdict(spec)).encode() + b"\n")
+
+    assert helper().returncode == 0  # the keys the daemon loaded: ready, then EOF
+    key.unlink()
+    write_private_key(key, generate_key("ed25519-sha256")[0])  # `dkim keygen --force`, not reloaded
+    for _ in range(2):
+        p = helper()
+        assert p.returncode == 1 and p.stdout == b"", p
+        assert p.stderr.startswith(b"mailrelayd signworker: ") and p.stderr.count(b"\n") == 1, p.stderr
+        key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")  # then a broken one
