@@ -516,6 +516,11 @@ def _queue_action(args: argparse.Namespace, op: str) -> int:
         print(f"  {action}: {r['kind']} {r['value']} ({until}){': ' + r['reason'] if r.get('reason') else ''}")
     for name in item.get("resumed") or []:
         print(f"  {'would lift' if item.get('dry_run') else 'lifted'} the suspension of {name}")
+    busy = item.get("in_flight") or 0
+    if busy:
+        print(f"  {busy} message(s) being delivered right now {'would be' if item.get('dry_run') else 'were'} "
+              f"left alone (they may arrive); run the command again when their attempt ends")
+        return 0 if item.get("dry_run") else 1
     return 0
 
 

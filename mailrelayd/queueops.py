@@ -173,10 +173,10 @@ class QueueOps:
         f = QueueFilter(queue_ids=(qid.upper(),)) if qid else None
         return (await self.queue.flush(f)).recipients
 
-    async def delete(self, qid: str) -> bool:
+    async def delete(self, qid: str) -> BulkResult:
         return await self.queue.administrative(qid.upper(), "delete")
 
-    async def bounce(self, qid: str) -> bool:
+    async def bounce(self, qid: str) -> BulkResult:
         return await self.queue.administrative(qid.upper(), "bounce")
 
     async def bulk(self, action: str, f: QueueFilter, *, dry_run: bool = False, reason: str = "",
@@ -261,8 +261,11 @@ class QueueOps:
             if action == "flush":
                 return 200, {"rescheduled": await self.flush(qid)}
             if action in ("delete", "bounce"):
-                ok = await (self.delete(qid) if action == "delete" else self.bounce(qid))
-                return (200, {action: qid}) if ok else (404, {"error": f"no active message {qid}"})
+                res = await (self.delete(qid) if action == "delete" else self.bounce(qid))
+                if res.in_flight:
+                    return 409, {"error": f"{qid} is being delivered right now and may arrive: not {action}d; "
+                                          "try again when the attempt ends"}
+                return (200, {action: qid}) if res.messages else (404, {"error": f"no active message {qid}"})
             if action in ("hold", "release"):
                 try:
                     reason = _reason(body)

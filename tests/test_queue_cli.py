@@ -257,3 +257,63 @@ async def test_cli_refuses_non_domains_and_multiline_reasons(tmp_path: Path, tls
     with pytest.raises(ValueError, match="not a domain name"):
         filter_from_json({"domain": "not a domain!!"}, "hold")
     assert filter_from_json({"domain": "not a domain!!"}, "release").domain  # lifts a rule stored before
+
+
+async def test_delete_and_bounce_leave_a_message_being_delivered_alone(start_daemon, client_tls, cli_env) -> None:
+    """A message deleted or bounced while the remote had its DATA arrived all the same, while the
+    CLI said "deleted"/"bounced", the history said so, and its sender got a failure DSN."""
+    sink = await Sink().start()
+    sink.data_delay = 3.0  # the remote sits on the message
+    try:
+        d = await start_daemon({"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}]})
+        qid = await _submit(d.port("submission"), client_tls, "r@dest.test")
+
+        async def in_flight() -> bool:
+            return bool(sink.mail_seen) and qid in d.daemon.scheduler.inflight
+        await _wait(in_flight)
+        code, out, err = await _cli(cli_env, d.config, "queue", "delete", qid)
+        assert code == 1 and "is being delivered right now" in err, (code, out, err)
+        code, out, err = await _cli(cli_env, d.config, "queue", "bounce", "--domain", "dest.test")
+        assert code == 1 and "1 message(s) being delivered right now were left alone" in out, (code, out, err)
+
+        async def delivered() -> bool:
+            return await d.spool.recipient_outcomes(qid) == {"r@dest.test": ("delivered", "250 2.0.0 Ok: queued")}
+        await _wait(delivered)
+        await asyncio.sleep(0.5)
+        assert len(sink.messages) == 1  # the message, and no DSN to its sender
+    finally:
+        await sink.stop()
+
+
+async def test_deleting_some_recipients_keeps_the_others_scheduled(start_daemon, client_tls, cli_env) -> None:
+    """`queue delete` takes a message off the schedule while it writes (no attempt may start in between);
+    a recipient it did not select goes back on the schedule and is delivered."""
+    sink = await Sink().start()
+    sink.rcpt_replies.update({"a@dest.test": "451 4.3.2 try again later", "b@other.test": "451 4.3.2 try again later"})
+    try:
+        d = await start_daemon({"routes": [{"domain": "*", "host": f"127.0.0.1:{sink.port}"}],
+                                "delivery": {"retry_initial": "3s", "retry_max": "3s"}})
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=d.port("submission"), start_tls=True, tls_context=client_tls,
+                            timeout=10)
+        await c.connect()
+        await c.login("alice", TEST_PASSWORD)
+        _, reply = await c.sendmail("app@example.com", ["a@dest.test", "b@other.test"],
+                                    b"From: app@example.com\r\nSubject: q\r\n\r\nx\r\n")
+        await c.quit()
+        qid = reply.rsplit(" ", 1)[1]
+
+        async def states() -> dict[str, str]:
+            return {a: st for a, (st, _) in (await d.spool.recipient_outcomes(qid)).items()}
+
+        async def deferred() -> bool:
+            return await states() == {"a@dest.test": "deferred", "b@other.test": "deferred"}
+        await _wait(deferred)
+        code, out, err = await _cli(cli_env, d.config, "queue", "delete", "--domain", "dest.test")
+        assert code == 0 and "deleted 1 message(s), 1 recipient(s)" in out, (code, out, err)
+        sink.rcpt_replies.clear()
+
+        async def done() -> bool:
+            return await states() == {"a@dest.test": "deleted", "b@other.test": "delivered"}
+        await _wait(done)
+    finally:
+        await sink.stop()

@@ -422,8 +422,10 @@ async def test_bulk_actions_dry_run_then_real(rig_factory: Callable[..., Any]) -
     stamped = await qm.hold(QueueFilter(domain="x.example", user="", older_than=0, sender="app@example.com"))
     assert (stamped.messages, stamped.rules) == (3, ())  # with an age: only what is queued now
     await qm.release(QueueFilter(queue_ids=tuple(qids)))
+    await rig.settle()  # the release's attempts end: a message being delivered is not bounced nor deleted
     rig.clock.t += 7200
     assert (await qm.bounce(QueueFilter(older_than=3600, queue_ids=(qids[0],)))).messages == 1
+    await rig.settle()  # the clock moved: the others were due, and are attempted once more
     assert (await qm.delete(QueueFilter(domain="x.example"))).recipients == 2
     await rig.settle()
     for q in qids:

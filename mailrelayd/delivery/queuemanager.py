@@ -184,6 +184,8 @@ class BulkResult:
     rules: tuple[HoldRule, ...] = ()
     resumed: tuple[str, ...] = ()
     """Destinations whose suspension (after a throttling reply) ``queue flush`` lifted."""
+    in_flight: int = 0
+    """Selected messages left alone because they were being delivered (``queue delete``/``bounce``)."""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"action": self.action, "messages": self.messages, "recipients": self.recipients,
@@ -193,6 +195,8 @@ class BulkResult:
                             for r in self.rules]
         if self.resumed:
             out["resumed"] = list(self.resumed)
+        if self.in_flight:
+            out["in_flight"] = self.in_flight
         return out
 
 
@@ -398,26 +402,42 @@ class QueueManager:
         return await self._give_up(f, "bounce", reason, dry_run)
 
     async def _give_up(self, f: QueueFilter, action: str, reason: str, dry_run: bool) -> BulkResult:
+        """Delete or bounce what ``f`` selects, except messages being delivered right now: their
+        attempt may deliver them, and mail reported deleted or bounced (with a DSN) must not arrive.
+        They are left as they are and counted in ``in_flight``, for the operator to try again."""
         f = f.normalized()
         if f.empty:
             raise ValueError(f"queue {action} needs a filter (--domain, --sender, --user, --older-than or queue ids)")
         sel = await self.select(f)
-        n = sum(len(v) for v in sel.values())
         if dry_run or not sel:
-            return BulkResult(action, len(sel), n, dry_run)
+            busy = self._in_flight(sel)
+            return BulkResult(action, len(sel) - len(busy), sum(len(v) for q, v in sel.items() if q not in busy),
+                              dry_run, in_flight=len(busy))
         why = reason or f"{action}d by the administrator"
         qids = sorted(sel)
+        skipped: set[str] = set()
+        touched: set[str] = set()
         for i in range(0, len(qids), BULK_CHUNK):
             msgs = await self.spool.get_many(qids[i:i + BULK_CHUNK])
+            # No await between this look and forget(): no attempt of these can start before the commit.
+            busy = self._in_flight(sel)
+            skipped.update(m.queue_id for m in msgs if m.queue_id in busy)
+            msgs = [m for m in msgs if m.queue_id not in busy]
+            if self.listener is not None:
+                self.listener.stale([m.queue_id for m in msgs])
+                for m in msgs:
+                    self.listener.forget(m.queue_id)
             now = self.clock()
             updates: list[RecipientUpdate] = []
             new: list[tuple[str, NewMessage]] = []
+            later: list[tuple[str, float]] = []  # messages with recipients left: back on the schedule
             for msg in msgs:
                 wanted = set(sel[msg.queue_id])
                 failed: list[FailedRecipient] = []
                 for r in msg.active_recipients():
                     if r.index not in wanted:
                         continue
+                    touched.add(msg.queue_id)
                     if action == "bounce":
                         updates.append(RecipientUpdate(msg.queue_id, r.index, BOUNCED, f"5.0.0 {why}",
                                                        attempted=False))
@@ -426,18 +446,26 @@ class QueueManager:
                         updates.append(RecipientUpdate(msg.queue_id, r.index, DELETED, why, attempted=False))
                 if failed and msg.mail_from and not msg.is_dsn:
                     new.append(("failed", await self._dsn(msg, failed, "failed", now)))
-                if self.listener is not None:
-                    self.listener.stale([msg.queue_id])
-                    if len(wanted) >= len(msg.active_recipients()):
-                        self.listener.forget(msg.queue_id)
+                rest = [r.next_attempt for r in msg.active_recipients() if r.index not in wanted]
+                if rest:
+                    later.append((msg.queue_id, min(rest)))
             await self._commit(updates, new)
-        log.info("queue.admin", action=action, filter=f.to_json(), messages=len(sel), recipients=n)
-        return BulkResult(action, len(sel), n, False)
+            if self.listener is not None:
+                for qid, due in later:
+                    self.listener.wake([qid], due)
+        n = sum(len(sel[q]) for q in touched)
+        log.info("queue.admin", action=action, filter=f.to_json(), messages=len(touched), recipients=n,
+                 in_flight=len(skipped) or None)
+        return BulkResult(action, len(touched), n, False, in_flight=len(skipped))
 
-    async def administrative(self, qid: str, action: str, reason: str = "") -> bool:
+    def _in_flight(self, sel: dict[str, list[int]]) -> set[str]:
+        """The selected messages the delivery loop is attempting now."""
+        busy = self.listener.inflight if self.listener is not None else frozenset()
+        return {q for q in sel if q in busy}
+
+    async def administrative(self, qid: str, action: str, reason: str = "") -> BulkResult:
         """``queue bounce`` / ``queue delete`` for every active recipient of one message."""
-        res = await self._give_up(QueueFilter(queue_ids=(qid,)), action, reason, False)
-        return res.messages > 0
+        return await self._give_up(QueueFilter(queue_ids=(qid,)), action, reason, False)
 
     # --- delivery outcomes --------------------------------------------------------------------
     def plan(self, msg: MessageRecord, now: float, *, has_local: bool = True) -> Plan:

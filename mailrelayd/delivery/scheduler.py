@@ -257,7 +257,7 @@ class Scheduler:
 
     async def administrative(self, qid: str, action: str, reason: str = "") -> bool:
         """``queue bounce`` / ``queue delete`` of one message (see QueueManager)."""
-        return await self.queue.administrative(qid, action, reason)
+        return (await self.queue.administrative(qid, action, reason)).messages > 0
 
     @property
     def inflight(self) -> frozenset[str]:
