@@ -266,6 +266,26 @@ async def test_max_connections_queues_in_fifo(rig_factory: Callable[..., Any]) -
     assert rig.delivered_to("x.example") == 5 and rig.transport.max_active == 2
 
 
+async def test_a_freed_slot_passes_over_waiting_mail_that_no_longer_needs_it(
+        rig_factory: Callable[..., Any]) -> None:
+    """A slot freed at a busy destination was handed to the first waiting message even when it had
+    been deleted, or was held meanwhile: that one did not take it, and the rest of the backlog waited
+    WAIT_RECHECK (5 minutes) with every connection idle (seen with `queue delete` under load)."""
+    rig = await rig_factory(shaping=[{"match": "x.example", "max_connections": 1}])
+    rig.transport.block["x.example"] = gate = asyncio.Event()
+    qids = [await rig.submit(f"a{i}@x.example") for i in range(4)]
+    for _ in range(50):
+        await asyncio.sleep(0.001)
+    assert rig.transport.active == 1  # qids[0] in flight; the others wait for its slot
+    qm = rig.sched.queue
+    assert (await qm.delete(QueueFilter(queue_ids=(qids[1],)))).messages == 1
+    assert (await qm.hold(QueueFilter(queue_ids=(qids[2],)))).messages == 1
+    gate.set()
+    await rig.settle()
+    assert await rig.states(qids[3]) == {"a3@x.example": "delivered"}  # at once, not 5 minutes later
+    assert rig.delivered_to("x.example") == 2
+
+
 class _Verp(Hooks):
     def verp_enabled(self, msg: Any) -> bool:
         return True

@@ -116,6 +116,9 @@ class Scheduler:
         # destination is suspended goes back in the heap without a spool read or a task (100
         # suspended destinations' backlog coming due at once made accept 0.55x as fast).
         self._domain_of: dict[str, str] = {}
+        # Waiting messages handed a freed connection slot, until their attempt takes it: one that
+        # does not (deleted, held, finished meanwhile) hands it on, or the rest wait WAIT_RECHECK.
+        self._handed: dict[str, Destination] = {}
         self._domain_names: dict[str, str] = {}  # one string object per domain
         self._body_bytes = 0
         self._body_cache_max = body_cache_bytes
@@ -226,6 +229,9 @@ class Scheduler:
         self._parked.discard(qid)
         self._fresh.pop(qid, None)
         self._domain_of.pop(qid, None)
+        handed = self._handed.pop(qid, None)
+        if handed is not None:
+            self._hand_on(handed)
 
     def suspended(self, domains: Sequence[str] | None = None) -> list[str]:
         """Destinations suspended now: all, or those ``domains`` go to (a domain, its MX group as
@@ -419,6 +425,9 @@ class Scheduler:
             next_due = self.clock() + 60
         finally:
             self._inflight.discard(qid)
+            handed = self._handed.pop(qid, None)
+            if handed is not None:  # handed a slot it did not take
+                self._hand_on(handed)
             if next_due is None:
                 self._domain_of.pop(qid, None)
             if next_due is PARKED or next_due == PARKED:
@@ -456,6 +465,9 @@ class Scheduler:
                 go.append((dest, group))
             else:
                 postponed.extend(Postponed(r, why[0], why[1], why[2]) for r in group)
+        handed = self._handed.get(qid)
+        if handed is not None and mine.get(handed.name):
+            del self._handed[qid]  # the slot it was handed is in use
         jobs: list[Awaitable[None]] = []
         results: list[tuple[RecipientRecord, RcptOutcome]] = []
         local_results: list[tuple[RecipientRecord, LocalResult]] = []
@@ -563,9 +575,14 @@ class Scheduler:
     def _release(self, dest: Destination) -> None:
         """A transaction to ``dest`` ended: hand its slot to the first waiting message."""
         dest.active -= 1
+        self._hand_on(dest)
+
+    def _hand_on(self, dest: Destination) -> None:
+        """Hand a free slot of ``dest`` to its first waiting message still on the schedule."""
         while dest.active < dest.limits.max_connections and (q := dest.next_waiter()) is not None:
-            if q in self._inflight or q in self._parked:
-                continue
+            if q in self._inflight or q in self._parked or q not in self._scheduled:
+                continue  # being attempted, held, or gone (deleted, bounced): not waiting any more
+            self._handed[q] = dest
             self._push(q, self.clock())
             break
 
