@@ -362,15 +362,34 @@ async def test_tlsrpt_post_does_not_follow_a_redirect(tmp_path: Path, tls_files:
         await runner.cleanup()
 
 
+@pytest.fixture
+async def silent_endpoint() -> AsyncIterator[tuple[int, asyncio.Event]]:
+    """A TCP port that accepts and never answers (not even a TLS handshake); the event is set on
+    the first connection."""
+    connected = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await reader.read()
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], connected
+    finally:
+        server.close()
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def test_a_tlsrpt_endpoint_that_never_answers_holds_up_only_its_own_report(
         tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, dns_srv: DnsServer,
-        policy_server: PolicyServer) -> None:
+        policy_server: PolicyServer, silent_endpoint: tuple[int, asyncio.Event]) -> None:
     """Reports were sent one domain after another, each https rua with a minute to answer: a few
     silent endpoints held every other domain's report (and, in the same loop, the cache saves)."""
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # accepts, never answers (not even the TLS handshake)
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port, _ = silent_endpoint
     for i in range(5):  # reported first (in name order)
         dns_srv.add(f"_smtp._tls.a-silent{i}.test.", "TXT", f'"v=TLSRPTv1; rua=https://rpt.dest.test:{port}/r"')
     dns_srv.add("_smtp._tls.dest.test.", "TXT", '"v=TLSRPTv1; rua=https://rpt.dest.test/tlsrpt"')
@@ -389,26 +408,17 @@ async def test_a_tlsrpt_endpoint_that_never_answers_holds_up_only_its_own_report
             == "dest.test"
         assert not sending.done()  # the silent ones are still waiting for their answer
     finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sending
-        server.close()
+        await _stop(sending)
         await t.close()
 
 
 async def test_caches_are_saved_while_a_report_waits_for_its_endpoint(
         tmp_path: Path, tls_files: tuple[Path, Path], ca: TestCA, dns_srv: DnsServer,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, silent_endpoint: tuple[int, asyncio.Event]) -> None:
     """Saving and sending shared one loop: while a day's reports waited for a silent endpoint, the
     MTA-STS cache and today's TLS-RPT counts were not saved (a crash then lost them)."""
     from mailrelayd.delivery import outbound_tls
-    connected = asyncio.Event()
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connected.set()
-        await reader.read()
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
+    port, connected = silent_endpoint
     dns_srv.add("_smtp._tls.dest.test.", "TXT", f'"v=TLSRPTv1; rua=https://rpt.dest.test:{port}/r"')
     monkeypatch.setattr(outbound_tls, "SAVE_INTERVAL", 0.05)
     cfg = _config(tmp_path, tls_files, ca, dns_srv.port, 25)
@@ -427,10 +437,7 @@ async def test_caches_are_saved_while_a_report_waits_for_its_endpoint(
                 await asyncio.sleep(0.05)
         assert "other.test" in today.read_text()
     finally:
-        running.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await running
-        server.close()
+        await _stop(running)
         await t.close()
 
 
