@@ -543,7 +543,9 @@ class Daemon:
             out.append("api")
         for lst in self.listeners:  # against what the sockets were set up for (see _keep_socket_settings)
             lcfg = next((x for x in new.listeners if x.name == lst.name), None)
-            if lcfg is not None and _keep_socket_settings(lst.config, lcfg) != lcfg:
+            # The address is left out: a changed one is reported above, under its own name.
+            if lcfg is not None and _keep_socket_settings(lst.config, lcfg) != replace(lcfg,
+                                                                                      address=lst.config.address):
                 out.append(f"listeners ({lst.name}: proxy_protocol or implicit tls)")
         return out
 

@@ -301,3 +301,23 @@ def test_reload_keeps_what_a_listening_socket_was_set_up_for(tmp_path: Path, tls
         asyncio.run(plaintext())
     finally:
         assert d.stop() == 0
+
+
+def test_a_moved_listener_is_reported_once_under_its_own_name(tmp_path: Path, tls_files) -> None:
+    """A new address for a listener is a restart matter of its own: it is not reported a second time
+    as a PROXY or implicit-TLS change, which it is not."""
+    def config(address: str) -> None:
+        write_config(tmp_path, deep_merge(base_config(tls_files), {"listeners": [
+            {"name": "submission", "address": address, "mode": "submission", "tls": "starttls"}]}))
+
+    config("127.0.0.1:0")
+    d = DaemonProcess(tmp_path / "mailrelayd.toml").wait_ready()
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            other = s.getsockname()[1]
+        config(f"127.0.0.1:{other}")
+        d.signal(signal.SIGHUP)
+        assert d.wait_event("config.reloaded")["restart_needed_for"] == ["listeners (names/addresses)"]
+    finally:
+        assert d.stop() == 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -420,7 +420,7 @@ class QueueManager:
         for i in range(0, len(qids), BULK_CHUNK):
             msgs = await self.spool.get_many(qids[i:i + BULK_CHUNK])
             # No await between this look and forget(): no attempt of these can start before the commit.
-            busy = self._in_flight(sel)
+            busy = self._in_flight(m.queue_id for m in msgs)
             skipped.update(m.queue_id for m in msgs if m.queue_id in busy)
             msgs = [m for m in msgs if m.queue_id not in busy]
             if self.listener is not None:
@@ -458,10 +458,10 @@ class QueueManager:
                  in_flight=len(skipped) or None)
         return BulkResult(action, len(touched), n, False, in_flight=len(skipped))
 
-    def _in_flight(self, sel: dict[str, list[int]]) -> set[str]:
-        """The selected messages the delivery loop is attempting now."""
+    def _in_flight(self, qids: Iterable[str]) -> set[str]:
+        """Those of ``qids`` the delivery loop is attempting now."""
         busy = self.listener.inflight if self.listener is not None else frozenset()
-        return {q for q in sel if q in busy}
+        return {q for q in qids if q in busy}
 
     async def administrative(self, qid: str, action: str, reason: str = "") -> BulkResult:
         """``queue bounce`` / ``queue delete`` for every active recipient of one message."""
